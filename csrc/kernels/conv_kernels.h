@@ -1,0 +1,67 @@
+// Torch-free interface of the CUDA convolution kernels. Each backend lives in
+// its own .cu file and sees only raw device pointers, so the heavy CUTLASS
+// translation units compile without the PyTorch headers and can be tested on
+// their own. dispatch.cpp owns the torch side (allocation, checks, choice).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include <cuda_runtime_api.h>
+
+namespace q4conv {
+
+// Geometry of one forward convolution, in NHWC / KRSC terms.
+struct ConvShape {
+  int n = 0, h = 0, w = 0;  // input batch and spatial size
+  int c = 0;                // input channels AS STORED (already padded)
+  int k = 0;                // output channels
+  int r = 0, s = 0;         // filter height, width
+  int p = 0, q = 0;         // output height, width
+  int pad_h = 0, pad_w = 0;
+  int stride_h = 1, stride_w = 1;
+  int dil_h = 1, dil_w = 1;
+};
+
+enum class OutType { kFloat32, kFloat16, kBFloat16 };
+
+// Epilogue: out[n,p,q,k] = act(alpha[k] * acc[n,p,q,k] + (bias ? bias[k] : 0)),
+// act = ReLU when relu, converted to out_type.
+struct EpilogueArgs {
+  const float* alpha = nullptr;  // device, [k]: s_a * s_w[k]
+  const float* bias = nullptr;   // device, [k], or nullptr
+  bool relu = false;
+  OutType out_type = OutType::kFloat32;
+  void* out = nullptr;  // device, NHWC [n,p,q,k] contiguous, out_type elements
+};
+
+// Result of a backend call: ok, or a message naming what failed (a CUTLASS
+// status or a CUDA error string). Never aborts.
+struct KernelStatus {
+  bool ok = true;
+  std::string message;
+  static KernelStatus success() { return {}; }
+  static KernelStatus failure(std::string why) { return {false, std::move(why)}; }
+};
+
+// ---- CUTLASS sm80 int4 implicit-GEMM fprop (conv_sm80_int4.cu) -------------
+// act: packed int4 NHWC [n,h,w,c/2] bytes; weight: packed int4 KRSC
+// [k,r,s,c/2] bytes; nibble order of cutlass::int4b_t (even channel low).
+// Requires c % kSm80ChannelAlign == 0 (the caller pads with zero codes).
+constexpr int kSm80ChannelAlign = 32;
+bool sm80_int4_supports(const ConvShape& shape, OutType out_type);
+size_t sm80_int4_workspace_bytes(const ConvShape& shape, OutType out_type);
+KernelStatus sm80_int4_conv(const ConvShape& shape, const void* act, const void* weight,
+                            const EpilogueArgs& epilogue, void* workspace, cudaStream_t stream);
+
+// ---- CUTLASS 3.x sm90 int8 implicit-GEMM fprop (conv_sm90_int8.cu) ---------
+// act: int8 NHWC [n,h,w,c]; weight: int8 KRSC [k,r,s,c]; codes in [-8, 7].
+// Requires c % kSm90ChannelAlign == 0 (the caller pads with zero codes).
+constexpr int kSm90ChannelAlign = 16;
+bool sm90_int8_supports(const ConvShape& shape, OutType out_type);
+size_t sm90_int8_workspace_bytes(const ConvShape& shape, OutType out_type);
+KernelStatus sm90_int8_conv(const ConvShape& shape, const void* act, const void* weight,
+                            const EpilogueArgs& epilogue, void* workspace, cudaStream_t stream);
+
+}  // namespace q4conv

@@ -1,0 +1,52 @@
+// Torch-free interface of the CUDA quantization kernels (quantize_cuda.cu).
+// Arithmetic comes from ../quant.h, so codes match the CPU path bit for bit.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "conv_kernels.h"
+
+namespace q4conv {
+
+enum class InType { kFloat32, kFloat16, kBFloat16 };
+
+// A 4-D tensor view (N, C, H, W) with arbitrary element strides, so NCHW,
+// channels_last and other strided inputs are read in place.
+struct Tensor4dView {
+  const void* data = nullptr;
+  InType type = InType::kFloat32;
+  int64_t size[4] = {0, 0, 0, 0};    // N, C, H, W
+  int64_t stride[4] = {0, 0, 0, 0};  // in elements
+};
+
+// Activation codes, one fused pass: code = quantize_activation(x, bias_a[c],
+// max(*scale_a, eps), bits), written NHWC with c_pad >= C channels (channels
+// C..c_pad-1 are zero codes). scale_a points to ONE fp32 value on the device
+// (so no host sync is needed); bias_a is fp32 [C] on the device.
+// int8 variant: out is int8 [N,H,W,c_pad]. int4 variant: out is packed bytes
+// [N,H,W,c_pad/2] (c_pad even), nibble order of quant.h pack_int4_pair.
+KernelStatus quantize_activation_int8_nhwc(const Tensor4dView& x, const float* bias_a,
+                                           const float* scale_a, float eps, int bits, int c_pad,
+                                           int8_t* out, cudaStream_t stream);
+KernelStatus quantize_activation_int4_nhwc(const Tensor4dView& x, const float* bias_a,
+                                           const float* scale_a, float eps, int bits, int c_pad,
+                                           uint8_t* out, cudaStream_t stream);
+
+// Weight codes: w is (K, C, R, S) viewed through Tensor4dView (N=K, H=R, W=S);
+// scale_w points to fp32 on the device, per_channel ? [K] values : 1 value.
+// Writes packed int4 KRSC [K,R,S,c_pad/2] (c_pad even, >= C, zero codes pad).
+KernelStatus quantize_pack_weight_int4(const Tensor4dView& w, const float* scale_w,
+                                       bool per_channel, float eps, int bits, int c_pad,
+                                       uint8_t* out, cudaStream_t stream);
+
+// Re-lays packed int4 codes [rows, c_in/2] (c_in = stored channel count, even)
+// as int8 [rows, c_out] (c_out >= logical channels) or as packed int4
+// [rows, c_out/2], zero-filling channels >= channels. rows = K*R*S.
+KernelStatus unpack_int4_to_int8(const uint8_t* packed, int64_t rows, int c_in, int channels,
+                                 int c_out, int8_t* out, cudaStream_t stream);
+KernelStatus repack_int4(const uint8_t* packed, int64_t rows, int c_in, int channels, int c_out,
+                         uint8_t* out, cudaStream_t stream);
+
+}  // namespace q4conv
