@@ -1,0 +1,91 @@
+// Gradients of conv_train: LSQ with straight-through rounding (Esser et al.
+// 2019) and the LSQ+ activation offset, equal to autograd through
+// round_ste(clamp(v / s, Qn, Qp)) * s with the scale's gradient scaled by
+// g = 1 / sqrt(numel * Qp). Nothing but the inputs is saved by the forward:
+// the codes are recomputed here from x and weight (one cheap pass each), so a
+// layer keeps no extra activation memory alive between forward and backward.
+#include "q4conv.h"
+#include "quant.h"
+
+namespace q4conv {
+namespace {
+
+// Pieces of the fake-quantizer q(v) = clamp(rint(v / s)) * s that backward
+// needs, computed in fp32 with exactly the forward's rounding.
+struct LsqParts {
+  at::Tensor dequant;   // q * s: what the forward convolution saw
+  at::Tensor inside;    // Qn <= v / s <= Qp: where dv passes
+  at::Tensor residual;  // d(q(v)) / ds: q - v/s inside, q outside
+};
+
+LsqParts lsq_parts(const at::Tensor& value, const at::Tensor& scale, int64_t bits) {
+  const double lo = qmin(static_cast<int>(bits)), hi = qmax(static_cast<int>(bits));
+  const at::Tensor ratio = value / scale;
+  at::Tensor codes = at::round(at::clamp(ratio, lo, hi));
+  codes = at::where(at::isnan(ratio), at::zeros_like(codes), codes);
+  LsqParts parts;
+  parts.inside = at::logical_and(ratio >= lo, ratio <= hi);
+  parts.residual = at::where(parts.inside, codes - ratio, codes);
+  parts.dequant = codes * scale;
+  return parts;
+}
+
+// d loss / d scale: sum of grad * residual over `dims` (all when empty),
+// times the LSQ factor, and zero where max(scale, eps) picked eps.
+at::Tensor scale_grad(const at::Tensor& grad, const LsqParts& parts, const at::Tensor& scale,
+                      double eps, double numel_per_scale, int64_t bits, at::IntArrayRef dims) {
+  const at::Tensor product = grad * parts.residual;
+  const at::Tensor summed = dims.empty() ? product.sum() : product.sum(dims);
+  const at::Tensor raw = scale.detach().to(at::kFloat).reshape(summed.sizes());
+  const at::Tensor passes = (raw >= eps).to(at::kFloat);
+  return (summed * lsq_grad_scale(numel_per_scale, static_cast<int>(bits)) * passes)
+      .reshape(scale.sizes())
+      .to(scale.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& bias_a,
+                    const at::Tensor& scale_a, const at::Tensor& weight, const at::Tensor& scale_w,
+                    bool has_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                    at::IntArrayRef dilation, double eps, int64_t bits) {
+  const ConvParams params = make_params(stride, padding, dilation, eps, bits, false);
+  check_bits(bits);
+  const int64_t channels = x.size(1), k_out = weight.size(0);
+  const bool per_channel = scale_w.numel() > 1;
+
+  const at::Tensor s_a = at::clamp_min(scale_a.detach().to(at::kFloat).reshape({1, 1, 1, 1}), eps);
+  const at::Tensor shifted = x.detach().to(at::kFloat) +
+                             bias_a.detach().to(at::kFloat).view({1, channels, 1, 1});
+  const LsqParts act = lsq_parts(shifted, s_a, bits);
+
+  const at::Tensor s_w = at::clamp_min(
+      scale_w.detach().to(at::kFloat).reshape({per_channel ? k_out : 1, 1, 1, 1}), eps);
+  const LsqParts wgt = lsq_parts(weight.detach().to(at::kFloat), s_w, bits);
+
+  std::optional<at::IntArrayRef> bias_sizes;
+  const std::vector<int64_t> bias_shape{k_out};
+  if (has_bias) bias_sizes = bias_shape;
+  const auto [grad_act, grad_wgt, grad_bias] = at::convolution_backward(
+      grad_out.to(at::kFloat), act.dequant, wgt.dequant, bias_sizes,
+      {params.stride[0], params.stride[1]}, {params.padding[0], params.padding[1]},
+      {params.dilation[0], params.dilation[1]}, false, {0, 0}, 1, {true, true, has_bias});
+
+  const at::Tensor dshifted = grad_act * act.inside;
+  const at::Tensor dx = dshifted.to(x.scalar_type()).contiguous(x.suggest_memory_format());
+  const at::Tensor dbias_a = dshifted.sum({0, 2, 3}).to(bias_a.scalar_type());
+  const at::Tensor dscale_a = scale_grad(grad_act, act, scale_a, eps,
+                                         static_cast<double>(x.numel()), bits, {});
+  const at::Tensor dweight = (grad_wgt * wgt.inside).to(weight.scalar_type());
+  const double w_numel = static_cast<double>(per_channel ? weight.numel() / k_out : weight.numel());
+  const at::Tensor dscale_w =
+      per_channel ? scale_grad(grad_wgt, wgt, scale_w, eps, w_numel, bits, {1, 2, 3})
+                  : scale_grad(grad_wgt, wgt, scale_w, eps, w_numel, bits, {});
+  // Without a bias the last gradient is an empty placeholder (ops return
+  // tensors, never undefined ones).
+  return {dx, dweight, dbias_a, dscale_a, dscale_w,
+          has_bias ? grad_bias : at::empty({0}, grad_out.options().dtype(at::kFloat))};
+}
+
+}  // namespace q4conv

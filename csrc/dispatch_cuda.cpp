@@ -1,0 +1,209 @@
+// CUDA glue: turns tensors into the raw views the torch-free kernels take,
+// allocates outputs and workspaces on PyTorch's allocator, launches on the
+// current stream, and turns kernel failures into Python exceptions.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "kernels/conv_kernels.h"
+#include "kernels/quantize_kernels.h"
+#include "q4conv.h"
+
+namespace q4conv {
+namespace {
+
+InType in_type(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return InType::kFloat32;
+    case at::kHalf: return InType::kFloat16;
+    case at::kBFloat16: return InType::kBFloat16;
+    default: TORCH_CHECK(false, "expected float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+OutType out_type(at::ScalarType dtype) {
+  switch (in_type(dtype)) {
+    case InType::kFloat32: return OutType::kFloat32;
+    case InType::kFloat16: return OutType::kFloat16;
+    case InType::kBFloat16: return OutType::kBFloat16;
+  }
+  return OutType::kFloat32;
+}
+
+Tensor4dView view_of(const at::Tensor& t) {
+  Tensor4dView view;
+  view.data = t.data_ptr();
+  view.type = in_type(t.scalar_type());
+  for (int i = 0; i < 4; ++i) {
+    view.size[i] = t.size(i);
+    view.stride[i] = t.stride(i);
+  }
+  return view;
+}
+
+void check_status(const KernelStatus& status, const char* what) {
+  TORCH_CHECK(status.ok, "q4conv: ", what, " failed: ", status.message);
+}
+
+int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+int64_t channel_align(Backend backend) {
+  return backend == Backend::kSm80Int4 ? kSm80ChannelAlign : kSm90ChannelAlign;
+}
+
+ConvShape make_shape(const at::Tensor& x, int64_t k_out, int64_t r, int64_t s,
+                     const ConvParams& params, int64_t c_pad) {
+  const auto [p, q] = output_hw(x.size(2), x.size(3), r, s, params);
+  ConvShape shape;
+  shape.n = static_cast<int>(x.size(0));
+  shape.h = static_cast<int>(x.size(2));
+  shape.w = static_cast<int>(x.size(3));
+  shape.c = static_cast<int>(c_pad);
+  shape.k = static_cast<int>(k_out);
+  shape.r = static_cast<int>(r);
+  shape.s = static_cast<int>(s);
+  shape.p = static_cast<int>(p);
+  shape.q = static_cast<int>(q);
+  shape.pad_h = static_cast<int>(params.padding[0]);
+  shape.pad_w = static_cast<int>(params.padding[1]);
+  shape.stride_h = static_cast<int>(params.stride[0]);
+  shape.stride_w = static_cast<int>(params.stride[1]);
+  shape.dil_h = static_cast<int>(params.dilation[0]);
+  shape.dil_w = static_cast<int>(params.dilation[1]);
+  return shape;
+}
+
+}  // namespace
+
+at::Tensor cuda_quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
+                                    const at::Tensor& scale_a, double eps, int64_t bits,
+                                    int64_t c_pad, bool packed_int4) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor bias = bias_a.detach().to(at::kFloat).contiguous();
+  const at::Tensor scale = scale_a.detach().to(at::kFloat).reshape({1}).contiguous();
+  const int64_t stored_c = packed_int4 ? c_pad / 2 : c_pad;
+  at::Tensor codes = at::empty({x.size(0), x.size(2), x.size(3), stored_c},
+                               x.options().dtype(packed_int4 ? at::kByte : at::kChar));
+  if (codes.numel() == 0) return codes;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Tensor4dView view = view_of(x);
+  const int pad = static_cast<int>(c_pad), b = static_cast<int>(bits);
+  const float e = static_cast<float>(eps);
+  const KernelStatus status =
+      packed_int4 ? quantize_activation_int4_nhwc(view, bias.data_ptr<float>(),
+                                                  scale.data_ptr<float>(), e, b, pad,
+                                                  codes.data_ptr<uint8_t>(), stream)
+                  : quantize_activation_int8_nhwc(view, bias.data_ptr<float>(),
+                                                  scale.data_ptr<float>(), e, b, pad,
+                                                  codes.data_ptr<int8_t>(), stream);
+  check_status(status, "activation quantization");
+  return codes;
+}
+
+at::Tensor cuda_quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
+                              int64_t bits) {
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor source = weight.scalar_type() == at::kDouble ? weight.to(at::kFloat) : weight;
+  const at::Tensor scale = scale_w.detach().to(at::kFloat).reshape({-1}).contiguous();
+  const int64_t c_pad = round_up(weight.size(1), 2);
+  at::Tensor packed = at::empty({weight.size(0), weight.size(2), weight.size(3), c_pad / 2},
+                                weight.options().dtype(at::kByte));
+  if (packed.numel() == 0) return packed;
+  check_status(quantize_pack_weight_int4(view_of(source.detach()), scale.data_ptr<float>(),
+                                         scale.numel() > 1, static_cast<float>(eps),
+                                         static_cast<int>(bits), static_cast<int>(c_pad),
+                                         packed.data_ptr<uint8_t>(),
+                                         at::cuda::getCurrentCUDAStream()),
+               "weight quantization");
+  return packed;
+}
+
+at::Tensor cuda_unpack_krsc(const at::Tensor& qweight, int64_t in_channels, int64_t c_pad,
+                            bool packed_int4) {
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  const at::Tensor source = qweight.contiguous();
+  const int64_t rows = qweight.size(0) * qweight.size(1) * qweight.size(2);
+  const int c_in = static_cast<int>(qweight.size(3) * 2);
+  at::Tensor out = at::empty({qweight.size(0), qweight.size(1), qweight.size(2),
+                              packed_int4 ? c_pad / 2 : c_pad},
+                             qweight.options().dtype(packed_int4 ? at::kByte : at::kChar));
+  if (out.numel() == 0) return out;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int channels = static_cast<int>(in_channels), pad = static_cast<int>(c_pad);
+  const KernelStatus status =
+      packed_int4 ? repack_int4(source.data_ptr<uint8_t>(), rows, c_in, channels, pad,
+                                out.data_ptr<uint8_t>(), stream)
+                  : unpack_int4_to_int8(source.data_ptr<uint8_t>(), rows, c_in, channels, pad,
+                                        out.data_ptr<int8_t>(), stream);
+  check_status(status, "weight re-layout");
+  return out;
+}
+
+bool cuda_backend_supports(Backend backend, const at::Tensor& x, int64_t out_channels, int64_t r,
+                           int64_t s, const ConvParams& params, at::ScalarType out_dtype) {
+  const auto* props = at::cuda::getDeviceProperties(x.device().index());
+  const ConvShape shape =
+      make_shape(x, out_channels, r, s, params, round_up(x.size(1), channel_align(backend)));
+  switch (backend) {
+    case Backend::kSm90Int8:
+#ifdef Q4CONV_HAVE_SM90
+      return props->major == 9 && sm90_int8_supports(shape, out_type(out_dtype));
+#else
+      return false;
+#endif
+    case Backend::kSm80Int4:
+#ifdef Q4CONV_HAVE_SM80
+      return props->major >= 8 && sm80_int4_supports(shape, out_type(out_dtype));
+#else
+      return false;
+#endif
+    default: return false;
+  }
+}
+
+at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bias_a,
+                     const at::Tensor& scale_a, const at::Tensor& qweight,
+                     const at::Tensor& alpha, const std::optional<at::Tensor>& bias,
+                     const ConvParams& params) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool packed = backend == Backend::kSm80Int4;
+  const int64_t c_pad = round_up(x.size(1), channel_align(backend));
+  const int64_t k_out = qweight.size(0);
+  const ConvShape shape = make_shape(x, k_out, qweight.size(1), qweight.size(2), params, c_pad);
+  const at::Tensor act = cuda_quantize_activation(x, bias_a, scale_a, params.eps, params.bits,
+                                                  c_pad, packed);
+  const at::Tensor wgt = cuda_unpack_krsc(qweight, x.size(1), c_pad, packed);
+  at::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) bias_f = bias->detach().to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({shape.n, shape.p, shape.q, shape.k}, x.options());
+
+  EpilogueArgs epilogue;
+  epilogue.alpha = alpha.data_ptr<float>();
+  epilogue.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  epilogue.relu = params.relu;
+  epilogue.out_type = out_type(x.scalar_type());
+  epilogue.out = out.data_ptr();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  KernelStatus status = KernelStatus::failure("backend not built");
+  if (backend == Backend::kSm90Int8) {
+#ifdef Q4CONV_HAVE_SM90
+    const at::Tensor workspace = at::empty(
+        {static_cast<int64_t>(sm90_int8_workspace_bytes(shape, epilogue.out_type))},
+        x.options().dtype(at::kByte));
+    status = sm90_int8_conv(shape, act.data_ptr(), wgt.data_ptr(), epilogue,
+                            workspace.data_ptr(), stream);
+#endif
+  } else if (backend == Backend::kSm80Int4) {
+#ifdef Q4CONV_HAVE_SM80
+    const at::Tensor workspace = at::empty(
+        {static_cast<int64_t>(sm80_int4_workspace_bytes(shape, epilogue.out_type))},
+        x.options().dtype(at::kByte));
+    status = sm80_int4_conv(shape, act.data_ptr(), wgt.data_ptr(), epilogue,
+                            workspace.data_ptr(), stream);
+#endif
+  }
+  check_status(status, backend_name(backend));
+  // NHWC memory seen as the logical (N, K, P, Q) tensor.
+  return out.permute({0, 3, 1, 2});
+}
+
+}  // namespace q4conv

@@ -1,0 +1,106 @@
+// Torch-side declarations shared by the op registration (ops.cpp), the
+// dispatcher (dispatch.cpp) and the backends' glue.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace q4conv {
+
+// Convolution hyper-parameters as the ops receive them (int[2] each).
+struct ConvParams {
+  int64_t stride[2] = {1, 1};
+  int64_t padding[2] = {0, 0};
+  int64_t dilation[2] = {1, 1};
+  double eps = 1e-5;
+  int64_t bits = 4;
+  bool relu = false;
+};
+
+ConvParams make_params(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       double eps, int64_t bits, bool relu);
+
+// Output height and width; TORCH_CHECKs that the (dilated) kernel fits the
+// padded input.
+std::pair<int64_t, int64_t> output_hw(int64_t h, int64_t w, int64_t r, int64_t s,
+                                      const ConvParams& params);
+
+// Backends of the integer convolution; dispatch.cpp is the only place that
+// chooses among them.
+enum class Backend { kAuto, kFallback, kSm80Int4, kSm90Int8 };
+Backend parse_backend(const std::string& name);
+const char* backend_name(Backend backend);
+
+// ---- ops (registered in ops.cpp) -------------------------------------------
+// Packs weights (K, C, R, S) to int4 codes [K, R, S, ceil(C/2)] uint8.
+at::Tensor quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
+                         int64_t bits);
+// Inverse layout of quantize_pack: int8 codes (K, C, R, S).
+at::Tensor unpack(const at::Tensor& qweight, int64_t in_channels);
+// Activation codes, int8 NHWC (N, H, W, C).
+at::Tensor quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
+                               const at::Tensor& scale_a, double eps, int64_t bits);
+// Inference forward on packed weights.
+at::Tensor conv_packed(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
+                       const at::Tensor& qweight, const at::Tensor& scale_w,
+                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, double eps,
+                       int64_t bits, bool relu, const std::string& backend);
+// Training forward on float weights (quantized on the fly).
+at::Tensor conv_train(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
+                      const at::Tensor& weight, const at::Tensor& scale_w,
+                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, double eps, int64_t bits,
+                      const std::string& backend);
+// LSQ / LSQ+ gradients of conv_train: (dx, dweight, dbias_a, dscale_a,
+// dscale_w, dbias); dbias is an empty tensor when has_bias is false.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& bias_a,
+                    const at::Tensor& scale_a, const at::Tensor& weight, const at::Tensor& scale_w,
+                    bool has_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                    at::IntArrayRef dilation, double eps, int64_t bits);
+// Name of the backend conv_packed would use for these arguments ("fallback",
+// "sm80_int4", "sm90_int8"); for tests and benchmarks.
+std::string selected_backend(const at::Tensor& x, int64_t out_channels, at::IntArrayRef kernel_size,
+                             at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, const std::string& backend);
+
+// ---- internals ---------------------------------------------------------------
+// Shared argument checks of the conv ops (SPEC section 5).
+void check_conv_inputs(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
+                       const at::Tensor& scale_w, const std::optional<at::Tensor>& bias,
+                       int64_t out_channels, int64_t bits);
+void check_bits(int64_t bits);
+// alpha[k] = max(scale_a, eps) * max(scale_w[k], eps), fp32 [K] on x's device.
+at::Tensor output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w, int64_t out_channels,
+                        double eps);
+// Exact integer convolution through ATen float convolution. act_codes: int8
+// NHWC (N, H, W, C'), w_codes: int8 (K, R, S, C') (C' may include zero
+// padding); returns y = act(alpha * acc + bias) of dtype `out_dtype`, shaped
+// (N, K, P, Q) in channels_last memory.
+at::Tensor fallback_conv(const at::Tensor& act_codes, const at::Tensor& w_codes,
+                         const at::Tensor& alpha, const std::optional<at::Tensor>& bias,
+                         const ConvParams& params, at::ScalarType out_dtype);
+
+#ifdef Q4CONV_WITH_CUDA
+// CUDA glue (dispatch_cuda.cpp).
+at::Tensor cuda_quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
+                                    const at::Tensor& scale_a, double eps, int64_t bits,
+                                    int64_t c_pad, bool packed_int4);
+at::Tensor cuda_quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
+                              int64_t bits);
+at::Tensor cuda_unpack_krsc(const at::Tensor& qweight, int64_t in_channels, int64_t c_pad,
+                            bool packed_int4);
+bool cuda_backend_supports(Backend backend, const at::Tensor& x, int64_t out_channels,
+                           int64_t r, int64_t s, const ConvParams& params,
+                           at::ScalarType out_dtype);
+at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bias_a,
+                     const at::Tensor& scale_a, const at::Tensor& qweight,
+                     const at::Tensor& alpha, const std::optional<at::Tensor>& bias,
+                     const ConvParams& params);
+#endif
+
+}  // namespace q4conv

@@ -1,0 +1,118 @@
+"""Loads the compiled operator library and registers what PyTorch needs around
+it: fake (meta) kernels for torch.compile and the autograd formula of
+``q4conv::conv_train`` (LSQ, computed in C++ by ``conv_train_backward``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+_LIB_DIR = Path(__file__).resolve().parent
+
+
+def _load_library() -> None:
+    candidates = sorted(_LIB_DIR.glob("_C*.so")) + sorted(_LIB_DIR.glob("_C*.pyd"))
+    if not candidates:
+        raise ImportError(f"q4conv: compiled library _C.so not found in {_LIB_DIR}; reinstall q4conv")
+    torch.ops.load_library(str(candidates[0]))
+
+
+_load_library()
+ops = torch.ops.q4conv
+
+
+def _out_hw(h, w, r, s, stride, padding, dilation):
+    out_h = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    out_w = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return out_h, out_w
+
+
+def _conv_output_like(x: torch.Tensor, k: int, r: int, s: int, stride, padding, dilation) -> torch.Tensor:
+    out_h, out_w = _out_hw(x.shape[2], x.shape[3], r, s, stride, padding, dilation)
+    # Same rule as the C++ side's x.suggest_memory_format().
+    fmt = suggest_memory_format(x)
+    return x.new_empty((x.shape[0], k, out_h, out_w)).contiguous(memory_format=fmt)
+
+
+@torch.library.register_fake("q4conv::quantize_pack")
+def _quantize_pack_fake(weight, scale_w, eps, bits):
+    k, c, r, s = weight.shape
+    return weight.new_empty((k, r, s, (c + 1) // 2), dtype=torch.uint8)
+
+
+@torch.library.register_fake("q4conv::unpack")
+def _unpack_fake(qweight, in_channels):
+    k, r, s, _ = qweight.shape
+    return qweight.new_empty((k, in_channels, r, s), dtype=torch.int8)
+
+
+@torch.library.register_fake("q4conv::quantize_activation")
+def _quantize_activation_fake(x, bias_a, scale_a, eps, bits):
+    n, c, h, w = x.shape
+    return x.new_empty((n, h, w, c), dtype=torch.int8)
+
+
+@torch.library.register_fake("q4conv::conv_packed")
+def _conv_packed_fake(x, bias_a, scale_a, qweight, scale_w, bias, stride, padding, dilation, eps, bits, relu, backend):
+    k, r, s, _ = qweight.shape
+    return _conv_output_like(x, k, r, s, stride, padding, dilation)
+
+
+@torch.library.register_fake("q4conv::conv_train")
+def _conv_train_fake(x, bias_a, scale_a, weight, scale_w, bias, stride, padding, dilation, eps, bits, backend):
+    k, _, r, s = weight.shape
+    return _conv_output_like(x, k, r, s, stride, padding, dilation)
+
+
+@torch.library.register_fake("q4conv::conv_train_backward")
+def _conv_train_backward_fake(grad_out, x, bias_a, scale_a, weight, scale_w, has_bias, stride, padding, dilation, eps, bits):
+    dbias = grad_out.new_empty((weight.shape[0],) if has_bias else (0,), dtype=torch.float32)
+    return (
+        torch.empty_like(x),
+        torch.empty_like(weight),
+        torch.empty_like(bias_a),
+        torch.empty_like(scale_a),
+        torch.empty_like(scale_w),
+        dbias,
+    )
+
+
+def _conv_train_setup_context(ctx, inputs, output) -> None:
+    x, bias_a, scale_a, weight, scale_w, bias, stride, padding, dilation, eps, bits, _backend = inputs
+    # Only the inputs are kept (references, no copies): backward recomputes
+    # the codes, so a layer adds no activation memory of its own.
+    ctx.save_for_backward(x, bias_a, scale_a, weight, scale_w)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.conv_args = (list(stride), list(padding), list(dilation), eps, bits)
+
+
+def _conv_train_backward(ctx, grad_out):
+    x, bias_a, scale_a, weight, scale_w = ctx.saved_tensors
+    stride, padding, dilation, eps, bits = ctx.conv_args
+    dx, dw, dbias_a, dscale_a, dscale_w, dbias = ops.conv_train_backward(
+        grad_out, x, bias_a, scale_a, weight, scale_w, ctx.has_bias, stride, padding, dilation, eps, bits
+    )
+    dbias_out: Optional[torch.Tensor] = dbias.to(ctx.bias_dtype) if ctx.has_bias else None
+    return dx, dbias_a, dscale_a, dw, dscale_w, dbias_out, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "q4conv::conv_train", _conv_train_backward, setup_context=_conv_train_setup_context
+)
+
+
+def selected_backend(
+    x: torch.Tensor,
+    out_channels: int,
+    kernel_size: Sequence[int],
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    dilation: Sequence[int] = (1, 1),
+    backend: str = "auto",
+) -> str:
+    """Name of the integer-convolution backend that would run for ``x``."""
+    return ops.selected_backend(x, out_channels, list(kernel_size), list(stride), list(padding), list(dilation), backend)
