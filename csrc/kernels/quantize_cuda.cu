@@ -1,0 +1,473 @@
+// CUDA quantization kernels (interface: quantize_kernels.h). No torch here.
+//
+// Every code is computed by the functions of ../quant.h (quantize_activation,
+// quantize_value, pack_int4_pair, unpack_int4, effective_scale), so the codes
+// are bit-identical to the CPU path. Do not build this file with fast-math:
+// quant.h divides (IEEE fp32 division) and relies on rintf (half to even).
+//
+// Activation / weight quantization has three paths, chosen per call:
+//   * channels_last (stride[1] == 1, C > 1): one thread per (pixel, group of
+//     16 channels); 16-byte vector loads when the group is inside C and its
+//     address is 16-byte aligned, 16-byte (int8) / 8-byte (int4) stores when
+//     the output group is inside c_pad and aligned; scalar otherwise.
+//   * NCHW (the H*W plane of each (n, c) is contiguous): 32 pixels x 32
+//     channels shared-memory tile transpose; reads coalesced along W, writes
+//     coalesced along C.
+//   * generic strided: one thread per output byte.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+#include <string>
+
+#include "../quant.h"
+#include "quantize_kernels.h"
+
+namespace q4conv {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride beyond this
+
+// ---- element conversion ---------------------------------------------------
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Parameters shared by the activation and weight kernels. The weight path is
+// the int4 activation path with no bias and (optionally) a scale per n = k.
+struct QParams {
+  int64_t n, c, h, w;           // sizes
+  int64_t s0, s1, s2, s3;       // strides, elements
+  const float* bias;            // [C] on the device, or nullptr (no bias)
+  const float* scale;           // device: 1 value, or [N] when scale_per_n
+  bool scale_per_n;
+  float eps;
+  int bits;
+  int c_pad;
+};
+
+__device__ __forceinline__ float eff_scale(const QParams& p, int64_t n) {
+  return effective_scale(p.scale[p.scale_per_n ? n : 0], p.eps);
+}
+
+// Code of channel c from an already loaded value; channels >= C are zero.
+__device__ __forceinline__ int8_t code_of(const QParams& p, float v, int64_t c, float s) {
+  if (c >= p.c) return 0;
+  if (p.bias != nullptr) return quantize_activation(v, p.bias[c], s, p.bits);
+  return quantize_value(v, s, p.bits);
+}
+
+// Loads channel c (only when c < C) of the pixel at element offset `base`.
+template <typename T>
+__device__ __forceinline__ int8_t load_code(const T* __restrict__ x, const QParams& p,
+                                            int64_t base, int64_t c, float s) {
+  if (c >= p.c) return 0;
+  return code_of(p, to_float(x[base + c * p.s1]), c, s);
+}
+
+__device__ __forceinline__ bool aligned(const void* ptr, uintptr_t bytes) {
+  return (reinterpret_cast<uintptr_t>(ptr) & (bytes - 1)) == 0;
+}
+
+// 16 consecutive elements from a 16-byte aligned address: sizeof(T) uint4s.
+template <typename T>
+__device__ __forceinline__ void load16(const T* __restrict__ src, float (&v)[16]) {
+  constexpr int kVecs = static_cast<int>(sizeof(T));
+  constexpr int kPer = 16 / kVecs;
+  const uint4* src4 = reinterpret_cast<const uint4*>(src);
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+    union {
+      uint4 raw;
+      T e[kPer];
+    } u;
+    u.raw = __ldg(src4 + k);
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) v[k * kPer + j] = to_float(u.e[j]);
+  }
+}
+
+// ---- generic strided path: one thread per output byte ---------------------
+template <typename T, bool kInt4>
+__global__ void __launch_bounds__(kThreads)
+    quantize_generic_kernel(const T* __restrict__ x, QParams p, uint8_t* __restrict__ out) {
+  const int64_t row = kInt4 ? p.c_pad / 2 : p.c_pad;  // output bytes per pixel
+  const int64_t total = p.n * p.h * p.w * row;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i % row;
+    const int64_t pix = i / row;
+    const int64_t wi = pix % p.w;
+    const int64_t t = pix / p.w;
+    const int64_t hi = t % p.h;
+    const int64_t ni = t / p.h;
+    const float s = eff_scale(p, ni);
+    const int64_t base = ni * p.s0 + hi * p.s2 + wi * p.s3;
+    if (kInt4) {
+      const int8_t even = load_code(x, p, base, 2 * b, s);
+      const int8_t odd = load_code(x, p, base, 2 * b + 1, s);
+      out[i] = pack_int4_pair(even, odd);
+    } else {
+      out[i] = static_cast<uint8_t>(load_code(x, p, base, b, s));
+    }
+  }
+}
+
+// ---- channels_last path: one thread per (pixel, 16 channels) ---------------
+template <typename T, bool kInt4>
+__global__ void __launch_bounds__(kThreads)
+    quantize_cl_kernel(const T* __restrict__ x, QParams p, uint8_t* __restrict__ out) {
+  constexpr int G = 16;
+  const int64_t groups = (p.c_pad + G - 1) / G;
+  const int64_t row = kInt4 ? p.c_pad / 2 : p.c_pad;
+  const int64_t total = p.n * p.h * p.w * groups;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t g = i % groups;
+    const int64_t pix = i / groups;
+    const int64_t wi = pix % p.w;
+    const int64_t t = pix / p.w;
+    const int64_t hi = t % p.h;
+    const int64_t ni = t / p.h;
+    const float s = eff_scale(p, ni);
+    const int64_t c0 = g * G;
+    int8_t q[G];
+    if (c0 < p.c) {
+      const T* src = x + (ni * p.s0 + hi * p.s2 + wi * p.s3) + c0;  // stride[1] == 1
+      float v[G];
+      if (c0 + G <= p.c && aligned(src, 16)) {
+        load16(src, v);
+      } else {
+#pragma unroll
+        for (int j = 0; j < G; ++j) v[j] = (c0 + j < p.c) ? to_float(src[j]) : 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < G; ++j) q[j] = code_of(p, v[j], c0 + j, s);
+    } else {
+#pragma unroll
+      for (int j = 0; j < G; ++j) q[j] = 0;
+    }
+    const bool full = c0 + G <= p.c_pad;
+    if (kInt4) {
+      uint8_t* dst = out + pix * row + c0 / 2;
+      union {
+        uint2 raw;
+        uint8_t b[G / 2];
+      } u;
+#pragma unroll
+      for (int j = 0; j < G / 2; ++j) u.b[j] = pack_int4_pair(q[2 * j], q[2 * j + 1]);
+      if (full && aligned(dst, 8)) {
+        *reinterpret_cast<uint2*>(dst) = u.raw;
+      } else {
+#pragma unroll
+        for (int j = 0; j < G / 2; ++j)
+          if (c0 + 2 * j < p.c_pad) dst[j] = u.b[j];
+      }
+    } else {
+      uint8_t* dst = out + pix * row + c0;
+      union {
+        uint4 raw;
+        int8_t b[G];
+      } u;
+#pragma unroll
+      for (int j = 0; j < G; ++j) u.b[j] = q[j];
+      if (full && aligned(dst, 16)) {
+        *reinterpret_cast<uint4*>(dst) = u.raw;
+      } else {
+#pragma unroll
+        for (int j = 0; j < G; ++j)
+          if (c0 + j < p.c_pad) dst[j] = static_cast<uint8_t>(u.b[j]);
+      }
+    }
+  }
+}
+
+// ---- NCHW path: shared-memory tile transpose -------------------------------
+// Block (32, 8): tile of kTileP pixels x kTileC channels of one n. The pixel
+// offset inside the (n, c) plane is the flat index h * W + w (checked by the
+// caller). blockIdx.x = n * ptiles + pixel tile, blockIdx.y = channel tile.
+constexpr int kTileP = 32;
+constexpr int kTileC = 32;
+constexpr int kTileRows = 8;
+
+template <typename T, bool kInt4>
+__global__ void __launch_bounds__(kTileP * kTileRows)
+    quantize_nchw_kernel(const T* __restrict__ x, QParams p, uint8_t* __restrict__ out,
+                         int64_t ptiles) {
+  // [pixel][channel]; row pitch 36 bytes (odd number of words): the column
+  // writes of the read phase hit distinct banks.
+  __shared__ __align__(4) int8_t tile[kTileP][kTileC + 4];
+  const int64_t hw = p.h * p.w;
+  const int64_t ni = blockIdx.x / ptiles;
+  const int64_t p0 = (blockIdx.x % ptiles) * kTileP;
+  const int64_t c0 = int64_t(blockIdx.y) * kTileC;
+  const float s = eff_scale(p, ni);
+  const int tx = threadIdx.x;
+  const int ty = threadIdx.y;
+
+  {
+    const int64_t pix = p0 + tx;
+    const T* plane = x + ni * p.s0 + pix;
+#pragma unroll
+    for (int k = 0; k < kTileC / kTileRows; ++k) {
+      const int cl = ty + k * kTileRows;
+      const int64_t c = c0 + cl;
+      int8_t q = 0;
+      if (pix < hw && c < p.c) q = code_of(p, to_float(plane[c * p.s1]), c, s);
+      tile[tx][cl] = q;
+    }
+  }
+  __syncthreads();
+
+  // Write: thread -> (pixel, 4 consecutive channels).
+  const int t = ty * kTileP + tx;
+  const int lp = t / (kTileC / 4);
+  const int chunk = t % (kTileC / 4);
+  const int64_t pix = p0 + lp;
+  const int64_t c = c0 + 4 * chunk;
+  if (pix >= hw || c >= p.c_pad) return;
+  union {
+    uint32_t raw;
+    int8_t q[4];
+  } u;
+  u.raw = *reinterpret_cast<const uint32_t*>(&tile[lp][4 * chunk]);
+  const int64_t opix = ni * hw + pix;
+  const bool full = c + 4 <= p.c_pad;
+  if (kInt4) {
+    uint8_t* dst = out + opix * (p.c_pad / 2) + c / 2;
+    const uint8_t b0 = pack_int4_pair(u.q[0], u.q[1]);
+    const uint8_t b1 = pack_int4_pair(u.q[2], u.q[3]);
+    if (full && aligned(dst, 2)) {
+      *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(b0 | (b1 << 8));
+    } else {
+      dst[0] = b0;                       // c < c_pad and c_pad even: c + 1 < c_pad
+      if (c + 2 < p.c_pad) dst[1] = b1;  // then c + 3 < c_pad as well
+    }
+  } else {
+    uint8_t* dst = out + opix * p.c_pad + c;
+    if (full && aligned(dst, 4)) {
+      *reinterpret_cast<uint32_t*>(dst) = u.raw;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (c + j < p.c_pad) dst[j] = static_cast<uint8_t>(u.q[j]);
+    }
+  }
+}
+
+// ---- unpack / repack --------------------------------------------------------
+__device__ __forceinline__ int8_t packed_code(const uint8_t* __restrict__ packed, int64_t r,
+                                              int c_in, int channels, int64_t c) {
+  if (c >= channels) return 0;
+  return unpack_int4(packed[r * (c_in / 2) + c / 2], (c & 1) != 0);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    unpack_int4_to_int8_kernel(const uint8_t* __restrict__ packed, int64_t rows, int c_in,
+                               int channels, int c_out, int8_t* __restrict__ out) {
+  const int64_t total = rows * c_out;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / c_out;
+    const int64_t c = i % c_out;
+    out[i] = packed_code(packed, r, c_in, channels, c);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    repack_int4_kernel(const uint8_t* __restrict__ packed, int64_t rows, int c_in, int channels,
+                       int c_out, uint8_t* __restrict__ out) {
+  const int64_t row = c_out / 2;
+  const int64_t total = rows * row;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / row;
+    const int64_t b = i % row;
+    out[i] = pack_int4_pair(packed_code(packed, r, c_in, channels, 2 * b),
+                            packed_code(packed, r, c_in, channels, 2 * b + 1));
+  }
+}
+
+// ---- host side ----------------------------------------------------------------
+int grid_for(int64_t work) {
+  int64_t blocks = (work + kThreads - 1) / kThreads;
+  if (blocks < 1) blocks = 1;
+  if (blocks > kMaxBlocks) blocks = kMaxBlocks;
+  return static_cast<int>(blocks);
+}
+
+KernelStatus launch_status(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return KernelStatus::failure(std::string(what) + ": CUDA launch failed: " +
+                                 cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+  return KernelStatus::success();
+}
+
+std::string fail_prefix(const char* fn, const char* arg) {
+  return std::string(fn) + ": invalid argument '" + arg + "': ";
+}
+
+KernelStatus validate_view(const char* fn, const char* name, const Tensor4dView& v) {
+  for (int d = 0; d < 4; ++d) {
+    if (v.size[d] < 0)
+      return KernelStatus::failure(fail_prefix(fn, name) + "negative size[" + std::to_string(d) +
+                                   "] = " + std::to_string(v.size[d]));
+  }
+  if (v.type != InType::kFloat32 && v.type != InType::kFloat16 && v.type != InType::kBFloat16)
+    return KernelStatus::failure(fail_prefix(fn, name) + "unsupported element type");
+  return KernelStatus::success();
+}
+
+// Chooses the path and launches. p.n/c/h/w must be > 0 (except c, may be 0).
+template <typename T, bool kInt4>
+KernelStatus launch_quantize(const char* fn, const T* x, const QParams& p, uint8_t* out,
+                             cudaStream_t stream) {
+  const bool cl = p.c > 1 && p.s1 == 1;
+  const bool nchw = (p.w == 1 || p.s3 == 1) && (p.h == 1 || p.s2 == p.w);
+  if (cl) {
+    const int64_t groups = (p.c_pad + 15) / 16;
+    quantize_cl_kernel<T, kInt4>
+        <<<grid_for(p.n * p.h * p.w * groups), kThreads, 0, stream>>>(x, p, out);
+    return launch_status(fn);
+  }
+  if (nchw) {
+    const int64_t hw = p.h * p.w;
+    const int64_t ptiles = (hw + kTileP - 1) / kTileP;
+    const int64_t ctiles = (int64_t(p.c_pad) + kTileC - 1) / kTileC;
+    if (ptiles * p.n <= INT_MAX && ctiles <= 65535 && ctiles >= 1) {
+      const dim3 grid(static_cast<unsigned>(ptiles * p.n), static_cast<unsigned>(ctiles));
+      const dim3 block(kTileP, kTileRows);
+      quantize_nchw_kernel<T, kInt4><<<grid, block, 0, stream>>>(x, p, out, ptiles);
+      return launch_status(fn);
+    }
+  }
+  const int64_t row = kInt4 ? p.c_pad / 2 : p.c_pad;
+  quantize_generic_kernel<T, kInt4><<<grid_for(p.n * p.h * p.w * row), kThreads, 0, stream>>>(
+      x, p, out);
+  return launch_status(fn);
+}
+
+template <bool kInt4>
+KernelStatus quantize_common(const char* fn, const char* xname, const Tensor4dView& x,
+                             const float* bias, const char* scale_name, const float* scale,
+                             bool scale_per_n, float eps, int bits, int c_pad, void* out,
+                             cudaStream_t stream) {
+  KernelStatus st = validate_view(fn, xname, x);
+  if (!st.ok) return st;
+  const int max_bits = kInt4 ? 4 : 8;
+  if (bits < 2 || bits > max_bits)
+    return KernelStatus::failure(fail_prefix(fn, "bits") + "must be in [2, " +
+                                 std::to_string(max_bits) + "], got " + std::to_string(bits));
+  if (c_pad < x.size[1])
+    return KernelStatus::failure(fail_prefix(fn, "c_pad") + "c_pad = " + std::to_string(c_pad) +
+                                 " is smaller than C = " + std::to_string(x.size[1]));
+  if (kInt4 && (c_pad % 2) != 0)
+    return KernelStatus::failure(fail_prefix(fn, "c_pad") + "must be even for packed int4, got " +
+                                 std::to_string(c_pad));
+  const int64_t pixels = x.size[0] * x.size[2] * x.size[3];
+  if (pixels == 0 || c_pad == 0) return KernelStatus::success();  // empty output
+  if (out == nullptr) return KernelStatus::failure(fail_prefix(fn, "out") + "null pointer");
+  if (scale == nullptr)
+    return KernelStatus::failure(fail_prefix(fn, scale_name) + "null pointer");
+  if (x.size[1] > 0 && x.data == nullptr)
+    return KernelStatus::failure(fail_prefix(fn, xname) + "null data pointer");
+
+  QParams p;
+  p.n = x.size[0];
+  p.c = x.size[1];
+  p.h = x.size[2];
+  p.w = x.size[3];
+  p.s0 = x.stride[0];
+  p.s1 = x.stride[1];
+  p.s2 = x.stride[2];
+  p.s3 = x.stride[3];
+  p.bias = bias;
+  p.scale = scale;
+  p.scale_per_n = scale_per_n;
+  p.eps = eps;
+  p.bits = bits;
+  p.c_pad = c_pad;
+  uint8_t* o = static_cast<uint8_t*>(out);
+  switch (x.type) {
+    case InType::kFloat32:
+      return launch_quantize<float, kInt4>(fn, static_cast<const float*>(x.data), p, o, stream);
+    case InType::kFloat16:
+      return launch_quantize<__half, kInt4>(fn, static_cast<const __half*>(x.data), p, o, stream);
+    case InType::kBFloat16:
+      return launch_quantize<__nv_bfloat16, kInt4>(
+          fn, static_cast<const __nv_bfloat16*>(x.data), p, o, stream);
+  }
+  return KernelStatus::failure(fail_prefix(fn, xname) + "unsupported element type");
+}
+
+KernelStatus validate_relayout(const char* fn, const uint8_t* packed, int64_t rows, int c_in,
+                               int channels, int c_out, const void* out, bool packed_out) {
+  if (rows < 0)
+    return KernelStatus::failure(fail_prefix(fn, "rows") + "negative: " + std::to_string(rows));
+  if (c_in < 0 || (c_in % 2) != 0)
+    return KernelStatus::failure(fail_prefix(fn, "c_in") + "must be even and >= 0, got " +
+                                 std::to_string(c_in));
+  if (channels < 0 || channels > c_in)
+    return KernelStatus::failure(fail_prefix(fn, "channels") + "must be in [0, c_in = " +
+                                 std::to_string(c_in) + "], got " + std::to_string(channels));
+  if (c_out < channels)
+    return KernelStatus::failure(fail_prefix(fn, "c_out") + "c_out = " + std::to_string(c_out) +
+                                 " is smaller than channels = " + std::to_string(channels));
+  if (packed_out && (c_out % 2) != 0)
+    return KernelStatus::failure(fail_prefix(fn, "c_out") + "must be even for packed int4, got " +
+                                 std::to_string(c_out));
+  if (rows == 0 || c_out == 0) return KernelStatus::success();
+  if (out == nullptr) return KernelStatus::failure(fail_prefix(fn, "out") + "null pointer");
+  if (channels > 0 && packed == nullptr)
+    return KernelStatus::failure(fail_prefix(fn, "packed") + "null pointer");
+  return KernelStatus::success();
+}
+
+}  // namespace
+
+KernelStatus quantize_activation_int8_nhwc(const Tensor4dView& x, const float* bias_a,
+                                           const float* scale_a, float eps, int bits, int c_pad,
+                                           int8_t* out, cudaStream_t stream) {
+  return quantize_common<false>("quantize_activation_int8_nhwc", "x", x, bias_a, "scale_a",
+                                scale_a, false, eps, bits, c_pad, out, stream);
+}
+
+KernelStatus quantize_activation_int4_nhwc(const Tensor4dView& x, const float* bias_a,
+                                           const float* scale_a, float eps, int bits, int c_pad,
+                                           uint8_t* out, cudaStream_t stream) {
+  return quantize_common<true>("quantize_activation_int4_nhwc", "x", x, bias_a, "scale_a",
+                               scale_a, false, eps, bits, c_pad, out, stream);
+}
+
+KernelStatus quantize_pack_weight_int4(const Tensor4dView& w, const float* scale_w,
+                                       bool per_channel, float eps, int bits, int c_pad,
+                                       uint8_t* out, cudaStream_t stream) {
+  return quantize_common<true>("quantize_pack_weight_int4", "w", w, nullptr, "scale_w", scale_w,
+                               per_channel, eps, bits, c_pad, out, stream);
+}
+
+KernelStatus unpack_int4_to_int8(const uint8_t* packed, int64_t rows, int c_in, int channels,
+                                 int c_out, int8_t* out, cudaStream_t stream) {
+  const char* fn = "unpack_int4_to_int8";
+  KernelStatus st = validate_relayout(fn, packed, rows, c_in, channels, c_out, out, false);
+  if (!st.ok || rows == 0 || c_out == 0) return st;
+  unpack_int4_to_int8_kernel<<<grid_for(rows * c_out), kThreads, 0, stream>>>(
+      packed, rows, c_in, channels, c_out, out);
+  return launch_status(fn);
+}
+
+KernelStatus repack_int4(const uint8_t* packed, int64_t rows, int c_in, int channels, int c_out,
+                         uint8_t* out, cudaStream_t stream) {
+  const char* fn = "repack_int4";
+  KernelStatus st = validate_relayout(fn, packed, rows, c_in, channels, c_out, out, true);
+  if (!st.ok || rows == 0 || c_out == 0) return st;
+  repack_int4_kernel<<<grid_for(rows * (c_out / 2)), kThreads, 0, stream>>>(
+      packed, rows, c_in, channels, c_out, out);
+  return launch_status(fn);
+}
+
+}  // namespace q4conv
