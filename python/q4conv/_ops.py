@@ -105,6 +105,16 @@ torch.library.register_autograd(
 )
 
 
+def _conv_packed_backward(ctx, grad_out):
+    raise RuntimeError(
+        "q4conv::conv_packed (eval mode, packed int4 weights) has no gradient: "
+        "use the layer in training mode (conv_train) to backpropagate"
+    )
+
+
+torch.library.register_autograd("q4conv::conv_packed", _conv_packed_backward)
+
+
 def selected_backend(
     x: torch.Tensor,
     out_channels: int,

@@ -200,8 +200,12 @@ class Q4Conv2dCutlass(nn.Module):
             return _ops.ops.conv_train(
                 x, self.bias_a, self.scale_a, self.opt_weight, self.scale_w, self.bias, *args, self.backend
             )
+        # Packed inference has no gradient: parameters enter detached, so only
+        # an input that requires grad makes a graph (whose backward raises).
+        bias = None if self.bias is None else self.bias.detach()
         return _ops.ops.conv_packed(
-            x, self.bias_a, self.scale_a, self.opt_weight, self.scale_w, self.bias, *args, False, self.backend
+            x, self.bias_a.detach(), self.scale_a.detach(), self.opt_weight, self.scale_w.detach(), bias,
+            *args, False, self.backend,
         )
 
     # -------------------------------------------------------------- state_dict

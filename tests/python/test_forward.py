@@ -1,0 +1,130 @@
+"""Forward path of every backend against the float64 oracle (SPEC section 3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import oracle
+from conftest import CASES, Case, device_backend_params, make_inputs, skip_unless_backend_runs, DEVICES
+
+ops = torch.ops.q4conv
+# Relative error bound of the epilogue's final rounding, per output dtype.
+OUT_RTOL = {torch.float32: 4e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def conv_args(case: Case, eps: float = 1e-5):
+    return list(case.stride), list(case.padding), list(case.dilation), eps, 4
+
+
+def check_against_oracle(y, x, bias_a, scale_a, weight, scale_w, bias, case):
+    ref, acc = oracle.forward(x, bias_a, scale_a, weight, scale_w, bias,
+                              oracle.Conv(case.stride, case.padding, case.dilation))
+    assert y.shape == ref.shape
+    assert y.dtype == x.dtype
+    # The bound scales with |alpha * acc| + |bias|, the magnitudes summed.
+    alpha = (ref - (0 if bias is None else bias.double().cpu().view(1, -1, 1, 1))) / acc.where(acc != 0, 1)
+    magnitude = (alpha * acc).abs() + (0 if bias is None else bias.double().cpu().abs().view(1, -1, 1, 1))
+    error = (y.double().cpu() - ref).abs()
+    bound = OUT_RTOL[x.dtype] * magnitude + 1e-30
+    worst = (error / bound).max().item() if error.numel() else 0.0
+    assert worst <= 1.0, f"error {worst:.2f}x the rounding bound"
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_forward_matches_oracle(device, backend, case, dtype, channels_last):
+    x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last,
+                                                            bias=case.k % 2 == 0, per_channel=case.c % 2 == 1)
+    skip_unless_backend_runs(x, case, backend)
+    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
+    y = ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend)
+    check_against_oracle(y, x, bias_a, scale_a, weight, scale_w, bias, case)
+    # As nn.Conv2d: the output follows x's layout (C == 1 is ambiguous: NCHW).
+    is_nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    expected_format = torch.channels_last if is_nhwc else torch.contiguous_format
+    assert y.is_contiguous(memory_format=expected_format)
+    # The training forward is the same function of the float weights.
+    y_train = ops.conv_train(x, bias_a, scale_a, weight, scale_w, bias, *conv_args(case), backend)
+    assert torch.equal(y_train, y)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("case", CASES[:8], ids=str)
+def test_integer_accumulator_is_exact(device, backend, case):
+    """With s_a * s_w == 1 and no bias the fp32 output IS the int32 sum."""
+    x, bias_a, _, weight, _, _ = make_inputs(case, device, torch.float32, bias=False)
+    scale_a = torch.tensor(0.25, device=device)
+    scale_w = torch.tensor(4.0, device=device)
+    x = x * 4  # spread the codes over the whole range for s_a = 0.25... and clamp some
+    skip_unless_backend_runs(x, case, backend)
+    qweight = ops.quantize_pack(weight * 100, scale_w, 1e-5, 4)
+    y = ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, None, *conv_args(case), False, backend)
+    _, acc = oracle.forward(x, bias_a, scale_a, weight * 100, scale_w, None,
+                            oracle.Conv(case.stride, case.padding, case.dilation))
+    assert acc.abs().max() > 0
+    assert torch.equal(y.cpu().double(), acc)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_relu_epilogue(device, backend):
+    case = Case(2, 32, 16, 9, 9, 3, 3, (1, 1), (1, 1))
+    x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, torch.float16, True)
+    skip_unless_backend_runs(x, case, backend)
+    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
+    plain = ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend)
+    fused = ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), True, backend)
+    assert (plain < 0).any()
+    assert torch.equal(fused, torch.relu(plain))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "strided"])
+def test_activation_codes_exact(device, dtype, layout):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 20, 5, 7, generator=gen) * 3
+    scale = torch.tensor(0.25)
+    # Exact ties (k + 0.5) * s, values beyond the range, NaN and infinities.
+    x[0, :, 0, 0] = (torch.arange(20) - 10 + 0.5) * 0.25
+    x[1, 0, 1, :] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.0, -0.0])
+    bias_a = torch.zeros(20)
+    bias_a[3:] = torch.randn(17, generator=gen) * 0.1
+    x = x.to(dtype)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)  # H innermost
+    codes = ops.quantize_activation(x.to(device), bias_a.to(device), scale.to(device), 1e-5, 4)
+    expected = oracle.activation_codes(x, bias_a, scale).permute(0, 2, 3, 1)
+    assert codes.dtype == torch.int8 and codes.shape == (2, 5, 7, 20)
+    assert torch.equal(codes.cpu().float(), expected)
+    assert codes[1, 1, 0, 0] == 0 and codes[1, 1, 1, 0] == 7 and codes[1, 1, 2, 0] == -8
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels", [1, 3, 20, 33])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_pack_unpack_round_trip(device, channels, per_channel):
+    gen = torch.Generator().manual_seed(channels)
+    weight = torch.randn(6, channels, 3, 2, generator=gen) * 0.2
+    scale_w = torch.rand(6, generator=gen) * 0.05 + 0.01 if per_channel else torch.tensor(0.03)
+    packed = ops.quantize_pack(weight.to(device), scale_w.to(device), 1e-5, 4)
+    assert packed.dtype == torch.uint8 and packed.shape == (6, 3, 2, (channels + 1) // 2)
+    unpacked = ops.unpack(packed, channels)
+    assert torch.equal(unpacked.cpu().float(), oracle.weight_codes(weight, scale_w))
+    # Nibble order: even channel low, odd channel high.
+    byte = int(packed.cpu()[0, 0, 0, 0])
+    low = byte & 0xF
+    assert (low - 16 if low >= 8 else low) == int(unpacked.cpu()[0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_empty_batch_returns_empty(device, backend):
+    case = Case(0, 16, 8, 6, 6, 3, 3, (1, 1), (1, 1))
+    x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device)
+    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
+    y = ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, "auto")
+    assert y.shape == (0, 8, 6, 6)

@@ -1,0 +1,231 @@
+"""The nn.Module contract of SPEC section 2 and the errors of section 5."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import q4conv
+from conftest import DEVICES, requires_cuda
+
+
+def make_layer(device="cpu", **kwargs) -> q4conv.Q4Conv2dCutlass:
+    torch.manual_seed(0)
+    args = dict(in_channels=20, out_channels=24, kernel_size=3, stride=(2, 1), padding=1, dilation=(1, 2))
+    args.update(kwargs)
+    return q4conv.Q4Conv2dCutlass(**args, device=device)
+
+
+def test_public_names_and_defaults():
+    layer = make_layer(bias=True)
+    assert q4conv.Q4Conv2d is q4conv.Q4Conv2dCutlass
+    assert q4conv.prepare_bie_layers is q4conv.prepare_q4conv_layers
+    assert layer.weight.shape == (24, 20, 3, 3)
+    assert layer.qweight is None
+    assert layer.bias_a.shape == (20,) and not layer.bias_a.any()
+    assert layer.scale_a.item() == 0.0
+    assert layer.eps.item() == pytest.approx(1e-5)
+    assert layer.kernel_size == (3, 3) and layer.stride == (2, 1) and layer.dilation == (1, 2)
+    assert isinstance(layer.bias, nn.Parameter)
+    assert "kernel_size=(3, 3)" in repr(layer)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_prepare_params_is_lsq_init(per_channel):
+    layer = make_layer(per_channel_weight_scale=per_channel)
+    with torch.no_grad():
+        layer.weight.mul_(3.0)
+    model = nn.Sequential(nn.Sequential(layer))
+    q4conv.prepare_bie_layers(model)
+    w = layer.weight.detach().abs()
+    expected = (w.mean(dim=(1, 2, 3)) if per_channel else w.mean()) * 2 / math.sqrt(7)
+    torch.testing.assert_close(layer.scale_w.detach(), expected)
+
+
+def test_set_activation_initialises_once_and_adds_bias():
+    layer = make_layer()
+    with torch.no_grad():
+        layer.bias_a.uniform_(-1, 1)
+    x = torch.randn(2, 20, 6, 6)
+    out = layer.set_activation(x)
+    torch.testing.assert_close(out, x + layer.bias_a.view(1, -1, 1, 1))
+    expected = 2 * (x + layer.bias_a.view(1, -1, 1, 1)).abs().mean() / math.sqrt(7)
+    torch.testing.assert_close(layer.scale_a.detach(), expected.detach())
+    layer.set_activation(x * 100)  # second call: scale stays
+    torch.testing.assert_close(layer.scale_a.detach(), expected.detach())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_train_forward_equals_eval_forward(device, dtype, channels_last):
+    layer = make_layer(device, bias=True)
+    x = torch.randn(2, 20, 9, 11, device=device).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y_train = layer.train()(x)
+    assert layer.qweight is None
+    y_eval = layer.eval()(x)
+    assert layer.qweight is not None and layer.qweight.dtype == torch.uint8
+    assert layer.qweight.shape == (24, 3, 3, 10)
+    assert y_eval.dtype == dtype and y_eval.shape == (2, 24, 5, 9)
+    assert y_eval.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.equal(y_train, y_eval)
+
+
+def test_training_step_updates_every_parameter():
+    layer = make_layer(bias=True)
+    x = torch.randn(3, 20, 8, 8)
+    layer(x).square().mean().backward()
+    for name in ["weight", "bias_a", "scale_a", "scale_w", "bias"]:
+        grad = getattr(layer, name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_eval_after_training_uses_fresh_weights():
+    layer = make_layer()
+    x = torch.randn(2, 20, 8, 8)
+    y_before = layer.eval()(x)
+    layer.train()
+    with torch.no_grad():
+        layer.weight.mul_(-1)
+    y_after = layer.eval()(x)
+    assert not torch.equal(y_before, y_after)
+    assert torch.equal(y_after, layer.train()(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_qweight_only_round_trip(device):
+    layer = make_layer(device, bias=True).eval()
+    x = torch.randn(2, 20, 9, 9, device=device)
+    y = layer(x)
+    layer.generate_quantized_weight(qweight_only=True)
+    assert layer.weight is None
+    assert torch.equal(layer(x), y)
+    state = layer.state_dict()
+    assert "weight" not in state and state["qweight"].dtype == torch.uint8
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    fresh = make_layer(device, bias=True)
+    torch.manual_seed(1)
+    nn.init.normal_(fresh.weight)  # different float weights, replaced by the load
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    fresh.eval()
+    assert fresh.weight is None
+    assert torch.equal(fresh(x), y)
+    with pytest.raises(RuntimeError, match="inference"):
+        fresh.train()(x)
+
+
+def test_float_state_dict_round_trip_regenerates_qweight():
+    layer = make_layer().eval()
+    x = torch.randn(1, 20, 7, 7)
+    y = layer(x)
+    fresh = make_layer()
+    nn.init.normal_(fresh.weight)
+    fresh.eval()(x)  # creates a qweight from the wrong weights
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh(x), y)
+
+
+def test_bad_qweight_in_state_dict_raises():
+    layer = make_layer().eval()
+    layer.generate_quantized_weight(qweight_only=True)
+    state = layer.state_dict()
+    wrong = dict(state, qweight=state["qweight"][:, :, :, :-1].clone())
+    with pytest.raises(ValueError, match="qweight"):
+        make_layer().load_state_dict(wrong)
+    missing = {k: v for k, v in state.items() if k != "qweight"}
+    with pytest.raises(ValueError, match="qweight"):
+        make_layer().load_state_dict(missing)
+
+
+def test_unsupported_bits_raise():
+    with pytest.raises(ValueError, match="a_bit"):
+        make_layer(a_bit=3)
+    with pytest.raises(ValueError, match="w_bit"):
+        make_layer(w_bit=8)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.randn(20, 8, 8), "4-D"),
+    (torch.randn(1, 19, 8, 8), "in_channels"),
+    (torch.randn(1, 20, 8, 8).double(), "float32"),
+    (torch.randint(0, 4, (1, 20, 8, 8)), "float32"),
+])
+def test_bad_inputs_raise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        make_layer()(bad)
+
+
+def test_kernel_larger_than_padded_input_raises():
+    layer = q4conv.Q4Conv2dCutlass(4, 4, 5, padding=0)
+    with pytest.raises(RuntimeError, match="larger than the padded input"):
+        layer(torch.randn(1, 4, 3, 8))
+
+
+def test_op_level_errors_name_the_argument():
+    ops = torch.ops.q4conv
+    x = torch.randn(1, 4, 6, 6)
+    w = torch.randn(4, 4, 3, 3)
+    s = torch.tensor(0.1)
+    args = ([1, 1], [0, 0], [1, 1], 1e-5, 4, "auto")
+    with pytest.raises(RuntimeError, match="bias_a"):
+        ops.conv_train(x, torch.zeros(3), s, w, s, None, *args)
+    with pytest.raises(RuntimeError, match="scale_w"):
+        ops.conv_train(x, torch.zeros(4), s, w, torch.ones(3), None, *args)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        ops.conv_train(x, torch.zeros(4), s, w, s, torch.zeros(5), *args)
+    with pytest.raises(RuntimeError, match="bits"):
+        ops.conv_train(x, torch.zeros(4), s, w, s, None, *args[:4], 8, "auto")
+    with pytest.raises(RuntimeError, match="backend must be one of"):
+        ops.conv_train(x, torch.zeros(4), s, w, s, None, *args[:5], "fastest")
+    with pytest.raises(RuntimeError, match="needs a CUDA input"):
+        ops.conv_train(x, torch.zeros(4), s, w, s, None, *args[:5], "sm90_int8")
+    with pytest.raises(RuntimeError, match="qweight"):
+        ops.conv_packed(x, torch.zeros(4), s, torch.zeros(4, 3, 3, 5, dtype=torch.uint8), s, None,
+                        *args[:5], False, "auto")
+
+
+def test_empty_batch_layer():
+    layer = make_layer()
+    for mode in (True, False):
+        y = layer.train(mode)(torch.randn(0, 20, 8, 8))
+        assert y.shape == (0, 24, 4, 6)
+
+
+@requires_cuda
+def test_mismatched_devices_raise():
+    layer = make_layer("cuda")
+    with pytest.raises(ValueError, match="cuda"):
+        layer(torch.randn(1, 20, 8, 8))
+    s = torch.tensor(0.1)
+    with pytest.raises(RuntimeError, match="device"):
+        torch.ops.q4conv.conv_train(torch.randn(1, 4, 6, 6, device="cuda"), torch.zeros(4), s,
+                                    torch.randn(4, 4, 3, 3, device="cuda"), s.cuda(), None,
+                                    [1, 1], [0, 0], [1, 1], 1e-5, 4, "auto")
+
+
+def test_torch_compile_matches_eager():
+    layer = make_layer(bias=True)
+    x = torch.randn(2, 20, 8, 8)
+    layer(x)  # initialise scale_a outside the compiled region
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
+    y.sum().backward()
+    assert layer.weight.grad is not None
+    layer.eval()
+    torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+
+
+def test_eval_mode_backward_raises_clearly():
+    layer = make_layer().eval()
+    x = torch.randn(1, 20, 8, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="training mode"):
+        layer(x).sum().backward()

@@ -1,0 +1,29 @@
+"""torch.library.opcheck on every q4conv operator (schema, fake kernels,
+autograd registration, AOT dispatch with dynamic shapes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import CASES, DEVICES, make_inputs
+
+ops = torch.ops.q4conv
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_opcheck_all_ops(device, case, channels_last):
+    x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, channels_last=channels_last)
+    conv = (list(case.stride), list(case.padding), list(case.dilation), 1e-5, 4)
+    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
+    torch.library.opcheck(ops.quantize_pack, (weight, scale_w, 1e-5, 4))
+    torch.library.opcheck(ops.unpack, (qweight, case.c))
+    torch.library.opcheck(ops.quantize_activation, (x, bias_a, scale_a, 1e-5, 4))
+    torch.library.opcheck(ops.conv_packed, (x, bias_a, scale_a, qweight, scale_w, bias, *conv, False, "auto"))
+    grads = [t.detach().clone().requires_grad_(True) for t in (x, bias_a, scale_a, weight, scale_w, bias)]
+    torch.library.opcheck(ops.conv_train, (*grads, *conv, "auto"))
+    grad_out = ops.conv_train(x, bias_a, scale_a, weight, scale_w, bias, *conv, "auto")
+    torch.library.opcheck(ops.conv_train_backward,
+                          (torch.randn_like(grad_out), x, bias_a, scale_a, weight, scale_w, True, *conv))
