@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Build q4conv on the GPU machine and run the CUDA tests, the sanitizer and
+# (optionally) the benchmark; logs go to $OUT. Expects the nvidia-cutlass wheel
+# in .whl/ (no network there). Usage: scripts/gpu_check.sh [tests|sanitize|bench|demo]...
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export Q4CONV_CUDA_ARCHS=${Q4CONV_CUDA_ARCHS:-90a}
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -m pip install -q --no-deps --no-index .whl/nvidia_cutlass-*.whl || exit 1
+start=$(date +%s)
+python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1 \
+  || { tail -50 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+for step in "$@"; do
+  case "$step" in
+    tests) python3 -m pytest -q -p no:cacheprovider tests/python -x 2>&1 | tee "$OUT/pytest.log" | tail -5 ;;
+    sanitize)
+      compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q -p no:cacheprovider \
+        tests/python/test_forward.py -k "cuda and (float16 or float32)" 2>&1 | tee "$OUT/memcheck.log" | tail -8
+      compute-sanitizer --tool racecheck --print-limit 20 python3 -m pytest -q -p no:cacheprovider \
+        tests/python/test_forward.py -k "cuda and float16 and nhwc" 2>&1 | tee "$OUT/racecheck.log" | tail -8 ;;
+    bench) python3 bench/bench.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
+    demo) python3 examples/demo.py --device cuda --out "$OUT/demo" 2>&1 | tee "$OUT/demo.log" | tail -15 ;;
+  esac
+done
