@@ -8,6 +8,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export Q4CONV_CUDA_ARCHS=${Q4CONV_CUDA_ARCHS:-90a}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
+# The distribution's compiler, whose libstdc++ torch uses: the GPU machine's
+# /opt/gcc g++ links another libstdc++ copy and C++ exceptions then crash.
+if [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++; fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -m pip install -q --no-deps --no-index .whl/nvidia_cutlass-*.whl || exit 1
 start=$(date +%s)
