@@ -77,7 +77,8 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   const at::Tensor dbias_a = dshifted.sum({0, 2, 3}).to(bias_a.scalar_type());
   const at::Tensor dscale_a = scale_grad(grad_act, act, scale_a, eps,
                                          static_cast<double>(x.numel()), bits, {});
-  const at::Tensor dweight = (grad_wgt * wgt.inside).to(weight.scalar_type());
+  const at::Tensor dweight =
+      (grad_wgt * wgt.inside).to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
   const double w_numel = static_cast<double>(per_channel ? weight.numel() / k_out : weight.numel());
   const at::Tensor dscale_w =
       per_channel ? scale_grad(grad_wgt, wgt, scale_w, eps, w_numel, bits, {1, 2, 3})

@@ -71,8 +71,8 @@ def _conv_train_fake(x, bias_a, scale_a, weight, scale_w, bias, stride, padding,
 def _conv_train_backward_fake(grad_out, x, bias_a, scale_a, weight, scale_w, has_bias, stride, padding, dilation, eps, bits):
     dbias = grad_out.new_empty((weight.shape[0],) if has_bias else (0,), dtype=torch.float32)
     return (
-        torch.empty_like(x),
-        torch.empty_like(weight),
+        torch.empty_like(x, memory_format=suggest_memory_format(x)),
+        torch.empty_like(weight, memory_format=suggest_memory_format(weight)),
         torch.empty_like(bias_a),
         torch.empty_like(scale_a),
         torch.empty_like(scale_w),
