@@ -138,11 +138,13 @@ at::Tensor empty_output(const at::Tensor& x, int64_t out_channels, int64_t p, in
 at::Tensor run_conv(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
                     const at::Tensor& qweight, const at::Tensor& scale_w,
                     const std::optional<at::Tensor>& bias, const ConvParams& params,
-                    Backend requested) {
+                    Backend requested, const std::optional<at::Tensor>& kernel_weight = std::nullopt,
+                    const std::optional<at::Tensor>& cached_alpha = std::nullopt) {
   const int64_t k_out = qweight.size(0), r = qweight.size(1), s = qweight.size(2);
   const auto [p, q] = output_hw(x.size(2), x.size(3), r, s, params);
   if (x.size(0) == 0) return empty_output(x, k_out, p, q);
-  const at::Tensor alpha = output_alpha(scale_a, scale_w, k_out, params.eps);
+  const at::Tensor alpha = cached_alpha.has_value() ? *cached_alpha
+                                                    : output_alpha(scale_a, scale_w, k_out, params.eps);
   const Backend backend = choose_backend(x, k_out, r, s, params, requested);
   at::Tensor y;
   if (backend == Backend::kFallback) {
@@ -151,7 +153,7 @@ at::Tensor run_conv(const at::Tensor& x, const at::Tensor& bias_a, const at::Ten
     y = fallback_conv(act_codes, w_codes, alpha, bias, params, x.scalar_type());
   } else {
 #ifdef Q4CONV_WITH_CUDA
-    y = cuda_conv(backend, x, bias_a, scale_a, qweight, alpha, bias, params);
+    y = cuda_conv(backend, x, bias_a, scale_a, qweight, kernel_weight, alpha, bias, params);
 #endif
   }
   return y.contiguous(x.suggest_memory_format());
@@ -176,11 +178,34 @@ at::Tensor conv_packed(const at::Tensor& x, const at::Tensor& bias_a, const at::
                        const at::Tensor& qweight, const at::Tensor& scale_w,
                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, double eps,
-                       int64_t bits, bool relu, const std::string& backend) {
+                       int64_t bits, bool relu, const std::string& backend,
+                       const std::optional<at::Tensor>& kernel_weight,
+                       const std::optional<at::Tensor>& alpha) {
   const ConvParams params = make_params(stride, padding, dilation, eps, bits, relu);
   check_conv_inputs(x, bias_a, scale_a, scale_w, bias, qweight.size(0), bits);
   check_qweight(qweight, x);
-  return run_conv(x, bias_a, scale_a, qweight, scale_w, bias, params, parse_backend(backend));
+  if (alpha.has_value()) {
+    TORCH_CHECK(alpha->scalar_type() == at::kFloat && alpha->dim() == 1 &&
+                    alpha->size(0) == qweight.size(0) && alpha->is_contiguous() &&
+                    alpha->device() == x.device(),
+                "alpha must be a contiguous float32 tensor [", qweight.size(0), "] on ",
+                x.device(), " (s_a * s_w per output channel)");
+  }
+  return run_conv(x, bias_a, scale_a, qweight, scale_w, bias, params, parse_backend(backend),
+                  kernel_weight, alpha);
+}
+
+at::Tensor kernel_weight(const at::Tensor& qweight, int64_t in_channels,
+                         const std::string& backend) {
+  TORCH_CHECK(qweight.dim() == 4 && qweight.scalar_type() == at::kByte &&
+                  qweight.size(3) == (in_channels + 1) / 2,
+              "qweight must be a uint8 tensor (K, R, S, ceil(in_channels/2)), got ",
+              qweight.scalar_type(), " ", qweight.sizes());
+#ifdef Q4CONV_WITH_CUDA
+  if (qweight.is_cuda()) return cuda_kernel_weight(qweight, in_channels, parse_backend(backend));
+#endif
+  TORCH_CHECK(false, "kernel_weight needs qweight on a CUDA device (backend '", backend,
+              "'), got ", qweight.device());
 }
 
 at::Tensor conv_train(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,

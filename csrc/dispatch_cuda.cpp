@@ -160,10 +160,33 @@ bool cuda_backend_supports(Backend backend, const at::Tensor& x, int64_t out_cha
   }
 }
 
+at::Tensor cuda_kernel_weight(const at::Tensor& qweight, int64_t in_channels, Backend backend) {
+  TORCH_CHECK(backend == Backend::kSm80Int4 || backend == Backend::kSm90Int8,
+              "kernel_weight: backend must be 'sm80_int4' or 'sm90_int8', got '",
+              backend_name(backend), "'");
+  return cuda_unpack_krsc(qweight, in_channels, round_up(in_channels, channel_align(backend)),
+                          backend == Backend::kSm80Int4);
+}
+
+namespace {
+
+// True when `cached` has exactly the layout `backend` reads for qweight.
+bool matches_layout(const at::Tensor& cached, const at::Tensor& qweight, int64_t in_channels,
+                    Backend backend) {
+  const bool packed = backend == Backend::kSm80Int4;
+  const int64_t c_pad = round_up(in_channels, channel_align(backend));
+  return cached.defined() && cached.device() == qweight.device() && cached.dim() == 4 &&
+         cached.is_contiguous() && cached.scalar_type() == (packed ? at::kByte : at::kChar) &&
+         cached.size(0) == qweight.size(0) && cached.size(1) == qweight.size(1) &&
+         cached.size(2) == qweight.size(2) && cached.size(3) == (packed ? c_pad / 2 : c_pad);
+}
+
+}  // namespace
+
 at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bias_a,
                      const at::Tensor& scale_a, const at::Tensor& qweight,
-                     const at::Tensor& alpha, const std::optional<at::Tensor>& bias,
-                     const ConvParams& params) {
+                     const std::optional<at::Tensor>& kernel_weight, const at::Tensor& alpha,
+                     const std::optional<at::Tensor>& bias, const ConvParams& params) {
   const c10::cuda::CUDAGuard guard(x.device());
   const bool packed = backend == Backend::kSm80Int4;
   const int64_t c_pad = round_up(x.size(1), channel_align(backend));
@@ -171,7 +194,9 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
   const ConvShape shape = make_shape(x, k_out, qweight.size(1), qweight.size(2), params, c_pad);
   const at::Tensor act = cuda_quantize_activation(x, bias_a, scale_a, params.eps, params.bits,
                                                   c_pad, packed);
-  const at::Tensor wgt = cuda_unpack_krsc(qweight, x.size(1), c_pad, packed);
+  const bool cached = kernel_weight.has_value() &&
+                      matches_layout(*kernel_weight, qweight, x.size(1), backend);
+  const at::Tensor wgt = cached ? *kernel_weight : cuda_unpack_krsc(qweight, x.size(1), c_pad, packed);
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) bias_f = bias->detach().to(at::kFloat).contiguous();
   at::Tensor out = at::empty({shape.n, shape.p, shape.q, shape.k}, x.options());

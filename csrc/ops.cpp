@@ -15,7 +15,9 @@ TORCH_LIBRARY(q4conv, m) {
   m.def(
       "conv_packed(Tensor x, Tensor bias_a, Tensor scale_a, Tensor qweight, Tensor scale_w, "
       "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, float eps, int bits, "
-      "bool relu, str backend) -> Tensor");
+      "bool relu, str backend, Tensor? kernel_weight=None, Tensor? alpha=None) -> Tensor");
+  m.def("kernel_weight(Tensor qweight, int in_channels, str backend) -> Tensor");
+  m.def("output_alpha(Tensor scale_a, Tensor scale_w, int out_channels, float eps) -> Tensor");
   m.def(
       "conv_train(Tensor x, Tensor bias_a, Tensor scale_a, Tensor weight, Tensor scale_w, "
       "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, float eps, int bits, "
@@ -35,6 +37,8 @@ TORCH_LIBRARY(q4conv, m) {
 #define Q4CONV_REGISTER_IMPLS(m)                                  \
   m.impl("quantize_pack", &quantize_pack);                        \
   m.impl("unpack", &unpack);                                      \
+  m.impl("kernel_weight", &kernel_weight);                        \
+  m.impl("output_alpha", &output_alpha);                          \
   m.impl("quantize_activation", &quantize_activation);            \
   m.impl("conv_packed", &conv_packed);                            \
   m.impl("conv_train", &conv_train);                              \

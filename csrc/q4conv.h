@@ -48,7 +48,14 @@ at::Tensor conv_packed(const at::Tensor& x, const at::Tensor& bias_a, const at::
                        const at::Tensor& qweight, const at::Tensor& scale_w,
                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, double eps,
-                       int64_t bits, bool relu, const std::string& backend);
+                       int64_t bits, bool relu, const std::string& backend,
+                       const std::optional<at::Tensor>& kernel_weight,
+                       const std::optional<at::Tensor>& alpha);
+// Weights in the layout a CUDA backend reads (sm90_int8: int8 KRSC, channels
+// padded to 16; sm80_int4: packed int4 KRSC, padded to 32), made once and
+// passed back to conv_packed as kernel_weight while qweight is unchanged.
+at::Tensor kernel_weight(const at::Tensor& qweight, int64_t in_channels,
+                         const std::string& backend);
 // Training forward on float weights (quantized on the fly).
 at::Tensor conv_train(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
                       const at::Tensor& weight, const at::Tensor& scale_w,
@@ -97,10 +104,13 @@ at::Tensor cuda_unpack_krsc(const at::Tensor& qweight, int64_t in_channels, int6
 bool cuda_backend_supports(Backend backend, const at::Tensor& x, int64_t out_channels,
                            int64_t r, int64_t s, const ConvParams& params,
                            at::ScalarType out_dtype);
+at::Tensor cuda_kernel_weight(const at::Tensor& qweight, int64_t in_channels, Backend backend);
+// kernel_weight: a cached cuda_kernel_weight result, used when its layout is
+// the backend's (else the weights are re-laid out from qweight).
 at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bias_a,
                      const at::Tensor& scale_a, const at::Tensor& qweight,
-                     const at::Tensor& alpha, const std::optional<at::Tensor>& bias,
-                     const ConvParams& params);
+                     const std::optional<at::Tensor>& kernel_weight, const at::Tensor& alpha,
+                     const std::optional<at::Tensor>& bias, const ConvParams& params);
 #endif
 
 }  // namespace q4conv

@@ -56,9 +56,23 @@ def _quantize_activation_fake(x, bias_a, scale_a, eps, bits):
 
 
 @torch.library.register_fake("q4conv::conv_packed")
-def _conv_packed_fake(x, bias_a, scale_a, qweight, scale_w, bias, stride, padding, dilation, eps, bits, relu, backend):
+def _conv_packed_fake(x, bias_a, scale_a, qweight, scale_w, bias, stride, padding, dilation, eps, bits, relu, backend,
+                      kernel_weight=None, alpha=None):
     k, r, s, _ = qweight.shape
     return _conv_output_like(x, k, r, s, stride, padding, dilation)
+
+
+@torch.library.register_fake("q4conv::kernel_weight")
+def _kernel_weight_fake(qweight, in_channels, backend):
+    k, r, s, _ = qweight.shape
+    if backend == "sm80_int4":
+        return qweight.new_empty((k, r, s, (in_channels + 31) // 32 * 16), dtype=torch.uint8)
+    return qweight.new_empty((k, r, s, (in_channels + 15) // 16 * 16), dtype=torch.int8)
+
+
+@torch.library.register_fake("q4conv::output_alpha")
+def _output_alpha_fake(scale_a, scale_w, out_channels, eps):
+    return scale_a.new_empty((out_channels,), dtype=torch.float32)
 
 
 @torch.library.register_fake("q4conv::conv_train")

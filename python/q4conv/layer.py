@@ -106,6 +106,8 @@ class Q4Conv2dCutlass(nn.Module):
         # Host-side copies so forward never synchronises with the device.
         self._eps_value = 1e-5
         self._scale_a_ready = False
+        # Eval-mode CUDA cache: (validity key, alpha, kernel-layout weights).
+        self._inference_cache: Optional[Tuple[torch.Tensor, Any, torch.Tensor, Optional[torch.Tensor]]] = None
         self.prepare_params()
 
     # ------------------------------------------------------------------ scales
@@ -203,10 +205,46 @@ class Q4Conv2dCutlass(nn.Module):
         # Packed inference has no gradient: parameters enter detached, so only
         # an input that requires grad makes a graph (whose backward raises).
         bias = None if self.bias is None else self.bias.detach()
+        qweight = self.opt_weight
+        alpha, kernel_weight = self._cached_kernel_inputs(x, qweight)
         return _ops.ops.conv_packed(
-            x, self.bias_a.detach(), self.scale_a.detach(), self.opt_weight, self.scale_w.detach(), bias,
-            *args, False, self.backend,
+            x, self.bias_a.detach(), self.scale_a.detach(), qweight, self.scale_w.detach(), bias,
+            *args, False, self.backend, kernel_weight, alpha,
         )
+
+    def _cuda_backend_name(self, device: torch.device) -> Optional[str]:
+        if self.backend in ("sm80_int4", "sm90_int8"):
+            return self.backend
+        if self.backend != "auto":
+            return None
+        major = torch.cuda.get_device_capability(device)[0]
+        return {9: "sm90_int8", 8: "sm80_int4"}.get(major)
+
+    def _cached_kernel_inputs(
+        self, x: torch.Tensor, qweight: torch.Tensor
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """alpha = s_a * s_w and the kernel-layout weights, made once per set of
+        packed weights and scales (keyed on their storage and version counters)
+        instead of on every eval-mode call."""
+        if not x.is_cuda or torch.compiler.is_compiling():
+            return None, None
+        # The cache holds qweight itself, so its storage cannot be freed and
+        # reused by a new qweight; in-place changes bump the version counters.
+        key = (x.device, qweight._version, self.scale_a.data_ptr(), self.scale_a._version,
+               self.scale_w.data_ptr(), self.scale_w._version, self._eps_value, self.backend)
+        cache = self._inference_cache
+        if cache is None or cache[0] is not qweight or cache[1] != key:
+            alpha = _ops.ops.output_alpha(self.scale_a.detach(), self.scale_w.detach(), self.out_channels,
+                                          self._eps_value)
+            backend = self._cuda_backend_name(x.device)
+            weight = None
+            if backend is not None:
+                try:
+                    weight = _ops.ops.kernel_weight(qweight, self.in_channels, backend)
+                except RuntimeError:
+                    weight = None  # backend not built: conv_packed picks another one
+            self._inference_cache = (qweight, key, alpha, weight)
+        return self._inference_cache[2], self._inference_cache[3]
 
     # -------------------------------------------------------------- state_dict
     def _load_from_state_dict(

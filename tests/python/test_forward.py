@@ -46,6 +46,13 @@ def test_forward_matches_oracle(device, backend, case, dtype, channels_last):
     is_nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     expected_format = torch.channels_last if is_nhwc else torch.contiguous_format
     assert y.is_contiguous(memory_format=expected_format)
+    if backend in ("sm80_int4", "sm90_int8"):
+        # Cached kernel-layout weights and alpha (the layer's eval path) agree.
+        kernel_weight = ops.kernel_weight(qweight, case.c, backend)
+        alpha = ops.output_alpha(scale_a, scale_w, case.k, 1e-5)
+        y_cached = ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend,
+                                   kernel_weight, alpha)
+        assert torch.equal(y_cached, y)
     # The training forward is the same function of the float weights.
     y_train = ops.conv_train(x, bias_a, scale_a, weight, scale_w, bias, *conv_args(case), backend)
     assert torch.equal(y_train, y)

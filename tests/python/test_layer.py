@@ -229,3 +229,21 @@ def test_eval_mode_backward_raises_clearly():
     x = torch.randn(1, 20, 8, 8, requires_grad=True)
     with pytest.raises(RuntimeError, match="training mode"):
         layer(x).sum().backward()
+
+
+@requires_cuda
+def test_eval_cache_follows_weight_and_scale_changes():
+    layer = make_layer("cuda", bias=True).eval()
+    x = torch.randn(2, 20, 9, 9, device="cuda", dtype=torch.float16)
+    y = layer(x)
+    assert torch.equal(layer(x), y)  # cached path, same result
+    with torch.no_grad():
+        layer.scale_w.mul_(2)
+    y_scaled = layer(x)
+    layer.train()
+    assert torch.equal(layer(x), y_scaled)  # cache saw the new scale
+    with torch.no_grad():
+        layer.weight.neg_()
+    y_neg = layer.eval()(x)
+    assert not torch.equal(y_neg, y_scaled)
+    assert torch.equal(layer.train()(x), y_neg)

@@ -22,6 +22,14 @@ def test_opcheck_all_ops(device, case, channels_last):
     torch.library.opcheck(ops.unpack, (qweight, case.c))
     torch.library.opcheck(ops.quantize_activation, (x, bias_a, scale_a, 1e-5, 4))
     torch.library.opcheck(ops.conv_packed, (x, bias_a, scale_a, qweight, scale_w, bias, *conv, False, "auto"))
+    alpha = ops.output_alpha(scale_a, scale_w, case.k, 1e-5)
+    torch.library.opcheck(ops.output_alpha, (scale_a, scale_w, case.k, 1e-5))
+    if device == "cuda":
+        for backend in ("sm80_int4", "sm90_int8"):
+            kernel_weight = ops.kernel_weight(qweight, case.c, backend)
+            torch.library.opcheck(ops.kernel_weight, (qweight, case.c, backend))
+            torch.library.opcheck(ops.conv_packed, (x, bias_a, scale_a, qweight, scale_w, bias, *conv, False,
+                                                    "auto", kernel_weight, alpha))
     grads = [t.detach().clone().requires_grad_(True) for t in (x, bias_a, scale_a, weight, scale_w, bias)]
     torch.library.opcheck(ops.conv_train, (*grads, *conv, "auto"))
     grad_out = ops.conv_train(x, bias_a, scale_a, weight, scale_w, bias, *conv, "auto")
