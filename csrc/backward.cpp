@@ -4,6 +4,9 @@
 // g = 1 / sqrt(numel * Qp). Nothing but the inputs is saved by the forward:
 // the codes are recomputed here from x and weight (one cheap pass each), so a
 // layer keeps no extra activation memory alive between forward and backward.
+#include <array>
+#include <tuple>
+
 #include "q4conv.h"
 #include "quant.h"
 
@@ -13,7 +16,7 @@ namespace {
 // Pieces of the fake-quantizer q(v) = clamp(rint(v / s)) * s that backward
 // needs, computed in fp32 with exactly the forward's rounding.
 struct LsqParts {
-  at::Tensor dequant;   // q * s: what the forward convolution saw
+  at::Tensor codes;     // q: integer-valued, exact in fp16/bf16 too
   at::Tensor inside;    // Qn <= v / s <= Qp: where dv passes
   at::Tensor residual;  // d(q(v)) / ds: q - v/s inside, q outside
 };
@@ -26,7 +29,7 @@ LsqParts lsq_parts(const at::Tensor& value, const at::Tensor& scale, int64_t bit
   LsqParts parts;
   parts.inside = at::logical_and(ratio >= lo, ratio <= hi);
   parts.residual = at::where(parts.inside, codes - ratio, codes);
-  parts.dequant = codes * scale;
+  parts.codes = codes;
   return parts;
 }
 
@@ -64,13 +67,38 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
       scale_w.detach().to(at::kFloat).reshape({per_channel ? k_out : 1, 1, 1, 1}), eps);
   const LsqParts wgt = lsq_parts(weight.detach().to(at::kFloat), s_w, bits);
 
-  std::optional<at::IntArrayRef> bias_sizes;
-  const std::vector<int64_t> bias_shape{k_out};
-  if (has_bias) bias_sizes = bias_shape;
-  const auto [grad_act, grad_wgt, grad_bias] = at::convolution_backward(
-      grad_out.to(at::kFloat), act.dequant, wgt.dequant, bias_sizes,
-      {params.stride[0], params.stride[1]}, {params.padding[0], params.padding[1]},
-      {params.dilation[0], params.dilation[1]}, false, {0, 0}, 1, {true, true, has_bias});
+  // The backward convolutions see q_a * s_a and q_w * s_w, as the forward
+  // did, but run on the integer codes (exact in any float type) with the
+  // scales applied outside: d/d(xq) = convT(gy * s_w[k], q_w),
+  // d/d(wq) = s_a * wgrad(q_a, gy). fp16/bf16 inputs on a GPU thus use
+  // half-precision tensor-core convolutions, like an fp16 Conv2d would.
+  const bool half_on_gpu = x.is_cuda() && (x.scalar_type() == at::kHalf ||
+                                           x.scalar_type() == at::kBFloat16);
+  const at::ScalarType compute = half_on_gpu ? x.scalar_type() : at::kFloat;
+  const at::Tensor act_codes = act.codes.to(compute);
+  const at::Tensor wgt_codes = wgt.codes.to(compute);
+  const at::Tensor grad_y = grad_out.to(compute);
+  const auto conv_grads = [&](const at::Tensor& grad, std::array<bool, 3> mask) {
+    std::optional<at::IntArrayRef> bias_sizes;
+    const std::vector<int64_t> bias_shape{k_out};
+    if (mask[2]) bias_sizes = bias_shape;
+    return at::convolution_backward(grad, act_codes, wgt_codes, bias_sizes,
+                                    {params.stride[0], params.stride[1]},
+                                    {params.padding[0], params.padding[1]},
+                                    {params.dilation[0], params.dilation[1]}, false, {0, 0}, 1,
+                                    mask);
+  };
+  at::Tensor grad_act, grad_wgt, grad_bias;
+  if (per_channel) {
+    const at::Tensor scaled = (grad_out.to(at::kFloat) * s_w.view({1, k_out, 1, 1})).to(compute);
+    grad_act = std::get<0>(conv_grads(scaled, {true, false, false}));
+    std::tie(std::ignore, grad_wgt, grad_bias) = conv_grads(grad_y, {false, true, has_bias});
+  } else {
+    std::tie(grad_act, grad_wgt, grad_bias) = conv_grads(grad_y, {true, true, has_bias});
+    grad_act = grad_act.to(at::kFloat) * s_w.reshape({});
+  }
+  grad_act = grad_act.to(at::kFloat);
+  grad_wgt = grad_wgt.to(at::kFloat) * s_a.reshape({});
 
   const at::Tensor dshifted = grad_act * act.inside;
   const at::Tensor dx = dshifted.to(x.scalar_type()).contiguous(x.suggest_memory_format());
@@ -86,7 +114,7 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   // Without a bias the last gradient is an empty placeholder (ops return
   // tensors, never undefined ones).
   return {dx, dweight, dbias_a, dscale_a, dscale_w,
-          has_bias ? grad_bias : at::empty({0}, grad_out.options().dtype(at::kFloat))};
+          has_bias ? grad_bias.to(at::kFloat) : at::empty({0}, grad_out.options().dtype(at::kFloat))};
 }
 
 }  // namespace q4conv

@@ -89,5 +89,6 @@ def test_half_precision_gradients(device, dtype):
                                             inputs[4].double().cpu(), inputs[5].double().cpu(),
                                             oracle.Conv(case.stride, case.padding, case.dilation))
     ref.sum().backward()
+    # On GPUs the backward convolutions run in the input's half precision.
     assert rel_error(x.grad, ref_x.grad) < 1e-2
-    assert rel_error(weight.grad, ref_w.grad) < 1e-4
+    assert rel_error(weight.grad, ref_w.grad) < (1e-2 if device == "cuda" else 1e-4)
