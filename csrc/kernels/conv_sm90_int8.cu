@@ -1,0 +1,86 @@
+// Hopper (sm_90a) W4A4 convolution fast path: CUTLASS 3.x implicit-GEMM
+// fprop (im2col TMA + wgmma, int8 x int8 -> int32) with a fused per-channel
+// scale / bias / ReLU epilogue. The 4-bit codes in [-8, 7] are stored one per
+// int8. This file holds the table of compiled tile configurations (one .cu
+// file each, conv_sm90_int8_t*.cu, so they compile in parallel), the per-shape
+// choice and the public entry points declared in conv_kernels.h.
+//
+// Tile choice (measured on H100 SXM, see NOTES-sm90.md):
+//  * 1x1 stride-1 convolutions are GEMMs on the NHWC tensors and use the
+//    persistent GEMM kernels (pingpong / cooperative, two consumer warp
+//    groups, epilogue overlapped), 1.3-1.7x faster than the conv kernel;
+//  * the CUTLASS 3.x conv kernel is the non-persistent warp-specialized one
+//    (one producer warp group, one consumer warp group); the accumulators of
+//    a 128x256 tile (256 int32 per thread) do not fit the registers, so the
+//    largest usable tile is 128x128;
+//  * the reduction tile must not exceed C: the im2col TMA walks (C, S, R) and
+//    a 128-deep tile on C == 64 loads half zeros, so C == 64 uses TK = 64;
+//  * small N*P*Q (14x14 and 7x7 layers) leaves too few 128x128 tiles for 132
+//    SMs: 64x128 (and 128x64 for K == 64) tiles built for two CTAs per SM
+//    raise occupancy and overlap one CTA's epilogue with another's mainloop.
+#include "kernels/conv_sm90_int8.cuh"
+
+namespace q4conv {
+namespace sm90 {
+
+namespace {
+const Entry* const kTable[] = {
+    &kCfg128x128x128,     &kCfg128x128x128_e128, &kCfg128x64x128_2cta,   &kCfg128x64x64_2cta_e64,
+    &kCfg64x128x128_2cta, &kCfg64x128x64_2cta,   &kGemm256x128x128_coop, &kGemm128x128x128_pp,
+};
+constexpr int kNum = sizeof(kTable) / sizeof(kTable[0]);
+
+// Preferred configuration for a shape (before checking it can run it).
+// Measured per shape on H100 SXM (NOTES-sm90.md); the rules below pick the
+// best or within ~2% of it for every ResNet-50 layer.
+const Entry* preferred(const ConvShape& s) {
+  long long red = 1LL * s.c * s.r * s.s;
+  bool small_c = s.c < 128;  // C == 64 (or 16, 32, 48, 80, ...): 64-deep tiles
+  bool gemm = s.r == 1 && s.s == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 && s.pad_w == 0;
+  // K <= 64: 128x64 conv tiles, two CTAs per SM (beat the GEMMs there too)
+  if (s.k <= 64) return small_c ? &kCfg128x64x64_2cta_e64 : &kCfg128x64x128_2cta;
+  if (gemm) {
+    // output-bound (short reduction, wide output): 256x128 cooperative;
+    // otherwise 128x128 pingpong
+    if (s.c <= 128 && s.k >= 256) return &kGemm256x128x128_coop;
+    return &kGemm128x128x128_pp;
+  }
+  if (small_c) return &kCfg64x128x64_2cta;
+  if (red >= 4096) return &kCfg128x128x128;        // 7x7 3x3: long reduction
+  if (red >= 1152) return &kCfg128x128x128_e128;   // 3x3 layers
+  return &kCfg64x128x128_2cta;                     // 1x1 stride 2 etc.
+}
+}  // namespace
+
+int num_configs() { return kNum; }
+const Entry& config(int i) { return *kTable[i]; }
+
+int pick_config(const ConvShape& shape, OutType out_type) {
+  const Entry* want = preferred(shape);
+  for (int i = 0; i < kNum; ++i)
+    if (kTable[i] == want && want->supports(shape, out_type)) return i;
+  // Fallback order: the table order (general configurations first).
+  for (int i = 0; i < kNum; ++i)
+    if (kTable[i]->supports(shape, out_type)) return i;
+  return -1;
+}
+
+}  // namespace sm90
+
+bool sm90_int8_supports(const ConvShape& shape, OutType out_type) {
+  return sm90::pick_config(shape, out_type) >= 0;
+}
+
+size_t sm90_int8_workspace_bytes(const ConvShape& shape, OutType out_type) {
+  int i = sm90::pick_config(shape, out_type);
+  return i < 0 ? 0 : sm90::config(i).workspace(shape, out_type);
+}
+
+KernelStatus sm90_int8_conv(const ConvShape& shape, const void* act, const void* weight,
+                            const EpilogueArgs& epilogue, void* workspace, cudaStream_t stream) {
+  int i = sm90::pick_config(shape, epilogue.out_type);
+  if (i < 0) return KernelStatus::failure("sm90_int8_conv: shape not supported by any sm90 configuration");
+  return sm90::config(i).run(shape, act, weight, epilogue, workspace, stream);
+}
+
+}  // namespace q4conv

@@ -1,0 +1,4 @@
+// sm90 int8 fprop configuration: tile 128x64x64, two CTAs per SM, 64x64 epilogue subtiles.
+#define Q4CONV_SM90_IMPL
+#include "kernels/conv_sm90_int8.cuh"
+Q4CONV_SM90_DEFINE_CONFIG(kCfg128x64x64_2cta_e64, "128x64x64/2cta/e64", 128, 64, 64, 1, 2, 0, 64)
