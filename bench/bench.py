@@ -125,6 +125,34 @@ def time_ms(fn: Callable[[torch.Tensor], object], inputs: Sequence[torch.Tensor]
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def time_graph_ms(fn: Callable[[torch.Tensor], object], inputs: Sequence[torch.Tensor], repeats: int,
+                  calls: int = 8) -> float:
+    """Per-call GPU time with launch overhead removed: ``calls`` calls over the
+    rotating inputs captured in one CUDA graph, median of replays / calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(3):
+            fn(inputs[i % len(inputs)])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [fn(inputs[i % len(inputs)]) for i in range(calls)]
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del outs, graph
+    return statistics.median(times)
+
+
 def n_buffers(nbytes: int) -> int:
     """Enough input buffers that a rotation touches > 2x L2 before revisiting one (capped)."""
     if nbytes >= L2_BYTES:
@@ -187,7 +215,7 @@ def saved_for_backward(forward: Callable[[], torch.Tensor]) -> Dict[str, float]:
 COLUMNS = [
     "shape", "N", "C", "K", "H", "R", "stride", "pad", "main", "backend",
     "q4_fwd_ms", "fp16_fwd_ms", "bf16_fwd_ms", "fwd_speedup_vs_fp16", "fwd_speedup_vs_bf16",
-    "floor_ms", "floor_frac",
+    "floor_ms", "floor_frac", "q4_fwd_graph_ms", "fp16_fwd_graph_ms", "graph_fwd_speedup_vs_fp16",
     "q4_train_ms", "fp16_train_ms", "fq32_train_ms", "train_speedup_vs_fq32", "train_ratio_vs_fp16",
     "q4_saved_MB", "fp16_saved_MB", "fq32_saved_MB", "q4_saved_hook_MB", "fp16_saved_hook_MB", "error",
 ]
@@ -247,6 +275,7 @@ def bench_shape(shape: Shape, args) -> Dict[str, object]:
         assert y.dtype == torch.float16 and y.is_contiguous(memory_format=torch.channels_last), \
             f"q4conv output {y.dtype}, channels_last={y.is_contiguous(memory_format=torch.channels_last)}"
         row["q4_fwd_ms"] = time_ms(fn, xs, args.warmup, args.repeats)
+        row["q4_fwd_graph_ms"] = time_graph_ms(fn, xs, args.repeats)
 
     if "inf_layer" in state:
         attempt("q4 fwd", run_q4_fwd)
@@ -262,6 +291,8 @@ def bench_shape(shape: Shape, args) -> Dict[str, object]:
                 return F.conv2d(x, w, None, st, pd)
 
         row[key] = time_ms(fn, xs, args.warmup, args.repeats)
+        if dtype == torch.float16:
+            row["fp16_fwd_graph_ms"] = time_graph_ms(fn, xs, args.repeats)
 
     attempt("fp16 fwd", lambda: run_cudnn_fwd(torch.float16, "fp16_fwd_ms"))
     attempt("bf16 fwd", lambda: run_cudnn_fwd(torch.bfloat16, "bf16_fwd_ms"))
@@ -332,6 +363,7 @@ def bench_shape(shape: Shape, args) -> Dict[str, object]:
     row["fwd_speedup_vs_fp16"] = ratio(row["fp16_fwd_ms"], row["q4_fwd_ms"])
     row["fwd_speedup_vs_bf16"] = ratio(row["bf16_fwd_ms"], row["q4_fwd_ms"])
     row["floor_frac"] = ratio(row["floor_ms"], row["q4_fwd_ms"])
+    row["graph_fwd_speedup_vs_fp16"] = ratio(row["fp16_fwd_graph_ms"], row["q4_fwd_graph_ms"])
     row["train_speedup_vs_fq32"] = ratio(row["fq32_train_ms"], row["q4_train_ms"])
     row["train_ratio_vs_fp16"] = ratio(row["q4_train_ms"], row["fp16_train_ms"])
     row["error"] = "; ".join(errors)
@@ -353,7 +385,9 @@ def fmt(v: object, digits: int = 3) -> str:
 MD_COLUMNS = [
     ("shape", "shape"), ("backend", "backend"), ("q4_fwd_ms", "q4 fwd ms"), ("fp16_fwd_ms", "fp16 fwd ms"),
     ("bf16_fwd_ms", "bf16 fwd ms"), ("fwd_speedup_vs_fp16", "fwd x fp16"), ("fwd_speedup_vs_bf16", "fwd x bf16"),
-    ("floor_ms", "floor ms"), ("floor_frac", "floor frac"), ("q4_train_ms", "q4 train ms"),
+    ("floor_ms", "floor ms"), ("floor_frac", "floor frac"), ("q4_fwd_graph_ms", "q4 fwd graph ms"),
+    ("fp16_fwd_graph_ms", "fp16 fwd graph ms"), ("graph_fwd_speedup_vs_fp16", "graph fwd x fp16"),
+    ("q4_train_ms", "q4 train ms"),
     ("fp16_train_ms", "fp16 train ms"), ("fq32_train_ms", "FQ fp32 train ms"),
     ("train_speedup_vs_fq32", "train x FQ32"), ("train_ratio_vs_fp16", "train / fp16"),
     ("q4_saved_MB", "q4 saved MB"), ("fp16_saved_MB", "fp16 saved MB"), ("fq32_saved_MB", "FQ32 saved MB"),
@@ -479,6 +513,7 @@ def main(argv=None) -> int:
     for key, label, target in (
         ("fwd_speedup_vs_fp16", "q4conv fwd speed-up vs cuDNN fp16", "target >= 2"),
         ("fwd_speedup_vs_bf16", "q4conv fwd speed-up vs cuDNN bf16", ""),
+        ("graph_fwd_speedup_vs_fp16", "q4conv fwd speed-up vs cuDNN fp16, both in CUDA graphs (no launch overhead)", ""),
         ("floor_frac", "q4conv fwd fraction of floor", ""),
         ("train_speedup_vs_fq32", "q4conv train step speed-up vs fake-quant fp32", "target >= 5"),
         ("train_ratio_vs_fp16", "q4conv train step / fp16 train step", "target <= 1.3"),
