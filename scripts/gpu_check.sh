@@ -22,9 +22,10 @@ for step in "$@"; do
     tests) python3 -m pytest -q -p no:cacheprovider tests/python -x 2>&1 | tee "$OUT/pytest.log" | tail -5 ;;
     sanitize)
       compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q -p no:cacheprovider \
-        tests/python/test_forward.py -k "cuda and (float16 or float32)" 2>&1 | tee "$OUT/memcheck.log" | tail -8
+        tests/python/test_forward.py tests/python/test_grad.py -k "cuda and not bfloat16" 2>&1 \
+        | tee "$OUT/memcheck.log" | tail -4
       compute-sanitizer --tool racecheck --print-limit 20 python3 -m pytest -q -p no:cacheprovider \
-        tests/python/test_forward.py -k "cuda and float16 and nhwc" 2>&1 | tee "$OUT/racecheck.log" | tail -8 ;;
+        tests/python/test_forward.py -k "cuda and float16 and nhwc" 2>&1 | tee "$OUT/racecheck.log" | tail -4 ;;
     bench) python3 bench/bench.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
     demo) python3 examples/demo.py --device cuda --out "$OUT/demo" 2>&1 | tee "$OUT/demo.log" | tail -15 ;;
   esac
