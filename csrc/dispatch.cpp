@@ -117,6 +117,10 @@ Backend choose_backend(const at::Tensor& x, int64_t out_channels, int64_t r, int
   }
   // sm_90: int8 tensor cores on 4-bit values (native int4 MMA is emulated
   // there). sm_80/86/89: the native int4 kernel. Anything else: fallback.
+  // Very few input channels (the RGB stem) would be mostly zero padding in the
+  // tensor-core kernels' channel tiles: the exact fallback is faster there.
+  constexpr int64_t kMinKernelChannels = 16;
+  if (x.size(1) < kMinKernelChannels) return Backend::kFallback;
   const int major = at::cuda::getDeviceProperties(x.device().index())->major;
   if (major == 9 && cuda_backend_supports(Backend::kSm90Int8, x, out_channels, r, s, params, dtype))
     return Backend::kSm90Int8;

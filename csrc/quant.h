@@ -33,6 +33,24 @@ Q4_HD int8_t quantize_value(float value, float scale, int bits) {
   return static_cast<int8_t>(rintf(clamped));
 }
 
+// quantize_value(value, scale, bits) for every input, with the division
+// replaced by a product with inv_scale = 1.0f / scale (the division is a long
+// instruction sequence on GPUs). The product differs from the correctly
+// rounded quotient by under 3e-7 relative, so rint and clamp agree unless the
+// product lies within 1e-5 of a half-integer (|product| <= 9 there) or is not
+// a number; those rare cases take the exact division.
+Q4_HD int8_t quantize_value_fast(float value, float scale, float inv_scale, int bits) {
+  const float approx = value * inv_scale;
+  const float lo = static_cast<float>(qmin(bits));
+  const float hi = static_cast<float>(qmax(bits));
+  if (approx > hi + 1.0f) return static_cast<int8_t>(qmax(bits));
+  if (approx < lo - 1.0f) return static_cast<int8_t>(qmin(bits));
+  const float frac = approx - floorf(approx);
+  if (!(fabsf(frac - 0.5f) > 1e-5f)) return quantize_value(value, scale, bits);
+  const float clamped = approx < lo ? lo : (approx > hi ? hi : approx);
+  return static_cast<int8_t>(rintf(clamped));
+}
+
 // Activation code: x' = fp32(x) + fp32(bias_a[c]), then quantize_value.
 Q4_HD int8_t quantize_activation(float x, float bias_a, float scale, int bits) {
   return quantize_value(x + bias_a, scale, bits);

@@ -18,6 +18,11 @@
 //  * small N*P*Q (14x14 and 7x7 layers) leaves too few 128x128 tiles for 132
 //    SMs: 64x128 (and 128x64 for K == 64) tiles built for two CTAs per SM
 //    raise occupancy and overlap one CTA's epilogue with another's mainloop.
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
+
 #include "kernels/conv_sm90_int8.cuh"
 
 namespace q4conv {
@@ -55,7 +60,9 @@ const Entry* preferred(const ConvShape& s) {
 int num_configs() { return kNum; }
 const Entry& config(int i) { return *kTable[i]; }
 
-int pick_config(const ConvShape& shape, OutType out_type) {
+namespace {
+
+int pick_config_uncached(const ConvShape& shape, OutType out_type) {
   const Entry* want = preferred(shape);
   for (int i = 0; i < kNum; ++i)
     if (kTable[i] == want && want->supports(shape, out_type)) return i;
@@ -63,6 +70,29 @@ int pick_config(const ConvShape& shape, OutType out_type) {
   for (int i = 0; i < kNum; ++i)
     if (kTable[i]->supports(shape, out_type)) return i;
   return -1;
+}
+
+}  // namespace
+
+// The choice runs CUTLASS can_implement checks (tens of microseconds of host
+// work) and is asked for up to three times per forward call (dispatch,
+// workspace size, launch): remember it per (shape, output type).
+int pick_config(const ConvShape& shape, OutType out_type) {
+  using Key = std::pair<std::string, int>;
+  static std::mutex mutex;
+  static std::map<Key, int> chosen;
+  const Key key{std::string(reinterpret_cast<const char*>(&shape), sizeof shape),
+                static_cast<int>(out_type)};
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto found = chosen.find(key);
+    if (found != chosen.end()) return found->second;
+  }
+  const int config = pick_config_uncached(shape, out_type);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (chosen.size() > 4096) chosen.clear();  // bound memory for shape-varying workloads
+  chosen.emplace(key, config);
+  return config;
 }
 
 }  // namespace sm90

@@ -49,21 +49,28 @@ struct QParams {
   int c_pad;
 };
 
-__device__ __forceinline__ float eff_scale(const QParams& p, int64_t n) {
-  return effective_scale(p.scale[p.scale_per_n ? n : 0], p.eps);
+// The effective scale and its reciprocal (quantize_value_fast multiplies).
+struct Scale {
+  float s, inv;
+};
+
+__device__ __forceinline__ Scale eff_scale(const QParams& p, int64_t n) {
+  const float s = effective_scale(p.scale[p.scale_per_n ? n : 0], p.eps);
+  return {s, 1.0f / s};
 }
 
 // Code of channel c from an already loaded value; channels >= C are zero.
-__device__ __forceinline__ int8_t code_of(const QParams& p, float v, int64_t c, float s) {
+// Bit-identical to quantize_activation / quantize_value (see quant.h).
+__device__ __forceinline__ int8_t code_of(const QParams& p, float v, int64_t c, Scale s) {
   if (c >= p.c) return 0;
-  if (p.bias != nullptr) return quantize_activation(v, p.bias[c], s, p.bits);
-  return quantize_value(v, s, p.bits);
+  const float shifted = p.bias != nullptr ? v + p.bias[c] : v;
+  return quantize_value_fast(shifted, s.s, s.inv, p.bits);
 }
 
 // Loads channel c (only when c < C) of the pixel at element offset `base`.
 template <typename T>
 __device__ __forceinline__ int8_t load_code(const T* __restrict__ x, const QParams& p,
-                                            int64_t base, int64_t c, float s) {
+                                            int64_t base, int64_t c, Scale s) {
   if (c >= p.c) return 0;
   return code_of(p, to_float(x[base + c * p.s1]), c, s);
 }
@@ -104,7 +111,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t t = pix / p.w;
     const int64_t hi = t % p.h;
     const int64_t ni = t / p.h;
-    const float s = eff_scale(p, ni);
+    const Scale s = eff_scale(p, ni);
     const int64_t base = ni * p.s0 + hi * p.s2 + wi * p.s3;
     if (kInt4) {
       const int8_t even = load_code(x, p, base, 2 * b, s);
@@ -132,7 +139,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t t = pix / p.w;
     const int64_t hi = t % p.h;
     const int64_t ni = t / p.h;
-    const float s = eff_scale(p, ni);
+    const Scale s = eff_scale(p, ni);
     const int64_t c0 = g * G;
     int8_t q[G];
     if (c0 < p.c) {
@@ -204,7 +211,7 @@ __global__ void __launch_bounds__(kTileP * kTileRows)
   const int64_t ni = blockIdx.x / ptiles;
   const int64_t p0 = (blockIdx.x % ptiles) * kTileP;
   const int64_t c0 = int64_t(blockIdx.y) * kTileC;
-  const float s = eff_scale(p, ni);
+  const Scale s = eff_scale(p, ni);
   const int tx = threadIdx.x;
   const int ty = threadIdx.y;
 

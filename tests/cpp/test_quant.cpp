@@ -363,3 +363,42 @@ TEST(Lsq, InitialScaleMatchesFormula) {
 }
 
 }  // namespace
+
+// quantize_value_fast must equal quantize_value everywhere: random values,
+// values next to every half-integer tie (the only places a reciprocal product
+// can round differently), specials, and tiny / huge scales.
+TEST(QuantizeValueFast, MatchesExactDivisionEverywhere) {
+  std::mt19937 rng(12345);
+  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
+  std::uniform_real_distribution<float> log_scale(-20.0f, 10.0f);
+  int checked = 0;
+  for (int bits = 2; bits <= 8; ++bits) {
+    for (int trial = 0; trial < 20000; ++trial) {
+      const float scale = std::exp2(log_scale(rng));
+      const float inv = 1.0f / scale;
+      const float range = static_cast<float>(q4conv::qmax(bits)) + 2.0f;
+      const float value = unit(rng) * range * scale;
+      ASSERT_EQ(q4conv::quantize_value_fast(value, scale, inv, bits),
+                q4conv::quantize_value(value, scale, bits))
+          << "value=" << value << " scale=" << scale << " bits=" << bits;
+      // Neighbours of the tie (k + 0.5) * scale, a few ulps either way.
+      const float tie = (std::floor(unit(rng) * range) + 0.5f) * scale;
+      float near = tie;
+      for (int step = 0; step < 4; ++step) near = std::nextafter(near, -INFINITY);
+      for (int step = 0; step < 9; ++step, near = std::nextafter(near, INFINITY)) {
+        ASSERT_EQ(q4conv::quantize_value_fast(near, scale, inv, bits),
+                  q4conv::quantize_value(near, scale, bits))
+            << "near tie value=" << near << " scale=" << scale << " bits=" << bits;
+        ++checked;
+      }
+    }
+  }
+  for (const float special : {NAN, INFINITY, -INFINITY, 0.0f, -0.0f, 1e30f, -1e30f, 1e-40f}) {
+    for (const float scale : {1e-5f, 0.37f, 3e38f, 1e-38f}) {
+      EXPECT_EQ(q4conv::quantize_value_fast(special, scale, 1.0f / scale, 4),
+                q4conv::quantize_value(special, scale, 4))
+          << "special=" << special << " scale=" << scale;
+    }
+  }
+  EXPECT_GT(checked, 1000000);
+}

@@ -233,6 +233,8 @@ def test_eval_mode_backward_raises_clearly():
 
 @requires_cuda
 def test_eval_cache_follows_weight_and_scale_changes():
+    """Eval mode caches kernel-layout weights and alpha; in-place changes of
+    scale_w (which rescales the packed codes) and new weights must show."""
     layer = make_layer("cuda", bias=True).eval()
     x = torch.randn(2, 20, 9, 9, device="cuda", dtype=torch.float16)
     y = layer(x)
@@ -240,10 +242,13 @@ def test_eval_cache_follows_weight_and_scale_changes():
     with torch.no_grad():
         layer.scale_w.mul_(2)
     y_scaled = layer(x)
+    uncached = torch.ops.q4conv.conv_packed(
+        x, layer.bias_a, layer.scale_a, layer.qweight, layer.scale_w, layer.bias, list(layer.stride),
+        list(layer.padding), list(layer.dilation), 1e-5, 4, False, "auto")
+    assert torch.equal(y_scaled, uncached) and not torch.equal(y_scaled, y)
     layer.train()
-    assert torch.equal(layer(x), y_scaled)  # cache saw the new scale
     with torch.no_grad():
         layer.weight.neg_()
-    y_neg = layer.eval()(x)
+    y_neg = layer.eval()(x)  # qweight regenerated from the new weights
     assert not torch.equal(y_neg, y_scaled)
     assert torch.equal(layer.train()(x), y_neg)
