@@ -337,6 +337,48 @@ struct Kernel {
   static int smem_bytes() { return static_cast<int>(ConvKernel::SharedStorageSize); }
 };
 
+// Per-configuration entry points dispatching on the output type; KernelSet
+// provides `template <OutType> using K` (the kernel of one output type).
+template <class KernelSet, int MinBlocks>
+struct OutTypeDispatch {
+  template <OutType OT> using K = typename KernelSet::template K<OT>;
+
+  static bool supports(const ConvShape& s, OutType t) {
+    switch (t) {
+      case OutType::kFloat32: return K<OutType::kFloat32>::supports(s);
+      case OutType::kFloat16: return K<OutType::kFloat16>::supports(s);
+      case OutType::kBFloat16: return K<OutType::kBFloat16>::supports(s);
+    }
+    return false;
+  }
+  static size_t workspace(const ConvShape& s, OutType t) {
+    switch (t) {
+      case OutType::kFloat32: return K<OutType::kFloat32>::workspace(s);
+      case OutType::kFloat16: return K<OutType::kFloat16>::workspace(s);
+      case OutType::kBFloat16: return K<OutType::kBFloat16>::workspace(s);
+    }
+    return 0;
+  }
+  static KernelStatus run(const ConvShape& s, const void* a, const void* w, const EpilogueArgs& e, void* ws,
+                          cudaStream_t st) {
+    switch (e.out_type) {
+      case OutType::kFloat32: return K<OutType::kFloat32>::run(s, a, w, e, ws, st);
+      case OutType::kFloat16: return K<OutType::kFloat16>::run(s, a, w, e, ws, st);
+      case OutType::kBFloat16: return K<OutType::kBFloat16>::run(s, a, w, e, ws, st);
+    }
+    return KernelStatus::failure("sm90_int8_conv: bad out_type");
+  }
+  static int smem(OutType t) {
+    switch (t) {
+      case OutType::kFloat32: return K<OutType::kFloat32>::smem_bytes();
+      case OutType::kFloat16: return K<OutType::kFloat16>::smem_bytes();
+      case OutType::kBFloat16: return K<OutType::kBFloat16>::smem_bytes();
+    }
+    return 0;
+  }
+  static int min_blocks() { return MinBlocks; }
+};
+
 #ifdef Q4CONV_SM90_GEMM
 // 1x1, stride-1, unpadded convolutions are plain GEMMs on the NHWC tensors:
 // D[n*h*w, k] = A[n*h*w, c] * W[k, c]^T. For those the persistent GEMM
@@ -443,43 +485,11 @@ struct GemmKernel {
 };
 
 template <int TM, int TN, int TK, int Schedule>
-struct GemmConfigFns {
+struct GemmKernels {
   template <OutType OT> using K = GemmKernel<TM, TN, TK, Schedule, OT>;
-  static bool supports(const ConvShape& s, OutType t) {
-    switch (t) {
-      case OutType::kFloat32: return K<OutType::kFloat32>::supports(s);
-      case OutType::kFloat16: return K<OutType::kFloat16>::supports(s);
-      case OutType::kBFloat16: return K<OutType::kBFloat16>::supports(s);
-    }
-    return false;
-  }
-  static size_t workspace(const ConvShape& s, OutType t) {
-    switch (t) {
-      case OutType::kFloat32: return K<OutType::kFloat32>::workspace(s);
-      case OutType::kFloat16: return K<OutType::kFloat16>::workspace(s);
-      case OutType::kBFloat16: return K<OutType::kBFloat16>::workspace(s);
-    }
-    return 0;
-  }
-  static KernelStatus run(const ConvShape& s, const void* a, const void* w, const EpilogueArgs& e, void* ws,
-                          cudaStream_t st) {
-    switch (e.out_type) {
-      case OutType::kFloat32: return K<OutType::kFloat32>::run(s, a, w, e, ws, st);
-      case OutType::kFloat16: return K<OutType::kFloat16>::run(s, a, w, e, ws, st);
-      case OutType::kBFloat16: return K<OutType::kBFloat16>::run(s, a, w, e, ws, st);
-    }
-    return KernelStatus::failure("sm90_int8_conv: bad out_type");
-  }
-  static int smem(OutType t) {
-    switch (t) {
-      case OutType::kFloat32: return K<OutType::kFloat32>::smem_bytes();
-      case OutType::kFloat16: return K<OutType::kFloat16>::smem_bytes();
-      case OutType::kBFloat16: return K<OutType::kBFloat16>::smem_bytes();
-    }
-    return 0;
-  }
-  static int min_blocks() { return 1; }
 };
+template <int TM, int TN, int TK, int Schedule>
+using GemmConfigFns = OutTypeDispatch<GemmKernels<TM, TN, TK, Schedule>, 1>;
 
 #define Q4CONV_SM90_DEFINE_GEMM_CONFIG(VAR, NAME, TM, TN, TK, SCHED)                                 \
   namespace q4conv {                                                                               \
@@ -493,46 +503,12 @@ struct GemmConfigFns {
 
 #endif  // Q4CONV_SM90_GEMM
 
-// Per-configuration entry points dispatching on the output type.
 template <int TM, int TN, int TK, int CM, int MinBlocks, int Stages, int EpiN>
-struct ConfigFns {
+struct ConvKernels {
   template <OutType OT> using K = Kernel<TM, TN, TK, CM, MinBlocks, Stages, EpiN, OT>;
-
-  static bool supports(const ConvShape& s, OutType t) {
-    switch (t) {
-      case OutType::kFloat32: return K<OutType::kFloat32>::supports(s);
-      case OutType::kFloat16: return K<OutType::kFloat16>::supports(s);
-      case OutType::kBFloat16: return K<OutType::kBFloat16>::supports(s);
-    }
-    return false;
-  }
-  static size_t workspace(const ConvShape& s, OutType t) {
-    switch (t) {
-      case OutType::kFloat32: return K<OutType::kFloat32>::workspace(s);
-      case OutType::kFloat16: return K<OutType::kFloat16>::workspace(s);
-      case OutType::kBFloat16: return K<OutType::kBFloat16>::workspace(s);
-    }
-    return 0;
-  }
-  static KernelStatus run(const ConvShape& s, const void* a, const void* w, const EpilogueArgs& e, void* ws,
-                          cudaStream_t st) {
-    switch (e.out_type) {
-      case OutType::kFloat32: return K<OutType::kFloat32>::run(s, a, w, e, ws, st);
-      case OutType::kFloat16: return K<OutType::kFloat16>::run(s, a, w, e, ws, st);
-      case OutType::kBFloat16: return K<OutType::kBFloat16>::run(s, a, w, e, ws, st);
-    }
-    return KernelStatus::failure("sm90_int8_conv: bad out_type");
-  }
-  static int smem(OutType t) {
-    switch (t) {
-      case OutType::kFloat32: return K<OutType::kFloat32>::smem_bytes();
-      case OutType::kFloat16: return K<OutType::kFloat16>::smem_bytes();
-      case OutType::kBFloat16: return K<OutType::kBFloat16>::smem_bytes();
-    }
-    return 0;
-  }
-  static int min_blocks() { return MinBlocks; }
 };
+template <int TM, int TN, int TK, int CM, int MinBlocks, int Stages, int EpiN>
+using ConfigFns = OutTypeDispatch<ConvKernels<TM, TN, TK, CM, MinBlocks, Stages, EpiN>, MinBlocks>;
 
 #define Q4CONV_SM90_DEFINE_CONFIG(VAR, NAME, TM, TN, TK, CM, MINB, STAGES, EPIN)                    \
   namespace q4conv {                                                                               \
