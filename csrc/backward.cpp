@@ -59,8 +59,8 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   const bool per_channel = scale_w.numel() > 1;
 
   const at::Tensor s_a = at::clamp_min(scale_a.detach().to(at::kFloat).reshape({1, 1, 1, 1}), eps);
-  const at::Tensor shifted = x.detach().to(at::kFloat) +
-                             bias_a.detach().to(at::kFloat).view({1, channels, 1, 1});
+  const at::Tensor shifted =
+      x.detach().to(at::kFloat) + bias_a.detach().to(at::kFloat).view({1, channels, 1, 1});
   const LsqParts act = lsq_parts(shifted, s_a, bits);
 
   const at::Tensor s_w = at::clamp_min(
@@ -72,8 +72,8 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   // scales applied outside: d/d(xq) = convT(gy * s_w[k], q_w),
   // d/d(wq) = s_a * wgrad(q_a, gy). fp16/bf16 inputs on a GPU thus use
   // half-precision tensor-core convolutions, like an fp16 Conv2d would.
-  const bool half_on_gpu = x.is_cuda() && (x.scalar_type() == at::kHalf ||
-                                           x.scalar_type() == at::kBFloat16);
+  const bool half_on_gpu =
+      x.is_cuda() && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
   const at::ScalarType compute = half_on_gpu ? x.scalar_type() : at::kFloat;
   const at::Tensor act_codes = act.codes.to(compute);
   const at::Tensor wgt_codes = wgt.codes.to(compute);
@@ -82,11 +82,10 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
     std::optional<at::IntArrayRef> bias_sizes;
     const std::vector<int64_t> bias_shape{k_out};
     if (mask[2]) bias_sizes = bias_shape;
-    return at::convolution_backward(grad, act_codes, wgt_codes, bias_sizes,
-                                    {params.stride[0], params.stride[1]},
-                                    {params.padding[0], params.padding[1]},
-                                    {params.dilation[0], params.dilation[1]}, false, {0, 0}, 1,
-                                    mask);
+    return at::convolution_backward(
+        grad, act_codes, wgt_codes, bias_sizes, {params.stride[0], params.stride[1]},
+        {params.padding[0], params.padding[1]}, {params.dilation[0], params.dilation[1]}, false,
+        {0, 0}, 1, mask);
   };
   at::Tensor grad_act, grad_wgt, grad_bias;
   if (per_channel) {
@@ -103,8 +102,8 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   const at::Tensor dshifted = grad_act * act.inside;
   const at::Tensor dx = dshifted.to(x.scalar_type()).contiguous(x.suggest_memory_format());
   const at::Tensor dbias_a = dshifted.sum({0, 2, 3}).to(bias_a.scalar_type());
-  const at::Tensor dscale_a = scale_grad(grad_act, act, scale_a, eps,
-                                         static_cast<double>(x.numel()), bits, {});
+  const at::Tensor dscale_a =
+      scale_grad(grad_act, act, scale_a, eps, static_cast<double>(x.numel()), bits, {});
   const at::Tensor dweight =
       (grad_wgt * wgt.inside).to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
   const double w_numel = static_cast<double>(per_channel ? weight.numel() / k_out : weight.numel());
@@ -113,8 +112,13 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                   : scale_grad(grad_wgt, wgt, scale_w, eps, w_numel, bits, {});
   // Without a bias the last gradient is an empty placeholder (ops return
   // tensors, never undefined ones).
-  return {dx, dweight, dbias_a, dscale_a, dscale_w,
-          has_bias ? grad_bias.to(at::kFloat) : at::empty({0}, grad_out.options().dtype(at::kFloat))};
+  return {
+      dx,
+      dweight,
+      dbias_a,
+      dscale_a,
+      dscale_w,
+      has_bias ? grad_bias.to(at::kFloat) : at::empty({0}, grad_out.options().dtype(at::kFloat))};
 }
 
 }  // namespace q4conv

@@ -30,10 +30,10 @@ at::Tensor fallback_conv(const at::Tensor& act_codes, const at::Tensor& w_codes,
   // NHWC / KRSC codes viewed as NCHW / KCRS tensors in channels_last memory.
   const at::Tensor input = act_codes.permute({0, 3, 1, 2}).to(compute);
   const at::Tensor filters = w_codes.permute({0, 3, 1, 2}).to(compute);
-  at::Tensor acc = at::convolution(input, filters, std::nullopt,
-                                   {params.stride[0], params.stride[1]},
-                                   {params.padding[0], params.padding[1]},
-                                   {params.dilation[0], params.dilation[1]}, false, {0, 0}, 1);
+  at::Tensor acc =
+      at::convolution(input, filters, std::nullopt, {params.stride[0], params.stride[1]},
+                      {params.padding[0], params.padding[1]},
+                      {params.dilation[0], params.dilation[1]}, false, {0, 0}, 1);
   acc = at::round(acc).to(at::kFloat);
   return apply_epilogue(acc, alpha, bias, params.relu)
       .to(out_dtype)

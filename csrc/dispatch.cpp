@@ -38,7 +38,8 @@ std::pair<int64_t, int64_t> output_hw(int64_t h, int64_t w, int64_t r, int64_t s
   TORCH_CHECK(extent_h <= padded_h && extent_w <= padded_w, "kernel size (", extent_h, ", ",
               extent_w, ") after dilation is larger than the padded input (", padded_h, ", ",
               padded_w, ")");
-  return {(padded_h - extent_h) / params.stride[0] + 1, (padded_w - extent_w) / params.stride[1] + 1};
+  return {(padded_h - extent_h) / params.stride[0] + 1,
+          (padded_w - extent_w) / params.stride[1] + 1};
 }
 
 Backend parse_backend(const std::string& name) {
@@ -52,10 +53,14 @@ Backend parse_backend(const std::string& name) {
 
 const char* backend_name(Backend backend) {
   switch (backend) {
-    case Backend::kAuto: return "auto";
-    case Backend::kFallback: return "fallback";
-    case Backend::kSm80Int4: return "sm80_int4";
-    case Backend::kSm90Int8: return "sm90_int8";
+    case Backend::kAuto:
+      return "auto";
+    case Backend::kFallback:
+      return "fallback";
+    case Backend::kSm80Int4:
+      return "sm80_int4";
+    case Backend::kSm90Int8:
+      return "sm90_int8";
   }
   return "unknown";
 }
@@ -84,8 +89,8 @@ void check_conv_inputs(const at::Tensor& x, const at::Tensor& bias_a, const at::
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_channels, "bias must have shape [",
                 out_channels, "] (out_channels), got ", bias->sizes());
-    TORCH_CHECK(bias->device() == x.device(), "bias must be on x's device (", x.device(),
-                "), got ", bias->device());
+    TORCH_CHECK(bias->device() == x.device(), "bias must be on x's device (", x.device(), "), got ",
+                bias->device());
   }
 }
 
@@ -109,8 +114,8 @@ Backend choose_backend(const at::Tensor& x, int64_t out_channels, int64_t r, int
 #ifdef Q4CONV_WITH_CUDA
   const auto dtype = x.scalar_type();
   if (requested != Backend::kAuto) {
-    TORCH_CHECK(cuda_backend_supports(requested, x, out_channels, r, s, params, dtype),
-                "backend '", backend_name(requested),
+    TORCH_CHECK(cuda_backend_supports(requested, x, out_channels, r, s, params, dtype), "backend '",
+                backend_name(requested),
                 "' cannot run this convolution on this device (not built for it, compute "
                 "capability too low, or unsupported shape/alignment)");
     return requested;
@@ -142,13 +147,14 @@ at::Tensor empty_output(const at::Tensor& x, int64_t out_channels, int64_t p, in
 at::Tensor run_conv(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
                     const at::Tensor& qweight, const at::Tensor& scale_w,
                     const std::optional<at::Tensor>& bias, const ConvParams& params,
-                    Backend requested, const std::optional<at::Tensor>& kernel_weight = std::nullopt,
+                    Backend requested,
+                    const std::optional<at::Tensor>& kernel_weight = std::nullopt,
                     const std::optional<at::Tensor>& cached_alpha = std::nullopt) {
   const int64_t k_out = qweight.size(0), r = qweight.size(1), s = qweight.size(2);
   const auto [p, q] = output_hw(x.size(2), x.size(3), r, s, params);
   if (x.size(0) == 0) return empty_output(x, k_out, p, q);
-  const at::Tensor alpha = cached_alpha.has_value() ? *cached_alpha
-                                                    : output_alpha(scale_a, scale_w, k_out, params.eps);
+  const at::Tensor alpha =
+      cached_alpha.has_value() ? *cached_alpha : output_alpha(scale_a, scale_w, k_out, params.eps);
   const Backend backend = choose_backend(x, k_out, r, s, params, requested);
   at::Tensor y;
   if (backend == Backend::kFallback) {
@@ -165,8 +171,8 @@ at::Tensor run_conv(const at::Tensor& x, const at::Tensor& bias_a, const at::Ten
 
 void check_qweight(const at::Tensor& qweight, const at::Tensor& x) {
   TORCH_CHECK(qweight.dim() == 4 && qweight.scalar_type() == at::kByte,
-              "qweight must be a 4-D uint8 tensor (K, R, S, ceil(C/2)), got ", qweight.dim(),
-              "-D ", qweight.scalar_type());
+              "qweight must be a 4-D uint8 tensor (K, R, S, ceil(C/2)), got ", qweight.dim(), "-D ",
+              qweight.scalar_type());
   TORCH_CHECK(qweight.device() == x.device(), "qweight must be on x's device (", x.device(),
               "), got ", qweight.device());
   if (x.dim() == 4) {
@@ -181,8 +187,8 @@ void check_qweight(const at::Tensor& qweight, const at::Tensor& x) {
 at::Tensor conv_packed(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
                        const at::Tensor& qweight, const at::Tensor& scale_w,
                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                       at::IntArrayRef padding, at::IntArrayRef dilation, double eps,
-                       int64_t bits, bool relu, const std::string& backend,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, double eps, int64_t bits,
+                       bool relu, const std::string& backend,
                        const std::optional<at::Tensor>& kernel_weight,
                        const std::optional<at::Tensor>& alpha) {
   const ConvParams params = make_params(stride, padding, dilation, eps, bits, relu);
@@ -192,8 +198,8 @@ at::Tensor conv_packed(const at::Tensor& x, const at::Tensor& bias_a, const at::
     TORCH_CHECK(alpha->scalar_type() == at::kFloat && alpha->dim() == 1 &&
                     alpha->size(0) == qweight.size(0) && alpha->is_contiguous() &&
                     alpha->device() == x.device(),
-                "alpha must be a contiguous float32 tensor [", qweight.size(0), "] on ",
-                x.device(), " (s_a * s_w per output channel)");
+                "alpha must be a contiguous float32 tensor [", qweight.size(0), "] on ", x.device(),
+                " (s_a * s_w per output channel)");
   }
   return run_conv(x, bias_a, scale_a, qweight, scale_w, bias, params, parse_backend(backend),
                   kernel_weight, alpha);
@@ -208,8 +214,8 @@ at::Tensor kernel_weight(const at::Tensor& qweight, int64_t in_channels,
 #ifdef Q4CONV_WITH_CUDA
   if (qweight.is_cuda()) return cuda_kernel_weight(qweight, in_channels, parse_backend(backend));
 #endif
-  TORCH_CHECK(false, "kernel_weight needs qweight on a CUDA device (backend '", backend,
-              "'), got ", qweight.device());
+  TORCH_CHECK(false, "kernel_weight needs qweight on a CUDA device (backend '", backend, "'), got ",
+              qweight.device());
 }
 
 at::Tensor conv_train(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,

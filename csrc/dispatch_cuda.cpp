@@ -13,18 +13,25 @@ namespace {
 
 InType in_type(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return InType::kFloat32;
-    case at::kHalf: return InType::kFloat16;
-    case at::kBFloat16: return InType::kBFloat16;
-    default: TORCH_CHECK(false, "expected float32, float16 or bfloat16, got ", dtype);
+    case at::kFloat:
+      return InType::kFloat32;
+    case at::kHalf:
+      return InType::kFloat16;
+    case at::kBFloat16:
+      return InType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "expected float32, float16 or bfloat16, got ", dtype);
   }
 }
 
 OutType out_type(at::ScalarType dtype) {
   switch (in_type(dtype)) {
-    case InType::kFloat32: return OutType::kFloat32;
-    case InType::kFloat16: return OutType::kFloat16;
-    case InType::kBFloat16: return OutType::kBFloat16;
+    case InType::kFloat32:
+      return OutType::kFloat32;
+    case InType::kFloat16:
+      return OutType::kFloat16;
+    case InType::kBFloat16:
+      return OutType::kBFloat16;
   }
   return OutType::kFloat32;
 }
@@ -44,7 +51,9 @@ void check_status(const KernelStatus& status, const char* what) {
   TORCH_CHECK(status.ok, "q4conv: ", what, " failed: ", status.message);
 }
 
-int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
 
 int64_t channel_align(Backend backend) {
   return backend == Backend::kSm80Int4 ? kSm80ChannelAlign : kSm90ChannelAlign;
@@ -89,12 +98,11 @@ at::Tensor cuda_quantize_activation(const at::Tensor& x, const at::Tensor& bias_
   const int pad = static_cast<int>(c_pad), b = static_cast<int>(bits);
   const float e = static_cast<float>(eps);
   const KernelStatus status =
-      packed_int4 ? quantize_activation_int4_nhwc(view, bias.data_ptr<float>(),
-                                                  scale.data_ptr<float>(), e, b, pad,
-                                                  codes.data_ptr<uint8_t>(), stream)
-                  : quantize_activation_int8_nhwc(view, bias.data_ptr<float>(),
-                                                  scale.data_ptr<float>(), e, b, pad,
-                                                  codes.data_ptr<int8_t>(), stream);
+      packed_int4
+          ? quantize_activation_int4_nhwc(view, bias.data_ptr<float>(), scale.data_ptr<float>(), e,
+                                          b, pad, codes.data_ptr<uint8_t>(), stream)
+          : quantize_activation_int8_nhwc(view, bias.data_ptr<float>(), scale.data_ptr<float>(), e,
+                                          b, pad, codes.data_ptr<int8_t>(), stream);
   check_status(status, "activation quantization");
   return codes;
 }
@@ -108,11 +116,10 @@ at::Tensor cuda_quantize_pack(const at::Tensor& weight, const at::Tensor& scale_
   at::Tensor packed = at::empty({weight.size(0), weight.size(2), weight.size(3), c_pad / 2},
                                 weight.options().dtype(at::kByte));
   if (packed.numel() == 0) return packed;
-  check_status(quantize_pack_weight_int4(view_of(source.detach()), scale.data_ptr<float>(),
-                                         scale.numel() > 1, static_cast<float>(eps),
-                                         static_cast<int>(bits), static_cast<int>(c_pad),
-                                         packed.data_ptr<uint8_t>(),
-                                         at::cuda::getCurrentCUDAStream()),
+  check_status(quantize_pack_weight_int4(
+                   view_of(source.detach()), scale.data_ptr<float>(), scale.numel() > 1,
+                   static_cast<float>(eps), static_cast<int>(bits), static_cast<int>(c_pad),
+                   packed.data_ptr<uint8_t>(), at::cuda::getCurrentCUDAStream()),
                "weight quantization");
   return packed;
 }
@@ -123,9 +130,9 @@ at::Tensor cuda_unpack_krsc(const at::Tensor& qweight, int64_t in_channels, int6
   const at::Tensor source = qweight.contiguous();
   const int64_t rows = qweight.size(0) * qweight.size(1) * qweight.size(2);
   const int c_in = static_cast<int>(qweight.size(3) * 2);
-  at::Tensor out = at::empty({qweight.size(0), qweight.size(1), qweight.size(2),
-                              packed_int4 ? c_pad / 2 : c_pad},
-                             qweight.options().dtype(packed_int4 ? at::kByte : at::kChar));
+  at::Tensor out = at::empty(
+      {qweight.size(0), qweight.size(1), qweight.size(2), packed_int4 ? c_pad / 2 : c_pad},
+      qweight.options().dtype(packed_int4 ? at::kByte : at::kChar));
   if (out.numel() == 0) return out;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int channels = static_cast<int>(in_channels), pad = static_cast<int>(c_pad);
@@ -156,7 +163,8 @@ bool cuda_backend_supports(Backend backend, const at::Tensor& x, int64_t out_cha
 #else
       return false;
 #endif
-    default: return false;
+    default:
+      return false;
   }
 }
 
@@ -192,11 +200,12 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
   const int64_t c_pad = round_up(x.size(1), channel_align(backend));
   const int64_t k_out = qweight.size(0);
   const ConvShape shape = make_shape(x, k_out, qweight.size(1), qweight.size(2), params, c_pad);
-  const at::Tensor act = cuda_quantize_activation(x, bias_a, scale_a, params.eps, params.bits,
-                                                  c_pad, packed);
-  const bool cached = kernel_weight.has_value() &&
-                      matches_layout(*kernel_weight, qweight, x.size(1), backend);
-  const at::Tensor wgt = cached ? *kernel_weight : cuda_unpack_krsc(qweight, x.size(1), c_pad, packed);
+  const at::Tensor act =
+      cuda_quantize_activation(x, bias_a, scale_a, params.eps, params.bits, c_pad, packed);
+  const bool cached =
+      kernel_weight.has_value() && matches_layout(*kernel_weight, qweight, x.size(1), backend);
+  const at::Tensor wgt =
+      cached ? *kernel_weight : cuda_unpack_krsc(qweight, x.size(1), c_pad, packed);
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) bias_f = bias->detach().to(at::kFloat).contiguous();
   at::Tensor out = at::empty({shape.n, shape.p, shape.q, shape.k}, x.options());
@@ -211,19 +220,19 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
   KernelStatus status = KernelStatus::failure("backend not built");
   if (backend == Backend::kSm90Int8) {
 #ifdef Q4CONV_HAVE_SM90
-    const at::Tensor workspace = at::empty(
-        {static_cast<int64_t>(sm90_int8_workspace_bytes(shape, epilogue.out_type))},
-        x.options().dtype(at::kByte));
-    status = sm90_int8_conv(shape, act.data_ptr(), wgt.data_ptr(), epilogue,
-                            workspace.data_ptr(), stream);
+    const at::Tensor workspace =
+        at::empty({static_cast<int64_t>(sm90_int8_workspace_bytes(shape, epilogue.out_type))},
+                  x.options().dtype(at::kByte));
+    status = sm90_int8_conv(shape, act.data_ptr(), wgt.data_ptr(), epilogue, workspace.data_ptr(),
+                            stream);
 #endif
   } else if (backend == Backend::kSm80Int4) {
 #ifdef Q4CONV_HAVE_SM80
-    const at::Tensor workspace = at::empty(
-        {static_cast<int64_t>(sm80_int4_workspace_bytes(shape, epilogue.out_type))},
-        x.options().dtype(at::kByte));
-    status = sm80_int4_conv(shape, act.data_ptr(), wgt.data_ptr(), epilogue,
-                            workspace.data_ptr(), stream);
+    const at::Tensor workspace =
+        at::empty({static_cast<int64_t>(sm80_int4_workspace_bytes(shape, epilogue.out_type))},
+                  x.options().dtype(at::kByte));
+    status = sm80_int4_conv(shape, act.data_ptr(), wgt.data_ptr(), epilogue, workspace.data_ptr(),
+                            stream);
 #endif
   }
   check_status(status, backend_name(backend));

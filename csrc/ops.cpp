@@ -34,21 +34,22 @@ TORCH_LIBRARY(q4conv, m) {
 
 // The same functions serve CPU and CUDA: they branch to the CUDA kernels
 // internally (dispatch.cpp decides for the convolution).
-#define Q4CONV_REGISTER_IMPLS(m)                                  \
-  m.impl("quantize_pack", &quantize_pack);                        \
-  m.impl("unpack", &unpack);                                      \
-  m.impl("kernel_weight", &kernel_weight);                        \
-  m.impl("output_alpha", &output_alpha);                          \
-  m.impl("quantize_activation", &quantize_activation);            \
-  m.impl("conv_packed", &conv_packed);                            \
-  m.impl("conv_train", &conv_train);                              \
-  m.impl("conv_train_backward", &conv_train_backward);         \
+#define Q4CONV_REGISTER_IMPLS(m)                       \
+  m.impl("quantize_pack", &quantize_pack);             \
+  m.impl("unpack", &unpack);                           \
+  m.impl("kernel_weight", &kernel_weight);             \
+  m.impl("output_alpha", &output_alpha);               \
+  m.impl("quantize_activation", &quantize_activation); \
+  m.impl("conv_packed", &conv_packed);                 \
+  m.impl("conv_train", &conv_train);                   \
+  m.impl("conv_train_backward", &conv_train_backward); \
   m.impl("selected_backend", &selected_backend);
 
-TORCH_LIBRARY_IMPL(q4conv, CPU, m) { Q4CONV_REGISTER_IMPLS(m) }
-
+TORCH_LIBRARY_IMPL(q4conv, CPU, m){Q4CONV_REGISTER_IMPLS(m)}
 #ifdef Q4CONV_WITH_CUDA
-TORCH_LIBRARY_IMPL(q4conv, CUDA, m) { Q4CONV_REGISTER_IMPLS(m) }
+TORCH_LIBRARY_IMPL(q4conv, CUDA, m) {
+  Q4CONV_REGISTER_IMPLS(m)
+}
 #endif
 
 }  // namespace q4conv

@@ -47,8 +47,8 @@ at::Tensor quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
 at::Tensor conv_packed(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
                        const at::Tensor& qweight, const at::Tensor& scale_w,
                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                       at::IntArrayRef padding, at::IntArrayRef dilation, double eps,
-                       int64_t bits, bool relu, const std::string& backend,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, double eps, int64_t bits,
+                       bool relu, const std::string& backend,
                        const std::optional<at::Tensor>& kernel_weight,
                        const std::optional<at::Tensor>& alpha);
 // Weights in the layout a CUDA backend reads (sm90_int8: int8 KRSC, channels
@@ -101,9 +101,8 @@ at::Tensor cuda_quantize_pack(const at::Tensor& weight, const at::Tensor& scale_
                               int64_t bits);
 at::Tensor cuda_unpack_krsc(const at::Tensor& qweight, int64_t in_channels, int64_t c_pad,
                             bool packed_int4);
-bool cuda_backend_supports(Backend backend, const at::Tensor& x, int64_t out_channels,
-                           int64_t r, int64_t s, const ConvParams& params,
-                           at::ScalarType out_dtype);
+bool cuda_backend_supports(Backend backend, const at::Tensor& x, int64_t out_channels, int64_t r,
+                           int64_t s, const ConvParams& params, at::ScalarType out_dtype);
 at::Tensor cuda_kernel_weight(const at::Tensor& qweight, int64_t in_channels, Backend backend);
 // kernel_weight: a cached cuda_kernel_weight result, used when its layout is
 // the backend's (else the weights are re-laid out from qweight).

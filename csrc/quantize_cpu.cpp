@@ -13,7 +13,8 @@ std::vector<float> weight_scales(const at::Tensor& scale_w, int64_t out_channels
   const at::Tensor values = scale_w.detach().to(at::kCPU, at::kFloat).contiguous();
   std::vector<float> scales(out_channels);
   for (int64_t k = 0; k < out_channels; ++k) {
-    const float raw = values.numel() == 1 ? values.data_ptr<float>()[0] : values.data_ptr<float>()[k];
+    const float raw =
+        values.numel() == 1 ? values.data_ptr<float>()[0] : values.data_ptr<float>()[k];
     scales[k] = effective_scale(raw, static_cast<float>(eps));
   }
   return scales;
@@ -59,8 +60,8 @@ at::Tensor cpu_quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w
 void check_bits(int64_t bits) {
   // Codes are packed two per byte and the CUDA kernels are int4/int8 MMAs on
   // values in [-8, 7]: only 4 bits is supported by every backend.
-  TORCH_CHECK(bits == 4, "bits (a_bit / w_bit) must be 4: every q4conv backend packs 4-bit codes, got ",
-              bits);
+  TORCH_CHECK(bits == 4,
+              "bits (a_bit / w_bit) must be 4: every q4conv backend packs 4-bit codes, got ", bits);
 }
 
 at::Tensor quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
@@ -79,8 +80,8 @@ at::Tensor quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w, do
 
 at::Tensor unpack(const at::Tensor& qweight, int64_t in_channels) {
   TORCH_CHECK(qweight.dim() == 4 && qweight.scalar_type() == at::kByte,
-              "qweight must be a 4-D uint8 tensor (K, R, S, ceil(C/2)), got ", qweight.dim(),
-              "-D ", qweight.scalar_type());
+              "qweight must be a 4-D uint8 tensor (K, R, S, ceil(C/2)), got ", qweight.dim(), "-D ",
+              qweight.scalar_type());
   TORCH_CHECK(qweight.size(3) == (in_channels + 1) / 2, "qweight's last dimension must be ceil(",
               in_channels, "/2) = ", (in_channels + 1) / 2, " for in_channels=", in_channels,
               ", got ", qweight.size(3));
@@ -110,8 +111,8 @@ at::Tensor quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
   // fp32(x) is exact for fp16/bf16 inputs; NHWC so each row is one pixel.
   const at::Tensor nhwc = x.detach().to(at::kFloat).permute({0, 2, 3, 1}).contiguous();
   const at::Tensor bias = bias_a.detach().to(at::kFloat).contiguous();
-  const float scale = effective_scale(scale_a.detach().to(at::kFloat).item<float>(),
-                                      static_cast<float>(eps));
+  const float scale =
+      effective_scale(scale_a.detach().to(at::kFloat).item<float>(), static_cast<float>(eps));
   at::Tensor codes = at::empty(nhwc.sizes(), x.options().dtype(at::kChar));
   const float* src = nhwc.data_ptr<float>();
   const float* shift = bias.data_ptr<float>();

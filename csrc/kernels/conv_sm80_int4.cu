@@ -3,11 +3,11 @@
 // alpha/bias packing kernel live here; the three CUTLASS kernel
 // instantiations (one per output type) live in conv_sm80_int4_{f32,f16,bf16}.cu
 // so they compile in parallel. See conv_sm80_int4_impl.cuh for the design.
-#include "kernels/conv_sm80_int4_impl.cuh"
-
 #include <cstdint>
 #include <limits>
 #include <string>
+
+#include "kernels/conv_sm80_int4_impl.cuh"
 
 namespace q4conv {
 
@@ -40,17 +40,24 @@ std::string shape_problem(const ConvShape& s) {
     return "invalid padding, stride or dilation";
   if (s.c % kSm80ChannelAlign != 0) return "c is not a multiple of kSm80ChannelAlign (32)";
   // The output (p, q) must be the one of the given geometry.
-  const long long p = (static_cast<long long>(s.h) + 2LL * s.pad_h - 1LL * s.dil_h * (s.r - 1) - 1) / s.stride_h + 1;
-  const long long q = (static_cast<long long>(s.w) + 2LL * s.pad_w - 1LL * s.dil_w * (s.s - 1) - 1) / s.stride_w + 1;
+  const long long p =
+      (static_cast<long long>(s.h) + 2LL * s.pad_h - 1LL * s.dil_h * (s.r - 1) - 1) / s.stride_h +
+      1;
+  const long long q =
+      (static_cast<long long>(s.w) + 2LL * s.pad_w - 1LL * s.dil_w * (s.s - 1) - 1) / s.stride_w +
+      1;
   if (p != s.p || q != s.q) return "p/q inconsistent with h/w, padding, stride and dilation";
   return {};
 }
 
 cutlass::Status dispatch_can_implement(const ConvShape& s, OutType t) {
   switch (t) {
-    case OutType::kFloat32: return sm80_int4_detail::can_implement<OutType::kFloat32>(s);
-    case OutType::kFloat16: return sm80_int4_detail::can_implement<OutType::kFloat16>(s);
-    case OutType::kBFloat16: return sm80_int4_detail::can_implement<OutType::kBFloat16>(s);
+    case OutType::kFloat32:
+      return sm80_int4_detail::can_implement<OutType::kFloat32>(s);
+    case OutType::kFloat16:
+      return sm80_int4_detail::can_implement<OutType::kFloat16>(s);
+    case OutType::kBFloat16:
+      return sm80_int4_detail::can_implement<OutType::kBFloat16>(s);
   }
   return cutlass::Status::kErrorNotSupported;
 }
@@ -78,7 +85,8 @@ KernelStatus sm80_int4_conv(const ConvShape& shape, const void* act, const void*
   if (!act || !weight || !epilogue.out || !epilogue.alpha || !workspace)
     return KernelStatus::failure("sm80_int4_conv: null pointer argument");
   if (!aligned16(act) || !aligned16(weight) || !aligned16(epilogue.out) || !aligned16(workspace))
-    return KernelStatus::failure("sm80_int4_conv: act, weight, out and workspace must be 16-byte aligned");
+    return KernelStatus::failure(
+        "sm80_int4_conv: act, weight, out and workspace must be 16-byte aligned");
 
   // Do not let an earlier, unrelated launch error be blamed on this kernel.
   cudaError_t e = cudaPeekAtLastError();

@@ -21,21 +21,20 @@
 // tensor is never stored (kStoreT == false).
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_runtime.h>
 
-#include "cutlass/cutlass.h"
+#include <cstdint>
+
 #include "cutlass/array.h"
-#include "cutlass/numeric_types.h"
-#include "cutlass/numeric_conversion.h"
 #include "cutlass/conv/conv2d_problem_size.h"
 #include "cutlass/conv/convolution.h"
 #include "cutlass/conv/device/implicit_gemm_convolution.h"
 #include "cutlass/conv/kernel/default_conv2d_fprop_with_broadcast.h"
+#include "cutlass/cutlass.h"
 #include "cutlass/gemm/threadblock/threadblock_swizzle.h"
 #include "cutlass/layout/tensor.h"
-
+#include "cutlass/numeric_conversion.h"
+#include "cutlass/numeric_types.h"
 #include "kernels/conv_kernels.h"
 
 namespace q4conv {
@@ -102,8 +101,9 @@ class PerChannelAffineOp {
 
   // Source-needed overload: never taken (is_source_needed() is false), the
   // source fragment is ignored.
-  CUTLASS_DEVICE void operator()(FragmentZ& frag_Z, FragmentT& frag_T, FragmentAccumulator const& AB,
-                                 FragmentC const& /*frag_C*/, FragmentCompute const& V) const {
+  CUTLASS_DEVICE void operator()(FragmentZ& frag_Z, FragmentT& frag_T,
+                                 FragmentAccumulator const& AB, FragmentC const& /*frag_C*/,
+                                 FragmentCompute const& V) const {
     (*this)(frag_Z, frag_T, AB, V);
   }
 
@@ -126,18 +126,26 @@ class PerChannelAffineOp {
 };
 
 // Output element types, one kernel per type.
-template <OutType T> struct OutElement;
-template <> struct OutElement<OutType::kFloat32> { using type = float; };
-template <> struct OutElement<OutType::kFloat16> { using type = cutlass::half_t; };
-template <> struct OutElement<OutType::kBFloat16> { using type = cutlass::bfloat16_t; };
+template <OutType T>
+struct OutElement;
+template <>
+struct OutElement<OutType::kFloat32> {
+  using type = float;
+};
+template <>
+struct OutElement<OutType::kFloat16> {
+  using type = cutlass::half_t;
+};
+template <>
+struct OutElement<OutType::kBFloat16> {
+  using type = cutlass::bfloat16_t;
+};
 
 // Output vector width (elements per 128-bit access): k must be a multiple.
 template <OutType T>
 constexpr int kOutAlign = 128 / cutlass::sizeof_bits<typename OutElement<T>::type>::value;
 
-constexpr int out_align(OutType t) {
-  return t == OutType::kFloat32 ? 4 : 8;
-}
+constexpr int out_align(OutType t) { return t == OutType::kFloat32 ? 4 : 8; }
 static_assert(out_align(OutType::kFloat32) == kOutAlign<OutType::kFloat32>, "");
 static_assert(out_align(OutType::kFloat16) == kOutAlign<OutType::kFloat16>, "");
 static_assert(out_align(OutType::kBFloat16) == kOutAlign<OutType::kBFloat16>, "");
@@ -236,24 +244,22 @@ KernelStatus run(const ConvShape& shape, const void* act, const void* weight,
   st = op.initialize(args, nullptr, stream);
   if (st != cutlass::Status::kSuccess) {
     cudaError_t e = cudaGetLastError();
-    return KernelStatus::failure(std::string("sm80_int4_conv: initialize: ") +
-                                 cutlass::cutlassGetStatusString(st) +
-                                 (e != cudaSuccess ? std::string(" (") + cudaGetErrorString(e) + ")"
-                                                   : std::string()));
+    return KernelStatus::failure(
+        std::string("sm80_int4_conv: initialize: ") + cutlass::cutlassGetStatusString(st) +
+        (e != cudaSuccess ? std::string(" (") + cudaGetErrorString(e) + ")" : std::string()));
   }
   st = op.run(stream);
   if (st != cutlass::Status::kSuccess) {
     return KernelStatus::failure(std::string("sm80_int4_conv: run: ") +
-                                 cutlass::cutlassGetStatusString(st) +
-                                 " (kernel launch failed)");
+                                 cutlass::cutlassGetStatusString(st) + " (kernel launch failed)");
   }
   return KernelStatus::success();
 }
 
-#define Q4CONV_SM80_INT4_INSTANTIATE(T)                                                        \
-  template cutlass::Status can_implement<T>(const ConvShape&);                               \
-  template KernelStatus run<T>(const ConvShape&, const void*, const void*, const AlphaBias*, \
-                               bool, void*, cudaStream_t);
+#define Q4CONV_SM80_INT4_INSTANTIATE(T)                                                            \
+  template cutlass::Status can_implement<T>(const ConvShape&);                                     \
+  template KernelStatus run<T>(const ConvShape&, const void*, const void*, const AlphaBias*, bool, \
+                               void*, cudaStream_t);
 
 #endif  // Q4CONV_SM80_INT4_DEFINE_KERNELS
 

@@ -41,7 +41,8 @@ constexpr int kNum = sizeof(kTable) / sizeof(kTable[0]);
 const Entry* preferred(const ConvShape& s) {
   long long red = 1LL * s.c * s.r * s.s;
   bool small_c = s.c < 128;  // C == 64 (or 16, 32, 48, 80, ...): 64-deep tiles
-  bool gemm = s.r == 1 && s.s == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 && s.pad_w == 0;
+  bool gemm =
+      s.r == 1 && s.s == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 && s.pad_w == 0;
   // K <= 64: 128x64 conv tiles, two CTAs per SM (beat the GEMMs there too)
   if (s.k <= 64) return small_c ? &kCfg128x64x64_2cta_e64 : &kCfg128x64x128_2cta;
   if (gemm) {
@@ -51,9 +52,9 @@ const Entry* preferred(const ConvShape& s) {
     return &kGemm128x128x128_pp;
   }
   if (small_c) return &kCfg64x128x64_2cta;
-  if (red >= 4096) return &kCfg128x128x128;        // 7x7 3x3: long reduction
-  if (red >= 1152) return &kCfg128x128x128_e128;   // 3x3 layers
-  return &kCfg64x128x128_2cta;                     // 1x1 stride 2 etc.
+  if (red >= 4096) return &kCfg128x128x128;       // 7x7 3x3: long reduction
+  if (red >= 1152) return &kCfg128x128x128_e128;  // 3x3 layers
+  return &kCfg64x128x128_2cta;                    // 1x1 stride 2 etc.
 }
 }  // namespace
 
@@ -109,7 +110,8 @@ size_t sm90_int8_workspace_bytes(const ConvShape& shape, OutType out_type) {
 KernelStatus sm90_int8_conv(const ConvShape& shape, const void* act, const void* weight,
                             const EpilogueArgs& epilogue, void* workspace, cudaStream_t stream) {
   int i = sm90::pick_config(shape, epilogue.out_type);
-  if (i < 0) return KernelStatus::failure("sm90_int8_conv: shape not supported by any sm90 configuration");
+  if (i < 0)
+    return KernelStatus::failure("sm90_int8_conv: shape not supported by any sm90 configuration");
   return sm90::config(i).run(shape, act, weight, epilogue, workspace, stream);
 }
 

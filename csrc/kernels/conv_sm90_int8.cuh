@@ -62,17 +62,17 @@ int pick_config(const ConvShape& shape, OutType out_type);
 #include <string>
 
 #include "cute/tensor.hpp"
-#include "cutlass/cutlass.h"
-#include "cutlass/kernel_hardware_info.hpp"
 #include "cutlass/bfloat16.h"
-#include "cutlass/half.h"
+#include "cutlass/conv/collective/collective_builder.hpp"
 #include "cutlass/conv/convnd_problem_shape.hpp"
 #include "cutlass/conv/device/conv_universal_adapter.hpp"
 #include "cutlass/conv/kernel/conv_universal.hpp"
-#include "cutlass/conv/collective/collective_builder.hpp"
+#include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
 #include "cutlass/epilogue/thread/activation.h"
+#include "cutlass/half.h"
+#include "cutlass/kernel_hardware_info.hpp"
 #ifdef Q4CONV_SM90_GEMM
 // Only in the GEMM configuration files: with these headers visible the conv
 // kernel's GemmUniversal specialization becomes ambiguous.
@@ -86,10 +86,20 @@ namespace sm90 {
 
 inline const char* status_name(cutlass::Status s) { return cutlassGetStatusString(s); }
 
-template <OutType T> struct OutElem;
-template <> struct OutElem<OutType::kFloat32> { using type = float; };
-template <> struct OutElem<OutType::kFloat16> { using type = cutlass::half_t; };
-template <> struct OutElem<OutType::kBFloat16> { using type = cutlass::bfloat16_t; };
+template <OutType T>
+struct OutElem;
+template <>
+struct OutElem<OutType::kFloat32> {
+  using type = float;
+};
+template <>
+struct OutElem<OutType::kFloat16> {
+  using type = cutlass::half_t;
+};
+template <>
+struct OutElem<OutType::kBFloat16> {
+  using type = cutlass::bfloat16_t;
+};
 
 // Kernel wrapper that only changes the launch bounds' min-blocks, so that a
 // small tile can run two CTAs per SM (the compiler then keeps <= 128
@@ -125,12 +135,15 @@ KernelStatus cached_run(const ConvShape& s, const void* act, const void* wt, con
   static Slot slots[kSlots];
   static int next = 0;
 
-  if (!e.alpha || !e.out || !act || !wt) return KernelStatus::failure("sm90_int8_conv: null pointer argument");
+  if (!e.alpha || !e.out || !act || !wt)
+    return KernelStatus::failure("sm90_int8_conv: null pointer argument");
   CacheKey key;
   std::memset(&key, 0, sizeof key);
   key.s = s;
   cudaError_t ce = cudaGetDevice(&key.device);
-  if (ce != cudaSuccess) return KernelStatus::failure(std::string("sm90_int8_conv: cudaGetDevice: ") + cudaGetErrorString(ce));
+  if (ce != cudaSuccess)
+    return KernelStatus::failure(std::string("sm90_int8_conv: cudaGetDevice: ") +
+                                 cudaGetErrorString(ce));
   key.relu = e.relu ? 1 : 0;
   key.act = act;
   key.wt = wt;
@@ -153,23 +166,28 @@ KernelStatus cached_run(const ConvShape& s, const void* act, const void* wt, con
   if (!hit) {
     typename Op::Arguments args;
     std::string why;
-    if (!Self::build_args(s, act, wt, e, args, why)) return KernelStatus::failure("sm90_int8_conv: " + why);
+    if (!Self::build_args(s, act, wt, e, args, why))
+      return KernelStatus::failure("sm90_int8_conv: " + why);
     cutlass::Status st = Op::can_implement(args);
     if (st != cutlass::Status::kSuccess)
-      return KernelStatus::failure(std::string("sm90_int8_conv: can_implement: ") + status_name(st));
+      return KernelStatus::failure(std::string("sm90_int8_conv: can_implement: ") +
+                                   status_name(st));
     size_t need = Op::get_workspace_size(args);
-    if (need > 0 && workspace == nullptr) return KernelStatus::failure("sm90_int8_conv: workspace required but null");
+    if (need > 0 && workspace == nullptr)
+      return KernelStatus::failure("sm90_int8_conv: workspace required but null");
     st = OpKernel::initialize_workspace(args, workspace, stream);
     if (st != cutlass::Status::kSuccess)
-      return KernelStatus::failure(std::string("sm90_int8_conv: initialize_workspace: ") + status_name(st));
+      return KernelStatus::failure(std::string("sm90_int8_conv: initialize_workspace: ") +
+                                   status_name(st));
     params = OpKernel::to_underlying_arguments(args, workspace);
     int smem = OpKernel::SharedStorageSize;
     if (smem >= (48 << 10)) {
-      ce = cudaFuncSetAttribute(cutlass::device_kernel<OpKernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      ce = cudaFuncSetAttribute(cutlass::device_kernel<OpKernel>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
       if (ce != cudaSuccess) {
         cudaGetLastError();
-        return KernelStatus::failure(std::string("sm90_int8_conv: cudaFuncSetAttribute(smem=") + std::to_string(smem) +
-                                     "): " + cudaGetErrorString(ce));
+        return KernelStatus::failure(std::string("sm90_int8_conv: cudaFuncSetAttribute(smem=") +
+                                     std::to_string(smem) + "): " + cudaGetErrorString(ce));
       }
     }
     if (need == 0) {  // a workspace would need initialize_workspace on every call
@@ -184,9 +202,11 @@ KernelStatus cached_run(const ConvShape& s, const void* act, const void* wt, con
   cutlass::Status st = Op::run(params, stream);
   ce = cudaGetLastError();
   if (st != cutlass::Status::kSuccess)
-    return KernelStatus::failure(std::string("sm90_int8_conv: run: ") + status_name(st) +
-                                 (ce != cudaSuccess ? std::string(" / ") + cudaGetErrorString(ce) : ""));
-  if (ce != cudaSuccess) return KernelStatus::failure(std::string("sm90_int8_conv: launch: ") + cudaGetErrorString(ce));
+    return KernelStatus::failure(
+        std::string("sm90_int8_conv: run: ") + status_name(st) +
+        (ce != cudaSuccess ? std::string(" / ") + cudaGetErrorString(ce) : ""));
+  if (ce != cudaSuccess)
+    return KernelStatus::failure(std::string("sm90_int8_conv: launch: ") + cudaGetErrorString(ce));
   return KernelStatus::success();
 }
 
@@ -196,13 +216,17 @@ template <class TileShape, class ElementOut>
 struct EpilogueFusion {
   static constexpr auto RN = cutlass::FloatRoundStyle::round_to_nearest;
   using BcastStride = cute::Stride<cute::_0, cute::_1, int64_t>;
-  using Alpha = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, BcastStride, 4>;
-  using Bias = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, BcastStride, 4>;
+  using Alpha =
+      cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, BcastStride, 4>;
+  using Bias =
+      cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, BcastStride, 4>;
   using Fma = cutlass::epilogue::fusion::Sm90EVT<
-      cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, float, float, RN>, Alpha,
-      cutlass::epilogue::fusion::Sm90AccFetch, Bias>;
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, float, float, RN>,
+      Alpha, cutlass::epilogue::fusion::Sm90AccFetch, Bias>;
   using type = cutlass::epilogue::fusion::Sm90EVT<
-      cutlass::epilogue::fusion::Sm90Compute<cutlass::epilogue::thread::LowerBound, ElementOut, float, RN>, Fma>;
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::epilogue::thread::LowerBound, ElementOut,
+                                             float, RN>,
+      Fma>;
 
   template <class ThreadArgs>
   static void set(ThreadArgs& t, const EpilogueArgs* e) {
@@ -222,36 +246,39 @@ struct Kernel {
 
   using TileShape = cute::Shape<cute::Int<TM>, cute::Int<TN>, cute::Shape<cute::Int<TK>>>;
   using ClusterShape = cute::Shape<cute::Int<CM>, cute::_1, cute::_1>;
-  using EpiTile = cute::conditional_t<EpiN == 0, cutlass::epilogue::collective::EpilogueTileAuto,
-                                      cute::Shape<cute::Int<(TM < 64 ? TM : 64)>, cute::Int<(EpiN > 0 ? EpiN : 32)>>>;
+  using EpiTile = cute::conditional_t<
+      EpiN == 0, cutlass::epilogue::collective::EpilogueTileAuto,
+      cute::Shape<cute::Int<(TM < 64 ? TM : 64)>, cute::Int<(EpiN > 0 ? EpiN : 32)>>>;
   using Fusion = typename EpilogueFusion<TileShape, ElementOut>::type;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      EpiTile, int32_t, float,
-      void, cutlass::layout::TensorNHWC, kAlignOut,
-      ElementOut, cutlass::layout::TensorNHWC, kAlignOut,
-      cutlass::epilogue::TmaWarpSpecialized, Fusion>::CollectiveOp;
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape, EpiTile,
+      int32_t, float, void, cutlass::layout::TensorNHWC, kAlignOut, ElementOut,
+      cutlass::layout::TensorNHWC, kAlignOut, cutlass::epilogue::TmaWarpSpecialized,
+      Fusion>::CollectiveOp;
 
-  static constexpr int kEpiSmem = static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage));
+  static constexpr int kEpiSmem =
+      static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage));
   // With MinBlocks CTAs per SM each CTA gets 1/MinBlocks of the 227 KiB
   // (less 1 KiB reserved per extra CTA): carve the rest out as well.
   static constexpr int kSmemCap = 232448;
-  static constexpr int kCarveout = kEpiSmem + (MinBlocks > 1 ? kSmemCap - kSmemCap / MinBlocks + 2048 : 0);
-  using StageCountType = cute::conditional_t<
-      Stages == 0, cutlass::conv::collective::StageCountAutoCarveout<kCarveout>,
-      cutlass::conv::collective::StageCount<(Stages > 0 ? Stages : 1)>>;
+  static constexpr int kCarveout =
+      kEpiSmem + (MinBlocks > 1 ? kSmemCap - kSmemCap / MinBlocks + 2048 : 0);
+  using StageCountType =
+      cute::conditional_t<Stages == 0, cutlass::conv::collective::StageCountAutoCarveout<kCarveout>,
+                          cutlass::conv::collective::StageCount<(Stages > 0 ? Stages : 1)>>;
 
   using CollectiveMainloop = typename cutlass::conv::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::conv::Operator::kFprop,
-      int8_t, cutlass::layout::TensorNHWC, 16,
-      int8_t, cutlass::layout::TensorNHWC, 16,
-      int32_t, TileShape, ClusterShape, StageCountType,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::conv::Operator::kFprop, int8_t,
+      cutlass::layout::TensorNHWC, 16, int8_t, cutlass::layout::TensorNHWC, 16, int32_t, TileShape,
+      ClusterShape, StageCountType,
       cutlass::conv::KernelImplicitTmaWarpSpecializedSm90>::CollectiveOp;
 
   using ProblemShape = cutlass::conv::ConvProblemShape<cutlass::conv::Operator::kFprop, 2>;
-  using BaseKernel = cutlass::conv::kernel::ConvUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
-  using ConvKernel = cute::conditional_t<MinBlocks == 1, BaseKernel, MinBlocksKernel<BaseKernel, MinBlocks>>;
+  using BaseKernel =
+      cutlass::conv::kernel::ConvUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using ConvKernel =
+      cute::conditional_t<MinBlocks == 1, BaseKernel, MinBlocksKernel<BaseKernel, MinBlocks>>;
   using Conv = cutlass::conv::device::ConvUniversalAdapter<ConvKernel>;
   using Arguments = typename Conv::Arguments;
   using StrideD = typename ConvKernel::StrideD;
@@ -268,13 +295,14 @@ struct Kernel {
     if (up_w < 0) up_w = 0;
     if ((s.h + s.pad_h + up_h - eff_r) / s.stride_h + 1 != s.p) return false;
     if ((s.w + s.pad_w + up_w - eff_s) / s.stride_w + 1 != s.q) return false;
-    out = ProblemShape(cutlass::conv::Mode::kCrossCorrelation, {s.n, s.h, s.w, s.c}, {s.k, s.r, s.s, s.c},
-                       {s.pad_h, s.pad_w}, {up_h, up_w}, {s.stride_h, s.stride_w}, {s.dil_h, s.dil_w}, 1);
+    out = ProblemShape(cutlass::conv::Mode::kCrossCorrelation, {s.n, s.h, s.w, s.c},
+                       {s.k, s.r, s.s, s.c}, {s.pad_h, s.pad_w}, {up_h, up_w},
+                       {s.stride_h, s.stride_w}, {s.dil_h, s.dil_w}, 1);
     return true;
   }
 
-  static Arguments make_args(const ProblemShape& ps, const ConvShape& s, const void* act, const void* wt,
-                             const EpilogueArgs* e) {
+  static Arguments make_args(const ProblemShape& ps, const ConvShape& s, const void* act,
+                             const void* wt, const EpilogueArgs* e) {
     StrideD dD{};
     // M mode of the output is (Q, P, N): NHWC strides k, q*k, p*q*k
     cute::get<0, 0>(dD) = static_cast<int64_t>(s.k);
@@ -288,8 +316,8 @@ struct Kernel {
   }
 
   static bool basic_ok(const ConvShape& s) {
-    if (s.n <= 0 || s.h <= 0 || s.w <= 0 || s.c <= 0 || s.k <= 0 || s.r <= 0 || s.s <= 0 || s.p <= 0 ||
-        s.q <= 0)
+    if (s.n <= 0 || s.h <= 0 || s.w <= 0 || s.c <= 0 || s.k <= 0 || s.r <= 0 || s.s <= 0 ||
+        s.p <= 0 || s.q <= 0)
       return false;
     if (s.c % kSm90ChannelAlign != 0) return false;
     if (s.k % kAlignOut != 0) return false;  // 16-byte rows for the TMA store of D
@@ -328,8 +356,8 @@ struct Kernel {
     return true;
   }
 
-  static KernelStatus run(const ConvShape& s, const void* act, const void* wt, const EpilogueArgs& e,
-                          void* workspace, cudaStream_t stream) {
+  static KernelStatus run(const ConvShape& s, const void* act, const void* wt,
+                          const EpilogueArgs& e, void* workspace, cudaStream_t stream) {
     if (!basic_ok(s)) return KernelStatus::failure("sm90_int8_conv: unsupported shape");
     return cached_run<Kernel, Conv, ConvKernel>(s, act, wt, e, workspace, stream);
   }
@@ -341,38 +369,51 @@ struct Kernel {
 // provides `template <OutType> using K` (the kernel of one output type).
 template <class KernelSet, int MinBlocks>
 struct OutTypeDispatch {
-  template <OutType OT> using K = typename KernelSet::template K<OT>;
+  template <OutType OT>
+  using K = typename KernelSet::template K<OT>;
 
   static bool supports(const ConvShape& s, OutType t) {
     switch (t) {
-      case OutType::kFloat32: return K<OutType::kFloat32>::supports(s);
-      case OutType::kFloat16: return K<OutType::kFloat16>::supports(s);
-      case OutType::kBFloat16: return K<OutType::kBFloat16>::supports(s);
+      case OutType::kFloat32:
+        return K<OutType::kFloat32>::supports(s);
+      case OutType::kFloat16:
+        return K<OutType::kFloat16>::supports(s);
+      case OutType::kBFloat16:
+        return K<OutType::kBFloat16>::supports(s);
     }
     return false;
   }
   static size_t workspace(const ConvShape& s, OutType t) {
     switch (t) {
-      case OutType::kFloat32: return K<OutType::kFloat32>::workspace(s);
-      case OutType::kFloat16: return K<OutType::kFloat16>::workspace(s);
-      case OutType::kBFloat16: return K<OutType::kBFloat16>::workspace(s);
+      case OutType::kFloat32:
+        return K<OutType::kFloat32>::workspace(s);
+      case OutType::kFloat16:
+        return K<OutType::kFloat16>::workspace(s);
+      case OutType::kBFloat16:
+        return K<OutType::kBFloat16>::workspace(s);
     }
     return 0;
   }
-  static KernelStatus run(const ConvShape& s, const void* a, const void* w, const EpilogueArgs& e, void* ws,
-                          cudaStream_t st) {
+  static KernelStatus run(const ConvShape& s, const void* a, const void* w, const EpilogueArgs& e,
+                          void* ws, cudaStream_t st) {
     switch (e.out_type) {
-      case OutType::kFloat32: return K<OutType::kFloat32>::run(s, a, w, e, ws, st);
-      case OutType::kFloat16: return K<OutType::kFloat16>::run(s, a, w, e, ws, st);
-      case OutType::kBFloat16: return K<OutType::kBFloat16>::run(s, a, w, e, ws, st);
+      case OutType::kFloat32:
+        return K<OutType::kFloat32>::run(s, a, w, e, ws, st);
+      case OutType::kFloat16:
+        return K<OutType::kFloat16>::run(s, a, w, e, ws, st);
+      case OutType::kBFloat16:
+        return K<OutType::kBFloat16>::run(s, a, w, e, ws, st);
     }
     return KernelStatus::failure("sm90_int8_conv: bad out_type");
   }
   static int smem(OutType t) {
     switch (t) {
-      case OutType::kFloat32: return K<OutType::kFloat32>::smem_bytes();
-      case OutType::kFloat16: return K<OutType::kFloat16>::smem_bytes();
-      case OutType::kBFloat16: return K<OutType::kBFloat16>::smem_bytes();
+      case OutType::kFloat32:
+        return K<OutType::kFloat32>::smem_bytes();
+      case OutType::kFloat16:
+        return K<OutType::kFloat16>::smem_bytes();
+      case OutType::kBFloat16:
+        return K<OutType::kBFloat16>::smem_bytes();
     }
     return 0;
   }
@@ -392,36 +433,36 @@ struct GemmKernel {
   static constexpr int kAlignOut = 128 / cutlass::sizeof_bits<ElementOut>::value;
   using TileShape = cute::Shape<cute::Int<TM>, cute::Int<TN>, cute::Int<TK>>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
-  using MainSchedule = cute::conditional_t<Schedule == 0, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                                           cutlass::gemm::KernelTmaWarpSpecializedPingpong>;
-  using EpiSchedule = cute::conditional_t<Schedule == 0, cutlass::epilogue::TmaWarpSpecializedCooperative,
-                                          cutlass::epilogue::TmaWarpSpecialized>;
+  using MainSchedule =
+      cute::conditional_t<Schedule == 0, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                          cutlass::gemm::KernelTmaWarpSpecializedPingpong>;
+  using EpiSchedule =
+      cute::conditional_t<Schedule == 0, cutlass::epilogue::TmaWarpSpecializedCooperative,
+                          cutlass::epilogue::TmaWarpSpecialized>;
   using Fusion = typename EpilogueFusion<TileShape, ElementOut>::type;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float,
-      void, cutlass::layout::RowMajor, kAlignOut,
-      ElementOut, cutlass::layout::RowMajor, kAlignOut,
+      cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float, void,
+      cutlass::layout::RowMajor, kAlignOut, ElementOut, cutlass::layout::RowMajor, kAlignOut,
       EpiSchedule, Fusion>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      int8_t, cutlass::layout::RowMajor, 16,
-      int8_t, cutlass::layout::ColumnMajor, 16,
-      int32_t, TileShape, ClusterShape,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, int8_t, cutlass::layout::RowMajor, 16,
+      int8_t, cutlass::layout::ColumnMajor, 16, int32_t, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
       MainSchedule>::CollectiveOp;
 
-  using OpKernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, CollectiveMainloop,
-                                                        CollectiveEpilogue>;
+  using OpKernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>,
+                                                        CollectiveMainloop, CollectiveEpilogue>;
   using Op = cutlass::gemm::device::GemmUniversalAdapter<OpKernel>;
   using Arguments = typename Op::Arguments;
 
   static bool basic_ok(const ConvShape& s) {
     if (s.n <= 0 || s.h <= 0 || s.w <= 0 || s.c <= 0 || s.k <= 0) return false;
-    if (s.r != 1 || s.s != 1 || s.stride_h != 1 || s.stride_w != 1 || s.pad_h != 0 || s.pad_w != 0) return false;
+    if (s.r != 1 || s.s != 1 || s.stride_h != 1 || s.stride_w != 1 || s.pad_h != 0 || s.pad_w != 0)
+      return false;
     if (s.p != s.h || s.q != s.w) return false;
     if (s.c % kSm90ChannelAlign != 0 || s.k % kAlignOut != 0) return false;
     long long m = 1LL * s.n * s.h * s.w;
@@ -431,12 +472,15 @@ struct GemmKernel {
 
   static int sm_count(int device) {
     static int cached[64] = {0};
-    if (device < 0 || device >= 64) return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
-    if (cached[device] == 0) cached[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+    if (device < 0 || device >= 64)
+      return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+    if (cached[device] == 0)
+      cached[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
     return cached[device];
   }
 
-  static Arguments make_args(const ConvShape& s, const void* act, const void* wt, const EpilogueArgs* e) {
+  static Arguments make_args(const ConvShape& s, const void* act, const void* wt,
+                             const EpilogueArgs* e) {
     int m = s.n * s.h * s.w, n = s.k, k = s.c;
     using StrideA = typename OpKernel::StrideA;
     using StrideB = typename OpKernel::StrideB;
@@ -476,9 +520,10 @@ struct GemmKernel {
     args = make_args(s, act, wt, &e);
     return true;
   }
-  static KernelStatus run(const ConvShape& s, const void* act, const void* wt, const EpilogueArgs& e,
-                          void* workspace, cudaStream_t stream) {
-    if (!basic_ok(s)) return KernelStatus::failure("sm90_int8_conv: unsupported shape for the 1x1 GEMM path");
+  static KernelStatus run(const ConvShape& s, const void* act, const void* wt,
+                          const EpilogueArgs& e, void* workspace, cudaStream_t stream) {
+    if (!basic_ok(s))
+      return KernelStatus::failure("sm90_int8_conv: unsupported shape for the 1x1 GEMM path");
     return cached_run<GemmKernel, Op, OpKernel>(s, act, wt, e, workspace, stream);
   }
   static int smem_bytes() { return static_cast<int>(OpKernel::SharedStorageSize); }
@@ -486,38 +531,52 @@ struct GemmKernel {
 
 template <int TM, int TN, int TK, int Schedule>
 struct GemmKernels {
-  template <OutType OT> using K = GemmKernel<TM, TN, TK, Schedule, OT>;
+  template <OutType OT>
+  using K = GemmKernel<TM, TN, TK, Schedule, OT>;
 };
 template <int TM, int TN, int TK, int Schedule>
 using GemmConfigFns = OutTypeDispatch<GemmKernels<TM, TN, TK, Schedule>, 1>;
 
-#define Q4CONV_SM90_DEFINE_GEMM_CONFIG(VAR, NAME, TM, TN, TK, SCHED)                                 \
-  namespace q4conv {                                                                               \
-  namespace sm90 {                                                                                 \
-  using VAR##_fns = GemmConfigFns<TM, TN, TK, SCHED>;                                              \
-  const Entry VAR = {NAME,           TM,                      TN,                                  \
-                     TK,             &VAR##_fns::supports,    &VAR##_fns::workspace,               \
-                     &VAR##_fns::run, &VAR##_fns::smem,       &VAR##_fns::min_blocks};             \
-  }                                                                                                \
+#define Q4CONV_SM90_DEFINE_GEMM_CONFIG(VAR, NAME, TM, TN, TK, SCHED) \
+  namespace q4conv {                                                 \
+  namespace sm90 {                                                   \
+  using VAR##_fns = GemmConfigFns<TM, TN, TK, SCHED>;                \
+  const Entry VAR = {NAME,                                           \
+                     TM,                                             \
+                     TN,                                             \
+                     TK,                                             \
+                     &VAR##_fns::supports,                           \
+                     &VAR##_fns::workspace,                          \
+                     &VAR##_fns::run,                                \
+                     &VAR##_fns::smem,                               \
+                     &VAR##_fns::min_blocks};                        \
+  }                                                                  \
   }
 
 #endif  // Q4CONV_SM90_GEMM
 
 template <int TM, int TN, int TK, int CM, int MinBlocks, int Stages, int EpiN>
 struct ConvKernels {
-  template <OutType OT> using K = Kernel<TM, TN, TK, CM, MinBlocks, Stages, EpiN, OT>;
+  template <OutType OT>
+  using K = Kernel<TM, TN, TK, CM, MinBlocks, Stages, EpiN, OT>;
 };
 template <int TM, int TN, int TK, int CM, int MinBlocks, int Stages, int EpiN>
 using ConfigFns = OutTypeDispatch<ConvKernels<TM, TN, TK, CM, MinBlocks, Stages, EpiN>, MinBlocks>;
 
-#define Q4CONV_SM90_DEFINE_CONFIG(VAR, NAME, TM, TN, TK, CM, MINB, STAGES, EPIN)                    \
-  namespace q4conv {                                                                               \
-  namespace sm90 {                                                                                 \
-  using VAR##_fns = ConfigFns<TM, TN, TK, CM, MINB, STAGES, EPIN>;                                     \
-  const Entry VAR = {NAME,           TM,                      TN,                                  \
-                     TK,             &VAR##_fns::supports,    &VAR##_fns::workspace,               \
-                     &VAR##_fns::run, &VAR##_fns::smem,       &VAR##_fns::min_blocks};             \
-  }                                                                                                \
+#define Q4CONV_SM90_DEFINE_CONFIG(VAR, NAME, TM, TN, TK, CM, MINB, STAGES, EPIN) \
+  namespace q4conv {                                                             \
+  namespace sm90 {                                                               \
+  using VAR##_fns = ConfigFns<TM, TN, TK, CM, MINB, STAGES, EPIN>;               \
+  const Entry VAR = {NAME,                                                       \
+                     TM,                                                         \
+                     TN,                                                         \
+                     TK,                                                         \
+                     &VAR##_fns::supports,                                       \
+                     &VAR##_fns::workspace,                                      \
+                     &VAR##_fns::run,                                            \
+                     &VAR##_fns::smem,                                           \
+                     &VAR##_fns::min_blocks};                                    \
+  }                                                                              \
   }
 
 }  // namespace sm90

@@ -39,10 +39,10 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162f
 // Parameters shared by the activation and weight kernels. The weight path is
 // the int4 activation path with no bias and (optionally) a scale per n = k.
 struct QParams {
-  int64_t n, c, h, w;           // sizes
-  int64_t s0, s1, s2, s3;       // strides, elements
-  const float* bias;            // [C] on the device, or nullptr (no bias)
-  const float* scale;           // device: 1 value, or [N] when scale_per_n
+  int64_t n, c, h, w;      // sizes
+  int64_t s0, s1, s2, s3;  // strides, elements
+  const float* bias;       // [C] on the device, or nullptr (no bias)
+  const float* scale;      // device: 1 value, or [N] when scale_per_n
   bool scale_per_n;
   float eps;
   int bits;
@@ -69,8 +69,8 @@ __device__ __forceinline__ int8_t code_of(const QParams& p, float v, int64_t c, 
 
 // Loads channel c (only when c < C) of the pixel at element offset `base`.
 template <typename T>
-__device__ __forceinline__ int8_t load_code(const T* __restrict__ x, const QParams& p,
-                                            int64_t base, int64_t c, Scale s) {
+__device__ __forceinline__ int8_t load_code(const T* __restrict__ x, const QParams& p, int64_t base,
+                                            int64_t c, Scale s) {
   if (c >= p.c) return 0;
   return code_of(p, to_float(x[base + c * p.s1]), c, s);
 }
@@ -201,7 +201,7 @@ constexpr int kTileC = 32;
 constexpr int kTileRows = 8;
 
 template <typename T, bool kInt4>
-__global__ void __launch_bounds__(kTileP * kTileRows)
+__global__ void __launch_bounds__(kTileP* kTileRows)
     quantize_nchw_kernel(const T* __restrict__ x, QParams p, uint8_t* __restrict__ out,
                          int64_t ptiles) {
   // [pixel][channel]; row pitch 36 bytes (odd number of words): the column
@@ -353,8 +353,8 @@ KernelStatus launch_quantize(const char* fn, const T* x, const QParams& p, uint8
     }
   }
   const int64_t row = kInt4 ? p.c_pad / 2 : p.c_pad;
-  quantize_generic_kernel<T, kInt4><<<grid_for(p.n * p.h * p.w * row), kThreads, 0, stream>>>(
-      x, p, out);
+  quantize_generic_kernel<T, kInt4>
+      <<<grid_for(p.n * p.h * p.w * row), kThreads, 0, stream>>>(x, p, out);
   return launch_status(fn);
 }
 
@@ -378,8 +378,7 @@ KernelStatus quantize_common(const char* fn, const char* xname, const Tensor4dVi
   const int64_t pixels = x.size[0] * x.size[2] * x.size[3];
   if (pixels == 0 || c_pad == 0) return KernelStatus::success();  // empty output
   if (out == nullptr) return KernelStatus::failure(fail_prefix(fn, "out") + "null pointer");
-  if (scale == nullptr)
-    return KernelStatus::failure(fail_prefix(fn, scale_name) + "null pointer");
+  if (scale == nullptr) return KernelStatus::failure(fail_prefix(fn, scale_name) + "null pointer");
   if (x.size[1] > 0 && x.data == nullptr)
     return KernelStatus::failure(fail_prefix(fn, xname) + "null data pointer");
 
@@ -405,8 +404,8 @@ KernelStatus quantize_common(const char* fn, const char* xname, const Tensor4dVi
     case InType::kFloat16:
       return launch_quantize<__half, kInt4>(fn, static_cast<const __half*>(x.data), p, o, stream);
     case InType::kBFloat16:
-      return launch_quantize<__nv_bfloat16, kInt4>(
-          fn, static_cast<const __nv_bfloat16*>(x.data), p, o, stream);
+      return launch_quantize<__nv_bfloat16, kInt4>(fn, static_cast<const __nv_bfloat16*>(x.data), p,
+                                                   o, stream);
   }
   return KernelStatus::failure(fail_prefix(fn, xname) + "unsupported element type");
 }
@@ -439,15 +438,15 @@ KernelStatus validate_relayout(const char* fn, const uint8_t* packed, int64_t ro
 KernelStatus quantize_activation_int8_nhwc(const Tensor4dView& x, const float* bias_a,
                                            const float* scale_a, float eps, int bits, int c_pad,
                                            int8_t* out, cudaStream_t stream) {
-  return quantize_common<false>("quantize_activation_int8_nhwc", "x", x, bias_a, "scale_a",
-                                scale_a, false, eps, bits, c_pad, out, stream);
+  return quantize_common<false>("quantize_activation_int8_nhwc", "x", x, bias_a, "scale_a", scale_a,
+                                false, eps, bits, c_pad, out, stream);
 }
 
 KernelStatus quantize_activation_int4_nhwc(const Tensor4dView& x, const float* bias_a,
                                            const float* scale_a, float eps, int bits, int c_pad,
                                            uint8_t* out, cudaStream_t stream) {
-  return quantize_common<true>("quantize_activation_int4_nhwc", "x", x, bias_a, "scale_a",
-                               scale_a, false, eps, bits, c_pad, out, stream);
+  return quantize_common<true>("quantize_activation_int4_nhwc", "x", x, bias_a, "scale_a", scale_a,
+                               false, eps, bits, c_pad, out, stream);
 }
 
 KernelStatus quantize_pack_weight_int4(const Tensor4dView& w, const float* scale_w,
@@ -462,8 +461,8 @@ KernelStatus unpack_int4_to_int8(const uint8_t* packed, int64_t rows, int c_in, 
   const char* fn = "unpack_int4_to_int8";
   KernelStatus st = validate_relayout(fn, packed, rows, c_in, channels, c_out, out, false);
   if (!st.ok || rows == 0 || c_out == 0) return st;
-  unpack_int4_to_int8_kernel<<<grid_for(rows * c_out), kThreads, 0, stream>>>(
-      packed, rows, c_in, channels, c_out, out);
+  unpack_int4_to_int8_kernel<<<grid_for(rows * c_out), kThreads, 0, stream>>>(packed, rows, c_in,
+                                                                              channels, c_out, out);
   return launch_status(fn);
 }
 
@@ -472,8 +471,8 @@ KernelStatus repack_int4(const uint8_t* packed, int64_t rows, int c_in, int chan
   const char* fn = "repack_int4";
   KernelStatus st = validate_relayout(fn, packed, rows, c_in, channels, c_out, out, true);
   if (!st.ok || rows == 0 || c_out == 0) return st;
-  repack_int4_kernel<<<grid_for(rows * (c_out / 2)), kThreads, 0, stream>>>(
-      packed, rows, c_in, channels, c_out, out);
+  repack_int4_kernel<<<grid_for(rows * (c_out / 2)), kThreads, 0, stream>>>(packed, rows, c_in,
+                                                                            channels, c_out, out);
   return launch_status(fn);
 }
 

@@ -79,9 +79,9 @@ TEST(QuantizeValue, RoundsHalfToEven) {
   EXPECT_EQ(quantize_value(-6.5f, 1.0f, 4), -6);
   EXPECT_EQ(quantize_value(-7.5f, 1.0f, 4), -8);  // tie to the even range end
   // Ties through an exact division by a power-of-two scale.
-  EXPECT_EQ(quantize_value(0.125f, 0.25f, 4), 0);   // 0.5
-  EXPECT_EQ(quantize_value(0.375f, 0.25f, 4), 2);   // 1.5
-  EXPECT_EQ(quantize_value(-0.625f, 0.25f, 4), -2); // -2.5
+  EXPECT_EQ(quantize_value(0.125f, 0.25f, 4), 0);    // 0.5
+  EXPECT_EQ(quantize_value(0.375f, 0.25f, 4), 2);    // 1.5
+  EXPECT_EQ(quantize_value(-0.625f, 0.25f, 4), -2);  // -2.5
   // Just off the ties: the nearest integer.
   EXPECT_EQ(quantize_value(std::nextafter(0.5f, 1.0f), 1.0f, 4), 1);
   EXPECT_EQ(quantize_value(std::nextafter(2.5f, 3.0f), 1.0f, 4), 3);
@@ -163,8 +163,7 @@ TEST(QuantizeValue, Fp32DivisionMatchesReferenceOnRandomValues) {
     const double frac = exact - std::floor(exact);
     if (std::fabs(frac - 0.5) > 1e-6 * (1.0 + std::fabs(exact))) {
       ++compared_exact;
-      ASSERT_EQ(got, ref_code_of_ratio(exact, bits))
-          << "v=" << v << " s=" << s << " bits=" << bits;
+      ASSERT_EQ(got, ref_code_of_ratio(exact, bits)) << "v=" << v << " s=" << s << " bits=" << bits;
     }
   }
   EXPECT_GT(compared_exact, 190000);
@@ -266,8 +265,8 @@ TEST(QuantizeActivation, SumsBeforeDividingNearTies) {
     const float x = target - b;
     const float sum = static_cast<float>(static_cast<double>(x) + static_cast<double>(b));
     const int code_sum_first = ref_code_of_ratio(fdiv(sum, s), 4);
-    const float split = static_cast<float>(static_cast<double>(fdiv(x, s)) +
-                                           static_cast<double>(fdiv(b, s)));
+    const float split =
+        static_cast<float>(static_cast<double>(fdiv(x, s)) + static_cast<double>(fdiv(b, s)));
     if (ref_code_of_ratio(split, 4) == code_sum_first) continue;
     ++differing;
     ASSERT_EQ(quantize_activation(x, b, s, 4), code_sum_first)

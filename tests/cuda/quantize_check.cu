@@ -26,14 +26,14 @@
 
 using namespace q4conv;
 
-#define CUDA_CHECK(expr)                                                             \
-  do {                                                                               \
-    cudaError_t err_ = (expr);                                                       \
-    if (err_ != cudaSuccess) {                                                       \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr,             \
-                   cudaGetErrorString(err_));                                        \
-      std::exit(2);                                                                  \
-    }                                                                                \
+#define CUDA_CHECK(expr)                                                 \
+  do {                                                                   \
+    cudaError_t err_ = (expr);                                           \
+    if (err_ != cudaSuccess) {                                           \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, \
+                   cudaGetErrorString(err_));                            \
+      std::exit(2);                                                      \
+    }                                                                    \
   } while (0)
 
 static int g_passed = 0;
@@ -59,39 +59,55 @@ static const char* type_name(InType t) {
 }
 static void store_elem(InType t, void* base, int64_t i, float v) {
   switch (t) {
-    case InType::kFloat32: static_cast<float*>(base)[i] = v; break;
-    case InType::kFloat16: static_cast<__half*>(base)[i] = __float2half_rn(v); break;
-    case InType::kBFloat16: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(v); break;
+    case InType::kFloat32:
+      static_cast<float*>(base)[i] = v;
+      break;
+    case InType::kFloat16:
+      static_cast<__half*>(base)[i] = __float2half_rn(v);
+      break;
+    case InType::kBFloat16:
+      static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(v);
+      break;
   }
 }
 static float load_elem(InType t, const void* base, int64_t i) {
   switch (t) {
-    case InType::kFloat32: return static_cast<const float*>(base)[i];
-    case InType::kFloat16: return __half2float(static_cast<const __half*>(base)[i]);
-    case InType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+    case InType::kFloat32:
+      return static_cast<const float*>(base)[i];
+    case InType::kFloat16:
+      return __half2float(static_cast<const __half*>(base)[i]);
+    case InType::kBFloat16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
   }
   return 0.0f;
 }
 
 // ---- layouts ------------------------------------------------------------------
 enum class Layout {
-  kNCHW,         // contiguous
-  kNCHWBatchPad, // plane contiguous, padded batch stride, odd element offset
-  kCL,           // channels_last contiguous
-  kCLOffset,     // channels_last, data pointer one element past an aligned base
-  kCLPadded,     // channels_last with pixel stride C + 5
-  kStridedW,     // NCHW with every other W element (generic path)
-  kPermuted      // memory order (C, N, W, H) (generic path)
+  kNCHW,          // contiguous
+  kNCHWBatchPad,  // plane contiguous, padded batch stride, odd element offset
+  kCL,            // channels_last contiguous
+  kCLOffset,      // channels_last, data pointer one element past an aligned base
+  kCLPadded,      // channels_last with pixel stride C + 5
+  kStridedW,      // NCHW with every other W element (generic path)
+  kPermuted       // memory order (C, N, W, H) (generic path)
 };
 static const char* layout_name(Layout l) {
   switch (l) {
-    case Layout::kNCHW: return "nchw";
-    case Layout::kNCHWBatchPad: return "nchw_batchpad";
-    case Layout::kCL: return "channels_last";
-    case Layout::kCLOffset: return "channels_last_offset";
-    case Layout::kCLPadded: return "channels_last_padded";
-    case Layout::kStridedW: return "strided_w";
-    case Layout::kPermuted: return "permuted";
+    case Layout::kNCHW:
+      return "nchw";
+    case Layout::kNCHWBatchPad:
+      return "nchw_batchpad";
+    case Layout::kCL:
+      return "channels_last";
+    case Layout::kCLOffset:
+      return "channels_last_offset";
+    case Layout::kCLPadded:
+      return "channels_last_padded";
+    case Layout::kStridedW:
+      return "strided_w";
+    case Layout::kPermuted:
+      return "permuted";
   }
   return "?";
 }
@@ -133,20 +149,52 @@ static void make_strides(Layout l, const int64_t* s, int64_t* st, int64_t* offse
   const int64_t N = s[0], C = s[1], H = s[2], W = s[3];
   *offset = 0;
   switch (l) {
-    case Layout::kNCHW: st[0] = C * H * W; st[1] = H * W; st[2] = W; st[3] = 1; break;
+    case Layout::kNCHW:
+      st[0] = C * H * W;
+      st[1] = H * W;
+      st[2] = W;
+      st[3] = 1;
+      break;
     case Layout::kNCHWBatchPad:
-      st[0] = C * H * W + 7; st[1] = H * W; st[2] = W; st[3] = 1; *offset = 3; break;
-    case Layout::kCL: st[0] = H * W * C; st[1] = 1; st[2] = W * C; st[3] = C; break;
+      st[0] = C * H * W + 7;
+      st[1] = H * W;
+      st[2] = W;
+      st[3] = 1;
+      *offset = 3;
+      break;
+    case Layout::kCL:
+      st[0] = H * W * C;
+      st[1] = 1;
+      st[2] = W * C;
+      st[3] = C;
+      break;
     case Layout::kCLOffset:
-      st[0] = H * W * C; st[1] = 1; st[2] = W * C; st[3] = C; *offset = 1; break;
+      st[0] = H * W * C;
+      st[1] = 1;
+      st[2] = W * C;
+      st[3] = C;
+      *offset = 1;
+      break;
     case Layout::kCLPadded: {
       const int64_t ps = C + 5;
-      st[0] = H * W * ps; st[1] = 1; st[2] = W * ps; st[3] = ps; break;
+      st[0] = H * W * ps;
+      st[1] = 1;
+      st[2] = W * ps;
+      st[3] = ps;
+      break;
     }
     case Layout::kStridedW:
-      st[0] = C * H * 2 * W; st[1] = H * 2 * W; st[2] = 2 * W; st[3] = 2; break;
+      st[0] = C * H * 2 * W;
+      st[1] = H * 2 * W;
+      st[2] = 2 * W;
+      st[3] = 2;
+      break;
     case Layout::kPermuted:  // memory order C, N, W, H
-      st[3] = H; st[2] = 1; st[0] = W * H; st[1] = N * W * H; break;
+      st[3] = H;
+      st[2] = 1;
+      st[0] = W * H;
+      st[1] = N * W * H;
+      break;
   }
 }
 
@@ -233,8 +281,8 @@ static void compare_output(const std::string& name, const std::vector<uint8_t>& 
   for (size_t i = 0; i < bytes; ++i) {
     if (got[i] != expect[i]) {
       char buf[160];
-      std::snprintf(buf, sizeof buf, "first mismatch at byte %zu of %zu: got 0x%02x want 0x%02x",
-                    i, bytes, got[i], expect[i]);
+      std::snprintf(buf, sizeof buf, "first mismatch at byte %zu of %zu: got 0x%02x want 0x%02x", i,
+                    bytes, got[i], expect[i]);
       record(false, name, buf);
       return;
     }
@@ -286,7 +334,7 @@ struct ScaleCase {
   const char* name;
   float scale;  // the stored (learnt) scale
   float eps;
-  bool ties;    // bias multiples of scale / 2 -> exact ties
+  bool ties;  // bias multiples of scale / 2 -> exact ties
 };
 
 static void test_activations() {
@@ -329,9 +377,9 @@ static void test_activations() {
           compare_output(std::string(base) + " int8 bits=" + std::to_string(bits8) +
                              " c_pad=" + std::to_string(c_pad),
                          expect, [&](uint8_t* out) {
-                           return quantize_activation_int8_nhwc(
-                               v, d_bias, d_scale, sc.eps, bits8, c_pad,
-                               reinterpret_cast<int8_t*>(out), 0);
+                           return quantize_activation_int8_nhwc(v, d_bias, d_scale, sc.eps, bits8,
+                                                                c_pad,
+                                                                reinterpret_cast<int8_t*>(out), 0);
                          });
         }
         for (int c_pad : {round_up(C, 2), round_up(C, 32) + 2}) {
@@ -350,8 +398,8 @@ static void test_activations() {
 
 // ---- weight tests --------------------------------------------------------------------
 static void test_weights() {
-  const int64_t shapes[][4] = {{5, 3, 3, 3}, {16, 20, 1, 1}, {7, 64, 3, 5}, {4, 33, 2, 2},
-                               {1, 1, 1, 1}};
+  const int64_t shapes[][4] = {
+      {5, 3, 3, 3}, {16, 20, 1, 1}, {7, 64, 3, 5}, {4, 33, 2, 2}, {1, 1, 1, 1}};
   const InType types[] = {InType::kFloat32, InType::kFloat16, InType::kBFloat16};
   const Layout layouts[] = {Layout::kNCHW, Layout::kCL, Layout::kCLOffset, Layout::kStridedW,
                             Layout::kPermuted};
@@ -433,8 +481,10 @@ static void test_relayout() {
 // ---- argument validation -------------------------------------------------------------
 static void expect_failure(const std::string& name, const KernelStatus& st, const char* word) {
   const bool ok = !st.ok && st.message.find(word) != std::string::npos;
-  record(ok, name, ok ? "" : ("status ok=" + std::to_string(st.ok) + " message='" + st.message +
-                              "' (expected failure naming '" + word + "')"));
+  record(ok, name,
+         ok ? ""
+            : ("status ok=" + std::to_string(st.ok) + " message='" + st.message +
+               "' (expected failure naming '" + word + "')"));
 }
 
 static void test_validation() {
@@ -452,29 +502,24 @@ static void test_validation() {
                  quantize_activation_int8_nhwc(v, d_bias, d_scale, 1e-8f, 4, 4, d_out8, 0),
                  "c_pad");
   expect_failure("validate int4 c_pad < C",
-                 quantize_activation_int4_nhwc(v, d_bias, d_scale, 1e-8f, 4, 4, d_out, 0),
-                 "c_pad");
+                 quantize_activation_int4_nhwc(v, d_bias, d_scale, 1e-8f, 4, 4, d_out, 0), "c_pad");
   expect_failure("validate int4 odd c_pad",
-                 quantize_activation_int4_nhwc(v, d_bias, d_scale, 1e-8f, 4, 7, d_out, 0),
-                 "c_pad");
+                 quantize_activation_int4_nhwc(v, d_bias, d_scale, 1e-8f, 4, 7, d_out, 0), "c_pad");
   expect_failure("validate weight odd c_pad",
                  quantize_pack_weight_int4(v, d_scale, false, 1e-8f, 4, 7, d_out, 0), "c_pad");
   expect_failure("validate int8 bits=9",
-                 quantize_activation_int8_nhwc(v, d_bias, d_scale, 1e-8f, 9, 8, d_out8, 0),
-                 "bits");
+                 quantize_activation_int8_nhwc(v, d_bias, d_scale, 1e-8f, 9, 8, d_out8, 0), "bits");
   expect_failure("validate int4 bits=5",
-                 quantize_activation_int4_nhwc(v, d_bias, d_scale, 1e-8f, 5, 8, d_out, 0),
-                 "bits");
+                 quantize_activation_int4_nhwc(v, d_bias, d_scale, 1e-8f, 5, 8, d_out, 0), "bits");
   expect_failure("validate null scale",
                  quantize_activation_int8_nhwc(v, d_bias, nullptr, 1e-8f, 4, 8, d_out8, 0),
                  "scale_a");
   Tensor4dView neg = v;
   neg.size[2] = -1;
   expect_failure("validate negative size",
-                 quantize_activation_int8_nhwc(neg, d_bias, d_scale, 1e-8f, 4, 8, d_out8, 0),
-                 "x");
-  expect_failure("validate unpack odd c_in",
-                 unpack_int4_to_int8(d_out, 4, 5, 4, 8, d_out8, 0), "c_in");
+                 quantize_activation_int8_nhwc(neg, d_bias, d_scale, 1e-8f, 4, 8, d_out8, 0), "x");
+  expect_failure("validate unpack odd c_in", unpack_int4_to_int8(d_out, 4, 5, 4, 8, d_out8, 0),
+                 "c_in");
   expect_failure("validate unpack channels > c_in",
                  unpack_int4_to_int8(d_out, 4, 4, 6, 8, d_out8, 0), "channels");
   expect_failure("validate unpack c_out < channels",
@@ -525,8 +570,8 @@ static void bench() {
     CUDA_CHECK(cudaEventSynchronize(e1));
     float ms = 0;
     CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    std::printf("bench memcpy D2D %lld bytes: %.1f us, %.0f GB/s (read+write)\n",
-                (long long)numel, ms * 1000 / 20, 2.0 * numel / (ms / 20 * 1e-3) / 1e9);
+    std::printf("bench memcpy D2D %lld bytes: %.1f us, %.0f GB/s (read+write)\n", (long long)numel,
+                ms * 1000 / 20, 2.0 * numel / (ms / 20 * 1e-3) / 1e9);
   }
   const InType types[] = {InType::kFloat32, InType::kFloat16, InType::kBFloat16};
   const Layout layouts[] = {Layout::kNCHW, Layout::kCL, Layout::kStridedW};
@@ -540,9 +585,10 @@ static void bench() {
         for (int d = 0; d < 4; ++d) v.size[d] = shape[d];
         make_strides(layout, shape, v.stride, &off);
         auto launch = [&]() {
-          return int4 ? quantize_activation_int4_nhwc(v, d_bias, d_scale, 1e-8f, 4, (int)C, d_out, 0)
-                      : quantize_activation_int8_nhwc(v, d_bias, d_scale, 1e-8f, 4, (int)C,
-                                                      reinterpret_cast<int8_t*>(d_out), 0);
+          return int4
+                     ? quantize_activation_int4_nhwc(v, d_bias, d_scale, 1e-8f, 4, (int)C, d_out, 0)
+                     : quantize_activation_int8_nhwc(v, d_bias, d_scale, 1e-8f, 4, (int)C,
+                                                     reinterpret_cast<int8_t*>(d_out), 0);
         };
         KernelStatus st = launch();
         if (!st.ok) {

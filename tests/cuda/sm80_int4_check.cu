@@ -33,14 +33,14 @@
 using q4conv::ConvShape;
 using q4conv::OutType;
 
-#define CUDA_OK(expr)                                                                     \
-  do {                                                                                    \
-    cudaError_t e_ = (expr);                                                              \
-    if (e_ != cudaSuccess) {                                                              \
+#define CUDA_OK(expr)                                                                         \
+  do {                                                                                        \
+    cudaError_t e_ = (expr);                                                                  \
+    if (e_ != cudaSuccess) {                                                                  \
       std::printf("CUDA error %s at %s:%d: %s\n", cudaGetErrorString(e_), __FILE__, __LINE__, \
-                  #expr);                                                                 \
-      std::exit(2);                                                                       \
-    }                                                                                     \
+                  #expr);                                                                     \
+      std::exit(2);                                                                           \
+    }                                                                                         \
   } while (0)
 
 // ---- naive GPU reference: int32 sums from packed codes ----------------------
@@ -141,7 +141,13 @@ struct Case {
 static ConvShape make_shape(int n, int h, int w, int c, int k, int r, int s, int pad, int stride,
                             int dil) {
   ConvShape x;
-  x.n = n; x.h = h; x.w = w; x.c = c; x.k = k; x.r = r; x.s = s;
+  x.n = n;
+  x.h = h;
+  x.w = w;
+  x.c = c;
+  x.k = k;
+  x.r = r;
+  x.s = s;
   x.pad_h = x.pad_w = pad;
   x.stride_h = x.stride_w = stride;
   x.dil_h = x.dil_w = dil;
@@ -175,7 +181,12 @@ int main() {
     ConvShape odd_k = make_shape(1, 8, 8, 32, 12, 3, 3, 1, 1, 1);
     ConvShape bad_p = make_shape(1, 8, 8, 32, 16, 3, 3, 1, 1, 1);
     bad_p.p += 1;
-    struct { const char* what; ConvShape s; OutType t; bool expect; } checks[] = {
+    struct {
+      const char* what;
+      ConvShape s;
+      OutType t;
+      bool expect;
+    } checks[] = {
         {"c=48 (not a multiple of 32)", bad_c, OutType::kFloat32, false},
         {"k=12 fp32 (multiple of 4)", odd_k, OutType::kFloat32, true},
         {"k=12 fp16 (not a multiple of 8)", odd_k, OutType::kFloat16, false},
@@ -195,17 +206,20 @@ int main() {
     const long long act_elems = 1LL * s.n * s.h * s.w * s.c;
     const long long wgt_elems = 1LL * s.k * s.r * s.s * s.c;
     const long long out_elems = 1LL * s.n * s.p * s.q * s.k;
-    std::printf("\n== %s: n=%d h=%d w=%d c=%d k=%d r=%d s=%d p=%d q=%d pad=%d,%d stride=%d,%d dil=%d,%d\n",
-                cs.name, s.n, s.h, s.w, s.c, s.k, s.r, s.s, s.p, s.q, s.pad_h, s.pad_w, s.stride_h,
-                s.stride_w, s.dil_h, s.dil_w);
+    std::printf(
+        "\n== %s: n=%d h=%d w=%d c=%d k=%d r=%d s=%d p=%d q=%d pad=%d,%d stride=%d,%d dil=%d,%d\n",
+        cs.name, s.n, s.h, s.w, s.c, s.k, s.r, s.s, s.p, s.q, s.pad_h, s.pad_w, s.stride_h,
+        s.stride_w, s.dil_h, s.dil_w);
 
     std::uniform_int_distribution<int> code(-8, 7);
     std::vector<int8_t> a(act_elems), b(wgt_elems);
     for (auto& v : a) v = static_cast<int8_t>(code(rng));
     for (auto& v : b) v = static_cast<int8_t>(code(rng));
     std::vector<uint8_t> ap(act_elems / 2), bp(wgt_elems / 2);
-    for (long long i = 0; i < act_elems / 2; ++i) ap[i] = q4conv::pack_int4_pair(a[2 * i], a[2 * i + 1]);
-    for (long long i = 0; i < wgt_elems / 2; ++i) bp[i] = q4conv::pack_int4_pair(b[2 * i], b[2 * i + 1]);
+    for (long long i = 0; i < act_elems / 2; ++i)
+      ap[i] = q4conv::pack_int4_pair(a[2 * i], a[2 * i + 1]);
+    for (long long i = 0; i < wgt_elems / 2; ++i)
+      bp[i] = q4conv::pack_int4_pair(b[2 * i], b[2 * i + 1]);
 
     std::uniform_real_distribution<float> alpha_d(-0.01f, 0.03f), bias_d(-2.f, 2.f);
     std::vector<float> alpha(s.k), bias(s.k);
@@ -293,8 +307,8 @@ int main() {
                 ++exact;
               } else {
                 if (bad < 5)
-                  std::printf("  %s mismatch at %lld (k=%d acc=%d): got %.9g want %.9g\n", tag, i, k,
-                              acc[i], got, ref);
+                  std::printf("  %s mismatch at %lld (k=%d acc=%d): got %.9g want %.9g\n", tag, i,
+                              k, acc[i], got, ref);
                 ++bad;
               }
             } else {
@@ -306,8 +320,9 @@ int main() {
               if (d > max_ulp) max_ulp = d;
               if (d > 1) {
                 if (bad < 5)
-                  std::printf("  %s mismatch at %lld (k=%d acc=%d): got 0x%04x want 0x%04x (ref %.9g)\n",
-                              tag, i, k, acc[i], got, want, ref);
+                  std::printf(
+                      "  %s mismatch at %lld (k=%d acc=%d): got 0x%04x want 0x%04x (ref %.9g)\n",
+                      tag, i, k, acc[i], got, want, ref);
                 ++bad;
               }
             }
@@ -315,9 +330,11 @@ int main() {
           long long guard_bad = 0;
           for (size_t i = out_bytes; i < max_out_bytes; ++i) guard_bad += out_host[i] != 0xFF;
           const bool ok = bad == 0 && guard_bad == 0;
-          std::printf("%s %s: %lld/%lld exact, max_ulp=%d, mismatches=%lld, guard bytes touched=%lld, nonzero refs=%lld\n",
-                      tag, ok ? "PASS" : "FAIL", exact, out_elems,
-                      t == OutType::kFloat32 ? (bad ? -1 : 0) : max_ulp, bad, guard_bad, nonzero_relu);
+          std::printf(
+              "%s %s: %lld/%lld exact, max_ulp=%d, mismatches=%lld, guard bytes touched=%lld, "
+              "nonzero refs=%lld\n",
+              tag, ok ? "PASS" : "FAIL", exact, out_elems,
+              t == OutType::kFloat32 ? (bad ? -1 : 0) : max_ulp, bad, guard_bad, nonzero_relu);
           if (!ok) ++failures;
         }
       }
@@ -349,7 +366,11 @@ int main() {
                 st.message.c_str());
     if (st.ok) ++failures;
     CUDA_OK(cudaStreamSynchronize(stream));
-    cudaFree(d_a); cudaFree(d_b); cudaFree(d_ws); cudaFree(d_out); cudaFree(d_alpha);
+    cudaFree(d_a);
+    cudaFree(d_b);
+    cudaFree(d_ws);
+    cudaFree(d_out);
+    cudaFree(d_alpha);
   }
 
   CUDA_OK(cudaStreamDestroy(stream));

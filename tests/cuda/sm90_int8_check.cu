@@ -36,19 +36,21 @@
 
 using namespace q4conv;
 
-#define CK(x)                                                                                \
-  do {                                                                                       \
-    cudaError_t e_ = (x);                                                                    \
-    if (e_ != cudaSuccess) {                                                                 \
-      std::fprintf(stderr, "CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-      std::exit(2);                                                                          \
-    }                                                                                        \
+#define CK(x)                                                                            \
+  do {                                                                                   \
+    cudaError_t e_ = (x);                                                                \
+    if (e_ != cudaSuccess) {                                                             \
+      std::fprintf(stderr, "CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, \
+                   __LINE__);                                                            \
+      std::exit(2);                                                                      \
+    }                                                                                    \
   } while (0)
 
 // ---------------------------------------------------------------- reference
 __global__ void ref_conv(ConvShape s, const int8_t* act, const int8_t* wt, int32_t* acc) {
   long long total = 1LL * s.n * s.p * s.q * s.k;
-  for (long long i = blockIdx.x * 1LL * blockDim.x + threadIdx.x; i < total; i += 1LL * gridDim.x * blockDim.x) {
+  for (long long i = blockIdx.x * 1LL * blockDim.x + threadIdx.x; i < total;
+       i += 1LL * gridDim.x * blockDim.x) {
     int k = static_cast<int>(i % s.k);
     long long t = i / s.k;
     int q = static_cast<int>(t % s.q);
@@ -71,15 +73,26 @@ __global__ void ref_conv(ConvShape s, const int8_t* act, const int8_t* wt, int32
   }
 }
 
-template <class T> __device__ T cast_out(float v);
-template <> __device__ float cast_out<float>(float v) { return v; }
-template <> __device__ __half cast_out<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __nv_bfloat16 cast_out<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <class T>
+__device__ T cast_out(float v);
+template <>
+__device__ float cast_out<float>(float v) {
+  return v;
+}
+template <>
+__device__ __half cast_out<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __nv_bfloat16 cast_out<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 template <class T>
-__global__ void ref_epilogue(long long total, int k, const int32_t* acc, const float* alpha, const float* bias,
-                             bool relu, T* out) {
-  for (long long i = blockIdx.x * 1LL * blockDim.x + threadIdx.x; i < total; i += 1LL * gridDim.x * blockDim.x) {
+__global__ void ref_epilogue(long long total, int k, const int32_t* acc, const float* alpha,
+                             const float* bias, bool relu, T* out) {
+  for (long long i = blockIdx.x * 1LL * blockDim.x + threadIdx.x; i < total;
+       i += 1LL * gridDim.x * blockDim.x) {
     int c = static_cast<int>(i % k);
     float v = fmaf(alpha[c], static_cast<float>(acc[i]), bias ? bias[c] : 0.0f);
     if (relu) v = fmaxf(v, 0.0f);
@@ -108,8 +121,8 @@ struct CmpResult {
   double got = 0, want = 0;
 };
 
-static CmpResult compare(const std::vector<uint8_t>& got, const std::vector<uint8_t>& want, OutType t,
-                         long long count) {
+static CmpResult compare(const std::vector<uint8_t>& got, const std::vector<uint8_t>& want,
+                         OutType t, long long count) {
   CmpResult r;
   for (long long i = 0; i < count; ++i) {
     bool ok;
@@ -154,9 +167,16 @@ struct Case {
   bool resnet;
 };
 
-static ConvShape make(int n, int h, int w, int c, int k, int r, int s, int pad, int stride, int dil) {
+static ConvShape make(int n, int h, int w, int c, int k, int r, int s, int pad, int stride,
+                      int dil) {
   ConvShape x;
-  x.n = n; x.h = h; x.w = w; x.c = c; x.k = k; x.r = r; x.s = s;
+  x.n = n;
+  x.h = h;
+  x.w = w;
+  x.c = c;
+  x.k = k;
+  x.r = r;
+  x.s = s;
   x.pad_h = x.pad_w = pad;
   x.stride_h = x.stride_w = stride;
   x.dil_h = x.dil_w = dil;
@@ -174,10 +194,11 @@ static std::vector<Case> cases() {
   v.push_back({"odd c256k136 3x3 p1 s2 15x15 n5", make(5, 15, 15, 256, 136, 3, 3, 1, 2, 1), false});
   v.push_back({"odd gemm c48k72 1x1 5x7 n3", make(3, 5, 7, 48, 72, 1, 1, 0, 1, 1), false});
   v.push_back({"odd gemm c528k264 1x1 9x11 n7", make(7, 9, 11, 528, 264, 1, 1, 0, 1, 1), false});
-  const int rn[][5] = {{64, 64, 56, 1, 1},    {64, 64, 56, 3, 1},    {64, 256, 56, 1, 1},  {256, 64, 56, 1, 1},
-                       {128, 128, 28, 3, 1},  {128, 512, 28, 1, 1},  {512, 128, 28, 1, 1}, {256, 256, 14, 3, 1},
-                       {256, 1024, 14, 1, 1}, {1024, 256, 14, 1, 1}, {512, 512, 7, 3, 1},  {512, 2048, 7, 1, 1},
-                       {2048, 512, 7, 1, 1},  {256, 512, 56, 1, 2},  {128, 128, 56, 3, 2}};
+  const int rn[][5] = {{64, 64, 56, 1, 1},    {64, 64, 56, 3, 1},   {64, 256, 56, 1, 1},
+                       {256, 64, 56, 1, 1},   {128, 128, 28, 3, 1}, {128, 512, 28, 1, 1},
+                       {512, 128, 28, 1, 1},  {256, 256, 14, 3, 1}, {256, 1024, 14, 1, 1},
+                       {1024, 256, 14, 1, 1}, {512, 512, 7, 3, 1},  {512, 2048, 7, 1, 1},
+                       {2048, 512, 7, 1, 1},  {256, 512, 56, 1, 2}, {128, 128, 56, 3, 2}};
   for (auto& x : rn) {
     int c = x[0], k = x[1], h = x[2], r = x[3], st = x[4];
     int pad = r == 3 ? 1 : 0;
@@ -189,8 +210,8 @@ static std::vector<Case> cases() {
 }
 
 // ---------------------------------------------------------------- runner
-using RunFn = KernelStatus (*)(const ConvShape&, const void*, const void*, const EpilogueArgs&, void*,
-                               cudaStream_t);
+using RunFn = KernelStatus (*)(const ConvShape&, const void*, const void*, const EpilogueArgs&,
+                               void*, cudaStream_t);
 
 struct Buffers {
   int8_t *act = nullptr, *wt = nullptr;
@@ -203,8 +224,8 @@ struct Buffers {
 static long long g_failures = 0;
 
 // Checks one (run function, out type, bias, relu); returns true when equal.
-static bool check_one(const Case& cs, RunFn run, size_t ws_need, Buffers& b, OutType t, bool use_bias, bool relu,
-                      const char* label) {
+static bool check_one(const Case& cs, RunFn run, size_t ws_need, Buffers& b, OutType t,
+                      bool use_bias, bool relu, const char* label) {
   const ConvShape& s = cs.s;
   long long cnt = 1LL * s.n * s.p * s.q * s.k;
   size_t bytes = cnt * tsize(t);
@@ -216,12 +237,13 @@ static bool check_one(const Case& cs, RunFn run, size_t ws_need, Buffers& b, Out
   else if (t == OutType::kFloat16)
     ref_epilogue<__half><<<blocks, 256>>>(cnt, s.k, b.acc, b.alpha, bias, relu, (__half*)b.ref);
   else
-    ref_epilogue<__nv_bfloat16><<<blocks, 256>>>(cnt, s.k, b.acc, b.alpha, bias, relu, (__nv_bfloat16*)b.ref);
+    ref_epilogue<__nv_bfloat16>
+        <<<blocks, 256>>>(cnt, s.k, b.acc, b.alpha, bias, relu, (__nv_bfloat16*)b.ref);
   CK(cudaGetLastError());
   CK(cudaMemset(b.out, 0xFF, bytes));  // poison
   if (ws_need > b.ws_bytes) {
-    std::printf("  %-18s %-4s bias=%d relu=%d  FAIL workspace %zu > %zu\n", label, tname(t), use_bias, relu,
-                ws_need, b.ws_bytes);
+    std::printf("  %-18s %-4s bias=%d relu=%d  FAIL workspace %zu > %zu\n", label, tname(t),
+                use_bias, relu, ws_need, b.ws_bytes);
     ++g_failures;
     return false;
   }
@@ -234,8 +256,8 @@ static bool check_one(const Case& cs, RunFn run, size_t ws_need, Buffers& b, Out
   KernelStatus st = run(s, b.act, b.wt, e, b.ws, 0);
   cudaError_t ce = cudaDeviceSynchronize();
   if (!st.ok || ce != cudaSuccess) {
-    std::printf("  %-18s %-4s bias=%d relu=%d  FAIL status: %s %s\n", label, tname(t), use_bias, relu,
-                st.message.c_str(), cudaGetErrorString(ce));
+    std::printf("  %-18s %-4s bias=%d relu=%d  FAIL status: %s %s\n", label, tname(t), use_bias,
+                relu, st.message.c_str(), cudaGetErrorString(ce));
     ++g_failures;
     if (ce != cudaSuccess) std::exit(3);  // sticky error: nothing else can run
     return false;
@@ -245,8 +267,10 @@ static bool check_one(const Case& cs, RunFn run, size_t ws_need, Buffers& b, Out
   CK(cudaMemcpy(want.data(), b.ref, bytes, cudaMemcpyDeviceToHost));
   CmpResult r = compare(got, want, t, cnt);
   if (r.bad) {
-    std::printf("  %-18s %-4s bias=%d relu=%d  FAIL %lld/%lld mismatches, first at %lld: got %.8g want %.8g\n",
-                label, tname(t), use_bias, relu, r.bad, cnt, r.first, r.got, r.want);
+    std::printf(
+        "  %-18s %-4s bias=%d relu=%d  FAIL %lld/%lld mismatches, first at %lld: got %.8g want "
+        "%.8g\n",
+        label, tname(t), use_bias, relu, r.bad, cnt, r.first, r.got, r.want);
     ++g_failures;
     return false;
   }
@@ -304,7 +328,9 @@ static double time_one(const Case& cs, RunFn run, Buffers& b, OutType t, bool gr
   return ms[ms.size() / 2];
 }
 
-static double ops(const ConvShape& s) { return 2.0 * s.n * s.p * s.q * s.k * double(s.c) * s.r * s.s; }
+static double ops(const ConvShape& s) {
+  return 2.0 * s.n * s.p * s.q * s.k * double(s.c) * s.r * s.s;
+}
 
 int main(int argc, char** argv) {
   bool all_cfgs = false, do_time = true;
@@ -314,20 +340,22 @@ int main(int argc, char** argv) {
   }
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
+  std::printf("device: %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor,
+              prop.multiProcessorCount);
   for (int i = 0; i < sm90::num_configs(); ++i) {
     const auto& c = sm90::config(i);
     std::printf("config %d: %-18s smem f32/f16/bf16 = %d/%d/%d B, built for %d CTA/SM\n", i, c.name,
-                c.smem_bytes(OutType::kFloat32), c.smem_bytes(OutType::kFloat16), c.smem_bytes(OutType::kBFloat16),
-                c.min_blocks());
+                c.smem_bytes(OutType::kFloat32), c.smem_bytes(OutType::kFloat16),
+                c.smem_bytes(OutType::kBFloat16), c.min_blocks());
   }
 
   std::mt19937 rng(1234);
   std::vector<std::string> table;
   for (const Case& cs : cases()) {
     const ConvShape& s = cs.s;
-    std::printf("== %s: n=%d h=%d w=%d c=%d k=%d r=%d s=%d p=%d q=%d pad=%d stride=%d dil=%d\n", cs.name.c_str(),
-                s.n, s.h, s.w, s.c, s.k, s.r, s.s, s.p, s.q, s.pad_h, s.stride_h, s.dil_h);
+    std::printf("== %s: n=%d h=%d w=%d c=%d k=%d r=%d s=%d p=%d q=%d pad=%d stride=%d dil=%d\n",
+                cs.name.c_str(), s.n, s.h, s.w, s.c, s.k, s.r, s.s, s.p, s.q, s.pad_h, s.stride_h,
+                s.dil_h);
     size_t na = 1ULL * s.n * s.h * s.w * s.c, nw = 1ULL * s.k * s.r * s.s * s.c;
     long long cnt = 1LL * s.n * s.p * s.q * s.k;
     std::vector<int8_t> ha(na), hw(nw);
@@ -353,14 +381,16 @@ int main(int argc, char** argv) {
     CK(cudaMemcpy(b.wt, hw.data(), nw, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(b.alpha, halpha.data(), s.k * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(b.bias, hbias.data(), s.k * 4, cudaMemcpyHostToDevice));
-    ref_conv<<<static_cast<int>(std::min<long long>((cnt + 255) / 256, 1 << 20)), 256>>>(s, b.act, b.wt, b.acc);
+    ref_conv<<<static_cast<int>(std::min<long long>((cnt + 255) / 256, 1 << 20)), 256>>>(
+        s, b.act, b.wt, b.acc);
     CK(cudaGetLastError());
     CK(cudaDeviceSynchronize());
     // workspace: the most any configuration asks for
     size_t ws = 0;
     for (OutType t : {OutType::kFloat32, OutType::kFloat16, OutType::kBFloat16}) {
       ws = std::max(ws, sm90_int8_workspace_bytes(s, t));
-      for (int i = 0; i < sm90::num_configs(); ++i) ws = std::max(ws, sm90::config(i).workspace(s, t));
+      for (int i = 0; i < sm90::num_configs(); ++i)
+        ws = std::max(ws, sm90::config(i).workspace(s, t));
     }
     b.ws_bytes = ws;
     if (ws) CK(cudaMalloc(&b.ws, ws));
@@ -380,8 +410,8 @@ int main(int argc, char** argv) {
       for (int v = 0; v < nv; ++v) {
         int vv = cs.resnet ? (t == OutType::kFloat32 ? v : (v + 2) % 4) : v;
         ++tried;
-        pass += check_one(cs, &sm90_int8_conv, sm90_int8_workspace_bytes(s, t), b, t, variants[vv][0],
-                          variants[vv][1], "dispatch");
+        pass += check_one(cs, &sm90_int8_conv, sm90_int8_workspace_bytes(s, t), b, t,
+                          variants[vv][0], variants[vv][1], "dispatch");
       }
     }
     std::printf("  dispatch correctness: %d/%d variants exact\n", pass, tried);
@@ -397,7 +427,8 @@ int main(int argc, char** argv) {
           std::printf("  cfg %-18s unsupported\n", c.name);
           continue;
         }
-        bool ok = check_one(cs, c.run, c.workspace(s, OutType::kFloat16), b, OutType::kFloat16, true, true, c.name);
+        bool ok = check_one(cs, c.run, c.workspace(s, OutType::kFloat16), b, OutType::kFloat16,
+                            true, true, c.name);
         if (ok && do_time) {
           double ms = time_one(cs, c.run, b, OutType::kFloat16, true);
           std::printf("  cfg %-18s ok  %9.4f ms  %7.1f TOPS\n", c.name, ms, ops(s) / ms * 1e-9);
@@ -421,19 +452,28 @@ int main(int argc, char** argv) {
       double ms32 = sm90_int8_supports(s, OutType::kFloat32)
                         ? time_one(cs, &sm90_int8_conv, b, OutType::kFloat32, true)
                         : 0.0;
-      std::printf("  TIME dispatch f16 %s: kernel %.4f ms %.1f TOPS; call path %.4f ms; f32 out kernel %.4f ms\n",
-                  pick, ms, ops(s) / ms * 1e-9, ms_call, ms32);
+      std::printf(
+          "  TIME dispatch f16 %s: kernel %.4f ms %.1f TOPS; call path %.4f ms; f32 out kernel "
+          "%.4f ms\n",
+          pick, ms, ops(s) / ms * 1e-9, ms_call, ms32);
       char buf[768];
-      std::snprintf(buf, sizeof buf, "%-34s | %-20s | %8.4f | %7.1f | %8.4f | %8.4f |%s%s%s", cs.name.c_str(), pick,
-                    ms, ops(s) / ms * 1e-9, ms_call, ms32, all_cfgs ? " best=" : "",
-                    all_cfgs ? best_name.c_str() : "", per_cfg.c_str());
+      std::snprintf(buf, sizeof buf, "%-34s | %-20s | %8.4f | %7.1f | %8.4f | %8.4f |%s%s%s",
+                    cs.name.c_str(), pick, ms, ops(s) / ms * 1e-9, ms_call, ms32,
+                    all_cfgs ? " best=" : "", all_cfgs ? best_name.c_str() : "", per_cfg.c_str());
       table.push_back(buf);
     }
-    cudaFree(b.act); cudaFree(b.wt); cudaFree(b.acc); cudaFree(b.alpha); cudaFree(b.bias);
-    cudaFree(b.out); cudaFree(b.ref);
+    cudaFree(b.act);
+    cudaFree(b.wt);
+    cudaFree(b.acc);
+    cudaFree(b.alpha);
+    cudaFree(b.bias);
+    cudaFree(b.out);
+    cudaFree(b.ref);
     if (b.ws) cudaFree(b.ws);
   }
-  std::printf("\nshape | config (f16) | kernel ms f16 | TOPS f16 | call-path ms f16 | kernel ms f32 | per-config TOPS (f16, kernel)\n");
+  std::printf(
+      "\nshape | config (f16) | kernel ms f16 | TOPS f16 | call-path ms f16 | kernel ms f32 | "
+      "per-config TOPS (f16, kernel)\n");
   for (auto& l : table) std::printf("%s\n", l.c_str());
   std::printf("\n%s: %lld failures\n", g_failures ? "FAILED" : "ALL PASSED", g_failures);
   return g_failures ? 1 : 0;
