@@ -4,11 +4,11 @@
 // their own. dispatch.cpp owns the torch side (allocation, checks, choice).
 #pragma once
 
-#include <cuda_runtime_api.h>
-
 #include <cstddef>
 #include <cstdint>
 #include <string>
+
+#include <cuda_runtime_api.h>
 
 namespace q4conv {
 

@@ -3,11 +3,11 @@
 // alpha/bias packing kernel live here; the three CUTLASS kernel
 // instantiations (one per output type) live in conv_sm80_int4_{f32,f16,bf16}.cu
 // so they compile in parallel. See conv_sm80_int4_impl.cuh for the design.
+#include "kernels/conv_sm80_int4_impl.cuh"
+
 #include <cstdint>
 #include <limits>
 #include <string>
-
-#include "kernels/conv_sm80_int4_impl.cuh"
 
 namespace q4conv {
 

@@ -21,20 +21,21 @@
 // tensor is never stored (kStoreT == false).
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
+#include <cuda_runtime.h>
+
+#include "cutlass/cutlass.h"
 #include "cutlass/array.h"
+#include "cutlass/numeric_types.h"
+#include "cutlass/numeric_conversion.h"
 #include "cutlass/conv/conv2d_problem_size.h"
 #include "cutlass/conv/convolution.h"
 #include "cutlass/conv/device/implicit_gemm_convolution.h"
 #include "cutlass/conv/kernel/default_conv2d_fprop_with_broadcast.h"
-#include "cutlass/cutlass.h"
 #include "cutlass/gemm/threadblock/threadblock_swizzle.h"
 #include "cutlass/layout/tensor.h"
-#include "cutlass/numeric_conversion.h"
-#include "cutlass/numeric_types.h"
+
 #include "kernels/conv_kernels.h"
 
 namespace q4conv {

@@ -62,17 +62,17 @@ int pick_config(const ConvShape& shape, OutType out_type);
 #include <string>
 
 #include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/kernel_hardware_info.hpp"
 #include "cutlass/bfloat16.h"
-#include "cutlass/conv/collective/collective_builder.hpp"
+#include "cutlass/half.h"
 #include "cutlass/conv/convnd_problem_shape.hpp"
 #include "cutlass/conv/device/conv_universal_adapter.hpp"
 #include "cutlass/conv/kernel/conv_universal.hpp"
-#include "cutlass/cutlass.h"
+#include "cutlass/conv/collective/collective_builder.hpp"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
 #include "cutlass/epilogue/thread/activation.h"
-#include "cutlass/half.h"
-#include "cutlass/kernel_hardware_info.hpp"
 #ifdef Q4CONV_SM90_GEMM
 // Only in the GEMM configuration files: with these headers visible the conv
 // kernel's GemmUniversal specialization becomes ambiguous.

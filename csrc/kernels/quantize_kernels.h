@@ -2,9 +2,9 @@
 // Arithmetic comes from ../quant.h, so codes match the CPU path bit for bit.
 #pragma once
 
-#include <cuda_runtime_api.h>
-
 #include <cstdint>
+
+#include <cuda_runtime_api.h>
 
 #include "conv_kernels.h"
 
