@@ -38,6 +38,8 @@
 
 #include "kernels/conv_kernels.h"
 
+#include "kernels/cutlass_types.cuh"
+
 namespace q4conv {
 namespace sm80_int4_detail {
 
@@ -124,22 +126,6 @@ class PerChannelAffineOp {
         convert;
     frag_Z = convert(result);
   }
-};
-
-// Output element types, one kernel per type.
-template <OutType T>
-struct OutElement;
-template <>
-struct OutElement<OutType::kFloat32> {
-  using type = float;
-};
-template <>
-struct OutElement<OutType::kFloat16> {
-  using type = cutlass::half_t;
-};
-template <>
-struct OutElement<OutType::kBFloat16> {
-  using type = cutlass::bfloat16_t;
 };
 
 // Output vector width (elements per 128-bit access): k must be a multiple.

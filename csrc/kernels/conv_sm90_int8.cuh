@@ -81,25 +81,12 @@ int pick_config(const ConvShape& shape, OutType out_type);
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #endif
 
+#include "kernels/cutlass_types.cuh"
+
 namespace q4conv {
 namespace sm90 {
 
 inline const char* status_name(cutlass::Status s) { return cutlassGetStatusString(s); }
-
-template <OutType T>
-struct OutElem;
-template <>
-struct OutElem<OutType::kFloat32> {
-  using type = float;
-};
-template <>
-struct OutElem<OutType::kFloat16> {
-  using type = cutlass::half_t;
-};
-template <>
-struct OutElem<OutType::kBFloat16> {
-  using type = cutlass::bfloat16_t;
-};
 
 // Kernel wrapper that only changes the launch bounds' min-blocks, so that a
 // small tile can run two CTAs per SM (the compiler then keeps <= 128
@@ -241,7 +228,7 @@ struct EpilogueFusion {
 // subtile 64 x EpiN (0 = CUTLASS's choice, 64x32 for this schedule).
 template <int TM, int TN, int TK, int CM, int MinBlocks, int Stages, int EpiN, OutType OT>
 struct Kernel {
-  using ElementOut = typename OutElem<OT>::type;
+  using ElementOut = typename OutElement<OT>::type;
   static constexpr int kAlignOut = 128 / cutlass::sizeof_bits<ElementOut>::value;
 
   using TileShape = cute::Shape<cute::Int<TM>, cute::Int<TN>, cute::Shape<cute::Int<TK>>>;
@@ -365,6 +352,24 @@ struct Kernel {
   static int smem_bytes() { return static_cast<int>(ConvKernel::SharedStorageSize); }
 };
 
+// Defines the table entry VAR of one compiled configuration whose per-type
+// entry points are the struct FNS (the variadic part: it has commas).
+#define Q4CONV_SM90_DEFINE_ENTRY(VAR, NAME, TM, TN, TK, ...) \
+  namespace q4conv {                                         \
+  namespace sm90 {                                           \
+  using VAR##_fns = __VA_ARGS__;                             \
+  const Entry VAR = {NAME,                                   \
+                     TM,                                     \
+                     TN,                                     \
+                     TK,                                     \
+                     &VAR##_fns::supports,                   \
+                     &VAR##_fns::workspace,                  \
+                     &VAR##_fns::run,                        \
+                     &VAR##_fns::smem,                       \
+                     &VAR##_fns::min_blocks};                \
+  }                                                          \
+  }
+
 // Per-configuration entry points dispatching on the output type; KernelSet
 // provides `template <OutType> using K` (the kernel of one output type).
 template <class KernelSet, int MinBlocks>
@@ -429,7 +434,7 @@ struct OutTypeDispatch {
 // the SM count. Schedule: 0 = cooperative, 1 = pingpong.
 template <int TM, int TN, int TK, int Schedule, OutType OT>
 struct GemmKernel {
-  using ElementOut = typename OutElem<OT>::type;
+  using ElementOut = typename OutElement<OT>::type;
   static constexpr int kAlignOut = 128 / cutlass::sizeof_bits<ElementOut>::value;
   using TileShape = cute::Shape<cute::Int<TM>, cute::Int<TN>, cute::Int<TK>>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
@@ -538,20 +543,7 @@ template <int TM, int TN, int TK, int Schedule>
 using GemmConfigFns = OutTypeDispatch<GemmKernels<TM, TN, TK, Schedule>, 1>;
 
 #define Q4CONV_SM90_DEFINE_GEMM_CONFIG(VAR, NAME, TM, TN, TK, SCHED) \
-  namespace q4conv {                                                 \
-  namespace sm90 {                                                   \
-  using VAR##_fns = GemmConfigFns<TM, TN, TK, SCHED>;                \
-  const Entry VAR = {NAME,                                           \
-                     TM,                                             \
-                     TN,                                             \
-                     TK,                                             \
-                     &VAR##_fns::supports,                           \
-                     &VAR##_fns::workspace,                          \
-                     &VAR##_fns::run,                                \
-                     &VAR##_fns::smem,                               \
-                     &VAR##_fns::min_blocks};                        \
-  }                                                                  \
-  }
+  Q4CONV_SM90_DEFINE_ENTRY(VAR, NAME, TM, TN, TK, GemmConfigFns<TM, TN, TK, SCHED>)
 
 #endif  // Q4CONV_SM90_GEMM
 
@@ -564,20 +556,7 @@ template <int TM, int TN, int TK, int CM, int MinBlocks, int Stages, int EpiN>
 using ConfigFns = OutTypeDispatch<ConvKernels<TM, TN, TK, CM, MinBlocks, Stages, EpiN>, MinBlocks>;
 
 #define Q4CONV_SM90_DEFINE_CONFIG(VAR, NAME, TM, TN, TK, CM, MINB, STAGES, EPIN) \
-  namespace q4conv {                                                             \
-  namespace sm90 {                                                               \
-  using VAR##_fns = ConfigFns<TM, TN, TK, CM, MINB, STAGES, EPIN>;               \
-  const Entry VAR = {NAME,                                                       \
-                     TM,                                                         \
-                     TN,                                                         \
-                     TK,                                                         \
-                     &VAR##_fns::supports,                                       \
-                     &VAR##_fns::workspace,                                      \
-                     &VAR##_fns::run,                                            \
-                     &VAR##_fns::smem,                                           \
-                     &VAR##_fns::min_blocks};                                    \
-  }                                                                              \
-  }
+  Q4CONV_SM90_DEFINE_ENTRY(VAR, NAME, TM, TN, TK, ConfigFns<TM, TN, TK, CM, MINB, STAGES, EPIN>)
 
 }  // namespace sm90
 }  // namespace q4conv
