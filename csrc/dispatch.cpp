@@ -65,12 +65,16 @@ const char* backend_name(Backend backend) {
   return "unknown";
 }
 
+void check_x_rank(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.dim(), "-D with shape ",
+              x.sizes());
+}
+
 void check_conv_inputs(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
                        const at::Tensor& scale_w, const std::optional<at::Tensor>& bias,
                        int64_t out_channels, int64_t bits) {
   check_bits(bits);
-  TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.dim(), "-D with shape ",
-              x.sizes());
+  check_x_rank(x);
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "x must be float32, float16 or bfloat16, got ", dtype);
@@ -170,16 +174,10 @@ at::Tensor run_conv(const at::Tensor& x, const at::Tensor& bias_a, const at::Ten
 }
 
 void check_qweight(const at::Tensor& qweight, const at::Tensor& x) {
-  TORCH_CHECK(qweight.dim() == 4 && qweight.scalar_type() == at::kByte,
-              "qweight must be a 4-D uint8 tensor (K, R, S, ceil(C/2)), got ", qweight.dim(), "-D ",
-              qweight.scalar_type());
+  check_x_rank(x);
+  check_qweight_layout(qweight, x.size(1));
   TORCH_CHECK(qweight.device() == x.device(), "qweight must be on x's device (", x.device(),
               "), got ", qweight.device());
-  if (x.dim() == 4) {
-    TORCH_CHECK(qweight.size(3) == (x.size(1) + 1) / 2, "x has ", x.size(1),
-                " channels, so qweight's last dimension must be ", (x.size(1) + 1) / 2, ", got ",
-                qweight.size(3), " (wrong in_channels?)");
-  }
 }
 
 }  // namespace
@@ -192,8 +190,8 @@ at::Tensor conv_packed(const at::Tensor& x, const at::Tensor& bias_a, const at::
                        const std::optional<at::Tensor>& kernel_weight,
                        const std::optional<at::Tensor>& alpha) {
   const ConvParams params = make_params(stride, padding, dilation, eps, bits, relu);
-  check_conv_inputs(x, bias_a, scale_a, scale_w, bias, qweight.size(0), bits);
   check_qweight(qweight, x);
+  check_conv_inputs(x, bias_a, scale_a, scale_w, bias, qweight.size(0), bits);
   if (alpha.has_value()) {
     TORCH_CHECK(alpha->scalar_type() == at::kFloat && alpha->dim() == 1 &&
                     alpha->size(0) == qweight.size(0) && alpha->is_contiguous() &&
@@ -207,10 +205,7 @@ at::Tensor conv_packed(const at::Tensor& x, const at::Tensor& bias_a, const at::
 
 at::Tensor kernel_weight(const at::Tensor& qweight, int64_t in_channels,
                          const std::string& backend) {
-  TORCH_CHECK(qweight.dim() == 4 && qweight.scalar_type() == at::kByte &&
-                  qweight.size(3) == (in_channels + 1) / 2,
-              "qweight must be a uint8 tensor (K, R, S, ceil(in_channels/2)), got ",
-              qweight.scalar_type(), " ", qweight.sizes());
+  check_qweight_layout(qweight, in_channels);
 #ifdef Q4CONV_WITH_CUDA
   if (qweight.is_cuda()) return cuda_kernel_weight(qweight, in_channels, parse_backend(backend));
 #endif

@@ -81,6 +81,9 @@ void check_conv_inputs(const at::Tensor& x, const at::Tensor& bias_a, const at::
                        const at::Tensor& scale_w, const std::optional<at::Tensor>& bias,
                        int64_t out_channels, int64_t bits);
 void check_bits(int64_t bits);
+void check_x_rank(const at::Tensor& x);
+// qweight is uint8 (K, R, S, ceil(in_channels / 2)).
+void check_qweight_layout(const at::Tensor& qweight, int64_t in_channels);
 // alpha[k] = max(scale_a, eps) * max(scale_w[k], eps), fp32 [K] on x's device.
 at::Tensor output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w, int64_t out_channels,
                         double eps);

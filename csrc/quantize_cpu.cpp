@@ -78,13 +78,17 @@ at::Tensor quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w, do
   return cpu_quantize_pack(weight, scale_w, eps, bits);
 }
 
-at::Tensor unpack(const at::Tensor& qweight, int64_t in_channels) {
+void check_qweight_layout(const at::Tensor& qweight, int64_t in_channels) {
   TORCH_CHECK(qweight.dim() == 4 && qweight.scalar_type() == at::kByte,
               "qweight must be a 4-D uint8 tensor (K, R, S, ceil(C/2)), got ", qweight.dim(), "-D ",
               qweight.scalar_type());
   TORCH_CHECK(qweight.size(3) == (in_channels + 1) / 2, "qweight's last dimension must be ceil(",
               in_channels, "/2) = ", (in_channels + 1) / 2, " for in_channels=", in_channels,
-              ", got ", qweight.size(3));
+              ", got ", qweight.size(3), " (wrong in_channels?)");
+}
+
+at::Tensor unpack(const at::Tensor& qweight, int64_t in_channels) {
+  check_qweight_layout(qweight, in_channels);
   // Low nibble = even channel, high nibble = odd channel; sign-extend both.
   const at::Tensor bytes = qweight.to(at::kInt);
   const at::Tensor low = at::bitwise_and(bytes, 0x0F);
@@ -97,7 +101,7 @@ at::Tensor unpack(const at::Tensor& qweight, int64_t in_channels) {
 at::Tensor quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
                                const at::Tensor& scale_a, double eps, int64_t bits) {
   check_bits(bits);
-  TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  check_x_rank(x);
   TORCH_CHECK(bias_a.dim() == 1 && bias_a.size(0) == x.size(1), "bias_a must have shape [",
               x.size(1), "] (in_channels), got ", bias_a.sizes());
   TORCH_CHECK(scale_a.numel() == 1, "scale_a must hold one value, got ", scale_a.numel());
