@@ -15,7 +15,7 @@ random data per shape; when an input fits in L2 (50 MB) the calls rotate over se
 buffers (together > 2x L2) so that no call reads an input the previous call left in L2.
 
 The floor column is max(int8 ops / 1979e12, bytes / 3.35e12) (H100 SXM dense int8 peak and HBM3
-bandwidth) with ops = 2*N*P*Q*K*C*R*S and bytes = fp16 input + int4 weights + fp16 output;
+bandwidth) with ops = 2*N*P*Q*K*C*R*S and bytes = fp16 input (for 1x1 convolutions: the pixels on the stride grid) + int4 weights + fp16 output;
 "floor frac" = floor / q4conv forward time.
 
 Memory saved for backward: torch.cuda.memory_allocated() after minus before a forward with grad
@@ -88,7 +88,9 @@ class Shape:
         return 2 * self.n * self.p * self.p * self.k * self.c * self.r * self.r
 
     def bytes(self) -> int:
-        x = self.n * self.c * self.h * self.h * 2
+        # A 1x1 convolution reads only the pixels on its stride grid.
+        read_h = self.p if self.r == 1 and self.pad == 0 else self.h
+        x = self.n * self.c * read_h * read_h * 2
         w = (self.k * self.c * self.r * self.r + 1) // 2
         y = self.n * self.k * self.p * self.p * 2
         return x + w + y

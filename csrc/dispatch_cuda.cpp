@@ -4,6 +4,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+
 #include "kernels/conv_kernels.h"
 #include "kernels/quantize_kernels.h"
 #include "q4conv.h"
@@ -81,18 +82,38 @@ ConvShape make_shape(const at::Tensor& x, int64_t k_out, int64_t r, int64_t s,
   return shape;
 }
 
+// What the kernels convolve: x itself, or for a 1x1 convolution with stride
+// > 1 and no padding only the pixels it reads (a strided view: the
+// quantization pass then touches 1/(stride_h * stride_w) of the input) with
+// stride 1, which the sm90 backend runs as a persistent GEMM.
+struct KernelInput {
+  at::Tensor x;
+  ConvParams params;
+};
+
+KernelInput kernel_input(const at::Tensor& x, int64_t r, int64_t s, const ConvParams& params) {
+  const bool pointwise = r == 1 && s == 1 && params.padding[0] == 0 && params.padding[1] == 0;
+  if (!pointwise || (params.stride[0] == 1 && params.stride[1] == 1)) return {x, params};
+  KernelInput in{x.slice(2, 0, x.size(2), params.stride[0]).slice(3, 0, x.size(3), params.stride[1]),
+                 params};
+  for (int i = 0; i < 2; ++i) {
+    in.params.stride[i] = 1;
+    in.params.dilation[i] = 1;
+  }
+  return in;
+}
+
 }  // namespace
 
-at::Tensor cuda_quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
-                                    const at::Tensor& scale_a, double eps, int64_t bits,
-                                    int64_t c_pad, bool packed_int4) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor bias = bias_a.detach().to(at::kFloat).contiguous();
-  const at::Tensor scale = scale_a.detach().to(at::kFloat).reshape({1}).contiguous();
-  const int64_t stored_c = packed_int4 ? c_pad / 2 : c_pad;
-  at::Tensor codes = at::empty({x.size(0), x.size(2), x.size(3), stored_c},
-                               x.options().dtype(packed_int4 ? at::kByte : at::kChar));
-  if (codes.numel() == 0) return codes;
+namespace {
+
+// Activation codes of x into `codes` (NHWC [N, H, W, c_pad] int8, or
+// [N, H, W, c_pad / 2] packed int4), on the current stream. bias / scale are
+// fp32 on x's device (scale: one value, read by the kernel, no host sync).
+void quantize_activation_into(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& scale,
+                              double eps, int64_t bits, int64_t c_pad, bool packed_int4,
+                              const at::Tensor& codes) {
+  if (codes.numel() == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Tensor4dView view = view_of(x);
   const int pad = static_cast<int>(c_pad), b = static_cast<int>(bits);
@@ -104,6 +125,25 @@ at::Tensor cuda_quantize_activation(const at::Tensor& x, const at::Tensor& bias_
           : quantize_activation_int8_nhwc(view, bias.data_ptr<float>(), scale.data_ptr<float>(), e,
                                           b, pad, codes.data_ptr<int8_t>(), stream);
   check_status(status, "activation quantization");
+}
+
+at::Tensor float_bias(const at::Tensor& bias_a) { return bias_a.detach().to(at::kFloat).contiguous(); }
+
+at::Tensor float_scale(const at::Tensor& scale_a) {
+  return scale_a.detach().to(at::kFloat).reshape({1}).contiguous();
+}
+
+}  // namespace
+
+at::Tensor cuda_quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
+                                    const at::Tensor& scale_a, double eps, int64_t bits,
+                                    int64_t c_pad, bool packed_int4) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t stored_c = packed_int4 ? c_pad / 2 : c_pad;
+  at::Tensor codes = at::empty({x.size(0), x.size(2), x.size(3), stored_c},
+                               x.options().dtype(packed_int4 ? at::kByte : at::kChar));
+  quantize_activation_into(x, float_bias(bias_a), float_scale(scale_a), eps, bits, c_pad,
+                           packed_int4, codes);
   return codes;
 }
 
@@ -148,8 +188,9 @@ at::Tensor cuda_unpack_krsc(const at::Tensor& qweight, int64_t in_channels, int6
 bool cuda_backend_supports(Backend backend, const at::Tensor& x, int64_t out_channels, int64_t r,
                            int64_t s, const ConvParams& params, at::ScalarType out_dtype) {
   const auto* props = at::cuda::getDeviceProperties(x.device().index());
+  const KernelInput in = kernel_input(x, r, s, params);
   const ConvShape shape =
-      make_shape(x, out_channels, r, s, params, round_up(x.size(1), channel_align(backend)));
+      make_shape(in.x, out_channels, r, s, in.params, round_up(x.size(1), channel_align(backend)));
   switch (backend) {
     case Backend::kSm90Int8:
 #ifdef Q4CONV_HAVE_SM90
@@ -191,6 +232,36 @@ bool matches_layout(const at::Tensor& cached, const at::Tensor& qweight, int64_t
 
 }  // namespace
 
+namespace {
+
+int64_t workspace_bytes(Backend backend, const ConvShape& shape, OutType out_type) {
+#ifdef Q4CONV_HAVE_SM90
+  if (backend == Backend::kSm90Int8)
+    return static_cast<int64_t>(sm90_int8_workspace_bytes(shape, out_type));
+#endif
+#ifdef Q4CONV_HAVE_SM80
+  if (backend == Backend::kSm80Int4)
+    return static_cast<int64_t>(sm80_int4_workspace_bytes(shape, out_type));
+#endif
+  return 0;
+}
+
+KernelStatus run_kernel(Backend backend, const ConvShape& shape, const void* act,
+                        const void* wgt, const EpilogueArgs& epilogue, void* workspace,
+                        cudaStream_t stream) {
+#ifdef Q4CONV_HAVE_SM90
+  if (backend == Backend::kSm90Int8)
+    return sm90_int8_conv(shape, act, wgt, epilogue, workspace, stream);
+#endif
+#ifdef Q4CONV_HAVE_SM80
+  if (backend == Backend::kSm80Int4)
+    return sm80_int4_conv(shape, act, wgt, epilogue, workspace, stream);
+#endif
+  return KernelStatus::failure("backend not built");
+}
+
+}  // namespace
+
 at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bias_a,
                      const at::Tensor& scale_a, const at::Tensor& qweight,
                      const std::optional<at::Tensor>& kernel_weight, const at::Tensor& alpha,
@@ -198,17 +269,18 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
   const c10::cuda::CUDAGuard guard(x.device());
   const bool packed = backend == Backend::kSm80Int4;
   const int64_t c_pad = round_up(x.size(1), channel_align(backend));
-  const int64_t k_out = qweight.size(0);
-  const ConvShape shape = make_shape(x, k_out, qweight.size(1), qweight.size(2), params, c_pad);
-  const at::Tensor act =
-      cuda_quantize_activation(x, bias_a, scale_a, params.eps, params.bits, c_pad, packed);
+  const int64_t stored_c = packed ? c_pad / 2 : c_pad;
+  const KernelInput in = kernel_input(x, qweight.size(1), qweight.size(2), params);
+  const ConvShape full = make_shape(in.x, qweight.size(0), qweight.size(1), qweight.size(2),
+                                    in.params, c_pad);
   const bool cached =
       kernel_weight.has_value() && matches_layout(*kernel_weight, qweight, x.size(1), backend);
   const at::Tensor wgt =
       cached ? *kernel_weight : cuda_unpack_krsc(qweight, x.size(1), c_pad, packed);
+  const at::Tensor bias_q = float_bias(bias_a), scale_q = float_scale(scale_a);
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) bias_f = bias->detach().to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({shape.n, shape.p, shape.q, shape.k}, x.options());
+  at::Tensor out = at::empty({full.n, full.p, full.q, full.k}, x.options());
 
   EpilogueArgs epilogue;
   epilogue.alpha = alpha.data_ptr<float>();
@@ -216,26 +288,15 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
   epilogue.relu = params.relu;
   epilogue.out_type = out_type(x.scalar_type());
   epilogue.out = out.data_ptr();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  KernelStatus status = KernelStatus::failure("backend not built");
-  if (backend == Backend::kSm90Int8) {
-#ifdef Q4CONV_HAVE_SM90
-    const at::Tensor workspace =
-        at::empty({static_cast<int64_t>(sm90_int8_workspace_bytes(shape, epilogue.out_type))},
-                  x.options().dtype(at::kByte));
-    status = sm90_int8_conv(shape, act.data_ptr(), wgt.data_ptr(), epilogue, workspace.data_ptr(),
-                            stream);
-#endif
-  } else if (backend == Backend::kSm80Int4) {
-#ifdef Q4CONV_HAVE_SM80
-    const at::Tensor workspace =
-        at::empty({static_cast<int64_t>(sm80_int4_workspace_bytes(shape, epilogue.out_type))},
-                  x.options().dtype(at::kByte));
-    status = sm80_int4_conv(shape, act.data_ptr(), wgt.data_ptr(), epilogue, workspace.data_ptr(),
-                            stream);
-#endif
-  }
-  check_status(status, backend_name(backend));
+
+  const at::Tensor act = at::empty({full.n, full.h, full.w, stored_c},
+                                   x.options().dtype(packed ? at::kByte : at::kChar));
+  quantize_activation_into(in.x, bias_q, scale_q, params.eps, params.bits, c_pad, packed, act);
+  const at::Tensor workspace = at::empty({workspace_bytes(backend, full, epilogue.out_type)},
+                                         x.options().dtype(at::kByte));
+  check_status(run_kernel(backend, full, act.data_ptr(), wgt.data_ptr(), epilogue,
+                          workspace.data_ptr(), at::cuda::getCurrentCUDAStream()),
+               backend_name(backend));
   // NHWC memory seen as the logical (N, K, P, Q) tensor.
   return out.permute({0, 3, 1, 2});
 }

@@ -380,11 +380,13 @@ TEST(QuantizeValueFast, MatchesExactDivisionEverywhere) {
       ASSERT_EQ(q4conv::quantize_value_fast(value, scale, inv, bits),
                 q4conv::quantize_value(value, scale, bits))
           << "value=" << value << " scale=" << scale << " bits=" << bits;
-      // Neighbours of the tie (k + 0.5) * scale, a few ulps either way.
+      // Neighbours of the tie (k + 0.5) * scale, up to 32 ulps either way
+      // (at |k| ~ 128 an ulp of the quotient is 1.5e-5, so this reaches past
+      // the fast path's 1e-4 tie window).
       const float tie = (std::floor(unit(rng) * range) + 0.5f) * scale;
       float near = tie;
-      for (int step = 0; step < 4; ++step) near = std::nextafter(near, -INFINITY);
-      for (int step = 0; step < 9; ++step, near = std::nextafter(near, INFINITY)) {
+      for (int step = 0; step < 32; ++step) near = std::nextafter(near, -INFINITY);
+      for (int step = 0; step < 65; ++step, near = std::nextafter(near, INFINITY)) {
         ASSERT_EQ(q4conv::quantize_value_fast(near, scale, inv, bits),
                   q4conv::quantize_value(near, scale, bits))
             << "near tie value=" << near << " scale=" << scale << " bits=" << bits;

@@ -89,26 +89,50 @@ def test_relu_epilogue(device, backend):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", ["nchw", "nhwc", "strided"])
-def test_activation_codes_exact(device, dtype, layout):
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "strided", "nhwc_every_other_pixel"])
+@pytest.mark.parametrize("channels", [20, 24])  # 24: the CUDA 8-channel vector path
+def test_activation_codes_exact(device, dtype, layout, channels):
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(2, 20, 5, 7, generator=gen) * 3
+    x = torch.randn(2, channels, 5, 7, generator=gen) * 3
     scale = torch.tensor(0.25)
     # Exact ties (k + 0.5) * s, values beyond the range, NaN and infinities.
-    x[0, :, 0, 0] = (torch.arange(20) - 10 + 0.5) * 0.25
-    x[1, 0, 1, :] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.0, -0.0])
-    bias_a = torch.zeros(20)
-    bias_a[3:] = torch.randn(17, generator=gen) * 0.1
+    x[0, :, 0, 0] = (torch.arange(channels) - 10 + 0.5) * 0.25
+    x[1, 0, 2, :] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.0, -0.0])
+    bias_a = torch.zeros(channels)
+    bias_a[3:] = torch.randn(channels - 3, generator=gen) * 0.1
     x = x.to(dtype)
     if layout == "nhwc":
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
         x = x.transpose(2, 3).contiguous().transpose(2, 3)  # H innermost
+    elif layout == "nhwc_every_other_pixel":  # what a 1x1 stride-2 convolution reads
+        x = x.contiguous(memory_format=torch.channels_last)[:, :, ::2, ::2]
     codes = ops.quantize_activation(x.to(device), bias_a.to(device), scale.to(device), 1e-5, 4)
     expected = oracle.activation_codes(x, bias_a, scale).permute(0, 2, 3, 1)
-    assert codes.dtype == torch.int8 and codes.shape == (2, 5, 7, 20)
+    assert codes.dtype == torch.int8 and codes.shape == (2, x.shape[2], x.shape[3], channels)
     assert torch.equal(codes.cpu().float(), expected)
-    assert codes[1, 1, 0, 0] == 0 and codes[1, 1, 1, 0] == 7 and codes[1, 1, 2, 0] == -8
+    if layout != "nhwc_every_other_pixel":  # NaN, +Inf, -Inf in channel 0 of row 2
+        assert codes[1, 2, 0, 0] == 0 and codes[1, 2, 1, 0] == 7 and codes[1, 2, 2, 0] == -8
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("case", [Case(3, 32, 16, 10, 9, 1, 1, (2, 2)),
+                                  Case(2, 48, 24, 7, 12, 1, 1, (3, 2)),
+                                  Case(2, 64, 40, 11, 11, 1, 1, (2, 1), (0, 0), (2, 2))], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_strided_pointwise_equals_subsampled_input(device, backend, case, dtype):
+    """A 1x1 convolution with stride reads only the pixels on its stride grid
+    (the CUDA backends quantize just those): equal to a stride-1 convolution
+    of x[:, :, ::sh, ::sw], and to the oracle."""
+    x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last=True)
+    skip_unless_backend_runs(x, case, backend)
+    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
+    y = ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend)
+    sub = x[:, :, ::case.stride[0], ::case.stride[1]].contiguous(memory_format=torch.channels_last)
+    y_sub = ops.conv_packed(sub, bias_a, scale_a, qweight, scale_w, bias, [1, 1], [0, 0], [1, 1], 1e-5, 4,
+                            False, backend)
+    assert torch.equal(y, y_sub)
+    check_against_oracle(y, x, bias_a, scale_a, weight, scale_w, bias, case)
 
 
 @pytest.mark.parametrize("device", DEVICES)

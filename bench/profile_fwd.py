@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Where the q4conv inference forward spends its GPU time, per ResNet-50 shape.
+
+For each shape: the eval-mode layer (packed weights, fp16 channels_last in and out)
+timed in CUDA graphs for each value of Q4CONV_L2_CHUNK_KB given (the codes budget
+per quantize-then-convolve chunk; 0 = one pass over the whole batch), cuDNN fp16
+in the same run, and a torch.profiler breakdown of the GPU kernels of one call
+(default chunking) with each kernel's achieved DRAM-equivalent bandwidth where it
+is the quantization pass. Example:
+    python bench/profile_fwd.py --chunk-kb 0,16384 --out prof_out
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (shapes, timing helpers)
+
+
+def kernel_breakdown(fn, x, calls: int = 20) -> Dict[str, float]:
+    """Mean GPU microseconds per call of each kernel name launched by fn(x)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn(x)
+        torch.cuda.synchronize()
+    totals: Dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] += event.device_time / calls
+    return dict(totals)
+
+
+def short(name: str) -> str:
+    for key, label in (("quantize", "quantize"), ("cutlass", "cutlass"), ("Kernel", "cutlass"),
+                       ("elementwise", "elementwise"), ("copy", "copy")):
+        if key in name:
+            return label + ":" + name.split("(")[0].split("<")[0][-40:]
+    return name[:50]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chunk-kb", default="0,16384", help="comma-separated Q4CONV_L2_CHUNK_KB values")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    import q4conv
+
+    torch.backends.cudnn.benchmark = True
+    chunks = [c.strip() for c in args.chunk_kb.split(",") if c.strip()]
+    lines: List[str] = [f"card: {torch.cuda.get_device_name()}", ""]
+    head = ["shape", "cudnn fp16 us"] + [f"q4 chunk={c} us" for c in chunks] + ["x cudnn (best)", "kernels (us, default chunking)"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    print("\n".join(lines), flush=True)
+    for shape in bench.make_shapes("resnet50", args.batch):
+        if not shape.main or shape.c < 16:
+            continue
+        layer = q4conv.Q4Conv2dCutlass(shape.c, shape.k, shape.r, shape.stride, shape.pad, device="cuda")
+        q4conv.prepare_q4conv_layers(layer)
+        nbuf = bench.n_buffers(shape.n * shape.c * shape.h * shape.h * 2)
+        xs = bench.rand_inputs(shape, torch.float16, nbuf)
+        with torch.no_grad():
+            layer.set_activation(xs[0])
+        layer.eval()
+        layer.generate_quantized_weight(qweight_only=True)
+
+        def q4(x):
+            with torch.inference_mode():
+                return layer(x)
+
+        w = torch.randn(shape.k, shape.c, shape.r, shape.r, device="cuda", dtype=torch.float16)
+        w = w.contiguous(memory_format=torch.channels_last)
+
+        def cudnn(x):
+            with torch.inference_mode():
+                return F.conv2d(x, w, None, shape.stride, shape.pad)
+
+        cudnn_us = bench.time_graph_ms(cudnn, xs, args.repeats) * 1e3
+        q4_us = []
+        for chunk in chunks:
+            os.environ["Q4CONV_L2_CHUNK_KB"] = chunk
+            q4_us.append(bench.time_graph_ms(q4, xs, args.repeats) * 1e3)
+        os.environ.pop("Q4CONV_L2_CHUNK_KB", None)
+        parts = kernel_breakdown(q4, xs[0])
+        x_bytes = shape.n * shape.c * shape.h * shape.h * 2
+        desc = []
+        for name, us in sorted(parts.items(), key=lambda kv: -kv[1]):
+            label = short(name)
+            if label.startswith("quantize"):
+                label += f" ({x_bytes * 1.5 / (us * 1e-6) / 1e12:.2f} TB/s if full input)"
+            desc.append(f"{label} {us:.1f}")
+        row = [shape.name, f"{cudnn_us:.1f}"] + [f"{t:.1f}" for t in q4_us] + [f"{cudnn_us / min(q4_us):.2f}", "; ".join(desc)]
+        line = "| " + " | ".join(row) + " |"
+        lines.append(line)
+        print(line, flush=True)
+        del layer, xs
+        torch.cuda.empty_cache()
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile_fwd.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
