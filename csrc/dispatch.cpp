@@ -125,15 +125,16 @@ Backend choose_backend(const at::Tensor& x, int64_t out_channels, int64_t r, int
     return requested;
   }
   // sm_90: int8 tensor cores on 4-bit values (native int4 MMA is emulated
-  // there). sm_80/86/89: the native int4 kernel. Anything else: fallback.
-  // Very few input channels (the RGB stem) would be mostly zero padding in the
-  // tensor-core kernels' channel tiles: the exact fallback is faster there.
-  constexpr int64_t kMinKernelChannels = 16;
-  if (x.size(1) < kMinKernelChannels) return Backend::kFallback;
+  // there); inputs with few channels (the RGB stem) go through its im2col
+  // GEMM. sm_80/86/89: the native int4 kernel, except for very few input
+  // channels, which would be mostly zero padding in its 32-channel tiles (the
+  // exact fallback is faster there). Anything else: fallback.
   const int major = at::cuda::getDeviceProperties(x.device().index())->major;
   if (major == 9 && cuda_backend_supports(Backend::kSm90Int8, x, out_channels, r, s, params, dtype))
     return Backend::kSm90Int8;
-  if (major == 8 && cuda_backend_supports(Backend::kSm80Int4, x, out_channels, r, s, params, dtype))
+  constexpr int64_t kMinInt4KernelChannels = 16;
+  if (major == 8 && x.size(1) >= kMinInt4KernelChannels &&
+      cuda_backend_supports(Backend::kSm80Int4, x, out_channels, r, s, params, dtype))
     return Backend::kSm80Int4;
   return Backend::kFallback;
 #else

@@ -4,6 +4,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <array>
+
 
 #include "kernels/conv_kernels.h"
 #include "kernels/quantize_kernels.h"
@@ -103,6 +105,47 @@ KernelInput kernel_input(const at::Tensor& x, int64_t r, int64_t s, const ConvPa
   return in;
 }
 
+// Few input channels (the RGB stem): the sm90 backend convolves an im2col
+// matrix of the codes, [N*P*Q, round_up(C*R*S, 16)], with its GEMM instead of
+// padding C to 16 and loading one filter tap at a time.
+bool uses_im2col(Backend backend, int64_t channels) {
+  return backend == Backend::kSm90Int8 && channels < kSm90ChannelAlign;
+}
+
+int64_t im2col_cols(int64_t channels, int64_t r, int64_t s) {
+  return round_up(channels * r * s, 16);
+}
+
+// The 1x1 GEMM over the im2col rows of `conv` (whose c is the real C).
+ConvShape im2col_gemm_shape(const ConvShape& conv, int64_t cols) {
+  ConvShape gemm;
+  gemm.n = conv.n;
+  gemm.h = gemm.p = conv.p;
+  gemm.w = gemm.q = conv.q;
+  gemm.c = static_cast<int>(cols);
+  gemm.k = conv.k;
+  gemm.r = gemm.s = 1;
+  return gemm;
+}
+
+// What the backend's kernel runs for this convolution: its geometry (the
+// GEMM's for im2col) and the stored channel count of the activation codes.
+struct KernelGeometry {
+  ConvShape shape;
+  int64_t c_pad;
+};
+
+KernelGeometry kernel_geometry(Backend backend, const KernelInput& in, int64_t out_channels,
+                               int64_t r, int64_t s) {
+  const int64_t channels = in.x.size(1);
+  if (uses_im2col(backend, channels)) {
+    const ConvShape conv = make_shape(in.x, out_channels, r, s, in.params, channels);
+    return {im2col_gemm_shape(conv, im2col_cols(channels, r, s)), channels};
+  }
+  const int64_t c_pad = round_up(channels, channel_align(backend));
+  return {make_shape(in.x, out_channels, r, s, in.params, c_pad), c_pad};
+}
+
 }  // namespace
 
 namespace {
@@ -189,8 +232,8 @@ bool cuda_backend_supports(Backend backend, const at::Tensor& x, int64_t out_cha
                            int64_t s, const ConvParams& params, at::ScalarType out_dtype) {
   const auto* props = at::cuda::getDeviceProperties(x.device().index());
   const KernelInput in = kernel_input(x, r, s, params);
-  const ConvShape shape =
-      make_shape(in.x, out_channels, r, s, in.params, round_up(x.size(1), channel_align(backend)));
+  const ConvShape shape = kernel_geometry(backend, in, out_channels, r, s).shape;
+  if (uses_im2col(backend, x.size(1)) && im2col_rows_per_block(shape.c) == 0) return false;
   switch (backend) {
     case Backend::kSm90Int8:
 #ifdef Q4CONV_HAVE_SM90
@@ -209,25 +252,46 @@ bool cuda_backend_supports(Backend backend, const at::Tensor& x, int64_t out_cha
   }
 }
 
+namespace {
+
+// qweight's codes as the im2col GEMM reads them: int8 [K, 1, 1, cols], row k
+// = the (r, s, c)-ordered codes of filter k, zero-padded to cols.
+at::Tensor im2col_weight(const at::Tensor& qweight, int64_t in_channels) {
+  const int64_t k_out = qweight.size(0), taps = qweight.size(1) * qweight.size(2);
+  const int64_t cols = im2col_cols(in_channels, qweight.size(1), qweight.size(2));
+  const at::Tensor krsc = cuda_unpack_krsc(qweight, in_channels, in_channels, false);
+  return at::constant_pad_nd(krsc.reshape({k_out, taps * in_channels}),
+                             {0, cols - taps * in_channels})
+      .reshape({k_out, 1, 1, cols})
+      .contiguous();
+}
+
+}  // namespace
+
 at::Tensor cuda_kernel_weight(const at::Tensor& qweight, int64_t in_channels, Backend backend) {
   TORCH_CHECK(backend == Backend::kSm80Int4 || backend == Backend::kSm90Int8,
               "kernel_weight: backend must be 'sm80_int4' or 'sm90_int8', got '",
               backend_name(backend), "'");
+  if (uses_im2col(backend, in_channels)) return im2col_weight(qweight, in_channels);
   return cuda_unpack_krsc(qweight, in_channels, round_up(in_channels, channel_align(backend)),
                           backend == Backend::kSm80Int4);
 }
 
 namespace {
 
-// True when `cached` has exactly the layout `backend` reads for qweight.
+// True when `cached` has exactly the layout `backend` reads for qweight
+// (what cuda_kernel_weight returns).
 bool matches_layout(const at::Tensor& cached, const at::Tensor& qweight, int64_t in_channels,
                     Backend backend) {
   const bool packed = backend == Backend::kSm80Int4;
   const int64_t c_pad = round_up(in_channels, channel_align(backend));
+  std::array<int64_t, 4> sizes{qweight.size(0), qweight.size(1), qweight.size(2),
+                               packed ? c_pad / 2 : c_pad};
+  if (uses_im2col(backend, in_channels))
+    sizes = {qweight.size(0), 1, 1, im2col_cols(in_channels, qweight.size(1), qweight.size(2))};
   return cached.defined() && cached.device() == qweight.device() && cached.dim() == 4 &&
          cached.is_contiguous() && cached.scalar_type() == (packed ? at::kByte : at::kChar) &&
-         cached.size(0) == qweight.size(0) && cached.size(1) == qweight.size(1) &&
-         cached.size(2) == qweight.size(2) && cached.size(3) == (packed ? c_pad / 2 : c_pad);
+         cached.sizes() == at::IntArrayRef(sizes);
 }
 
 }  // namespace
@@ -268,19 +332,16 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
                      const std::optional<at::Tensor>& bias, const ConvParams& params) {
   const c10::cuda::CUDAGuard guard(x.device());
   const bool packed = backend == Backend::kSm80Int4;
-  const int64_t c_pad = round_up(x.size(1), channel_align(backend));
-  const int64_t stored_c = packed ? c_pad / 2 : c_pad;
-  const KernelInput in = kernel_input(x, qweight.size(1), qweight.size(2), params);
-  const ConvShape full = make_shape(in.x, qweight.size(0), qweight.size(1), qweight.size(2),
-                                    in.params, c_pad);
+  const int64_t k_out = qweight.size(0), r = qweight.size(1), s = qweight.size(2);
+  const KernelInput in = kernel_input(x, r, s, params);
+  const KernelGeometry geometry = kernel_geometry(backend, in, k_out, r, s);
   const bool cached =
       kernel_weight.has_value() && matches_layout(*kernel_weight, qweight, x.size(1), backend);
-  const at::Tensor wgt =
-      cached ? *kernel_weight : cuda_unpack_krsc(qweight, x.size(1), c_pad, packed);
-  const at::Tensor bias_q = float_bias(bias_a), scale_q = float_scale(scale_a);
+  const at::Tensor wgt = cached ? *kernel_weight : cuda_kernel_weight(qweight, x.size(1), backend);
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) bias_f = bias->detach().to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({full.n, full.p, full.q, full.k}, x.options());
+  const ConvShape& shape = geometry.shape;
+  at::Tensor out = at::empty({shape.n, shape.p, shape.q, shape.k}, x.options());
 
   EpilogueArgs epilogue;
   epilogue.alpha = alpha.data_ptr<float>();
@@ -289,13 +350,24 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
   epilogue.out_type = out_type(x.scalar_type());
   epilogue.out = out.data_ptr();
 
-  const at::Tensor act = at::empty({full.n, full.h, full.w, stored_c},
-                                   x.options().dtype(packed ? at::kByte : at::kChar));
-  quantize_activation_into(in.x, bias_q, scale_q, params.eps, params.bits, c_pad, packed, act);
-  const at::Tensor workspace = at::empty({workspace_bytes(backend, full, epilogue.out_type)},
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor act = at::empty({in.x.size(0), in.x.size(2), in.x.size(3),
+                              packed ? geometry.c_pad / 2 : geometry.c_pad},
+                             x.options().dtype(packed ? at::kByte : at::kChar));
+  quantize_activation_into(in.x, float_bias(bias_a), float_scale(scale_a), params.eps,
+                           params.bits, geometry.c_pad, packed, act);
+  if (uses_im2col(backend, x.size(1))) {
+    const ConvShape conv = make_shape(in.x, k_out, r, s, in.params, x.size(1));
+    at::Tensor rows = at::empty({int64_t(shape.n) * shape.p * shape.q, shape.c}, act.options());
+    check_status(im2col_int8(conv, act.data_ptr<int8_t>(), shape.c, rows.data_ptr<int8_t>(),
+                             stream),
+                 "im2col");
+    act = rows;
+  }
+  const at::Tensor workspace = at::empty({workspace_bytes(backend, shape, epilogue.out_type)},
                                          x.options().dtype(at::kByte));
-  check_status(run_kernel(backend, full, act.data_ptr(), wgt.data_ptr(), epilogue,
-                          workspace.data_ptr(), at::cuda::getCurrentCUDAStream()),
+  check_status(run_kernel(backend, shape, act.data_ptr(), wgt.data_ptr(), epilogue,
+                          workspace.data_ptr(), stream),
                backend_name(backend));
   // NHWC memory seen as the logical (N, K, P, Q) tensor.
   return out.permute({0, 3, 1, 2});

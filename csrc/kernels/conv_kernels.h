@@ -64,4 +64,15 @@ size_t sm90_int8_workspace_bytes(const ConvShape& shape, OutType out_type);
 KernelStatus sm90_int8_conv(const ConvShape& shape, const void* act, const void* weight,
                             const EpilogueArgs& epilogue, void* workspace, cudaStream_t stream);
 
+// ---- im2col of int8 codes (im2col_cuda.cu) ----------------------------------
+// For convolutions with few input channels (the RGB stem), which the sm90
+// backend runs as a GEMM: row m = (n, p, q) of out [n*p*q, cols] holds, at
+// column (r * S + s) * C + c, the code act[n, h, w, c] under filter tap (r, s)
+// (h = p*stride_h - pad_h + r*dil_h, likewise w); taps in the padding and
+// columns >= R*S*C are zero. act: int8 NHWC [n, h, w, c] with c = shape.c.
+// cols must be a multiple of 16 with im2col_rows_per_block(cols) > 0.
+int im2col_rows_per_block(int cols);
+KernelStatus im2col_int8(const ConvShape& shape, const int8_t* act, int cols, int8_t* out,
+                         cudaStream_t stream);
+
 }  // namespace q4conv

@@ -67,6 +67,8 @@ def _kernel_weight_fake(qweight, in_channels, backend):
     k, r, s, _ = qweight.shape
     if backend == "sm80_int4":
         return qweight.new_empty((k, r, s, (in_channels + 31) // 32 * 16), dtype=torch.uint8)
+    if in_channels < 16:  # sm90 im2col GEMM: one row of R*S*C codes per filter
+        return qweight.new_empty((k, 1, 1, (r * s * in_channels + 15) // 16 * 16), dtype=torch.int8)
     return qweight.new_empty((k, r, s, (in_channels + 15) // 16 * 16), dtype=torch.int8)
 
 

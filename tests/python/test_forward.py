@@ -135,6 +135,21 @@ def test_strided_pointwise_equals_subsampled_input(device, backend, case, dtype)
     check_against_oracle(y, x, bias_a, scale_a, weight, scale_w, bias, case)
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("case", [Case(2, 3, 64, 32, 30, 7, 7, (2, 2), (3, 3)),       # ResNet stem, 160 cols
+                                  Case(1, 15, 16, 12, 9, 7, 7, (1, 2), (2, 3), (1, 2)),  # 736 cols, 55 rows/block
+                                  Case(3, 5, 8, 70, 3, 3, 1, (1, 1), (1, 0))],            # 630 GEMM rows: a 54-row tail block
+                         ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_few_channel_convolutions(device, backend, case, dtype):
+    """C < 16: on sm90 an im2col matrix of the codes through the GEMM."""
+    x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last=True)
+    skip_unless_backend_runs(x, case, backend)
+    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
+    y = ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend)
+    check_against_oracle(y, x, bias_a, scale_a, weight, scale_w, bias, case)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels", [1, 3, 20, 33])
 @pytest.mark.parametrize("per_channel", [False, True])

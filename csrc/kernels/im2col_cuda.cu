@@ -1,0 +1,107 @@
+// im2col of int8 activation codes (interface: conv_kernels.h). No torch here.
+//
+// Used for convolutions with few input channels (the RGB stem, C = 3): the
+// implicit-GEMM kernels would pad C to 16 and load one tap at a time, so the
+// stem ran at a tenth of cuDNN's speed. Laid out as a GEMM operand instead,
+// the 7x7x3 = 147 taps of a pixel become one row of 160 columns, and the sm90
+// GEMM runs the convolution as a 1x1 one.
+//
+// A block builds `rows` consecutive GEMM rows in shared memory (zero-filled,
+// so padding taps and tail columns stay zero), then writes them out with
+// 16-byte stores: the block's rows are contiguous in the output. Threads map
+// x -> filter tap (fixed per thread, so r, s are computed once) and y -> row;
+// the row's (n, h0, w0) are computed once per row in a first phase.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "conv_kernels.h"
+
+namespace q4conv {
+namespace {
+
+constexpr int kTapThreads = 64;
+constexpr int kRowThreads = 4;
+constexpr int kMaxRows = 64;
+constexpr int kMaxTileBytes = 40 * 1024;  // + 1 KB static: under the 48 KB default
+
+struct RowOrigin {
+  int64_t pixel0;  // element offset of image n in act
+  int h0, w0;      // input position of tap (0, 0)
+};
+
+__global__ void __launch_bounds__(kTapThreads* kRowThreads)
+    im2col_int8_kernel(const int8_t* __restrict__ act, ConvShape g, int cols, int rows_per_block,
+                       int64_t total_rows, int8_t* __restrict__ out) {
+  extern __shared__ __align__(16) int8_t tile[];  // [rows][cols]
+  __shared__ RowOrigin origin[kMaxRows];
+  const int64_t m0 = int64_t(blockIdx.x) * rows_per_block;
+  const int64_t left = total_rows - m0;
+  const int rows = left < rows_per_block ? static_cast<int>(left) : rows_per_block;
+  const int tid = threadIdx.y * kTapThreads + threadIdx.x;
+  const int threads = kTapThreads * kRowThreads;
+
+  uint4* tile4 = reinterpret_cast<uint4*>(tile);
+  for (int i = tid; i < rows * cols / 16; i += threads) tile4[i] = make_uint4(0, 0, 0, 0);
+  for (int row = tid; row < rows; row += threads) {
+    const int64_t m = m0 + row;
+    const int64_t pq = int64_t(g.p) * g.q;
+    const int64_t n = m / pq;
+    const int pix = static_cast<int>(m - n * pq);
+    const int p = pix / g.q, q = pix - (pix / g.q) * g.q;
+    origin[row] = {n * g.h * g.w * g.c, p * g.stride_h - g.pad_h, q * g.stride_w - g.pad_w};
+  }
+  __syncthreads();
+
+  const int taps = g.r * g.s;
+  for (int tap = threadIdx.x; tap < taps; tap += kTapThreads) {
+    const int r = tap / g.s, s = tap - (tap / g.s) * g.s;
+    for (int row = threadIdx.y; row < rows; row += kRowThreads) {
+      const RowOrigin o = origin[row];
+      const int h = o.h0 + r * g.dil_h, w = o.w0 + s * g.dil_w;
+      if (h < 0 || h >= g.h || w < 0 || w >= g.w) continue;  // padding: zero codes
+      const int8_t* src = act + o.pixel0 + (int64_t(h) * g.w + w) * g.c;
+      int8_t* dst = tile + row * cols + tap * g.c;
+      for (int c = 0; c < g.c; ++c) dst[c] = src[c];
+    }
+  }
+  __syncthreads();
+
+  uint4* out4 = reinterpret_cast<uint4*>(out + m0 * cols);
+  for (int i = tid; i < rows * cols / 16; i += threads) out4[i] = tile4[i];
+}
+
+}  // namespace
+
+int im2col_rows_per_block(int cols) {
+  if (cols <= 0 || cols % 16 != 0) return 0;
+  const int rows = kMaxTileBytes / cols;
+  return rows < kMaxRows ? rows : kMaxRows;
+}
+
+KernelStatus im2col_int8(const ConvShape& shape, const int8_t* act, int cols, int8_t* out,
+                         cudaStream_t stream) {
+  const int64_t taps_cols = int64_t(shape.r) * shape.s * shape.c;
+  const int rows_per_block = im2col_rows_per_block(cols);
+  if (rows_per_block == 0 || cols < taps_cols)
+    return KernelStatus::failure("im2col_int8: invalid argument 'cols': " + std::to_string(cols) +
+                                 " (must be a multiple of 16, >= R*S*C = " +
+                                 std::to_string(taps_cols) + " and <= 40960)");
+  const int64_t total_rows = int64_t(shape.n) * shape.p * shape.q;
+  if (total_rows == 0) return KernelStatus::success();
+  if (act == nullptr || out == nullptr)
+    return KernelStatus::failure("im2col_int8: invalid argument 'act'/'out': null pointer");
+  const int64_t blocks = (total_rows + rows_per_block - 1) / rows_per_block;
+  if (blocks > INT32_MAX) return KernelStatus::failure("im2col_int8: too many rows");
+  const size_t smem = size_t(rows_per_block) * cols;
+  im2col_int8_kernel<<<static_cast<unsigned>(blocks), dim3(kTapThreads, kRowThreads), smem,
+                       stream>>>(act, shape, cols, rows_per_block, total_rows, out);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return KernelStatus::failure(std::string("im2col_int8: CUDA launch failed: ") +
+                                 cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+  return KernelStatus::success();
+}
+
+}  // namespace q4conv
