@@ -33,17 +33,50 @@ LsqParts lsq_parts(const at::Tensor& value, const at::Tensor& scale, int64_t bit
   return parts;
 }
 
-// d loss / d scale: sum of grad * residual over `dims` (all when empty),
-// times the LSQ factor, and zero where max(scale, eps) picked eps.
-at::Tensor scale_grad(const at::Tensor& grad, const LsqParts& parts, const at::Tensor& scale,
-                      double eps, double numel_per_scale, int64_t bits, at::IntArrayRef dims) {
-  const at::Tensor product = grad * parts.residual;
-  const at::Tensor summed = dims.empty() ? product.sum() : product.sum(dims);
+// d loss / d scale from the summed grad * residual: times the LSQ factor,
+// and zero where max(scale, eps) picked eps.
+at::Tensor finish_scale_grad(const at::Tensor& summed, const at::Tensor& scale, double eps,
+                             double numel_per_scale, int64_t bits) {
   const at::Tensor raw = scale.detach().to(at::kFloat).reshape(summed.sizes());
   const at::Tensor passes = (raw >= eps).to(at::kFloat);
   return (summed * lsq_grad_scale(numel_per_scale, static_cast<int>(bits)) * passes)
       .reshape(scale.sizes())
       .to(scale.scalar_type());
+}
+
+// d loss / d scale: sum of grad * residual over `dims` (all when empty),
+// then finish_scale_grad.
+at::Tensor scale_grad(const at::Tensor& grad, const LsqParts& parts, const at::Tensor& scale,
+                      double eps, double numel_per_scale, int64_t bits, at::IntArrayRef dims) {
+  const at::Tensor product = grad * parts.residual;
+  const at::Tensor summed = dims.empty() ? product.sum() : product.sum(dims);
+  return finish_scale_grad(summed, scale, eps, numel_per_scale, bits);
+}
+
+// The big tensor x: on a GPU two fused kernels (backward_cuda.cpp) replace
+// the ATen passes; both compute the same values.
+bool fused_activation(const at::Tensor& x) {
+#ifdef Q4CONV_WITH_CUDA
+  const auto dtype = x.scalar_type();
+  return x.is_cuda() && (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16);
+#else
+  (void)x;
+  return false;
+#endif
+}
+
+// Activation side of the backward: dx, d bias_a (fp32 [C]) and the fp32 sum
+// of grad_act * residual that d scale_a is made of.
+struct ActivationGrads {
+  at::Tensor dx, dbias, residual_sum;
+};
+
+// ATen path; grad_act is fp32 and already includes s_w.
+ActivationGrads activation_grads_aten(const at::Tensor& grad_act, const LsqParts& act,
+                                      const at::Tensor& x) {
+  const at::Tensor dshifted = grad_act * act.inside;
+  return {dshifted.to(x.scalar_type()).contiguous(x.suggest_memory_format()),
+          dshifted.sum({0, 2, 3}), (grad_act * act.residual).sum()};
 }
 
 }  // namespace
@@ -59,9 +92,13 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   const bool per_channel = scale_w.numel() > 1;
 
   const at::Tensor s_a = at::clamp_min(scale_a.detach().to(at::kFloat).reshape({1, 1, 1, 1}), eps);
-  const at::Tensor shifted =
-      x.detach().to(at::kFloat) + bias_a.detach().to(at::kFloat).view({1, channels, 1, 1});
-  const LsqParts act = lsq_parts(shifted, s_a, bits);
+  const bool fused = fused_activation(x);
+  LsqParts act;  // ATen path only
+  if (!fused) {
+    const at::Tensor shifted =
+        x.detach().to(at::kFloat) + bias_a.detach().to(at::kFloat).view({1, channels, 1, 1});
+    act = lsq_parts(shifted, s_a, bits);
+  }
 
   const at::Tensor s_w = at::clamp_min(
       scale_w.detach().to(at::kFloat).reshape({per_channel ? k_out : 1, 1, 1, 1}), eps);
@@ -75,7 +112,12 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   const bool half_on_gpu =
       x.is_cuda() && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
   const at::ScalarType compute = half_on_gpu ? x.scalar_type() : at::kFloat;
-  const at::Tensor act_codes = act.codes.to(compute);
+  // On a GPU compute is x's dtype: the fused kernel writes the codes in it.
+  at::Tensor act_codes;
+#ifdef Q4CONV_WITH_CUDA
+  if (fused) act_codes = cuda_lsq_activation_codes(x, bias_a, scale_a, eps, bits);
+#endif
+  if (!fused) act_codes = act.codes.to(compute);
   const at::Tensor wgt_codes = wgt.codes.to(compute);
   const at::Tensor grad_y = grad_out.to(compute);
   const auto conv_grads = [&](const at::Tensor& grad, std::array<bool, 3> mask) {
@@ -94,16 +136,26 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
     std::tie(std::ignore, grad_wgt, grad_bias) = conv_grads(grad_y, {false, true, has_bias});
   } else {
     std::tie(grad_act, grad_wgt, grad_bias) = conv_grads(grad_y, {true, true, has_bias});
-    grad_act = grad_act.to(at::kFloat) * s_w.reshape({});
   }
-  grad_act = grad_act.to(at::kFloat);
   grad_wgt = grad_wgt.to(at::kFloat) * s_a.reshape({});
 
-  const at::Tensor dshifted = grad_act * act.inside;
-  const at::Tensor dx = dshifted.to(x.scalar_type()).contiguous(x.suggest_memory_format());
-  const at::Tensor dbias_a = dshifted.sum({0, 2, 3}).to(bias_a.scalar_type());
+  ActivationGrads agrads;
+  if (fused) {
+#ifdef Q4CONV_WITH_CUDA
+    // The per-tensor s_w multiplies grad_act inside the kernel.
+    const std::optional<at::Tensor> grad_scale =
+        per_channel ? std::nullopt : std::optional<at::Tensor>(s_w.reshape({1}));
+    std::tie(agrads.dx, agrads.dbias, agrads.residual_sum) =
+        cuda_lsq_activation_backward(grad_act, x, bias_a, scale_a, grad_scale, eps, bits);
+#endif
+  } else {
+    grad_act = per_channel ? grad_act.to(at::kFloat) : grad_act.to(at::kFloat) * s_w.reshape({});
+    agrads = activation_grads_aten(grad_act, act, x);
+  }
+  const at::Tensor dx = agrads.dx;
+  const at::Tensor dbias_a = agrads.dbias.to(bias_a.scalar_type());
   const at::Tensor dscale_a =
-      scale_grad(grad_act, act, scale_a, eps, static_cast<double>(x.numel()), bits, {});
+      finish_scale_grad(agrads.residual_sum, scale_a, eps, static_cast<double>(x.numel()), bits);
   const at::Tensor dweight =
       (grad_wgt * wgt.inside).to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
   const double w_numel = static_cast<double>(per_channel ? weight.numel() / k_out : weight.numel());

@@ -113,6 +113,19 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
                      const at::Tensor& scale_a, const at::Tensor& qweight,
                      const std::optional<at::Tensor>& kernel_weight, const at::Tensor& alpha,
                      const std::optional<at::Tensor>& bias, const ConvParams& params);
+// Fused LSQ activation side of conv_train_backward (backward_cuda.cpp); x is
+// float32/float16/bfloat16 on a GPU. Codes of x for the backward convolutions:
+// x's dtype and memory format.
+at::Tensor cuda_lsq_activation_codes(const at::Tensor& x, const at::Tensor& bias_a,
+                                     const at::Tensor& scale_a, double eps, int64_t bits);
+// From grad_act (d loss / d codes-times-s_a, x's sizes and dtype), times
+// grad_scale (one fp32 value on the device: the per-tensor s_w) when given:
+// (dx in x's dtype and memory format, d bias_a as fp32 [C], the fp32 sum of
+// grad * residual that d scale_a is made of).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_lsq_activation_backward(
+    const at::Tensor& grad_act, const at::Tensor& x, const at::Tensor& bias_a,
+    const at::Tensor& scale_a, const std::optional<at::Tensor>& grad_scale, double eps,
+    int64_t bits);
 #endif
 
 }  // namespace q4conv

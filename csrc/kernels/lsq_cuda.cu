@@ -1,0 +1,635 @@
+// Fused LSQ / LSQ+ activation kernels of the training backward (interface:
+// lsq_kernels.h). No torch here.
+//
+// The codes come from ../quant.h (quantize_value_fast / quantize_value, which
+// are bit-identical), so they equal the forward's codes. Do not build this
+// file with fast-math: the ratio is an IEEE fp32 division and rintf rounds
+// half to even.
+//
+// Paths, chosen per call from the sizes, strides and pointer alignment:
+//   codes, dense (x and out both dense NCHW or both dense channels_last): the
+//     tensor is a flat array whose element i has channel (i / inner) % C
+//     (inner = H*W or 1); each thread converts V consecutive elements with one
+//     vector load and store (16 bytes when the pointers allow) and walks the
+//     channel from the first element instead of dividing per element.
+//   codes, strided: one thread per element, offsets from the strides.
+//   backward, dense channels_last (C > 1): the tensor is a [pixels, C] matrix;
+//     a block of 256 threads is bdx channel groups (V channels each) x bdy
+//     pixel rows, each thread keeps V per-channel sums in registers over its
+//     rows; the block then sums its columns in shared memory in a fixed order.
+//   backward, NCHW planes (dense with vectors, or any strides with V = 1): one
+//     warp per chunk of kChunk elements of one (n, c) plane, reduced with a
+//     fixed shuffle tree.
+// Each block or warp writes its own slot of the partial-sum workspace, and
+// the caller sums the slots (ATen), so the result does not depend on
+// scheduling: no float atomics.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "../quant.h"
+#include "lsq_kernels.h"
+
+namespace q4conv {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+constexpr int kWarps = kThreads / kWarp;
+constexpr int64_t kMaxBlocks = int64_t(1) << 16;  // codes kernels grid-stride beyond this
+constexpr int64_t kChunk = 1024;                  // plane elements per warp (multiple of 8)
+constexpr int kMaxRowsPerThread = 16;             // channels_last backward
+constexpr int64_t kTargetBlocks = 2048;           // enough to fill an H100 several times
+
+// ---- element access ----------------------------------------------------------
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Round to nearest even, as ATen's fp32 -> fp16 / bf16 conversion.
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// V consecutive elements moved by one load / store instruction (the caller
+// guarantees V * sizeof(T) alignment).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T e[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* __restrict__ src) {
+  return *reinterpret_cast<const Pack<T, V>*>(src);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_pack(T* __restrict__ dst, const Pack<T, V>& value) {
+  *reinterpret_cast<Pack<T, V>*>(dst) = value;
+}
+
+// ---- the arithmetic (same operations as the ATen path of backward.cpp) -------
+struct ActScale {
+  float s, inv, lo, hi;
+};
+
+__device__ __forceinline__ ActScale act_scale(const float* scale, float eps, int bits) {
+  const float s = effective_scale(*scale, eps);
+  return {s, 1.0f / s, static_cast<float>(qmin(bits)), static_cast<float>(qmax(bits))};
+}
+
+__device__ __forceinline__ float code_of(float x, float bias, const ActScale& s, int bits) {
+  return static_cast<float>(quantize_value_fast(x + bias, s.s, s.inv, bits));
+}
+
+// dx = g * inside and the d scale term g * residual of one element.
+struct Terms {
+  float dx, residual;
+};
+
+__device__ __forceinline__ Terms lsq_terms(float x, float bias, float g, const ActScale& s,
+                                           int bits) {
+  const float shifted = x + bias;
+  const float ratio = shifted / s.s;  // IEEE fp32, as ATen's division
+  const float code = static_cast<float>(quantize_value(shifted, s.s, bits));  // NaN -> 0
+  const bool inside = ratio >= s.lo && ratio <= s.hi;                         // false for NaN
+  // g * float(inside), not a select: 0 * Inf stays NaN, as in ATen.
+  return {g * static_cast<float>(inside), g * (inside ? code - ratio : code)};
+}
+
+// Fixed shuffle tree: lane 0 gets the warp's sum, always in the same order.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1)
+    v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum over a block of kThreads threads; valid in thread 0.
+__device__ __forceinline__ float block_sum(float v, int thread, float* warp_sums) {
+  v = warp_sum(v);
+  if (thread % kWarp == 0) warp_sums[thread / kWarp] = v;
+  __syncthreads();
+  float total = 0.0f;
+  if (thread == 0) {
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
+  }
+  return total;
+}
+
+struct Strides4 {
+  int64_t s[4];
+};
+
+__device__ __forceinline__ int64_t offset_of(const Strides4& st, int64_t n, int64_t c, int64_t h,
+                                             int64_t w) {
+  return n * st.s[0] + c * st.s[1] + h * st.s[2] + w * st.s[3];
+}
+
+struct ActParams {
+  const float* bias;
+  const float* scale;
+  float eps;
+  int bits;
+};
+
+// ---- codes -------------------------------------------------------------------
+// Dense layouts as a flat array: element i has channel (i / inner) % channels.
+template <typename Idx>
+struct Flat {
+  Idx total, inner, channels;
+};
+
+template <typename Idx>
+__device__ __forceinline__ void next_element(const Flat<Idx>& f, Idx& r, Idx& c) {
+  if (++r == f.inner) {
+    r = 0;
+    if (++c == f.channels) c = 0;
+  }
+}
+
+template <typename T, int V, typename Idx>
+__global__ void __launch_bounds__(kThreads)
+    codes_dense_kernel(const T* __restrict__ x, T* __restrict__ out, Flat<Idx> f, ActParams p) {
+  const ActScale s = act_scale(p.scale, p.eps, p.bits);
+  const Idx step = Idx(gridDim.x) * blockDim.x * V;
+  for (Idx i = (Idx(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < f.total; i += step) {
+    const Idx q = i / f.inner;
+    Idx r = i - q * f.inner, c = q % f.channels;
+    if (i + V <= f.total) {
+      const Pack<T, V> in = load_pack<T, V>(x + i);
+      Pack<T, V> codes;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        codes.e[j] = from_float<T>(code_of(to_float(in.e[j]), p.bias[c], s, p.bits));
+        next_element(f, r, c);
+      }
+      store_pack<T, V>(out + i, codes);
+    } else {
+      for (Idx j = i; j < f.total; ++j) {
+        out[j] = from_float<T>(code_of(to_float(x[j]), p.bias[c], s, p.bits));
+        next_element(f, r, c);
+      }
+    }
+  }
+}
+
+struct Shape4 {
+  int64_t n, c, h, w;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    codes_strided_kernel(const T* __restrict__ x, T* __restrict__ out, Shape4 sh, Strides4 xs,
+                         Strides4 os, ActParams p) {
+  const ActScale s = act_scale(p.scale, p.eps, p.bits);
+  const int64_t total = sh.n * sh.c * sh.h * sh.w;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t w = i % sh.w;
+    int64_t t = i / sh.w;
+    const int64_t h = t % sh.h;
+    t /= sh.h;
+    const int64_t c = t % sh.c;
+    const int64_t n = t / sh.c;
+    const float v = to_float(x[offset_of(xs, n, c, h, w)]);
+    out[offset_of(os, n, c, h, w)] = from_float<T>(code_of(v, p.bias[c], s, p.bits));
+  }
+}
+
+// ---- backward: channels_last ----------------------------------------------------
+struct PostParams {
+  ActParams act;
+  const float* grad_scale;  // nullptr: 1
+};
+
+__device__ __forceinline__ float grad_multiplier(const PostParams& p) {
+  return p.grad_scale != nullptr ? *p.grad_scale : 1.0f;
+}
+
+// pixels x channels matrix; a block covers rows [blockIdx.x * chunk, + chunk)
+// (chunk = blockDim.y * rows_per_thread) and channels
+// [blockIdx.y * blockDim.x * V, + blockDim.x * V). V > 1 only when C % V == 0.
+struct ClGeometry {
+  int64_t pixels, channels;
+  int rows_per_thread;
+};
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+    backward_cl_kernel(const T* __restrict__ x, const T* __restrict__ grad, T* __restrict__ dx,
+                       ClGeometry geo, PostParams p, float* __restrict__ bias_partials,
+                       float* __restrict__ residual_partials) {
+  __shared__ float column[kThreads * V];  // [blockDim.y][blockDim.x * V]
+  __shared__ float warp_sums[kWarps];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int cols = blockDim.x * V;
+  const int64_t c0 = int64_t(blockIdx.y) * cols + int64_t(tx) * V;
+  const int64_t chunk = int64_t(blockDim.y) * geo.rows_per_thread;
+  const ActScale s = act_scale(p.act.scale, p.act.eps, p.act.bits);
+  const float gs = grad_multiplier(p);
+
+  float acc[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] = 0.0f;
+  float residual = 0.0f;
+  if (c0 < geo.channels) {
+    float bias[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) bias[j] = p.act.bias[c0 + j];
+    for (int k = 0; k < geo.rows_per_thread; ++k) {
+      const int64_t pix = int64_t(blockIdx.x) * chunk + ty + int64_t(k) * blockDim.y;
+      if (pix >= geo.pixels) break;
+      const int64_t at = pix * geo.channels + c0;
+      const Pack<T, V> xv = load_pack<T, V>(x + at);
+      const Pack<T, V> gv = load_pack<T, V>(grad + at);
+      Pack<T, V> out;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const Terms t =
+            lsq_terms(to_float(xv.e[j]), bias[j], to_float(gv.e[j]) * gs, s, p.act.bits);
+        out.e[j] = from_float<T>(t.dx);
+        acc[j] += t.dx;
+        residual += t.residual;
+      }
+      store_pack<T, V>(dx + at, out);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) column[ty * cols + tx * V + j] = acc[j];
+  const int thread = ty * blockDim.x + tx;
+  const float block_residual = block_sum(residual, thread, warp_sums);  // syncs the block
+  if (thread == 0) residual_partials[int64_t(blockIdx.x) * gridDim.y + blockIdx.y] = block_residual;
+  if (thread < cols) {
+    const int64_t c = int64_t(blockIdx.y) * cols + thread;
+    if (c < geo.channels) {
+      float sum = 0.0f;
+      for (int r = 0; r < static_cast<int>(blockDim.y); ++r) sum += column[r * cols + thread];
+      bias_partials[int64_t(blockIdx.x) * geo.channels + c] = sum;
+    }
+  }
+}
+
+// ---- backward: NCHW planes ---------------------------------------------------------
+// Work item = (n, c, chunk of kChunk plane elements); dense: the (n, c) plane
+// starts at (n * C + c) * H * W in every tensor; strided: offsets from the
+// strides (V = 1).
+struct PlaneGeometry {
+  Shape4 shape;
+  int64_t chunks, items;
+  Strides4 x, grad, dx;
+};
+
+template <typename T, int V, bool kStrided>
+__global__ void __launch_bounds__(kThreads)
+    backward_plane_kernel(const T* __restrict__ x, const T* __restrict__ grad, T* __restrict__ dx,
+                          PlaneGeometry g, PostParams p, float* __restrict__ bias_partials,
+                          float* __restrict__ residual_partials) {
+  const int64_t item = int64_t(blockIdx.x) * kWarps + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (item >= g.items) return;  // whole warps: the shuffles below stay full
+  const int64_t chunk = item % g.chunks;
+  const int64_t plane = item / g.chunks;
+  const int64_t c = plane % g.shape.c;
+  const int64_t n = plane / g.shape.c;
+  const int64_t hw = g.shape.h * g.shape.w;
+  const int64_t begin = chunk * kChunk;
+  const int64_t end = begin + kChunk < hw ? begin + kChunk : hw;
+  const ActScale s = act_scale(p.act.scale, p.act.eps, p.act.bits);
+  const float gs = grad_multiplier(p);
+  const float bias = p.act.bias[c];
+
+  float acc = 0.0f, residual = 0.0f;
+  for (int64_t i = begin + int64_t(lane) * V; i < end; i += int64_t(kWarp) * V) {
+    if constexpr (kStrided) {
+      const int64_t h = i / g.shape.w, w = i % g.shape.w;
+      const float gv = to_float(grad[offset_of(g.grad, n, c, h, w)]) * gs;
+      const Terms t = lsq_terms(to_float(x[offset_of(g.x, n, c, h, w)]), bias, gv, s, p.act.bits);
+      dx[offset_of(g.dx, n, c, h, w)] = from_float<T>(t.dx);
+      acc += t.dx;
+      residual += t.residual;
+    } else {
+      const int64_t at = plane * hw + i;  // hw % V == 0: the pack stays in the plane
+      const Pack<T, V> xv = load_pack<T, V>(x + at);
+      const Pack<T, V> gv = load_pack<T, V>(grad + at);
+      Pack<T, V> out;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const Terms t = lsq_terms(to_float(xv.e[j]), bias, to_float(gv.e[j]) * gs, s, p.act.bits);
+        out.e[j] = from_float<T>(t.dx);
+        acc += t.dx;
+        residual += t.residual;
+      }
+      store_pack<T, V>(dx + at, out);
+    }
+  }
+  acc = warp_sum(acc);
+  residual = warp_sum(residual);
+  if (lane == 0) {
+    bias_partials[(n * g.chunks + chunk) * g.shape.c + c] = acc;
+    residual_partials[item] = residual;
+  }
+}
+
+// ---- host side ------------------------------------------------------------------
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+KernelStatus launch_status(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return KernelStatus::failure(std::string(what) + ": CUDA launch failed: " +
+                                 cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+  return KernelStatus::success();
+}
+
+KernelStatus invalid(const char* fn, const char* arg, const std::string& why) {
+  return KernelStatus::failure(std::string(fn) + ": invalid argument '" + arg + "': " + why);
+}
+
+int64_t numel(const Tensor4dView& v) { return v.size[0] * v.size[1] * v.size[2] * v.size[3]; }
+
+size_t element_bytes(InType type) { return type == InType::kFloat32 ? 4 : 2; }
+
+// Dense in the layout whose strides are `expect`; the strides of size-1 dims
+// do not matter (PyTorch leaves them arbitrary).
+bool dense_as(const int64_t (&size)[4], const int64_t (&stride)[4], const int64_t (&expect)[4]) {
+  for (int d = 0; d < 4; ++d)
+    if (size[d] > 1 && stride[d] != expect[d]) return false;
+  return true;
+}
+
+bool dense_nchw(const int64_t (&size)[4], const int64_t (&stride)[4]) {
+  const int64_t c = size[1], h = size[2], w = size[3];
+  const int64_t expect[4] = {c * h * w, h * w, w, 1};
+  return dense_as(size, stride, expect);
+}
+
+bool dense_nhwc(const int64_t (&size)[4], const int64_t (&stride)[4]) {
+  const int64_t c = size[1], h = size[2], w = size[3];
+  const int64_t expect[4] = {h * w * c, 1, w * c, c};
+  return dense_as(size, stride, expect);
+}
+
+bool aligned(const void* ptr, size_t bytes) {
+  return (reinterpret_cast<uintptr_t>(ptr) % bytes) == 0;
+}
+
+// Widest power-of-two vector (<= 16 bytes) that divides `multiple_of` and to
+// which every pointer is aligned.
+int pick_vec(InType type, int64_t multiple_of, const void* a, const void* b, const void* c) {
+  const size_t bytes = element_bytes(type);
+  for (int v = static_cast<int>(16 / bytes); v > 1; v /= 2) {
+    const size_t vb = bytes * v;
+    if (multiple_of % v == 0 && aligned(a, vb) && aligned(b, vb) && aligned(c, vb)) return v;
+  }
+  return 1;
+}
+
+// Calls f(std::integral_constant<int, V>) for vec = V; V = 8 only for 2-byte T.
+template <typename T, typename F>
+KernelStatus with_vec(int vec, F&& f) {
+  if constexpr (sizeof(T) == 2) {
+    if (vec == 8) return f(std::integral_constant<int, 8>{});
+  }
+  if (vec == 4) return f(std::integral_constant<int, 4>{});
+  if (vec == 2) return f(std::integral_constant<int, 2>{});
+  return f(std::integral_constant<int, 1>{});
+}
+
+// Calls f(T{}) for the element type (a null pointer of it, for deduction).
+template <typename F>
+KernelStatus with_type(InType type, F&& f) {
+  switch (type) {
+    case InType::kFloat32:
+      return f(static_cast<float*>(nullptr));
+    case InType::kFloat16:
+      return f(static_cast<__half*>(nullptr));
+    case InType::kBFloat16:
+      return f(static_cast<__nv_bfloat16*>(nullptr));
+  }
+  return KernelStatus::failure("unsupported element type");
+}
+
+Strides4 strides_of(const int64_t (&stride)[4]) {
+  return {{stride[0], stride[1], stride[2], stride[3]}};
+}
+
+Shape4 shape_of(const Tensor4dView& v) { return {v.size[0], v.size[1], v.size[2], v.size[3]}; }
+
+KernelStatus check_common(const char* fn, const Tensor4dView& x, const float* bias_a,
+                          const float* scale_a, int bits) {
+  for (int d = 0; d < 4; ++d)
+    if (x.size[d] < 0) return invalid(fn, "x", "negative size[" + std::to_string(d) + "]");
+  if (x.type != InType::kFloat32 && x.type != InType::kFloat16 && x.type != InType::kBFloat16)
+    return invalid(fn, "x", "unsupported element type");
+  if (bits < 2 || bits > 8)
+    return invalid(fn, "bits", "must be in [2, 8], got " + std::to_string(bits));
+  if (numel(x) == 0) return KernelStatus::success();
+  if (x.data == nullptr) return invalid(fn, "x", "null data pointer");
+  if (bias_a == nullptr) return invalid(fn, "bias_a", "null pointer");
+  if (scale_a == nullptr) return invalid(fn, "scale_a", "null pointer");
+  return KernelStatus::success();
+}
+
+// ---- codes launch ------------------------------------------------------------------
+template <typename T, typename Idx>
+KernelStatus launch_codes_dense(const Tensor4dView& x, T* out, int64_t inner, const ActParams& p,
+                                cudaStream_t stream) {
+  const T* in = static_cast<const T*>(x.data);
+  const Flat<Idx> f{static_cast<Idx>(numel(x)), static_cast<Idx>(inner),
+                    static_cast<Idx>(x.size[1])};
+  return with_vec<T>(pick_vec(x.type, 1, in, out, out), [&](auto vec) {
+    constexpr int V = decltype(vec)::value;
+    const int64_t blocks = std::min(ceil_div(numel(x), int64_t(kThreads) * V), kMaxBlocks);
+    codes_dense_kernel<T, V, Idx>
+        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(in, out, f, p);
+    return launch_status("lsq_activation_codes");
+  });
+}
+
+template <typename T>
+KernelStatus launch_codes(const Tensor4dView& x, const Tensor4dOut& out, const ActParams& p,
+                          cudaStream_t stream) {
+  T* o = static_cast<T*>(out.data);
+  const int64_t total = numel(x);
+  const bool nchw = dense_nchw(x.size, x.stride) && dense_nchw(x.size, out.stride);
+  const bool nhwc = dense_nhwc(x.size, x.stride) && dense_nhwc(x.size, out.stride);
+  if (nchw || nhwc) {
+    const int64_t inner = nchw ? x.size[2] * x.size[3] : 1;
+    // 32-bit index math while i + grid stride cannot wrap (stride <= 2^27).
+    if (total < (int64_t(1) << 31)) return launch_codes_dense<T, uint32_t>(x, o, inner, p, stream);
+    return launch_codes_dense<T, int64_t>(x, o, inner, p, stream);
+  }
+  const int64_t blocks = std::min(ceil_div(total, kThreads), kMaxBlocks);
+  codes_strided_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      static_cast<const T*>(x.data), o, shape_of(x), strides_of(x.stride), strides_of(out.stride),
+      p);
+  return launch_status("lsq_activation_codes");
+}
+
+// ---- backward plan and launch -------------------------------------------------------
+enum class PostPath { kChannelsLast, kPlanes, kStridedPlanes };
+
+struct PostPlan {
+  PostPath path = PostPath::kPlanes;
+  int vec = 1;
+  // channels_last
+  int bdx = 32, bdy = 8, rows = 1;
+  int64_t pixel_chunks = 0, channel_tiles = 0;
+  // planes
+  int64_t chunks = 0, items = 0;
+  LsqWorkspace workspace;
+};
+
+PostPlan plan_channels_last(const LsqActBackward& a) {
+  PostPlan plan;
+  plan.path = PostPath::kChannelsLast;
+  const int64_t c = a.x.size[1];
+  const int64_t pixels = a.x.size[0] * a.x.size[2] * a.x.size[3];
+  plan.vec = pick_vec(a.x.type, c, a.x.data, a.grad.data, a.dx.data);
+  // As many lanes across the channels as there are channel groups (up to a
+  // warp), the rest of the block across pixels, so small C wastes few lanes.
+  const int64_t groups = ceil_div(c, plan.vec);
+  plan.bdx = 1;
+  while (plan.bdx < kWarp && plan.bdx < groups) plan.bdx *= 2;
+  plan.bdy = kThreads / plan.bdx;
+  plan.channel_tiles = ceil_div(c, int64_t(plan.bdx) * plan.vec);
+  // Enough blocks to fill the GPU, as few partial rows as that allows.
+  const int64_t rows = ceil_div(pixels * plan.channel_tiles, int64_t(plan.bdy) * kTargetBlocks);
+  plan.rows = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxRowsPerThread, rows)));
+  plan.pixel_chunks = ceil_div(pixels, int64_t(plan.bdy) * plan.rows);
+  plan.workspace = {plan.pixel_chunks, plan.pixel_chunks * plan.channel_tiles};
+  return plan;
+}
+
+PostPlan plan_planes(const LsqActBackward& a, bool strided) {
+  PostPlan plan;
+  plan.path = strided ? PostPath::kStridedPlanes : PostPath::kPlanes;
+  const int64_t hw = a.x.size[2] * a.x.size[3];
+  plan.vec = strided ? 1 : pick_vec(a.x.type, hw, a.x.data, a.grad.data, a.dx.data);
+  plan.chunks = ceil_div(hw, kChunk);
+  plan.items = a.x.size[0] * a.x.size[1] * plan.chunks;
+  plan.workspace = {a.x.size[0] * plan.chunks, plan.items};
+  return plan;
+}
+
+PostPlan plan_backward(const LsqActBackward& a) {
+  if (numel(a.x) == 0) return PostPlan{};
+  const auto& size = a.x.size;
+  const bool nhwc = dense_nhwc(size, a.x.stride) && dense_nhwc(size, a.grad.stride) &&
+                    dense_nhwc(size, a.dx.stride);
+  if (nhwc && size[1] > 1) return plan_channels_last(a);
+  const bool nchw = dense_nchw(size, a.x.stride) && dense_nchw(size, a.grad.stride) &&
+                    dense_nchw(size, a.dx.stride);
+  return plan_planes(a, !nchw);
+}
+
+template <typename T>
+KernelStatus launch_backward(const LsqActBackward& a, const PostPlan& plan, float* bias_partials,
+                             float* residual_partials, cudaStream_t stream) {
+  const T* x = static_cast<const T*>(a.x.data);
+  const T* grad = static_cast<const T*>(a.grad.data);
+  T* dx = static_cast<T*>(a.dx.data);
+  const PostParams p{{a.bias_a, a.scale_a, a.eps, a.bits}, a.grad_scale};
+  if (plan.path == PostPath::kChannelsLast) {
+    const ClGeometry geo{a.x.size[0] * a.x.size[2] * a.x.size[3], a.x.size[1], plan.rows};
+    if (plan.pixel_chunks > INT_MAX || plan.channel_tiles > 65535)
+      return invalid("lsq_activation_backward", "x", "too many pixels or channels for one grid");
+    const dim3 grid(static_cast<unsigned>(plan.pixel_chunks),
+                    static_cast<unsigned>(plan.channel_tiles));
+    const dim3 block(plan.bdx, plan.bdy);
+    return with_vec<T>(plan.vec, [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      backward_cl_kernel<T, V>
+          <<<grid, block, 0, stream>>>(x, grad, dx, geo, p, bias_partials, residual_partials);
+      return launch_status("lsq_activation_backward");
+    });
+  }
+  const int64_t blocks = ceil_div(plan.items, kWarps);
+  if (blocks > INT_MAX)
+    return invalid("lsq_activation_backward", "x", "too many planes for one grid");
+  const PlaneGeometry geo{shape_of(a.x),
+                          plan.chunks,
+                          plan.items,
+                          strides_of(a.x.stride),
+                          strides_of(a.grad.stride),
+                          strides_of(a.dx.stride)};
+  const unsigned grid = static_cast<unsigned>(blocks);
+  if (plan.path == PostPath::kStridedPlanes) {
+    backward_plane_kernel<T, 1, true>
+        <<<grid, kThreads, 0, stream>>>(x, grad, dx, geo, p, bias_partials, residual_partials);
+    return launch_status("lsq_activation_backward");
+  }
+  return with_vec<T>(plan.vec, [&](auto vec) {
+    constexpr int V = decltype(vec)::value;
+    backward_plane_kernel<T, V, false>
+        <<<grid, kThreads, 0, stream>>>(x, grad, dx, geo, p, bias_partials, residual_partials);
+    return launch_status("lsq_activation_backward");
+  });
+}
+
+KernelStatus check_backward(const char* fn, const LsqActBackward& a) {
+  KernelStatus st = check_common(fn, a.x, a.bias_a, a.scale_a, a.bits);
+  if (!st.ok) return st;
+  if (a.grad.type != a.x.type) return invalid(fn, "grad", "element type differs from x's");
+  for (int d = 0; d < 4; ++d)
+    if (a.grad.size[d] != a.x.size[d]) return invalid(fn, "grad", "sizes differ from x's");
+  if (numel(a.x) == 0) return KernelStatus::success();
+  if (a.grad.data == nullptr) return invalid(fn, "grad", "null data pointer");
+  if (a.dx.data == nullptr) return invalid(fn, "dx", "null data pointer");
+  return KernelStatus::success();
+}
+
+}  // namespace
+
+KernelStatus lsq_activation_codes(const Tensor4dView& x, const float* bias_a, const float* scale_a,
+                                  float eps, int bits, const Tensor4dOut& out,
+                                  cudaStream_t stream) {
+  const char* fn = "lsq_activation_codes";
+  KernelStatus st = check_common(fn, x, bias_a, scale_a, bits);
+  if (!st.ok || numel(x) == 0) return st;
+  if (out.data == nullptr) return invalid(fn, "out", "null data pointer");
+  const ActParams p{bias_a, scale_a, eps, bits};
+  return with_type(x.type, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return launch_codes<T>(x, out, p, stream);
+  });
+}
+
+LsqWorkspace lsq_activation_backward_workspace(const LsqActBackward& args) {
+  return plan_backward(args).workspace;
+}
+
+KernelStatus lsq_activation_backward(const LsqActBackward& args, float* bias_partials,
+                                     float* residual_partials, cudaStream_t stream) {
+  const char* fn = "lsq_activation_backward";
+  KernelStatus st = check_backward(fn, args);
+  if (!st.ok || numel(args.x) == 0) return st;
+  if (bias_partials == nullptr) return invalid(fn, "bias_partials", "null pointer");
+  if (residual_partials == nullptr) return invalid(fn, "residual_partials", "null pointer");
+  const PostPlan plan = plan_backward(args);
+  return with_type(args.x.type, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return launch_backward<T>(args, plan, bias_partials, residual_partials, stream);
+  });
+}
+
+}  // namespace q4conv
