@@ -2,12 +2,11 @@
 """Where the q4conv inference forward spends its GPU time, per ResNet-50 shape.
 
 For each shape: the eval-mode layer (packed weights, fp16 channels_last in and out)
-timed in CUDA graphs for each value of Q4CONV_L2_CHUNK_KB given (the codes budget
-per quantize-then-convolve chunk; 0 = one pass over the whole batch), cuDNN fp16
-in the same run, and a torch.profiler breakdown of the GPU kernels of one call
-(default chunking) with each kernel's achieved DRAM-equivalent bandwidth where it
-is the quantization pass. Example:
-    python bench/profile_fwd.py --chunk-kb 0,16384 --out prof_out
+timed in CUDA graphs for each value of an environment switch (--env NAME=v1,v2,
+e.g. Q4CONV_FUSED_POINTWISE=0,1), cuDNN fp16 in the same run, and a
+torch.profiler breakdown of the GPU kernels of one call (switch unset) with the
+quantization pass's DRAM-equivalent bandwidth. Example:
+    python bench/profile_fwd.py --env Q4CONV_FUSED_POINTWISE=0,1 --out prof_out
 """
 from __future__ import annotations
 
@@ -52,7 +51,8 @@ def short(name: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--chunk-kb", default="0,16384", help="comma-separated Q4CONV_L2_CHUNK_KB values")
+    parser.add_argument("--env", default="Q4CONV_FUSED_POINTWISE=0,1",
+                        help="NAME=v1,v2,...: time q4conv once per value of this environment variable")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
@@ -60,9 +60,10 @@ def main(argv=None) -> int:
     import q4conv
 
     torch.backends.cudnn.benchmark = True
-    chunks = [c.strip() for c in args.chunk_kb.split(",") if c.strip()]
+    env_name, _, env_values = args.env.partition("=")
+    chunks = [c.strip() for c in env_values.split(",") if c.strip()]
     lines: List[str] = [f"card: {torch.cuda.get_device_name()}", ""]
-    head = ["shape", "cudnn fp16 us"] + [f"q4 chunk={c} us" for c in chunks] + ["x cudnn (best)", "kernels (us, default chunking)"]
+    head = ["shape", "cudnn fp16 us"] + [f"q4 {env_name}={c} us" for c in chunks] + ["x cudnn (best)", "kernels (us, switch unset)"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     print("\n".join(lines), flush=True)
@@ -92,9 +93,9 @@ def main(argv=None) -> int:
         cudnn_us = bench.time_graph_ms(cudnn, xs, args.repeats) * 1e3
         q4_us = []
         for chunk in chunks:
-            os.environ["Q4CONV_L2_CHUNK_KB"] = chunk
+            os.environ[env_name] = chunk
             q4_us.append(bench.time_graph_ms(q4, xs, args.repeats) * 1e3)
-        os.environ.pop("Q4CONV_L2_CHUNK_KB", None)
+        os.environ.pop(env_name, None)
         parts = kernel_breakdown(q4, xs[0])
         x_bytes = shape.n * shape.c * shape.h * shape.h * 2
         desc = []

@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <array>
+#include <cstdlib>
+#include <string>
 
 
 #include "kernels/conv_kernels.h"
@@ -144,6 +146,25 @@ KernelGeometry kernel_geometry(Backend backend, const KernelInput& in, int64_t o
   }
   const int64_t c_pad = round_up(channels, channel_align(backend));
   return {make_shape(in.x, out_channels, r, s, in.params, c_pad), c_pad};
+}
+
+// Dense channels_last 1x1 stride-1 convolutions on sm90 quantize inside the
+// GEMM (pointwise_fused.cu) instead of in a separate pass. The environment
+// variable Q4CONV_FUSED_POINTWISE=0 turns this off (A/B timing, tests).
+bool fused_pointwise_enabled() {
+  const char* env = std::getenv("Q4CONV_FUSED_POINTWISE");
+  return env == nullptr || std::string(env) != "0";
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& shape) {
+  const bool pointwise = shape.r == 1 && shape.s == 1 && shape.stride_h == 1 &&
+                         shape.stride_w == 1 && shape.pad_h == 0 && shape.pad_w == 0;
+  return backend == Backend::kSm90Int8 && pointwise && shape.c == x.size(1) &&
+         x.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(x.data_ptr()) &&
+         pointwise_fused_supports(int64_t(shape.n) * shape.h * shape.w, shape.c, shape.k) &&
+         fused_pointwise_enabled();
 }
 
 }  // namespace
@@ -351,11 +372,21 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
   epilogue.out = out.data_ptr();
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor bias_q = float_bias(bias_a), scale_q = float_scale(scale_a);
+  if (use_fused_pointwise(backend, in.x, shape) && aligned16(bias_q.data_ptr())) {
+    check_status(pointwise_fused_conv(in.x.data_ptr(), view_of(in.x).type,
+                                      int64_t(shape.n) * shape.h * shape.w, shape.c,
+                                      bias_q.data_ptr<float>(), scale_q.data_ptr<float>(),
+                                      static_cast<float>(params.eps), static_cast<int>(params.bits),
+                                      wgt.data_ptr<int8_t>(), shape.k, epilogue, stream),
+                 "sm90_int8 fused pointwise convolution");
+    return out.permute({0, 3, 1, 2});
+  }
   at::Tensor act = at::empty({in.x.size(0), in.x.size(2), in.x.size(3),
                               packed ? geometry.c_pad / 2 : geometry.c_pad},
                              x.options().dtype(packed ? at::kByte : at::kChar));
-  quantize_activation_into(in.x, float_bias(bias_a), float_scale(scale_a), params.eps,
-                           params.bits, geometry.c_pad, packed, act);
+  quantize_activation_into(in.x, bias_q, scale_q, params.eps, params.bits, geometry.c_pad, packed,
+                           act);
   if (uses_im2col(backend, x.size(1))) {
     const ConvShape conv = make_shape(in.x, k_out, r, s, in.params, x.size(1));
     at::Tensor rows = at::empty({int64_t(shape.n) * shape.p * shape.q, shape.c}, act.options());

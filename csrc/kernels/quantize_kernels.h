@@ -49,4 +49,16 @@ KernelStatus unpack_int4_to_int8(const uint8_t* packed, int64_t rows, int c_in, 
 KernelStatus repack_int4(const uint8_t* packed, int64_t rows, int c_in, int channels, int c_out,
                          uint8_t* out, cudaStream_t stream);
 
+// Fused quantization + GEMM for a dense 1x1 stride-1 convolution
+// (pointwise_fused.cu): x is channels_last [pixels, channels] (16-byte
+// aligned, no padding), codes = quantize_activation(x, bias_a[c],
+// max(*scale_a, eps), bits) computed in registers, weight int8 [out_channels,
+// channels]; out = epilogue (NHWC [pixels, out_channels]). Needs channels % 64
+// == 0 and out_channels % 64 == 0 (pointwise_fused_supports).
+bool pointwise_fused_supports(int64_t pixels, int channels, int out_channels);
+KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, int channels,
+                                  const float* bias_a, const float* scale_a, float eps, int bits,
+                                  const int8_t* weight, int out_channels,
+                                  const EpilogueArgs& epilogue, cudaStream_t stream);
+
 }  // namespace q4conv

@@ -1,0 +1,288 @@
+// Fused activation quantization + int8 tensor-core GEMM for dense 1x1
+// stride-1 convolutions (interface: conv_kernels.h). No torch, no CUTLASS.
+//
+// Why: on H100 the separate quantization pass (fp16 read, int8 write, then
+// the GEMM reads the codes again) cost as much as cuDNN's whole convolution
+// on every 1x1 layer whose input is larger than its output (NOTES.md). Here
+// the GEMM's A operand is loaded as fp16/bf16/fp32 from the channels_last
+// input, quantized in registers with quant.h's arithmetic (bit-identical to
+// the separate pass) and stored to shared memory as int8, so the input is read
+// once at 2 (or 4) bytes per element, as cuDNN reads it.
+//
+// Tile: kBM = 128 rows (pixels) x BN output channels x kBK = 64 channels per
+// step, 256 threads = 8 warps (kWarpsM x kWarpsN); mma.sync m16n8k32 s8 with
+// int32 accumulators (sm_80+; on sm_90 it runs at about half the wgmma rate,
+// which the memory-bound layers this serves do not reach). Two shared-memory
+// stages; the next step's global loads are issued before the current step's
+// MMAs. Shared rows are padded to 80 bytes so the fragment reads of the 8
+// rows of a quad hit 32 distinct banks.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../quant.h"
+#include "quantize_kernels.h"
+
+namespace q4conv {
+namespace {
+
+constexpr int kBM = 128;
+constexpr int kBK = 64;
+constexpr int kRowBytes = kBK + 16;  // padded shared row
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+struct OutCvt;
+template <>
+struct OutCvt<float> {
+  static __device__ __forceinline__ void store2(float* dst, float a, float b) {
+    *reinterpret_cast<float2*>(dst) = make_float2(a, b);
+  }
+};
+template <>
+struct OutCvt<__half> {
+  static __device__ __forceinline__ void store2(__half* dst, float a, float b) {
+    *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(a, b);
+  }
+};
+template <>
+struct OutCvt<__nv_bfloat16> {
+  static __device__ __forceinline__ void store2(__nv_bfloat16* dst, float a, float b) {
+    *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
+  }
+};
+
+__device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                       uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Per thread and step: A = half a row (32 channels) of one pixel, B = 16
+// bytes of BN / 64 weight rows.
+template <typename T>
+struct ALoad {
+  static constexpr int kVecs = 32 * sizeof(T) / 16;  // uint4 per 32 elements
+  uint4 raw[kVecs];
+};
+
+struct Params {
+  const void* x;
+  const int8_t* weight;  // [k, c] int8
+  const float* bias_a;   // [c]
+  const float* scale_a;  // 1 value
+  float eps;
+  int bits;
+  int64_t m;  // rows = pixels
+  int c, k;
+  EpilogueArgs epi;
+};
+
+// Two blocks per SM (<= 128 registers per thread): one block's quantization
+// and loads overlap the other's MMAs.
+template <typename T, int BN, int kWarpsM>
+__global__ void __launch_bounds__(kThreads, 2) pointwise_fused_kernel(const Params p) {
+  constexpr int kWarpsN = 8 / kWarpsM;
+  constexpr int kWarpRows = kBM / kWarpsM;  // rows per warp
+  constexpr int kWarpCols = BN / kWarpsN;   // cols per warp
+  constexpr int kMT = kWarpRows / 16;       // m16 tiles per warp
+  constexpr int kNT = kWarpCols / 8;        // n8 tiles per warp
+  constexpr int kBRowsPerThread = BN / 64;  // 4 threads x 16 B per 64-byte weight row
+  __shared__ __align__(16) int8_t a_tile[2][kBM * kRowBytes];
+  __shared__ __align__(16) int8_t b_tile[2][BN * kRowBytes];
+
+  const T* x = static_cast<const T*>(p.x);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t m0 = int64_t(blockIdx.x) * kBM;
+  const int n0 = blockIdx.y * BN;
+  const float scale = effective_scale(*p.scale_a, p.eps);
+  const float inv_scale = 1.0f / scale;
+
+  // This thread's share of the loads: A row a_row, channels a_half*32..+31;
+  // B rows b_row + 64*i, bytes b_part*16..+15.
+  const int a_row = tid >> 1, a_half = tid & 1;
+  const bool a_valid = m0 + a_row < p.m;
+  const T* a_src = x + (m0 + a_row) * p.c + a_half * 32;
+  const int b_row = tid >> 2, b_part = tid & 3;
+  const int8_t* b_src = p.weight + int64_t(n0 + b_row) * p.c + b_part * 16;
+
+  ALoad<T> a_regs;
+  uint4 b_regs[kBRowsPerThread];
+  auto load_step = [&](int k0) {
+#pragma unroll
+    for (int v = 0; v < ALoad<T>::kVecs; ++v)
+      a_regs.raw[v] = a_valid ? __ldcs(reinterpret_cast<const uint4*>(a_src + k0) + v)
+                              : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int i = 0; i < kBRowsPerThread; ++i)
+      b_regs[i] = __ldg(reinterpret_cast<const uint4*>(b_src + int64_t(64 * i) * p.c + k0));
+  };
+  // Quantizes the loaded A values (channels k0 + a_half*32 ...) into stage s.
+  auto store_step = [&](int stage, int k0) {
+    const T* vals = reinterpret_cast<const T*>(a_regs.raw);
+    const float4* bias4 = reinterpret_cast<const float4*>(p.bias_a + k0 + a_half * 32);
+    uint32_t words[8];
+#pragma unroll
+    for (int w = 0; w < 8; ++w) {
+      const float4 b = __ldg(bias4 + w);
+      const float bias[4] = {b.x, b.y, b.z, b.w};
+      uint32_t word = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int e = 4 * w + j;
+        const float v = to_float(vals[e]) + bias[j];
+        const int8_t q = a_valid ? quantize_value_fast(v, scale, inv_scale, p.bits) : 0;
+        word |= uint32_t(uint8_t(q)) << (8 * j);
+      }
+      words[w] = word;
+    }
+    uint4* a_dst = reinterpret_cast<uint4*>(&a_tile[stage][a_row * kRowBytes + a_half * 32]);
+    a_dst[0] = make_uint4(words[0], words[1], words[2], words[3]);
+    a_dst[1] = make_uint4(words[4], words[5], words[6], words[7]);
+#pragma unroll
+    for (int i = 0; i < kBRowsPerThread; ++i)
+      *reinterpret_cast<uint4*>(&b_tile[stage][(b_row + 64 * i) * kRowBytes + b_part * 16]) =
+          b_regs[i];
+  };
+
+  int acc[kMT][kNT][4] = {};
+  const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int steps = p.c / kBK;
+
+  load_step(0);
+  store_step(0, 0);
+  __syncthreads();
+  for (int step = 0; step < steps; ++step) {
+    const int stage = step & 1;
+    if (step + 1 < steps) load_step((step + 1) * kBK);
+    const int8_t* a_s = a_tile[stage];
+    const int8_t* b_s = b_tile[stage];
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 32) {
+      uint32_t a_frag[kMT][4], b_frag[kNT][2];
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+        const int r = warp_m * kWarpRows + i * 16 + g;
+        const int8_t* base = a_s + r * kRowBytes + kk + t4 * 4;
+        a_frag[i][0] = *reinterpret_cast<const uint32_t*>(base);
+        a_frag[i][1] = *reinterpret_cast<const uint32_t*>(base + 8 * kRowBytes);
+        a_frag[i][2] = *reinterpret_cast<const uint32_t*>(base + 16);
+        a_frag[i][3] = *reinterpret_cast<const uint32_t*>(base + 8 * kRowBytes + 16);
+      }
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        const int n = warp_n * kWarpCols + j * 8 + g;
+        const int8_t* base = b_s + n * kRowBytes + kk + t4 * 4;
+        b_frag[j][0] = *reinterpret_cast<const uint32_t*>(base);
+        b_frag[j][1] = *reinterpret_cast<const uint32_t*>(base + 16);
+      }
+#pragma unroll
+      for (int i = 0; i < kMT; ++i)
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) mma_s8(acc[i][j], a_frag[i], b_frag[j][0], b_frag[j][1]);
+    }
+    if (step + 1 < steps) store_step(stage ^ 1, (step + 1) * kBK);
+    __syncthreads();
+  }
+
+  // Epilogue: out[m, n] = act(alpha[n] * acc + bias[n]), as the sm90 EVT.
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+    const int n = n0 + warp_n * kWarpCols + j * 8 + t4 * 2;
+    const float al0 = p.epi.alpha[n], al1 = p.epi.alpha[n + 1];
+    const float bi0 = p.epi.bias != nullptr ? p.epi.bias[n] : 0.0f;
+    const float bi1 = p.epi.bias != nullptr ? p.epi.bias[n + 1] : 0.0f;
+    const float lower = p.epi.relu ? 0.0f : -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t m = m0 + warp_m * kWarpRows + i * 16 + g + 8 * half;
+        if (m >= p.m) continue;
+        const float v0 = fmaxf(al0 * float(acc[i][j][2 * half]) + bi0, lower);
+        const float v1 = fmaxf(al1 * float(acc[i][j][2 * half + 1]) + bi1, lower);
+        const int64_t offset = m * p.k + n;
+        switch (p.epi.out_type) {
+          case OutType::kFloat32:
+            OutCvt<float>::store2(static_cast<float*>(p.epi.out) + offset, v0, v1);
+            break;
+          case OutType::kFloat16:
+            OutCvt<__half>::store2(static_cast<__half*>(p.epi.out) + offset, v0, v1);
+            break;
+          case OutType::kBFloat16:
+            OutCvt<__nv_bfloat16>::store2(static_cast<__nv_bfloat16*>(p.epi.out) + offset, v0,
+                                          v1);
+            break;
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch(const Params& p, cudaStream_t stream) {
+  const dim3 block(kThreads);
+  const unsigned row_blocks = static_cast<unsigned>((p.m + kBM - 1) / kBM);
+  // 128 output channels per block where K allows it (each block quantizes its
+  // rows once per column block), else 64.
+  if (p.k % 128 == 0) {
+    pointwise_fused_kernel<T, 128, 2><<<dim3(row_blocks, p.k / 128), block, 0, stream>>>(p);
+  } else {
+    pointwise_fused_kernel<T, 64, 4><<<dim3(row_blocks, p.k / 64), block, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool pointwise_fused_supports(int64_t pixels, int channels, int out_channels) {
+  return pixels > 0 && pixels / kBM < 0x7fffffff && channels % kBK == 0 && channels > 0 &&
+         out_channels % 64 == 0 && out_channels > 0 && out_channels / 64 <= 65535;
+}
+
+KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, int channels,
+                                  const float* bias_a, const float* scale_a, float eps, int bits,
+                                  const int8_t* weight, int out_channels,
+                                  const EpilogueArgs& epilogue, cudaStream_t stream) {
+  if (!pointwise_fused_supports(pixels, channels, out_channels))
+    return KernelStatus::failure(
+        "pointwise_fused_conv: unsupported shape (needs C % 64 == 0 and K % 64 == 0)");
+  if (x == nullptr || weight == nullptr || scale_a == nullptr || epilogue.alpha == nullptr ||
+      epilogue.out == nullptr)
+    return KernelStatus::failure("pointwise_fused_conv: null pointer argument");
+  if (bias_a == nullptr || ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(weight) |
+                             reinterpret_cast<uintptr_t>(bias_a)) &
+                            15) != 0)
+    return KernelStatus::failure(
+        "pointwise_fused_conv: x, weight and bias_a must be non-null and 16-byte aligned");
+  Params p{x, weight, bias_a, scale_a, eps, bits, pixels, channels, out_channels, epilogue};
+  cudaError_t err = cudaSuccess;
+  switch (x_type) {
+    case InType::kFloat32:
+      err = launch<float>(p, stream);
+      break;
+    case InType::kFloat16:
+      err = launch<__half>(p, stream);
+      break;
+    case InType::kBFloat16:
+      err = launch<__nv_bfloat16>(p, stream);
+      break;
+  }
+  if (err != cudaSuccess)
+    return KernelStatus::failure(std::string("pointwise_fused_conv: CUDA launch failed: ") +
+                                 cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+  return KernelStatus::success();
+}
+
+}  // namespace q4conv
