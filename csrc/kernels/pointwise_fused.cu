@@ -68,13 +68,18 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Per thread and step: A = half a row (32 channels) of one pixel, B = 16
-// bytes of BN / 64 weight rows.
+// 8 consecutive input elements (16 bytes of fp16/bf16, 32 of fp32) held in
+// registers: a union, not a pointer cast, so they stay out of local memory.
 template <typename T>
-struct ALoad {
-  static constexpr int kVecs = 32 * sizeof(T) / 16;  // uint4 per 32 elements
-  uint4 raw[kVecs];
+union Chunk8 {
+  uint4 raw[sizeof(T) / 2];
+  T e[8];
 };
+
+// Per thread and step: kAChunks chunks of 8 channels of A (consecutive lanes
+// read consecutive 16 bytes: 8 lanes per 64-channel row) and BN / 64 chunks of
+// 16 bytes of B.
+constexpr int kAChunks = kBM * kBK / 8 / kThreads;
 
 struct Params {
   const void* x;
@@ -108,47 +113,48 @@ __global__ void __launch_bounds__(kThreads, 2) pointwise_fused_kernel(const Para
   const float scale = effective_scale(*p.scale_a, p.eps);
   const float inv_scale = 1.0f / scale;
 
-  // This thread's share of the loads: A row a_row, channels a_half*32..+31;
-  // B rows b_row + 64*i, bytes b_part*16..+15.
-  const int a_row = tid >> 1, a_half = tid & 1;
-  const bool a_valid = m0 + a_row < p.m;
-  const T* a_src = x + (m0 + a_row) * p.c + a_half * 32;
+  // This thread's share of the loads: A chunk tid + kThreads * i is row
+  // (chunk / 8), channels (chunk % 8) * 8 ...; B rows b_row + 64 * i, bytes
+  // b_part * 16 ... of the step's 64.
+  const int a_part = tid & 7;
   const int b_row = tid >> 2, b_part = tid & 3;
   const int8_t* b_src = p.weight + int64_t(n0 + b_row) * p.c + b_part * 16;
 
-  ALoad<T> a_regs;
+  Chunk8<T> a_regs[kAChunks];
   uint4 b_regs[kBRowsPerThread];
   auto load_step = [&](int k0) {
 #pragma unroll
-    for (int v = 0; v < ALoad<T>::kVecs; ++v)
-      a_regs.raw[v] = a_valid ? __ldcs(reinterpret_cast<const uint4*>(a_src + k0) + v)
-                              : make_uint4(0, 0, 0, 0);
+    for (int i = 0; i < kAChunks; ++i) {
+      const int row = (tid >> 3) + i * (kThreads / 8);
+      const bool valid = m0 + row < p.m;
+      const uint4* src = reinterpret_cast<const uint4*>(x + (m0 + row) * p.c + k0 + a_part * 8);
+#pragma unroll
+      for (int v = 0; v < int(sizeof(T)) / 2; ++v)
+        a_regs[i].raw[v] = valid ? __ldcs(src + v) : make_uint4(0, 0, 0, 0);
+    }
 #pragma unroll
     for (int i = 0; i < kBRowsPerThread; ++i)
       b_regs[i] = __ldg(reinterpret_cast<const uint4*>(b_src + int64_t(64 * i) * p.c + k0));
   };
-  // Quantizes the loaded A values (channels k0 + a_half*32 ...) into stage s.
+  // Quantizes the loaded A values into stage `stage` (rows past m get codes
+  // of zeros; their outputs are never stored).
   auto store_step = [&](int stage, int k0) {
-    const T* vals = reinterpret_cast<const T*>(a_regs.raw);
-    const float4* bias4 = reinterpret_cast<const float4*>(p.bias_a + k0 + a_half * 32);
-    uint32_t words[8];
+    const float4* bias4 = reinterpret_cast<const float4*>(p.bias_a + k0 + a_part * 8);
+    const float4 b0 = __ldg(bias4), b1 = __ldg(bias4 + 1);
+    const float bias[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
-    for (int w = 0; w < 8; ++w) {
-      const float4 b = __ldg(bias4 + w);
-      const float bias[4] = {b.x, b.y, b.z, b.w};
-      uint32_t word = 0;
+    for (int i = 0; i < kAChunks; ++i) {
+      const int row = (tid >> 3) + i * (kThreads / 8);
+      union {
+        uint2 raw;
+        int8_t q[8];
+      } codes;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int e = 4 * w + j;
-        const float v = to_float(vals[e]) + bias[j];
-        const int8_t q = a_valid ? quantize_value_fast(v, scale, inv_scale, p.bits) : 0;
-        word |= uint32_t(uint8_t(q)) << (8 * j);
-      }
-      words[w] = word;
+      for (int j = 0; j < 8; ++j)
+        codes.q[j] =
+            quantize_value_fast(to_float(a_regs[i].e[j]) + bias[j], scale, inv_scale, p.bits);
+      *reinterpret_cast<uint2*>(&a_tile[stage][row * kRowBytes + a_part * 8]) = codes.raw;
     }
-    uint4* a_dst = reinterpret_cast<uint4*>(&a_tile[stage][a_row * kRowBytes + a_half * 32]);
-    a_dst[0] = make_uint4(words[0], words[1], words[2], words[3]);
-    a_dst[1] = make_uint4(words[4], words[5], words[6], words[7]);
 #pragma unroll
     for (int i = 0; i < kBRowsPerThread; ++i)
       *reinterpret_cast<uint4*>(&b_tile[stage][(b_row + 64 * i) * kRowBytes + b_part * 16]) =
