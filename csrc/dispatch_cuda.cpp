@@ -148,12 +148,19 @@ KernelGeometry kernel_geometry(Backend backend, const KernelInput& in, int64_t o
   return {make_shape(in.x, out_channels, r, s, in.params, c_pad), c_pad};
 }
 
-// Dense channels_last 1x1 stride-1 convolutions on sm90 quantize inside the
-// GEMM (pointwise_fused.cu) instead of in a separate pass. The environment
-// variable Q4CONV_FUSED_POINTWISE=0 turns this off (A/B timing, tests).
-bool fused_pointwise_enabled() {
+// Dense channels_last 1x1 stride-1 convolutions on sm90 can quantize inside
+// an int8 mma.sync GEMM (pointwise_fused.cu) instead of in a separate pass.
+// Measured on H100 (NOTES.md) it beats the pass + CUTLASS GEMM only where one
+// 64-channel column block covers K and the input outweighs the output (C=256
+// -> K=64 at 56x56: 89 vs 106 us); elsewhere it is slower, so that is the
+// default rule. Q4CONV_FUSED_POINTWISE=1 uses it wherever it can run, =0
+// never (A/B timing and tests).
+enum class FusedMode { kRule, kAlways, kNever };
+
+FusedMode fused_pointwise_mode() {
   const char* env = std::getenv("Q4CONV_FUSED_POINTWISE");
-  return env == nullptr || std::string(env) != "0";
+  if (env == nullptr) return FusedMode::kRule;
+  return std::string(env) == "0" ? FusedMode::kNever : FusedMode::kAlways;
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
@@ -161,10 +168,18 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15)
 bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& shape) {
   const bool pointwise = shape.r == 1 && shape.s == 1 && shape.stride_h == 1 &&
                          shape.stride_w == 1 && shape.pad_h == 0 && shape.pad_w == 0;
-  return backend == Backend::kSm90Int8 && pointwise && shape.c == x.size(1) &&
-         x.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(x.data_ptr()) &&
-         pointwise_fused_supports(int64_t(shape.n) * shape.h * shape.w, shape.c, shape.k) &&
-         fused_pointwise_enabled();
+  const bool runs = backend == Backend::kSm90Int8 && pointwise && shape.c == x.size(1) &&
+                    x.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(x.data_ptr()) &&
+                    pointwise_fused_supports(int64_t(shape.n) * shape.h * shape.w, shape.c, shape.k);
+  switch (fused_pointwise_mode()) {
+    case FusedMode::kAlways:
+      return runs;
+    case FusedMode::kNever:
+      return false;
+    case FusedMode::kRule:
+      break;
+  }
+  return runs && shape.k == 64 && shape.c >= 128;
 }
 
 }  // namespace

@@ -230,8 +230,8 @@ class Q4Conv2dCutlass(nn.Module):
             return None, None
         # The cache holds qweight itself, so its storage cannot be freed and
         # reused by a new qweight; in-place changes bump the version counters.
-        key = (x.device, qweight._version, self.scale_a.data_ptr(), self.scale_a._version,
-               self.scale_w.data_ptr(), self.scale_w._version, self._eps_value, self.backend)
+        key = (x.device, _version_of(qweight), self.scale_a.data_ptr(), _version_of(self.scale_a),
+               self.scale_w.data_ptr(), _version_of(self.scale_w), self._eps_value, self.backend)
         cache = self._inference_cache
         if cache is None or cache[0] is not qweight or cache[1] != key:
             alpha = _ops.ops.output_alpha(self.scale_a.detach(), self.scale_w.detach(), self.out_channels,
@@ -295,6 +295,13 @@ class Q4Conv2dCutlass(nn.Module):
 
 
 Q4Conv2d = Q4Conv2dCutlass
+
+
+def _version_of(t: torch.Tensor) -> int:
+    """In-place version counter; inference tensors (made under torch.inference_mode,
+    e.g. a qweight packed on the first call there) have none and cannot be changed
+    in place outside inference mode, so they count as version -1."""
+    return -1 if t.is_inference() else t._version
 
 
 def prepare_q4conv_layers(model: nn.Module) -> nn.Module:

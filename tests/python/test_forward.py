@@ -150,6 +150,27 @@ def test_few_channel_convolutions(device, backend, case, dtype):
     check_against_oracle(y, x, bias_a, scale_a, weight, scale_w, bias, case)
 
 
+@pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
+@pytest.mark.parametrize("case", [Case(3, 64, 64, 14, 14, 1, 1), Case(2, 192, 128, 9, 7, 1, 1),
+                                  Case(1, 128, 320, 5, 11, 1, 1)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_fused_pointwise_kernel(device, backend, case, dtype, monkeypatch):
+    """Q4CONV_FUSED_POINTWISE=1 runs every dense 1x1 stride-1 convolution it
+    can take (C, K multiples of 64) through the fused quantize + GEMM kernel
+    (row tails: 588, 126, 55 pixels); =0 never does. Both match the oracle."""
+    x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last=True)
+    skip_unless_backend_runs(x, case, backend)
+    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
+    args = (x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), True, backend)
+    for switch in ("1", "0"):
+        monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", switch)
+        y = ops.conv_packed(*args)
+        ref, _ = oracle.forward(x, bias_a, scale_a, weight, scale_w, bias, oracle.Conv())
+        relu_ref = ref.clamp_min(0)
+        bound = OUT_RTOL[dtype] * relu_ref.abs() + 1e-6 * relu_ref.abs().max()
+        assert ((y.double().cpu() - relu_ref).abs() <= bound).all(), f"switch {switch}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels", [1, 3, 20, 33])
 @pytest.mark.parametrize("per_channel", [False, True])

@@ -252,3 +252,21 @@ def test_eval_cache_follows_weight_and_scale_changes():
     y_neg = layer.eval()(x)  # qweight regenerated from the new weights
     assert not torch.equal(y_neg, y_scaled)
     assert torch.equal(layer.train()(x), y_neg)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_first_eval_call_inside_inference_mode(device):
+    """model.eval(); with torch.inference_mode(): model(x) -- the packed weights
+    are then made inside inference mode (inference tensors, no version
+    counter) and later calls, in or out of inference mode, agree."""
+    layer = make_layer(device, bias=True)
+    x = torch.randn(2, 20, 9, 11, device=device)
+    y_train = layer(x)
+    layer.eval()
+    with torch.inference_mode():
+        y_inference = layer(x)
+        assert layer.qweight.is_inference()
+        assert torch.equal(layer(x), y_inference)
+    with torch.no_grad():
+        assert torch.equal(layer(x), y_inference)
+    assert torch.equal(y_inference, y_train)
