@@ -5,35 +5,12 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "cuda_views.h"
 #include "kernels/lsq_kernels.h"
 #include "q4conv.h"
 
 namespace q4conv {
 namespace {
-
-InType lsq_in_type(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return InType::kFloat32;
-    case at::kHalf:
-      return InType::kFloat16;
-    case at::kBFloat16:
-      return InType::kBFloat16;
-    default:
-      TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
-
-Tensor4dView lsq_view(const at::Tensor& t, const char* name) {
-  Tensor4dView view;
-  view.data = t.data_ptr();
-  view.type = lsq_in_type(t, name);
-  for (int i = 0; i < 4; ++i) {
-    view.size[i] = t.size(i);
-    view.stride[i] = t.stride(i);
-  }
-  return view;
-}
 
 Tensor4dOut lsq_out(at::Tensor& t) {
   Tensor4dOut out;
@@ -79,7 +56,7 @@ at::Tensor cuda_lsq_activation_codes(const at::Tensor& x, const at::Tensor& bias
   at::Tensor codes = empty_like_x(x);
   if (codes.numel() == 0) return codes;
   check_status(
-      lsq_activation_codes(lsq_view(x, "x"), bias.data_ptr<float>(), scale.data_ptr<float>(),
+      lsq_activation_codes(kernel_view(x, "x"), bias.data_ptr<float>(), scale.data_ptr<float>(),
                            static_cast<float>(eps), static_cast<int>(bits), lsq_out(codes),
                            at::cuda::getCurrentCUDAStream()),
       "LSQ activation codes");
@@ -107,8 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_lsq_activation_backward(
 
   at::Tensor dx = empty_like_x(x);
   LsqActBackward args;
-  args.x = lsq_view(x, "x");
-  args.grad = lsq_view(grad_act, "grad_act");
+  args.x = kernel_view(x, "x");
+  args.grad = kernel_view(grad_act, "grad_act");
   args.dx = lsq_out(dx);
   args.bias_a = bias.data_ptr<float>();
   args.scale_a = scale.data_ptr<float>();

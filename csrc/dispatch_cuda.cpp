@@ -8,7 +8,7 @@
 #include <cstdlib>
 #include <string>
 
-
+#include "cuda_views.h"
 #include "kernels/conv_kernels.h"
 #include "kernels/quantize_kernels.h"
 #include "q4conv.h"
@@ -16,21 +16,8 @@
 namespace q4conv {
 namespace {
 
-InType in_type(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return InType::kFloat32;
-    case at::kHalf:
-      return InType::kFloat16;
-    case at::kBFloat16:
-      return InType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "expected float32, float16 or bfloat16, got ", dtype);
-  }
-}
-
 OutType out_type(at::ScalarType dtype) {
-  switch (in_type(dtype)) {
+  switch (kernel_in_type(dtype, "x")) {
     case InType::kFloat32:
       return OutType::kFloat32;
     case InType::kFloat16:
@@ -39,17 +26,6 @@ OutType out_type(at::ScalarType dtype) {
       return OutType::kBFloat16;
   }
   return OutType::kFloat32;
-}
-
-Tensor4dView view_of(const at::Tensor& t) {
-  Tensor4dView view;
-  view.data = t.data_ptr();
-  view.type = in_type(t.scalar_type());
-  for (int i = 0; i < 4; ++i) {
-    view.size[i] = t.size(i);
-    view.stride[i] = t.stride(i);
-  }
-  return view;
 }
 
 void check_status(const KernelStatus& status, const char* what) {
@@ -98,8 +74,8 @@ struct KernelInput {
 KernelInput kernel_input(const at::Tensor& x, int64_t r, int64_t s, const ConvParams& params) {
   const bool pointwise = r == 1 && s == 1 && params.padding[0] == 0 && params.padding[1] == 0;
   if (!pointwise || (params.stride[0] == 1 && params.stride[1] == 1)) return {x, params};
-  KernelInput in{x.slice(2, 0, x.size(2), params.stride[0]).slice(3, 0, x.size(3), params.stride[1]),
-                 params};
+  KernelInput in{
+      x.slice(2, 0, x.size(2), params.stride[0]).slice(3, 0, x.size(3), params.stride[1]), params};
   for (int i = 0; i < 2; ++i) {
     in.params.stride[i] = 1;
     in.params.dilation[i] = 1;
@@ -168,9 +144,10 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15)
 bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& shape) {
   const bool pointwise = shape.r == 1 && shape.s == 1 && shape.stride_h == 1 &&
                          shape.stride_w == 1 && shape.pad_h == 0 && shape.pad_w == 0;
-  const bool runs = backend == Backend::kSm90Int8 && pointwise && shape.c == x.size(1) &&
-                    x.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(x.data_ptr()) &&
-                    pointwise_fused_supports(int64_t(shape.n) * shape.h * shape.w, shape.c, shape.k);
+  const bool runs =
+      backend == Backend::kSm90Int8 && pointwise && shape.c == x.size(1) &&
+      x.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(x.data_ptr()) &&
+      pointwise_fused_supports(int64_t(shape.n) * shape.h * shape.w, shape.c, shape.k);
   switch (fused_pointwise_mode()) {
     case FusedMode::kAlways:
       return runs;
@@ -194,7 +171,7 @@ void quantize_activation_into(const at::Tensor& x, const at::Tensor& bias, const
                               const at::Tensor& codes) {
   if (codes.numel() == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Tensor4dView view = view_of(x);
+  const Tensor4dView view = kernel_view(x, "x");
   const int pad = static_cast<int>(c_pad), b = static_cast<int>(bits);
   const float e = static_cast<float>(eps);
   const KernelStatus status =
@@ -206,7 +183,9 @@ void quantize_activation_into(const at::Tensor& x, const at::Tensor& bias, const
   check_status(status, "activation quantization");
 }
 
-at::Tensor float_bias(const at::Tensor& bias_a) { return bias_a.detach().to(at::kFloat).contiguous(); }
+at::Tensor float_bias(const at::Tensor& bias_a) {
+  return bias_a.detach().to(at::kFloat).contiguous();
+}
 
 at::Tensor float_scale(const at::Tensor& scale_a) {
   return scale_a.detach().to(at::kFloat).reshape({1}).contiguous();
@@ -235,11 +214,12 @@ at::Tensor cuda_quantize_pack(const at::Tensor& weight, const at::Tensor& scale_
   at::Tensor packed = at::empty({weight.size(0), weight.size(2), weight.size(3), c_pad / 2},
                                 weight.options().dtype(at::kByte));
   if (packed.numel() == 0) return packed;
-  check_status(quantize_pack_weight_int4(
-                   view_of(source.detach()), scale.data_ptr<float>(), scale.numel() > 1,
-                   static_cast<float>(eps), static_cast<int>(bits), static_cast<int>(c_pad),
-                   packed.data_ptr<uint8_t>(), at::cuda::getCurrentCUDAStream()),
-               "weight quantization");
+  check_status(
+      quantize_pack_weight_int4(kernel_view(source.detach(), "weight"), scale.data_ptr<float>(),
+                                scale.numel() > 1, static_cast<float>(eps), static_cast<int>(bits),
+                                static_cast<int>(c_pad), packed.data_ptr<uint8_t>(),
+                                at::cuda::getCurrentCUDAStream()),
+      "weight quantization");
   return packed;
 }
 
@@ -346,9 +326,8 @@ int64_t workspace_bytes(Backend backend, const ConvShape& shape, OutType out_typ
   return 0;
 }
 
-KernelStatus run_kernel(Backend backend, const ConvShape& shape, const void* act,
-                        const void* wgt, const EpilogueArgs& epilogue, void* workspace,
-                        cudaStream_t stream) {
+KernelStatus run_kernel(Backend backend, const ConvShape& shape, const void* act, const void* wgt,
+                        const EpilogueArgs& epilogue, void* workspace, cudaStream_t stream) {
 #ifdef Q4CONV_HAVE_SM90
   if (backend == Backend::kSm90Int8)
     return sm90_int8_conv(shape, act, wgt, epilogue, workspace, stream);
@@ -389,7 +368,7 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor bias_q = float_bias(bias_a), scale_q = float_scale(scale_a);
   if (use_fused_pointwise(backend, in.x, shape) && aligned16(bias_q.data_ptr())) {
-    check_status(pointwise_fused_conv(in.x.data_ptr(), view_of(in.x).type,
+    check_status(pointwise_fused_conv(in.x.data_ptr(), kernel_in_type(in.x.scalar_type(), "x"),
                                       int64_t(shape.n) * shape.h * shape.w, shape.c,
                                       bias_q.data_ptr<float>(), scale_q.data_ptr<float>(),
                                       static_cast<float>(params.eps), static_cast<int>(params.bits),
@@ -397,21 +376,21 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
                  "sm90_int8 fused pointwise convolution");
     return out.permute({0, 3, 1, 2});
   }
-  at::Tensor act = at::empty({in.x.size(0), in.x.size(2), in.x.size(3),
-                              packed ? geometry.c_pad / 2 : geometry.c_pad},
-                             x.options().dtype(packed ? at::kByte : at::kChar));
+  at::Tensor act = at::empty(
+      {in.x.size(0), in.x.size(2), in.x.size(3), packed ? geometry.c_pad / 2 : geometry.c_pad},
+      x.options().dtype(packed ? at::kByte : at::kChar));
   quantize_activation_into(in.x, bias_q, scale_q, params.eps, params.bits, geometry.c_pad, packed,
                            act);
   if (uses_im2col(backend, x.size(1))) {
     const ConvShape conv = make_shape(in.x, k_out, r, s, in.params, x.size(1));
     at::Tensor rows = at::empty({int64_t(shape.n) * shape.p * shape.q, shape.c}, act.options());
-    check_status(im2col_int8(conv, act.data_ptr<int8_t>(), shape.c, rows.data_ptr<int8_t>(),
-                             stream),
-                 "im2col");
+    check_status(
+        im2col_int8(conv, act.data_ptr<int8_t>(), shape.c, rows.data_ptr<int8_t>(), stream),
+        "im2col");
     act = rows;
   }
-  const at::Tensor workspace = at::empty({workspace_bytes(backend, shape, epilogue.out_type)},
-                                         x.options().dtype(at::kByte));
+  const at::Tensor workspace =
+      at::empty({workspace_bytes(backend, shape, epilogue.out_type)}, x.options().dtype(at::kByte));
   check_status(run_kernel(backend, shape, act.data_ptr(), wgt.data_ptr(), epilogue,
                           workspace.data_ptr(), stream),
                backend_name(backend));

@@ -45,6 +45,16 @@ struct KernelStatus {
   static KernelStatus failure(std::string why) { return {false, std::move(why)}; }
 };
 
+// Status of the last kernel launch on this host thread: a failure naming
+// `what` and the CUDA error, or success.
+inline KernelStatus launch_status(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return KernelStatus::failure(std::string(what) + ": CUDA launch failed: " +
+                                 cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+  return KernelStatus::success();
+}
+
 // ---- CUTLASS sm80 int4 implicit-GEMM fprop (conv_sm80_int4.cu) -------------
 // act: packed int4 NHWC [n,h,w,c/2] bytes; weight: packed int4 KRSC
 // [k,r,s,c/2] bytes; nibble order of cutlass::int4b_t (even channel low).

@@ -85,9 +85,9 @@ KernelStatus im2col_int8(const ConvShape& shape, const int8_t* act, int cols, in
   const int64_t taps_cols = int64_t(shape.r) * shape.s * shape.c;
   const int rows_per_block = im2col_rows_per_block(cols);
   if (rows_per_block == 0 || cols < taps_cols)
-    return KernelStatus::failure("im2col_int8: invalid argument 'cols': " + std::to_string(cols) +
-                                 " (must be a multiple of 16, >= R*S*C = " +
-                                 std::to_string(taps_cols) + " and <= 40960)");
+    return KernelStatus::failure(
+        "im2col_int8: invalid argument 'cols': " + std::to_string(cols) +
+        " (must be a multiple of 16, >= R*S*C = " + std::to_string(taps_cols) + " and <= 40960)");
   const int64_t total_rows = int64_t(shape.n) * shape.p * shape.q;
   if (total_rows == 0) return KernelStatus::success();
   if (act == nullptr || out == nullptr)
@@ -97,11 +97,7 @@ KernelStatus im2col_int8(const ConvShape& shape, const int8_t* act, int cols, in
   const size_t smem = size_t(rows_per_block) * cols;
   im2col_int8_kernel<<<static_cast<unsigned>(blocks), dim3(kTapThreads, kRowThreads), smem,
                        stream>>>(act, shape, cols, rows_per_block, total_rows, out);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    return KernelStatus::failure(std::string("im2col_int8: CUDA launch failed: ") +
-                                 cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
-  return KernelStatus::success();
+  return launch_status("im2col_int8");
 }
 
 }  // namespace q4conv

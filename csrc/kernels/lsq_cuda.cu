@@ -352,14 +352,6 @@ __global__ void __launch_bounds__(kThreads)
 // ---- host side ------------------------------------------------------------------
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-KernelStatus launch_status(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    return KernelStatus::failure(std::string(what) + ": CUDA launch failed: " +
-                                 cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
-  return KernelStatus::success();
-}
-
 KernelStatus invalid(const char* fn, const char* arg, const std::string& why) {
   return KernelStatus::failure(std::string(fn) + ": invalid argument '" + arg + "': " + why);
 }

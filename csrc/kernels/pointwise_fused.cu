@@ -227,8 +227,7 @@ __global__ void __launch_bounds__(kThreads, 2) pointwise_fused_kernel(const Para
             OutCvt<__half>::store2(static_cast<__half*>(p.epi.out) + offset, v0, v1);
             break;
           case OutType::kBFloat16:
-            OutCvt<__nv_bfloat16>::store2(static_cast<__nv_bfloat16*>(p.epi.out) + offset, v0,
-                                          v1);
+            OutCvt<__nv_bfloat16>::store2(static_cast<__nv_bfloat16*>(p.epi.out) + offset, v0, v1);
             break;
         }
       }
@@ -237,7 +236,7 @@ __global__ void __launch_bounds__(kThreads, 2) pointwise_fused_kernel(const Para
 }
 
 template <typename T>
-cudaError_t launch(const Params& p, cudaStream_t stream) {
+void launch(const Params& p, cudaStream_t stream) {
   const dim3 block(kThreads);
   const unsigned row_blocks = static_cast<unsigned>((p.m + kBM - 1) / kBM);
   // 128 output channels per block where K allows it (each block quantizes its
@@ -247,7 +246,6 @@ cudaError_t launch(const Params& p, cudaStream_t stream) {
   } else {
     pointwise_fused_kernel<T, 64, 4><<<dim3(row_blocks, p.k / 64), block, 0, stream>>>(p);
   }
-  return cudaGetLastError();
 }
 
 }  // namespace
@@ -273,22 +271,18 @@ KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, 
     return KernelStatus::failure(
         "pointwise_fused_conv: x, weight and bias_a must be non-null and 16-byte aligned");
   Params p{x, weight, bias_a, scale_a, eps, bits, pixels, channels, out_channels, epilogue};
-  cudaError_t err = cudaSuccess;
   switch (x_type) {
     case InType::kFloat32:
-      err = launch<float>(p, stream);
+      launch<float>(p, stream);
       break;
     case InType::kFloat16:
-      err = launch<__half>(p, stream);
+      launch<__half>(p, stream);
       break;
     case InType::kBFloat16:
-      err = launch<__nv_bfloat16>(p, stream);
+      launch<__nv_bfloat16>(p, stream);
       break;
   }
-  if (err != cudaSuccess)
-    return KernelStatus::failure(std::string("pointwise_fused_conv: CUDA launch failed: ") +
-                                 cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
-  return KernelStatus::success();
+  return launch_status("pointwise_fused_conv");
 }
 
 }  // namespace q4conv

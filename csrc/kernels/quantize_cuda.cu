@@ -274,9 +274,9 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 bool vec8_path_ok(const T* x, const QParams& p, const void* out) {
   const auto mult8 = [](int64_t v) { return v % kVec == 0; };
-  return !p.scale_per_n && p.c > 0 && mult8(p.c) && p.c_pad == p.c && p.s1 == 1 &&
-         mult8(p.s0) && mult8(p.s2) && mult8(p.s3) && p.n * p.h * p.w * p.c / kVec <= INT_MAX &&
-         aligned(x, 16) && aligned(out, 8) && (p.bias == nullptr || aligned(p.bias, 16));
+  return !p.scale_per_n && p.c > 0 && mult8(p.c) && p.c_pad == p.c && p.s1 == 1 && mult8(p.s0) &&
+         mult8(p.s2) && mult8(p.s3) && p.n * p.h * p.w * p.c / kVec <= INT_MAX && aligned(x, 16) &&
+         aligned(out, 8) && (p.bias == nullptr || aligned(p.bias, 16));
 }
 
 // ---- NCHW path: shared-memory tile transpose -------------------------------
@@ -391,14 +391,6 @@ int grid_for(int64_t work) {
   if (blocks < 1) blocks = 1;
   if (blocks > kMaxBlocks) blocks = kMaxBlocks;
   return static_cast<int>(blocks);
-}
-
-KernelStatus launch_status(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    return KernelStatus::failure(std::string(what) + ": CUDA launch failed: " +
-                                 cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
-  return KernelStatus::success();
 }
 
 std::string fail_prefix(const char* fn, const char* arg) {
