@@ -120,15 +120,17 @@ def test_activation_codes_exact(device, dtype, layout, channels):
                                   Case(2, 48, 24, 7, 12, 1, 1, (3, 2)),
                                   Case(2, 64, 40, 11, 11, 1, 1, (2, 1), (0, 0), (2, 2))], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_strided_pointwise_equals_subsampled_input(device, backend, case, dtype):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_strided_pointwise_equals_subsampled_input(device, backend, case, dtype, channels_last):
     """A 1x1 convolution with stride reads only the pixels on its stride grid
-    (the CUDA backends quantize just those): equal to a stride-1 convolution
-    of x[:, :, ::sh, ::sw], and to the oracle."""
-    x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last=True)
+    (the CUDA backends quantize just those, through a strided view): equal to
+    a stride-1 convolution of x[:, :, ::sh, ::sw], and to the oracle."""
+    x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last=channels_last)
     skip_unless_backend_runs(x, case, backend)
     qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
     y = ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend)
-    sub = x[:, :, ::case.stride[0], ::case.stride[1]].contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    sub = x[:, :, ::case.stride[0], ::case.stride[1]].contiguous(memory_format=layout)
     y_sub = ops.conv_packed(sub, bias_a, scale_a, qweight, scale_w, bias, [1, 1], [0, 0], [1, 1], 1e-5, 4,
                             False, backend)
     assert torch.equal(y, y_sub)
