@@ -107,9 +107,11 @@ ConvShape im2col_gemm_shape(const ConvShape& conv, int64_t cols) {
 }
 
 // What the backend's kernel runs for this convolution: its geometry (the
-// GEMM's for im2col) and the stored channel count of the activation codes.
+// GEMM's for im2col), the convolution's own geometry on the stored codes
+// (the same unless im2col) and the stored channel count of the codes.
 struct KernelGeometry {
   ConvShape shape;
+  ConvShape conv;
   int64_t c_pad;
 };
 
@@ -118,10 +120,11 @@ KernelGeometry kernel_geometry(Backend backend, const KernelInput& in, int64_t o
   const int64_t channels = in.x.size(1);
   if (uses_im2col(backend, channels)) {
     const ConvShape conv = make_shape(in.x, out_channels, r, s, in.params, channels);
-    return {im2col_gemm_shape(conv, im2col_cols(channels, r, s)), channels};
+    return {im2col_gemm_shape(conv, im2col_cols(channels, r, s)), conv, channels};
   }
   const int64_t c_pad = round_up(channels, channel_align(backend));
-  return {make_shape(in.x, out_channels, r, s, in.params, c_pad), c_pad};
+  const ConvShape conv = make_shape(in.x, out_channels, r, s, in.params, c_pad);
+  return {conv, conv, c_pad};
 }
 
 // Dense channels_last 1x1 stride-1 convolutions on sm90 can quantize inside
@@ -142,10 +145,8 @@ FusedMode fused_pointwise_mode() {
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
 bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& shape) {
-  const bool pointwise = shape.r == 1 && shape.s == 1 && shape.stride_h == 1 &&
-                         shape.stride_w == 1 && shape.pad_h == 0 && shape.pad_w == 0;
   const bool runs =
-      backend == Backend::kSm90Int8 && pointwise && shape.c == x.size(1) &&
+      backend == Backend::kSm90Int8 && is_pointwise_gemm(shape) && shape.c == x.size(1) &&
       x.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(x.data_ptr()) &&
       pointwise_fused_supports(int64_t(shape.n) * shape.h * shape.w, shape.c, shape.k);
   switch (fused_pointwise_mode()) {
@@ -382,11 +383,10 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
   quantize_activation_into(in.x, bias_q, scale_q, params.eps, params.bits, geometry.c_pad, packed,
                            act);
   if (uses_im2col(backend, x.size(1))) {
-    const ConvShape conv = make_shape(in.x, k_out, r, s, in.params, x.size(1));
     at::Tensor rows = at::empty({int64_t(shape.n) * shape.p * shape.q, shape.c}, act.options());
-    check_status(
-        im2col_int8(conv, act.data_ptr<int8_t>(), shape.c, rows.data_ptr<int8_t>(), stream),
-        "im2col");
+    check_status(im2col_int8(geometry.conv, act.data_ptr<int8_t>(), shape.c,
+                             rows.data_ptr<int8_t>(), stream),
+                 "im2col");
     act = rows;
   }
   const at::Tensor workspace =

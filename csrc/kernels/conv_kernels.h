@@ -24,6 +24,12 @@ struct ConvShape {
   int dil_h = 1, dil_w = 1;
 };
 
+// A 1x1, stride-1, unpadded convolution: on the NHWC / KRSC buffers it is
+// the GEMM out[n*h*w, k] = act[n*h*w, c] * weight[k, c]^T.
+inline bool is_pointwise_gemm(const ConvShape& s) {
+  return s.r == 1 && s.s == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 && s.pad_w == 0;
+}
+
 enum class OutType { kFloat32, kFloat16, kBFloat16 };
 
 // Epilogue: out[n,p,q,k] = act(alpha[k] * acc[n,p,q,k] + (bias ? bias[k] : 0)),

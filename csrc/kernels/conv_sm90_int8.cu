@@ -41,8 +41,7 @@ constexpr int kNum = sizeof(kTable) / sizeof(kTable[0]);
 const Entry* preferred(const ConvShape& s) {
   long long red = 1LL * s.c * s.r * s.s;
   bool small_c = s.c < 128;  // C == 64 (or 16, 32, 48, 80, ...): 64-deep tiles
-  bool gemm =
-      s.r == 1 && s.s == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 && s.pad_w == 0;
+  bool gemm = is_pointwise_gemm(s);
   // K <= 64: 128x64 conv tiles, two CTAs per SM (beat the GEMMs there too)
   if (s.k <= 64) return small_c ? &kCfg128x64x64_2cta_e64 : &kCfg128x64x128_2cta;
   if (gemm) {
