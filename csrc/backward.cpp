@@ -53,26 +53,14 @@ at::Tensor scale_grad(const at::Tensor& grad, const LsqParts& parts, const at::T
   return finish_scale_grad(summed, scale, eps, numel_per_scale, bits);
 }
 
-// The big tensor x: on a GPU two fused kernels (backward_cuda.cpp) replace
-// the ATen passes; both compute the same values.
-bool fused_activation(const at::Tensor& x) {
-#ifdef Q4CONV_WITH_CUDA
-  const auto dtype = x.scalar_type();
-  return x.is_cuda() && (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16);
-#else
-  (void)x;
-  return false;
-#endif
-}
-
 // Activation side of the backward: dx, d bias_a (fp32 [C]) and the fp32 sum
 // of grad_act * residual that d scale_a is made of.
 struct ActivationGrads {
   at::Tensor dx, dbias, residual_sum;
 };
 
-// ATen path; grad_act is fp32 and already includes s_w.
-ActivationGrads activation_grads_aten(const at::Tensor& grad_act, const LsqParts& act,
+// grad_act is fp32 and already includes s_w.
+ActivationGrads activation_grads(const at::Tensor& grad_act, const LsqParts& act,
                                       const at::Tensor& x) {
   const at::Tensor dshifted = grad_act * act.inside;
   return {dshifted.to(x.scalar_type()).contiguous(x.suggest_memory_format()),
@@ -91,15 +79,16 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   const int64_t channels = x.size(1), k_out = weight.size(0);
   const bool per_channel = scale_w.numel() > 1;
 
+#ifdef Q4CONV_WITH_CUDA
+  if (cuda_train_backward_supports(x, weight))
+    return cuda_conv_train_backward(grad_out, x, bias_a, scale_a, weight, scale_w, has_bias,
+                                    params);
+#endif
+  // ATen path (CPU, float64 parameters, empty batches): the same arithmetic.
   const at::Tensor s_a = at::clamp_min(scale_a.detach().to(at::kFloat).reshape({1, 1, 1, 1}), eps);
-  const bool fused = fused_activation(x);
-  LsqParts act;  // ATen path only
-  if (!fused) {
-    const at::Tensor shifted =
-        x.detach().to(at::kFloat) + bias_a.detach().to(at::kFloat).view({1, channels, 1, 1});
-    act = lsq_parts(shifted, s_a, bits);
-  }
-
+  const at::Tensor shifted =
+      x.detach().to(at::kFloat) + bias_a.detach().to(at::kFloat).view({1, channels, 1, 1});
+  const LsqParts act = lsq_parts(shifted, s_a, bits);
   const at::Tensor s_w = at::clamp_min(
       scale_w.detach().to(at::kFloat).reshape({per_channel ? k_out : 1, 1, 1, 1}), eps);
   const LsqParts wgt = lsq_parts(weight.detach().to(at::kFloat), s_w, bits);
@@ -112,12 +101,7 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   const bool half_on_gpu =
       x.is_cuda() && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
   const at::ScalarType compute = half_on_gpu ? x.scalar_type() : at::kFloat;
-  // On a GPU compute is x's dtype: the fused kernel writes the codes in it.
-  at::Tensor act_codes;
-#ifdef Q4CONV_WITH_CUDA
-  if (fused) act_codes = cuda_lsq_activation_codes(x, bias_a, scale_a, eps, bits);
-#endif
-  if (!fused) act_codes = act.codes.to(compute);
+  const at::Tensor act_codes = act.codes.to(compute);
   const at::Tensor wgt_codes = wgt.codes.to(compute);
   const at::Tensor grad_y = grad_out.to(compute);
   const auto conv_grads = [&](const at::Tensor& grad, std::array<bool, 3> mask) {
@@ -138,20 +122,8 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
     std::tie(grad_act, grad_wgt, grad_bias) = conv_grads(grad_y, {true, true, has_bias});
   }
   grad_wgt = grad_wgt.to(at::kFloat) * s_a.reshape({});
-
-  ActivationGrads agrads;
-  if (fused) {
-#ifdef Q4CONV_WITH_CUDA
-    // The per-tensor s_w multiplies grad_act inside the kernel.
-    const std::optional<at::Tensor> grad_scale =
-        per_channel ? std::nullopt : std::optional<at::Tensor>(s_w.reshape({1}));
-    std::tie(agrads.dx, agrads.dbias, agrads.residual_sum) =
-        cuda_lsq_activation_backward(grad_act, x, bias_a, scale_a, grad_scale, eps, bits);
-#endif
-  } else {
-    grad_act = per_channel ? grad_act.to(at::kFloat) : grad_act.to(at::kFloat) * s_w.reshape({});
-    agrads = activation_grads_aten(grad_act, act, x);
-  }
+  grad_act = per_channel ? grad_act.to(at::kFloat) : grad_act.to(at::kFloat) * s_w.reshape({});
+  const ActivationGrads agrads = activation_grads(grad_act, act, x);
   const at::Tensor dx = agrads.dx;
   const at::Tensor dbias_a = agrads.dbias.to(bias_a.scalar_type());
   const at::Tensor dscale_a =

@@ -1,13 +1,15 @@
-// CUDA glue of the fused LSQ activation backward (kernels/lsq_cuda.cu):
-// checks the tensors, allocates outputs and the partial-sum workspace on
-// PyTorch's allocator, launches on the current stream and sums the partials
-// with ATen (deterministic, no host sync: the scales stay on the device).
+// CUDA glue of the training backward (kernels/lsq_cuda.cu,
+// kernels/lsq_weight_cuda.cu): checks the tensors, allocates outputs and the
+// partial-sum workspaces on PyTorch's allocator and launches on the current
+// stream. No host sync: the scales stay on the device, and every sum runs in
+// a fixed order (deterministic).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda_views.h"
 #include "kernels/lsq_kernels.h"
 #include "q4conv.h"
+#include "quant.h"
 
 namespace q4conv {
 namespace {
@@ -47,11 +49,8 @@ void check_status(const KernelStatus& status, const char* what) {
   TORCH_CHECK(status.ok, "q4conv: ", what, " failed: ", status.message);
 }
 
-}  // namespace
-
 at::Tensor cuda_lsq_activation_codes(const at::Tensor& x, const at::Tensor& bias_a,
                                      const at::Tensor& scale_a, double eps, int64_t bits) {
-  const c10::cuda::CUDAGuard guard(x.device());
   const auto [bias, scale] = activation_params(x, bias_a, scale_a);
   at::Tensor codes = empty_like_x(x);
   if (codes.numel() == 0) return codes;
@@ -63,11 +62,18 @@ at::Tensor cuda_lsq_activation_codes(const at::Tensor& x, const at::Tensor& bias
   return codes;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_lsq_activation_backward(
+// dx, and the partial sums of d bias_a ([rows, C]) and of d scale_a's
+// residual terms, which lsq_finish_scale_grads reduces.
+struct ActivationBackward {
+  at::Tensor dx, bias_partials, residual_partials;
+};
+
+// grad_act: d loss / d (codes times s_a), x's sizes and dtype; grad_scale:
+// the raw per-tensor s_w (fp32, one value) that multiplies it, if any.
+ActivationBackward cuda_lsq_activation_backward(
     const at::Tensor& grad_act, const at::Tensor& x, const at::Tensor& bias_a,
     const at::Tensor& scale_a, const std::optional<at::Tensor>& grad_scale, double eps,
     int64_t bits) {
-  const c10::cuda::CUDAGuard guard(x.device());
   const auto [bias, scale] = activation_params(x, bias_a, scale_a);
   TORCH_CHECK(grad_act.sizes() == x.sizes() && grad_act.scalar_type() == x.scalar_type(),
               "grad_act must have x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
@@ -101,7 +107,129 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_lsq_activation_backward(
                                        residual_partials.data_ptr<float>(),
                                        at::cuda::getCurrentCUDAStream()),
                "LSQ activation backward");
-  return {dx, at::sum(bias_partials, 0), at::sum(residual_partials)};
+  return {dx, bias_partials, residual_partials};
+}
+
+// Weight codes for the backward convolutions, in `compute` and x's memory
+// format (what cuDNN wants for both operands), times s_w[k] when per channel.
+at::Tensor weight_codes(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
+                        int64_t bits, at::ScalarType compute, at::MemoryFormat format) {
+  at::Tensor codes =
+      at::empty(weight.sizes(), weight.options().dtype(compute).memory_format(format));
+  check_status(lsq_weight_codes(kernel_view(weight, "weight"), scale_w.data_ptr<float>(),
+                                scale_w.numel() > 1, scale_w.numel() > 1, static_cast<float>(eps),
+                                static_cast<int>(bits), kernel_in_type(compute, "weight codes"),
+                                lsq_out(codes), at::cuda::getCurrentCUDAStream()),
+               "LSQ weight codes");
+  return codes;
+}
+
+// dweight and the per-output-channel sums of d scale_w's residual terms.
+std::pair<at::Tensor, at::Tensor> weight_backward(const at::Tensor& grad_wgt,
+                                                  const at::Tensor& weight,
+                                                  const at::Tensor& scale_w,
+                                                  const at::Tensor& scale_a, double eps,
+                                                  int64_t bits) {
+  at::Tensor dweight = at::empty(weight.sizes(),
+                                 weight.options().memory_format(weight.suggest_memory_format()));
+  at::Tensor row_sums = at::empty({weight.size(0)}, weight.options().dtype(at::kFloat));
+  LsqWeightBackward args;
+  args.w = kernel_view(weight, "weight");
+  args.grad = kernel_view(grad_wgt, "grad_wgt");
+  args.dw = lsq_out(dweight);
+  args.scale_w = scale_w.data_ptr<float>();
+  args.per_channel = scale_w.numel() > 1;
+  args.scale_a = scale_a.data_ptr<float>();
+  args.eps = static_cast<float>(eps);
+  args.bits = static_cast<int>(bits);
+  check_status(lsq_weight_backward(args, row_sums.data_ptr<float>(),
+                                   at::cuda::getCurrentCUDAStream()),
+               "LSQ weight backward");
+  return {dweight, row_sums};
+}
+
+// fp32, flat, contiguous (no copy when it already is).
+at::Tensor fp32_flat(const at::Tensor& t) { return t.to(at::kFloat).reshape({-1}).contiguous(); }
+
+}  // namespace
+
+bool cuda_train_backward_supports(const at::Tensor& x, const at::Tensor& weight) {
+  const auto floating = [](at::ScalarType t) {
+    return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+  };
+  return x.is_cuda() && weight.is_cuda() && x.numel() > 0 && weight.numel() > 0 &&
+         floating(x.scalar_type()) && floating(weight.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& bias_a,
+                         const at::Tensor& scale_a, const at::Tensor& weight,
+                         const at::Tensor& scale_w, bool has_bias, const ConvParams& params) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_on_device(weight, x, "weight");
+  check_on_device(scale_w, x, "scale_w");
+  check_on_device(grad_out, x, "grad_out");
+  const double eps = params.eps;
+  const int64_t bits = params.bits, k_out = weight.size(0);
+  const at::Tensor s_a = fp32_flat(scale_a), s_w = fp32_flat(scale_w);
+  TORCH_CHECK(s_w.numel() == 1 || s_w.numel() == k_out, "scale_w must hold 1 value or ", k_out,
+              ", got ", s_w.numel());
+  const bool per_channel = s_w.numel() > 1;
+
+  // The backward convolutions see q_a * s_a and q_w * s_w, as the forward
+  // did: they run on the codes in x's dtype (fp16 / bf16 tensor cores for
+  // half inputs, like an fp16 Conv2d), the scales applied around them.
+  const at::ScalarType compute = x.scalar_type();
+  const at::Tensor act_codes = cuda_lsq_activation_codes(x, bias_a, scale_a, eps, bits);
+  const at::Tensor wgt_codes =
+      weight_codes(weight, s_w, eps, bits, compute, x.suggest_memory_format());
+  std::optional<at::IntArrayRef> bias_sizes;
+  const std::vector<int64_t> bias_shape{k_out};
+  if (has_bias) bias_sizes = bias_shape;
+  const auto [grad_act, grad_wgt, grad_bias] = at::convolution_backward(
+      grad_out.to(compute), act_codes, wgt_codes, bias_sizes, {params.stride[0], params.stride[1]},
+      {params.padding[0], params.padding[1]}, {params.dilation[0], params.dilation[1]}, false,
+      {0, 0}, 1, {true, true, has_bias});
+
+  // A per-tensor s_w multiplies grad_act inside the kernel; a per-channel
+  // one is already in the weight codes.
+  const std::optional<at::Tensor> grad_scale =
+      per_channel ? std::nullopt : std::optional<at::Tensor>(s_w);
+  const ActivationBackward act =
+      cuda_lsq_activation_backward(grad_act, x, bias_a, scale_a, grad_scale, eps, bits);
+  const auto [dweight, row_sums] = weight_backward(grad_wgt, weight, s_w, s_a, eps, bits);
+
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor dbias_a = at::empty({x.size(1)}, f32);
+  at::Tensor dscale_a = at::empty(scale_a.sizes(), f32);
+  at::Tensor dscale_w = at::empty(scale_w.sizes(), f32);
+  LsqFinish finish;
+  finish.bias_partials = act.bias_partials.data_ptr<float>();
+  finish.bias_rows = act.bias_partials.size(0);
+  finish.channels = x.size(1);
+  finish.act_residual = act.residual_partials.data_ptr<float>();
+  finish.act_parts = act.residual_partials.numel();
+  finish.row_sums = row_sums.data_ptr<float>();
+  finish.out_channels = k_out;
+  finish.scale_a = s_a.data_ptr<float>();
+  finish.scale_w = s_w.data_ptr<float>();
+  finish.per_channel = per_channel;
+  finish.eps = static_cast<float>(eps);
+  const int b = static_cast<int>(bits);
+  finish.act_factor = static_cast<float>(lsq_grad_scale(static_cast<double>(x.numel()), b));
+  const double w_numel = static_cast<double>(weight.numel() / (per_channel ? k_out : 1));
+  finish.weight_factor = static_cast<float>(lsq_grad_scale(w_numel, b));
+  finish.dbias_a = dbias_a.data_ptr<float>();
+  finish.dscale_a = dscale_a.data_ptr<float>();
+  finish.dscale_w = dscale_w.data_ptr<float>();
+  check_status(lsq_finish_scale_grads(finish, at::cuda::getCurrentCUDAStream()),
+               "LSQ scale gradients");
+  return {act.dx,
+          dweight,
+          dbias_a.to(bias_a.scalar_type()),
+          dscale_a.to(scale_a.scalar_type()),
+          dscale_w.to(scale_w.scalar_type()),
+          has_bias ? grad_bias.to(at::kFloat) : at::empty({0}, f32)};
 }
 
 }  // namespace q4conv

@@ -1,5 +1,7 @@
 // The one place that decides which backend runs a convolution, plus the
 // argument checks and the scale arithmetic every backend shares.
+#include <array>
+
 #include "q4conv.h"
 
 #ifdef Q4CONV_WITH_CUDA
@@ -100,6 +102,9 @@ void check_conv_inputs(const at::Tensor& x, const at::Tensor& bias_a, const at::
 
 at::Tensor output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w, int64_t out_channels,
                         double eps) {
+#ifdef Q4CONV_WITH_CUDA
+  if (scale_a.is_cuda()) return cuda_output_alpha(scale_a, scale_w, out_channels, eps);
+#endif
   const at::Tensor s_a = at::clamp_min(scale_a.detach().to(at::kFloat).reshape({1}), eps);
   const at::Tensor s_w = at::clamp_min(scale_w.detach().to(at::kFloat).reshape({-1}), eps);
   return (s_a * s_w).expand({out_channels}).contiguous();
@@ -147,20 +152,14 @@ at::Tensor empty_output(const at::Tensor& x, int64_t out_channels, int64_t p, in
                    x.options().memory_format(x.suggest_memory_format()));
 }
 
-// Shared body of conv_packed and conv_train once qweight exists and the
-// inputs are checked.
-at::Tensor run_conv(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
-                    const at::Tensor& qweight, const at::Tensor& scale_w,
-                    const std::optional<at::Tensor>& bias, const ConvParams& params,
-                    Backend requested,
-                    const std::optional<at::Tensor>& kernel_weight = std::nullopt,
-                    const std::optional<at::Tensor>& cached_alpha = std::nullopt) {
-  const int64_t k_out = qweight.size(0), r = qweight.size(1), s = qweight.size(2);
-  const auto [p, q] = output_hw(x.size(2), x.size(3), r, s, params);
-  if (x.size(0) == 0) return empty_output(x, k_out, p, q);
-  const at::Tensor alpha =
-      cached_alpha.has_value() ? *cached_alpha : output_alpha(scale_a, scale_w, k_out, params.eps);
-  const Backend backend = choose_backend(x, k_out, r, s, params, requested);
+// The integer convolution once the backend is chosen. kernel_weight: the
+// weights in the backend's layout (CUDA backends); the fallback reads
+// qweight. alpha = s_a * s_w per output channel.
+at::Tensor run_conv(Backend backend, const at::Tensor& x, const at::Tensor& bias_a,
+                    const at::Tensor& scale_a, const at::Tensor& qweight,
+                    const at::Tensor& kernel_weight, const std::array<int64_t, 3>& krs,
+                    const at::Tensor& alpha, const std::optional<at::Tensor>& bias,
+                    const ConvParams& params) {
   at::Tensor y;
   if (backend == Backend::kFallback) {
     const at::Tensor act_codes = quantize_activation(x, bias_a, scale_a, params.eps, params.bits);
@@ -168,7 +167,7 @@ at::Tensor run_conv(const at::Tensor& x, const at::Tensor& bias_a, const at::Ten
     y = fallback_conv(act_codes, w_codes, alpha, bias, params, x.scalar_type());
   } else {
 #ifdef Q4CONV_WITH_CUDA
-    y = cuda_conv(backend, x, bias_a, scale_a, qweight, kernel_weight, alpha, bias, params);
+    y = cuda_conv(backend, x, bias_a, scale_a, kernel_weight, krs, alpha, bias, params);
 #endif
   }
   return y.contiguous(x.suggest_memory_format());
@@ -200,8 +199,18 @@ at::Tensor conv_packed(const at::Tensor& x, const at::Tensor& bias_a, const at::
                 "alpha must be a contiguous float32 tensor [", qweight.size(0), "] on ", x.device(),
                 " (s_a * s_w per output channel)");
   }
-  return run_conv(x, bias_a, scale_a, qweight, scale_w, bias, params, parse_backend(backend),
-                  kernel_weight, alpha);
+  const int64_t k_out = qweight.size(0), r = qweight.size(1), s = qweight.size(2);
+  const auto [p, q] = output_hw(x.size(2), x.size(3), r, s, params);
+  if (x.size(0) == 0) return empty_output(x, k_out, p, q);
+  const Backend chosen = choose_backend(x, k_out, r, s, params, parse_backend(backend));
+  const at::Tensor scales =
+      alpha.has_value() ? *alpha : output_alpha(scale_a, scale_w, k_out, params.eps);
+  at::Tensor wgt;
+#ifdef Q4CONV_WITH_CUDA
+  if (chosen != Backend::kFallback)
+    wgt = cuda_packed_kernel_weight(qweight, kernel_weight, x.size(1), chosen);
+#endif
+  return run_conv(chosen, x, bias_a, scale_a, qweight, wgt, {k_out, r, s}, scales, bias, params);
 }
 
 at::Tensor kernel_weight(const at::Tensor& qweight, int64_t in_channels,
@@ -226,8 +235,19 @@ at::Tensor conv_train(const at::Tensor& x, const at::Tensor& bias_a, const at::T
               " channels (the weight's in_channels), got ", x.size(1));
   TORCH_CHECK(weight.device() == x.device(), "weight must be on x's device (", x.device(),
               "), got ", weight.device());
-  const at::Tensor qweight = quantize_pack(weight, scale_w, eps, bits);
-  return run_conv(x, bias_a, scale_a, qweight, scale_w, bias, params, parse_backend(backend));
+  const int64_t k_out = weight.size(0), r = weight.size(2), s = weight.size(3);
+  const auto [p, q] = output_hw(x.size(2), x.size(3), r, s, params);
+  if (x.size(0) == 0) return empty_output(x, k_out, p, q);
+  const Backend chosen = choose_backend(x, k_out, r, s, params, parse_backend(backend));
+  const at::Tensor alpha = output_alpha(scale_a, scale_w, k_out, eps);
+  // CUDA backends quantize the float weights straight into their layout (one
+  // launch); the fallback reads packed codes.
+  at::Tensor qweight, wgt;
+#ifdef Q4CONV_WITH_CUDA
+  if (chosen != Backend::kFallback) wgt = cuda_train_kernel_weight(weight, scale_w, eps, bits, chosen);
+#endif
+  if (chosen == Backend::kFallback) qweight = quantize_pack(weight, scale_w, eps, bits);
+  return run_conv(chosen, x, bias_a, scale_a, qweight, wgt, {k_out, r, s}, alpha, bias, params);
 }
 
 std::string selected_backend(const at::Tensor& x, int64_t out_channels, at::IntArrayRef kernel_size,

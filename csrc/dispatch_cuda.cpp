@@ -184,12 +184,13 @@ void quantize_activation_into(const at::Tensor& x, const at::Tensor& bias, const
   check_status(status, "activation quantization");
 }
 
+// No detach needed: ops run below autograd (csrc/autograd.cpp).
 at::Tensor float_bias(const at::Tensor& bias_a) {
-  return bias_a.detach().to(at::kFloat).contiguous();
+  return bias_a.to(at::kFloat).contiguous();
 }
 
 at::Tensor float_scale(const at::Tensor& scale_a) {
-  return scale_a.detach().to(at::kFloat).reshape({1}).contiguous();
+  return scale_a.to(at::kFloat).reshape({1}).contiguous();
 }
 
 }  // namespace
@@ -271,16 +272,19 @@ bool cuda_backend_supports(Backend backend, const at::Tensor& x, int64_t out_cha
 
 namespace {
 
-// qweight's codes as the im2col GEMM reads them: int8 [K, 1, 1, cols], row k
-// = the (r, s, c)-ordered codes of filter k, zero-padded to cols.
-at::Tensor im2col_weight(const at::Tensor& qweight, int64_t in_channels) {
-  const int64_t k_out = qweight.size(0), taps = qweight.size(1) * qweight.size(2);
-  const int64_t cols = im2col_cols(in_channels, qweight.size(1), qweight.size(2));
-  const at::Tensor krsc = cuda_unpack_krsc(qweight, in_channels, in_channels, false);
-  return at::constant_pad_nd(krsc.reshape({k_out, taps * in_channels}),
-                             {0, cols - taps * in_channels})
+// int8 KRSC codes [K, R, S, C] as the im2col GEMM reads them: int8
+// [K, 1, 1, cols], row k = the (r, s, c)-ordered codes of filter k,
+// zero-padded to cols.
+at::Tensor im2col_rows(const at::Tensor& krsc) {
+  const int64_t k_out = krsc.size(0), row = krsc.size(1) * krsc.size(2) * krsc.size(3);
+  const int64_t cols = im2col_cols(krsc.size(3), krsc.size(1), krsc.size(2));
+  return at::constant_pad_nd(krsc.reshape({k_out, row}), {0, cols - row})
       .reshape({k_out, 1, 1, cols})
       .contiguous();
+}
+
+at::Tensor im2col_weight(const at::Tensor& qweight, int64_t in_channels) {
+  return im2col_rows(cuda_unpack_krsc(qweight, in_channels, in_channels, false));
 }
 
 }  // namespace
@@ -313,6 +317,67 @@ bool matches_layout(const at::Tensor& cached, const at::Tensor& qweight, int64_t
 
 }  // namespace
 
+at::Tensor cuda_packed_kernel_weight(const at::Tensor& qweight,
+                                     const std::optional<at::Tensor>& cached,
+                                     int64_t in_channels, Backend backend) {
+  if (cached.has_value() && matches_layout(*cached, qweight, in_channels, backend)) return *cached;
+  return cuda_kernel_weight(qweight, in_channels, backend);
+}
+
+at::Tensor cuda_train_kernel_weight(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
+                                    int64_t bits, Backend backend) {
+  TORCH_CHECK(backend == Backend::kSm80Int4 || backend == Backend::kSm90Int8,
+              "cuda_train_kernel_weight: backend must be 'sm80_int4' or 'sm90_int8', got '",
+              backend_name(backend), "'");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor source = weight.scalar_type() == at::kDouble ? weight.to(at::kFloat) : weight;
+  const at::Tensor scale = scale_w.to(at::kFloat).reshape({-1}).contiguous();
+  const int64_t k_out = weight.size(0), channels = weight.size(1);
+  const int64_t r = weight.size(2), s = weight.size(3);
+  const bool per_channel = scale.numel() > 1;
+  const float e = static_cast<float>(eps);
+  const int b = static_cast<int>(bits);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Tensor4dView view = kernel_view(source, "weight");
+  if (backend == Backend::kSm80Int4) {
+    const int64_t c_pad = round_up(channels, kSm80ChannelAlign);
+    at::Tensor packed = at::empty({k_out, r, s, c_pad / 2}, weight.options().dtype(at::kByte));
+    if (packed.numel() > 0)
+      check_status(quantize_pack_weight_int4(view, scale.data_ptr<float>(), per_channel, e, b,
+                                             static_cast<int>(c_pad), packed.data_ptr<uint8_t>(),
+                                             stream),
+                   "weight quantization");
+    return packed;
+  }
+  const bool im2col = uses_im2col(backend, channels);
+  const int64_t c_pad = im2col ? channels : round_up(channels, kSm90ChannelAlign);
+  at::Tensor codes = at::empty({k_out, r, s, c_pad}, weight.options().dtype(at::kChar));
+  if (codes.numel() > 0)
+    check_status(quantize_weight_int8_krsc(view, scale.data_ptr<float>(), per_channel, e, b,
+                                           static_cast<int>(c_pad), codes.data_ptr<int8_t>(),
+                                           stream),
+                 "weight quantization");
+  return im2col ? im2col_rows(codes) : codes;
+}
+
+at::Tensor cuda_output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w,
+                             int64_t out_channels, double eps) {
+  const c10::cuda::CUDAGuard guard(scale_a.device());
+  TORCH_CHECK(scale_w.device() == scale_a.device(), "scale_w must be on scale_a's device (",
+              scale_a.device(), "), got ", scale_w.device());
+  TORCH_CHECK(scale_w.numel() == 1 || scale_w.numel() == out_channels,
+              "scale_w must hold 1 value or one per output channel (", out_channels, "), got ",
+              scale_w.numel());
+  const at::Tensor s_a = scale_a.to(at::kFloat).reshape({1}).contiguous();
+  const at::Tensor s_w = scale_w.to(at::kFloat).reshape({-1}).contiguous();
+  at::Tensor alpha = at::empty({out_channels}, scale_a.options().dtype(at::kFloat));
+  check_status(output_alpha_fp32(s_a.data_ptr<float>(), s_w.data_ptr<float>(), s_w.numel() > 1,
+                                 static_cast<float>(eps), static_cast<int>(out_channels),
+                                 alpha.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+               "output alpha");
+  return alpha;
+}
+
 namespace {
 
 int64_t workspace_bytes(Backend backend, const ConvShape& shape, OutType out_type) {
@@ -343,19 +408,17 @@ KernelStatus run_kernel(Backend backend, const ConvShape& shape, const void* act
 }  // namespace
 
 at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bias_a,
-                     const at::Tensor& scale_a, const at::Tensor& qweight,
-                     const std::optional<at::Tensor>& kernel_weight, const at::Tensor& alpha,
+                     const at::Tensor& scale_a, const at::Tensor& kernel_weight,
+                     const std::array<int64_t, 3>& krs, const at::Tensor& alpha,
                      const std::optional<at::Tensor>& bias, const ConvParams& params) {
   const c10::cuda::CUDAGuard guard(x.device());
   const bool packed = backend == Backend::kSm80Int4;
-  const int64_t k_out = qweight.size(0), r = qweight.size(1), s = qweight.size(2);
+  const auto [k_out, r, s] = krs;
   const KernelInput in = kernel_input(x, r, s, params);
   const KernelGeometry geometry = kernel_geometry(backend, in, k_out, r, s);
-  const bool cached =
-      kernel_weight.has_value() && matches_layout(*kernel_weight, qweight, x.size(1), backend);
-  const at::Tensor wgt = cached ? *kernel_weight : cuda_kernel_weight(qweight, x.size(1), backend);
+  const at::Tensor& wgt = kernel_weight;
   at::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) bias_f = bias->detach().to(at::kFloat).contiguous();
+  if (bias.has_value() && bias->defined()) bias_f = bias->to(at::kFloat).contiguous();
   const ConvShape& shape = geometry.shape;
   at::Tensor out = at::empty({shape.n, shape.p, shape.q, shape.k}, x.options());
 
@@ -389,10 +452,11 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
                  "im2col");
     act = rows;
   }
-  const at::Tensor workspace =
-      at::empty({workspace_bytes(backend, shape, epilogue.out_type)}, x.options().dtype(at::kByte));
+  const int64_t workspace_size = workspace_bytes(backend, shape, epilogue.out_type);
+  at::Tensor workspace;
+  if (workspace_size > 0) workspace = at::empty({workspace_size}, x.options().dtype(at::kByte));
   check_status(run_kernel(backend, shape, act.data_ptr(), wgt.data_ptr(), epilogue,
-                          workspace.data_ptr(), stream),
+                          workspace.defined() ? workspace.data_ptr() : nullptr, stream),
                backend_name(backend));
   // NHWC memory seen as the logical (N, K, P, Q) tensor.
   return out.permute({0, 3, 1, 2});

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -107,25 +108,32 @@ at::Tensor cuda_unpack_krsc(const at::Tensor& qweight, int64_t in_channels, int6
 bool cuda_backend_supports(Backend backend, const at::Tensor& x, int64_t out_channels, int64_t r,
                            int64_t s, const ConvParams& params, at::ScalarType out_dtype);
 at::Tensor cuda_kernel_weight(const at::Tensor& qweight, int64_t in_channels, Backend backend);
-// kernel_weight: a cached cuda_kernel_weight result, used when its layout is
-// the backend's (else the weights are re-laid out from qweight).
+// cached when it has the layout cuda_kernel_weight makes for qweight, else
+// cuda_kernel_weight(qweight, ...).
+at::Tensor cuda_packed_kernel_weight(const at::Tensor& qweight,
+                                     const std::optional<at::Tensor>& cached,
+                                     int64_t in_channels, Backend backend);
+// Float weights (K, C, R, S) quantized straight into the layout of
+// cuda_kernel_weight (training forward: no packed intermediate).
+at::Tensor cuda_train_kernel_weight(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
+                                    int64_t bits, Backend backend);
+// output_alpha on the GPU in one launch.
+at::Tensor cuda_output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w,
+                             int64_t out_channels, double eps);
+// Quantizes x and runs the backend's kernel. kernel_weight: the weights in
+// the backend's layout; krs = (K, R, S) of the convolution.
 at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bias_a,
-                     const at::Tensor& scale_a, const at::Tensor& qweight,
-                     const std::optional<at::Tensor>& kernel_weight, const at::Tensor& alpha,
+                     const at::Tensor& scale_a, const at::Tensor& kernel_weight,
+                     const std::array<int64_t, 3>& krs, const at::Tensor& alpha,
                      const std::optional<at::Tensor>& bias, const ConvParams& params);
-// Fused LSQ activation side of conv_train_backward (backward_cuda.cpp); x is
-// float32/float16/bfloat16 on a GPU. Codes of x for the backward convolutions:
-// x's dtype and memory format.
-at::Tensor cuda_lsq_activation_codes(const at::Tensor& x, const at::Tensor& bias_a,
-                                     const at::Tensor& scale_a, double eps, int64_t bits);
-// From grad_act (d loss / d codes-times-s_a, x's sizes and dtype), times
-// grad_scale (one fp32 value on the device: the per-tensor s_w) when given:
-// (dx in x's dtype and memory format, d bias_a as fp32 [C], the fp32 sum of
-// grad * residual that d scale_a is made of).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_lsq_activation_backward(
-    const at::Tensor& grad_act, const at::Tensor& x, const at::Tensor& bias_a,
-    const at::Tensor& scale_a, const std::optional<at::Tensor>& grad_scale, double eps,
-    int64_t bits);
+// The whole training backward on a GPU (backward_cuda.cpp) for float32 /
+// float16 / bfloat16 x and weight: about six launches besides cuDNN's
+// convolution_backward. Same results as the ATen path of backward.cpp.
+bool cuda_train_backward_supports(const at::Tensor& x, const at::Tensor& weight);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& bias_a,
+                         const at::Tensor& scale_a, const at::Tensor& weight,
+                         const at::Tensor& scale_w, bool has_bias, const ConvParams& params);
 #endif
 
 }  // namespace q4conv

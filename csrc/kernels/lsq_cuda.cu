@@ -34,6 +34,7 @@
 #include <type_traits>
 
 #include "../quant.h"
+#include "device_common.cuh"
 #include "lsq_kernels.h"
 
 namespace q4conv {
@@ -47,92 +48,24 @@ constexpr int64_t kChunk = 1024;                  // plane elements per warp (mu
 constexpr int kMaxRowsPerThread = 16;             // channels_last backward
 constexpr int64_t kTargetBlocks = 2048;           // enough to fill an H100 several times
 
-// ---- element access ----------------------------------------------------------
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// Round to nearest even, as ATen's fp32 -> fp16 / bf16 conversion.
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-// V consecutive elements moved by one load / store instruction (the caller
-// guarantees V * sizeof(T) alignment).
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T e[V];
-};
-
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> load_pack(const T* __restrict__ src) {
-  return *reinterpret_cast<const Pack<T, V>*>(src);
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store_pack(T* __restrict__ dst, const Pack<T, V>& value) {
-  *reinterpret_cast<Pack<T, V>*>(dst) = value;
-}
-
-// ---- the arithmetic (same operations as the ATen path of backward.cpp) -------
-struct ActScale {
-  float s, inv, lo, hi;
-};
+using device::block_sum;
+using device::invalid;
+using device::with_type;
+using device::from_float;
+using device::load_pack;
+using device::lsq_terms;
+using device::Pack;
+using device::store_pack;
+using device::to_float;
+using device::warp_sum;
+using ActScale = device::LsqScale;
 
 __device__ __forceinline__ ActScale act_scale(const float* scale, float eps, int bits) {
-  const float s = effective_scale(*scale, eps);
-  return {s, 1.0f / s, static_cast<float>(qmin(bits)), static_cast<float>(qmax(bits))};
+  return device::lsq_scale(*scale, eps, bits);
 }
 
 __device__ __forceinline__ float code_of(float x, float bias, const ActScale& s, int bits) {
   return static_cast<float>(quantize_value_fast(x + bias, s.s, s.inv, bits));
-}
-
-// dx = g * inside and the d scale term g * residual of one element.
-struct Terms {
-  float dx, residual;
-};
-
-__device__ __forceinline__ Terms lsq_terms(float x, float bias, float g, const ActScale& s,
-                                           int bits) {
-  const float shifted = x + bias;
-  const float ratio = shifted / s.s;  // IEEE fp32, as ATen's division
-  const float code = static_cast<float>(quantize_value(shifted, s.s, bits));  // NaN -> 0
-  const bool inside = ratio >= s.lo && ratio <= s.hi;                         // false for NaN
-  // g * float(inside), not a select: 0 * Inf stays NaN, as in ATen.
-  return {g * static_cast<float>(inside), g * (inside ? code - ratio : code)};
-}
-
-// Fixed shuffle tree: lane 0 gets the warp's sum, always in the same order.
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1)
-    v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// Sum over a block of kThreads threads; valid in thread 0.
-__device__ __forceinline__ float block_sum(float v, int thread, float* warp_sums) {
-  v = warp_sum(v);
-  if (thread % kWarp == 0) warp_sums[thread / kWarp] = v;
-  __syncthreads();
-  float total = 0.0f;
-  if (thread == 0) {
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
-  }
-  return total;
 }
 
 struct Strides4 {
@@ -218,11 +151,11 @@ __global__ void __launch_bounds__(kThreads)
 // ---- backward: channels_last ----------------------------------------------------
 struct PostParams {
   ActParams act;
-  const float* grad_scale;  // nullptr: 1
+  const float* grad_scale;  // raw per-tensor s_w (max with eps applied), or nullptr: 1
 };
 
 __device__ __forceinline__ float grad_multiplier(const PostParams& p) {
-  return p.grad_scale != nullptr ? *p.grad_scale : 1.0f;
+  return p.grad_scale != nullptr ? effective_scale(*p.grad_scale, p.act.eps) : 1.0f;
 }
 
 // pixels x channels matrix; a block covers rows [blockIdx.x * chunk, + chunk)
@@ -264,10 +197,10 @@ __global__ void __launch_bounds__(kThreads)
       Pack<T, V> out;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const Terms t =
+        const device::Terms t =
             lsq_terms(to_float(xv.e[j]), bias[j], to_float(gv.e[j]) * gs, s, p.act.bits);
-        out.e[j] = from_float<T>(t.dx);
-        acc[j] += t.dx;
+        out.e[j] = from_float<T>(t.dvalue);
+        acc[j] += t.dvalue;
         residual += t.residual;
       }
       store_pack<T, V>(dx + at, out);
@@ -276,7 +209,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int j = 0; j < V; ++j) column[ty * cols + tx * V + j] = acc[j];
   const int thread = ty * blockDim.x + tx;
-  const float block_residual = block_sum(residual, thread, warp_sums);  // syncs the block
+  const float block_residual = block_sum<kThreads>(residual, thread, warp_sums);  // syncs the block
   if (thread == 0) residual_partials[int64_t(blockIdx.x) * gridDim.y + blockIdx.y] = block_residual;
   if (thread < cols) {
     const int64_t c = int64_t(blockIdx.y) * cols + thread;
@@ -322,9 +255,9 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (kStrided) {
       const int64_t h = i / g.shape.w, w = i % g.shape.w;
       const float gv = to_float(grad[offset_of(g.grad, n, c, h, w)]) * gs;
-      const Terms t = lsq_terms(to_float(x[offset_of(g.x, n, c, h, w)]), bias, gv, s, p.act.bits);
-      dx[offset_of(g.dx, n, c, h, w)] = from_float<T>(t.dx);
-      acc += t.dx;
+      const device::Terms t = lsq_terms(to_float(x[offset_of(g.x, n, c, h, w)]), bias, gv, s, p.act.bits);
+      dx[offset_of(g.dx, n, c, h, w)] = from_float<T>(t.dvalue);
+      acc += t.dvalue;
       residual += t.residual;
     } else {
       const int64_t at = plane * hw + i;  // hw % V == 0: the pack stays in the plane
@@ -333,9 +266,9 @@ __global__ void __launch_bounds__(kThreads)
       Pack<T, V> out;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const Terms t = lsq_terms(to_float(xv.e[j]), bias, to_float(gv.e[j]) * gs, s, p.act.bits);
-        out.e[j] = from_float<T>(t.dx);
-        acc += t.dx;
+        const device::Terms t = lsq_terms(to_float(xv.e[j]), bias, to_float(gv.e[j]) * gs, s, p.act.bits);
+        out.e[j] = from_float<T>(t.dvalue);
+        acc += t.dvalue;
         residual += t.residual;
       }
       store_pack<T, V>(dx + at, out);
@@ -352,9 +285,6 @@ __global__ void __launch_bounds__(kThreads)
 // ---- host side ------------------------------------------------------------------
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-KernelStatus invalid(const char* fn, const char* arg, const std::string& why) {
-  return KernelStatus::failure(std::string(fn) + ": invalid argument '" + arg + "': " + why);
-}
 
 int64_t numel(const Tensor4dView& v) { return v.size[0] * v.size[1] * v.size[2] * v.size[3]; }
 
@@ -407,18 +337,6 @@ KernelStatus with_vec(int vec, F&& f) {
 }
 
 // Calls f(T{}) for the element type (a null pointer of it, for deduction).
-template <typename F>
-KernelStatus with_type(InType type, F&& f) {
-  switch (type) {
-    case InType::kFloat32:
-      return f(static_cast<float*>(nullptr));
-    case InType::kFloat16:
-      return f(static_cast<__half*>(nullptr));
-    case InType::kBFloat16:
-      return f(static_cast<__nv_bfloat16*>(nullptr));
-  }
-  return KernelStatus::failure("unsupported element type");
-}
 
 Strides4 strides_of(const int64_t (&stride)[4]) {
   return {{stride[0], stride[1], stride[2], stride[3]}};

@@ -31,7 +31,7 @@ KernelStatus lsq_activation_codes(const Tensor4dView& x, const float* bias_a, co
 
 // Inputs of the fused activation backward. With s = max(*scale_a, eps),
 // ratio = (x + bias_a[c]) / s (IEEE fp32), code as above, inside = Qn <= ratio
-// <= Qp, g = grad * (*grad_scale or 1):
+// <= Qp, g = grad * (grad_scale ? max(*grad_scale, eps) : 1):
 //   dx = g * inside (x's element type),
 //   bias partials: sums of g * inside per channel,
 //   residual partials: sums of g * (inside ? code - ratio : code).
@@ -41,7 +41,7 @@ struct LsqActBackward {
   Tensor4dOut dx;                     // output, x's sizes and element type
   const float* bias_a = nullptr;      // device, fp32 [C]
   const float* scale_a = nullptr;     // device, ONE fp32 value
-  const float* grad_scale = nullptr;  // device, ONE fp32 value (s_w), or nullptr for 1
+  const float* grad_scale = nullptr;  // device, ONE fp32 value (raw s_w), or nullptr for 1
   float eps = 1e-5f;
   int bits = 4;
 };
@@ -59,5 +59,59 @@ struct LsqWorkspace {
 LsqWorkspace lsq_activation_backward_workspace(const LsqActBackward& args);
 KernelStatus lsq_activation_backward(const LsqActBackward& args, float* bias_partials,
                                      float* residual_partials, cudaStream_t stream);
+
+
+// ---- weight side and finishing (lsq_weight_cuda.cu) ------------------------------
+// Weights (K, C, R, S) are seen as 4-D views with N = K, H = R, W = S, any
+// strides; scale_w is fp32 on the device, [K] values when per_channel, else
+// ONE value; s_w[k] = max(scale_w[k or 0], eps).
+
+// Weight codes for the backward convolutions, of element type out_type:
+// out[k,c,r,s] = quantize_value(w, s_w[k], bits), times s_w[k] when scaled
+// (a per-channel s_w cannot be applied after the convolution over k).
+KernelStatus lsq_weight_codes(const Tensor4dView& w, const float* scale_w, bool per_channel,
+                              bool scaled, float eps, int bits, InType out_type,
+                              const Tensor4dOut& out, cudaStream_t stream);
+
+// Weight backward: with g = grad * max(*scale_a, eps) (grad = d loss / d
+// (codes of w), from the weight-gradient convolution), ratio = w / s_w[k]:
+//   dw = g * inside (w's element type),
+//   row_sums[k] = sum over (c, r, s) of g * residual, in a fixed order.
+struct LsqWeightBackward {
+  Tensor4dView w;
+  Tensor4dView grad;  // w's sizes, any float element type
+  Tensor4dOut dw;     // w's sizes and element type
+  const float* scale_w = nullptr;
+  bool per_channel = false;
+  const float* scale_a = nullptr;  // device, ONE fp32 value (raw s_a)
+  float eps = 1e-5f;
+  int bits = 4;
+};
+KernelStatus lsq_weight_backward(const LsqWeightBackward& args, float* row_sums,
+                                 cudaStream_t stream);
+
+// The small reductions that end the backward, in one launch (fixed order):
+//   dbias_a[c] = sum over rows of bias_partials[row, c],
+//   dscale_a = act_factor * sum(act_residual) * (scale_a >= eps),
+//   dscale_w[k] = weight_factor * row_sums[k] * (scale_w[k] >= eps) per
+//   channel, or dscale_w[0] = weight_factor * sum(row_sums) * (scale_w >= eps).
+// The factors are the LSQ gradient scales 1 / sqrt(numel * Qp).
+struct LsqFinish {
+  const float* bias_partials = nullptr;  // [bias_rows, channels]
+  int64_t bias_rows = 0, channels = 0;
+  const float* act_residual = nullptr;  // [act_parts]
+  int64_t act_parts = 0;
+  const float* row_sums = nullptr;  // [out_channels]
+  int64_t out_channels = 0;
+  const float* scale_a = nullptr;  // ONE raw value
+  const float* scale_w = nullptr;  // raw, [out_channels] per channel or ONE value
+  bool per_channel = false;
+  float eps = 1e-5f;
+  float act_factor = 0.0f, weight_factor = 0.0f;
+  float* dbias_a = nullptr;   // [channels]
+  float* dscale_a = nullptr;  // [1]
+  float* dscale_w = nullptr;  // [out_channels] per channel, else [1]
+};
+KernelStatus lsq_finish_scale_grads(const LsqFinish& args, cudaStream_t stream);
 
 }  // namespace q4conv

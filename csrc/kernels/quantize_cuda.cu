@@ -385,6 +385,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+__global__ void __launch_bounds__(kThreads)
+    output_alpha_kernel(const float* __restrict__ scale_a, const float* __restrict__ scale_w,
+                        bool per_channel, float eps, int out_channels, float* __restrict__ alpha) {
+  const int k = blockIdx.x * blockDim.x + threadIdx.x;
+  if (k < out_channels)
+    alpha[k] = effective_scale(*scale_a, eps) * effective_scale(scale_w[per_channel ? k : 0], eps);
+}
+
 // ---- host side ----------------------------------------------------------------
 int grid_for(int64_t work) {
   int64_t blocks = (work + kThreads - 1) / kThreads;
@@ -544,6 +552,27 @@ KernelStatus quantize_pack_weight_int4(const Tensor4dView& w, const float* scale
                                        uint8_t* out, cudaStream_t stream) {
   return quantize_common<true>("quantize_pack_weight_int4", "w", w, nullptr, "scale_w", scale_w,
                                per_channel, eps, bits, c_pad, out, stream);
+}
+
+KernelStatus quantize_weight_int8_krsc(const Tensor4dView& w, const float* scale_w,
+                                       bool per_channel, float eps, int bits, int c_pad,
+                                       int8_t* out, cudaStream_t stream) {
+  return quantize_common<false>("quantize_weight_int8_krsc", "w", w, nullptr, "scale_w", scale_w,
+                                per_channel, eps, bits, c_pad, out, stream);
+}
+
+KernelStatus output_alpha_fp32(const float* scale_a, const float* scale_w, bool per_channel,
+                               float eps, int out_channels, float* alpha, cudaStream_t stream) {
+  const char* fn = "output_alpha_fp32";
+  if (out_channels < 0)
+    return KernelStatus::failure(fail_prefix(fn, "out_channels") + "negative");
+  if (out_channels == 0) return KernelStatus::success();
+  if (scale_a == nullptr || scale_w == nullptr || alpha == nullptr)
+    return KernelStatus::failure(fail_prefix(fn, "scale_a/scale_w/alpha") + "null pointer");
+  output_alpha_kernel<<<grid_for(out_channels), kThreads, 0, stream>>>(scale_a, scale_w,
+                                                                       per_channel, eps,
+                                                                       out_channels, alpha);
+  return launch_status(fn);
 }
 
 KernelStatus unpack_int4_to_int8(const uint8_t* packed, int64_t rows, int c_in, int channels,

@@ -41,6 +41,19 @@ KernelStatus quantize_pack_weight_int4(const Tensor4dView& w, const float* scale
                                        bool per_channel, float eps, int bits, int c_pad,
                                        uint8_t* out, cudaStream_t stream);
 
+// Weight codes straight into the sm90 kernel's layout: int8 KRSC
+// [K,R,S,c_pad] (c_pad >= C, zero codes pad); same codes as
+// quantize_pack_weight_int4 followed by unpack_int4_to_int8.
+KernelStatus quantize_weight_int8_krsc(const Tensor4dView& w, const float* scale_w,
+                                       bool per_channel, float eps, int bits, int c_pad,
+                                       int8_t* out, cudaStream_t stream);
+
+// Epilogue scales alpha[k] = max(*scale_a, eps) * max(scale_w[per_channel ?
+// k : 0], eps), fp32 [out_channels] on the device; one small launch instead of
+// the clamp / multiply / expand ATen calls.
+KernelStatus output_alpha_fp32(const float* scale_a, const float* scale_w, bool per_channel,
+                               float eps, int out_channels, float* alpha, cudaStream_t stream);
+
 // Re-lays packed int4 codes [rows, c_in/2] (c_in = stored channel count, even)
 // as int8 [rows, c_out] (c_out >= logical channels) or as packed int4
 // [rows, c_out/2], zero-filling channels >= channels. rows = K*R*S.

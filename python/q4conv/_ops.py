@@ -1,11 +1,11 @@
-"""Loads the compiled operator library and registers what PyTorch needs around
-it: fake (meta) kernels for torch.compile and the autograd formula of
-``q4conv::conv_train`` (LSQ, computed in C++ by ``conv_train_backward``)."""
+"""Loads the compiled operator library and registers the fake (meta) kernels
+torch.compile needs. The autograd formulas (LSQ for ``q4conv::conv_train``,
+an error for ``q4conv::conv_packed``) are C++ kernels (csrc/autograd.cpp)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch._prims_common import suggest_memory_format
@@ -94,41 +94,6 @@ def _conv_train_backward_fake(grad_out, x, bias_a, scale_a, weight, scale_w, has
         torch.empty_like(scale_w),
         dbias,
     )
-
-
-def _conv_train_setup_context(ctx, inputs, output) -> None:
-    x, bias_a, scale_a, weight, scale_w, bias, stride, padding, dilation, eps, bits, _backend = inputs
-    # Only the inputs are kept (references, no copies): backward recomputes
-    # the codes, so a layer adds no activation memory of its own.
-    ctx.save_for_backward(x, bias_a, scale_a, weight, scale_w)
-    ctx.has_bias = bias is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.conv_args = (list(stride), list(padding), list(dilation), eps, bits)
-
-
-def _conv_train_backward(ctx, grad_out):
-    x, bias_a, scale_a, weight, scale_w = ctx.saved_tensors
-    stride, padding, dilation, eps, bits = ctx.conv_args
-    dx, dw, dbias_a, dscale_a, dscale_w, dbias = ops.conv_train_backward(
-        grad_out, x, bias_a, scale_a, weight, scale_w, ctx.has_bias, stride, padding, dilation, eps, bits
-    )
-    dbias_out: Optional[torch.Tensor] = dbias.to(ctx.bias_dtype) if ctx.has_bias else None
-    return dx, dbias_a, dscale_a, dw, dscale_w, dbias_out, None, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "q4conv::conv_train", _conv_train_backward, setup_context=_conv_train_setup_context
-)
-
-
-def _conv_packed_backward(ctx, grad_out):
-    raise RuntimeError(
-        "q4conv::conv_packed (eval mode, packed int4 weights) has no gradient: "
-        "use the layer in training mode (conv_train) to backpropagate"
-    )
-
-
-torch.library.register_autograd("q4conv::conv_packed", _conv_packed_backward)
 
 
 def selected_backend(

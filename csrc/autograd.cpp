@@ -1,0 +1,141 @@
+// Autograd of the q4conv ops, in C++ (registered at the Autograd dispatch
+// key), as torchvision does for its ops. Why not torch.library's Python
+// register_autograd: its Python wrapper cost a few hundred microseconds of
+// host time per training step on the H100 machine (NOTES.md, session 3),
+// more than a small layer's GPU work. Fake kernels stay in Python
+// (_ops.py); torch.compile traces these autograd kernels through them.
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "q4conv.h"
+
+namespace q4conv {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+const c10::TypedOperatorHandle<decltype(conv_train)>& conv_train_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("q4conv::conv_train", "")
+                             .typed<decltype(conv_train)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<decltype(conv_train_backward)>& conv_train_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("q4conv::conv_train_backward", "")
+                             .typed<decltype(conv_train_backward)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<decltype(conv_packed)>& conv_packed_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("q4conv::conv_packed", "")
+                             .typed<decltype(conv_packed)>();
+  return op;
+}
+
+std::vector<int64_t> to_vector(at::IntArrayRef values) { return values.vec(); }
+
+// LSQ / LSQ+ training convolution: gradients for x, bias_a, scale_a,
+// weight, scale_w and bias from conv_train_backward. Only the inputs are
+// saved (references): backward recomputes the codes, so a layer keeps no
+// activation memory of its own alive.
+class ConvTrainFunction : public torch::autograd::Function<ConvTrainFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& bias_a,
+                            const at::Tensor& scale_a, const at::Tensor& weight,
+                            const at::Tensor& scale_w, const std::optional<at::Tensor>& bias,
+                            at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, double eps, int64_t bits,
+                            const std::string& backend) {
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      y = conv_train_op().call(x, bias_a, scale_a, weight, scale_w, bias, stride, padding,
+                               dilation, eps, bits, backend);
+    }
+    ctx->save_for_backward({x, bias_a, scale_a, weight, scale_w});
+    const bool has_bias = bias.has_value() && bias->defined();
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->saved_data["bias_dtype"] = has_bias ? bias->scalar_type() : at::kFloat;
+    ctx->saved_data["stride"] = to_vector(stride);
+    ctx->saved_data["padding"] = to_vector(padding);
+    ctx->saved_data["dilation"] = to_vector(dilation);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["bits"] = bits;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const auto stride = ctx->saved_data["stride"].toIntVector();
+    const auto padding = ctx->saved_data["padding"].toIntVector();
+    const auto dilation = ctx->saved_data["dilation"].toIntVector();
+    auto [dx, dweight, dbias_a, dscale_a, dscale_w, dbias] = conv_train_backward_op().call(
+        grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], has_bias, stride,
+        padding, dilation, ctx->saved_data["eps"].toDouble(), ctx->saved_data["bits"].toInt());
+    at::Tensor dbias_out;
+    if (has_bias) dbias_out = dbias.to(ctx->saved_data["bias_dtype"].toScalarType());
+    // One entry per forward argument; the non-tensor ones get none.
+    return {dx,        dbias_a,     dscale_a,    dweight,     dscale_w,    dbias_out,
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor conv_train_autograd(const at::Tensor& x, const at::Tensor& bias_a,
+                               const at::Tensor& scale_a, const at::Tensor& weight,
+                               const at::Tensor& scale_w, const std::optional<at::Tensor>& bias,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, double eps, int64_t bits,
+                               const std::string& backend) {
+  return ConvTrainFunction::apply(x, bias_a, scale_a, weight, scale_w, bias, stride, padding,
+                                  dilation, eps, bits, backend);
+}
+
+// Packed (eval-mode) inference has no gradient: a graph through it raises
+// when backpropagated, naming what to use instead.
+class ConvPackedFunction : public torch::autograd::Function<ConvPackedFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* /*ctx*/, const at::Tensor& x,
+                            const at::Tensor& bias_a, const at::Tensor& scale_a,
+                            const at::Tensor& qweight, const at::Tensor& scale_w,
+                            const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, double eps,
+                            int64_t bits, bool relu, const std::string& backend,
+                            const std::optional<at::Tensor>& kernel_weight,
+                            const std::optional<at::Tensor>& alpha) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return conv_packed_op().call(x, bias_a, scale_a, qweight, scale_w, bias, stride, padding,
+                                 dilation, eps, bits, relu, backend, kernel_weight, alpha);
+  }
+
+  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grad_outputs*/) {
+    TORCH_CHECK(false,
+                "q4conv::conv_packed (eval mode, packed int4 weights) has no gradient: use the "
+                "layer in training mode (conv_train) to backpropagate");
+  }
+};
+
+at::Tensor conv_packed_autograd(const at::Tensor& x, const at::Tensor& bias_a,
+                                const at::Tensor& scale_a, const at::Tensor& qweight,
+                                const at::Tensor& scale_w, const std::optional<at::Tensor>& bias,
+                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef dilation, double eps, int64_t bits, bool relu,
+                                const std::string& backend,
+                                const std::optional<at::Tensor>& kernel_weight,
+                                const std::optional<at::Tensor>& alpha) {
+  return ConvPackedFunction::apply(x, bias_a, scale_a, qweight, scale_w, bias, stride, padding,
+                                   dilation, eps, bits, relu, backend, kernel_weight, alpha);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(q4conv, Autograd, m) {
+  m.impl("conv_train", &conv_train_autograd);
+  m.impl("conv_packed", &conv_packed_autograd);
+}
+
+}  // namespace q4conv

@@ -1,0 +1,131 @@
+// Device helpers shared by the q4conv CUDA kernels (included by .cu files
+// only): element conversion, vector packs, fixed-order reductions and the
+// LSQ straight-through terms. No torch here.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../quant.h"
+#include "quantize_kernels.h"
+
+namespace q4conv {
+namespace device {
+
+constexpr int kWarp = 32;
+
+// ---- element conversion -------------------------------------------------------
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Round to nearest even, as ATen's fp32 -> fp16 / bf16 conversion.
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// V consecutive elements moved by one load / store instruction (the caller
+// guarantees V * sizeof(T) alignment).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T e[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* __restrict__ src) {
+  return *reinterpret_cast<const Pack<T, V>*>(src);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_pack(T* __restrict__ dst, const Pack<T, V>& value) {
+  *reinterpret_cast<Pack<T, V>*>(dst) = value;
+}
+
+// ---- fixed-order reductions (deterministic: no atomics) -------------------------
+// Lane 0 gets the warp's sum, always in the same order.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1)
+    v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum over a block of kThreads threads (thread = linear thread index);
+// valid in thread 0. warp_sums: kThreads / kWarp floats of shared memory.
+template <int kThreads>
+__device__ __forceinline__ float block_sum(float v, int thread, float* warp_sums) {
+  v = warp_sum(v);
+  if (thread % kWarp == 0) warp_sums[thread / kWarp] = v;
+  __syncthreads();
+  float total = 0.0f;
+  if (thread == 0) {
+#pragma unroll
+    for (int w = 0; w < kThreads / kWarp; ++w) total += warp_sums[w];
+  }
+  return total;
+}
+
+// ---- LSQ straight-through terms (same operations as backward.cpp's ATen path) ----
+struct LsqScale {
+  float s, inv, lo, hi;
+};
+
+__device__ __forceinline__ LsqScale lsq_scale(float raw_scale, float eps, int bits) {
+  const float s = effective_scale(raw_scale, eps);
+  return {s, 1.0f / s, static_cast<float>(qmin(bits)), static_cast<float>(qmax(bits))};
+}
+
+// d value = g * inside and the d scale term g * residual of one element.
+struct Terms {
+  float dvalue, residual;
+};
+
+// value = x + bias (LSQ+ shift; bias 0 for weights), ratio = value / s (IEEE
+// fp32, as ATen's division), inside = Qn <= ratio <= Qp, residual = code -
+// ratio inside the range and code outside.
+__device__ __forceinline__ Terms lsq_terms(float x, float bias, float g, const LsqScale& s,
+                                           int bits) {
+  const float shifted = x + bias;
+  const float ratio = shifted / s.s;
+  const float code = static_cast<float>(quantize_value(shifted, s.s, bits));  // NaN -> 0
+  const bool inside = ratio >= s.lo && ratio <= s.hi;                         // false for NaN
+  // g * float(inside), not a select: 0 * Inf stays NaN, as in ATen.
+  return {g * static_cast<float>(inside), g * (inside ? code - ratio : code)};
+}
+
+// ---- host side ------------------------------------------------------------------
+inline KernelStatus invalid(const char* fn, const char* arg, const std::string& why) {
+  return KernelStatus::failure(std::string(fn) + ": invalid argument '" + arg + "': " + why);
+}
+
+// Calls f with a null pointer of the element type `type` stands for.
+template <typename F>
+KernelStatus with_type(InType type, F&& f) {
+  switch (type) {
+    case InType::kFloat32:
+      return f(static_cast<float*>(nullptr));
+    case InType::kFloat16:
+      return f(static_cast<__half*>(nullptr));
+    case InType::kBFloat16:
+      return f(static_cast<__nv_bfloat16*>(nullptr));
+  }
+  return KernelStatus::failure("unsupported element type");
+}
+
+}  // namespace device
+}  // namespace q4conv

@@ -1,0 +1,240 @@
+// Weight side of the LSQ training backward and the final scale-gradient
+// reductions (interface: lsq_kernels.h). No torch here.
+//
+// Why: the weight side was about 20 ATen calls per training step (casts,
+// clamps, divisions, masks, sums), each a launch and host work that made a
+// small layer's step host bound. Weights are small (at most a few million
+// elements), so these kernels favour few launches over bandwidth: one thread
+// per element for the codes, one block per output channel for the backward
+// (its row sum is then final, per channel or summed by the finishing kernel),
+// and one finishing launch for d bias_a, d scale_a and d scale_w.
+// Sums run in a fixed order (no atomics), so gradients are deterministic.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "../quant.h"
+#include "device_common.cuh"
+#include "lsq_kernels.h"
+
+namespace q4conv {
+namespace {
+
+using device::from_float;
+using device::invalid;
+using device::to_float;
+using device::with_type;
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = int64_t(1) << 16;
+
+struct Dims {
+  int64_t k, c, r, s;
+};
+
+__device__ __forceinline__ int64_t offset(const int64_t (&stride)[4], int64_t k, int64_t c,
+                                          int64_t r, int64_t s) {
+  return k * stride[0] + c * stride[1] + r * stride[2] + s * stride[3];
+}
+
+struct WeightScale {
+  const float* scale;
+  bool per_channel;
+  float eps;
+
+  __device__ __forceinline__ float raw(int64_t k) const { return scale[per_channel ? k : 0]; }
+  __device__ __forceinline__ float effective(int64_t k) const {
+    return effective_scale(raw(k), eps);
+  }
+};
+
+// ---- codes for the backward convolutions ------------------------------------------
+struct CodeViews {
+  int64_t in_stride[4], out_stride[4];
+};
+
+template <typename TW, typename TO>
+__global__ void __launch_bounds__(kThreads)
+    weight_codes_kernel(const TW* __restrict__ w, TO* __restrict__ out, Dims d, CodeViews v,
+                        WeightScale ws, bool scaled, int bits) {
+  const int64_t total = d.k * d.c * d.r * d.s;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t s = i % d.s;
+    int64_t t = i / d.s;
+    const int64_t r = t % d.r;
+    t /= d.r;
+    const int64_t c = t % d.c;
+    const int64_t k = t / d.c;
+    const float scale = ws.effective(k);
+    const float code =
+        static_cast<float>(quantize_value(to_float(w[offset(v.in_stride, k, c, r, s)]), scale, bits));
+    out[offset(v.out_stride, k, c, r, s)] = from_float<TO>(scaled ? code * scale : code);
+  }
+}
+
+// ---- weight backward: one block per output channel ----------------------------------
+struct BackwardViews {
+  int64_t w_stride[4], grad_stride[4], dw_stride[4];
+};
+
+template <typename TW, typename TG>
+__global__ void __launch_bounds__(kThreads)
+    weight_backward_kernel(const TW* __restrict__ w, const TG* __restrict__ grad,
+                           TW* __restrict__ dw, Dims d, BackwardViews v, WeightScale ws,
+                           const float* __restrict__ scale_a, int bits,
+                           float* __restrict__ row_sums) {
+  __shared__ float warp_sums[kThreads / device::kWarp];
+  const int64_t k = blockIdx.x;
+  const device::LsqScale s = device::lsq_scale(ws.raw(k), ws.eps, bits);
+  const float s_a = effective_scale(*scale_a, ws.eps);
+  const int64_t taps = d.r * d.s, row = d.c * taps;
+  float residual = 0.0f;
+  for (int64_t e = threadIdx.x; e < row; e += kThreads) {
+    const int64_t c = e / taps, rs = e % taps;
+    const int64_t r = rs / d.s, sc = rs % d.s;
+    const float g = to_float(grad[offset(v.grad_stride, k, c, r, sc)]) * s_a;
+    const device::Terms t =
+        device::lsq_terms(to_float(w[offset(v.w_stride, k, c, r, sc)]), 0.0f, g, s, bits);
+    dw[offset(v.dw_stride, k, c, r, sc)] = from_float<TW>(t.dvalue);
+    residual += t.residual;
+  }
+  const float total = device::block_sum<kThreads>(residual, threadIdx.x, warp_sums);
+  if (threadIdx.x == 0) row_sums[k] = total;
+}
+
+// ---- finishing: block b sums the d bias_a columns [b * kThreads, + kThreads);
+// block 0 also produces d scale_a and d scale_w ----------------------------------------
+__global__ void __launch_bounds__(kThreads) finish_kernel(const LsqFinish a) {
+  __shared__ float warp_sums[kThreads / device::kWarp];
+  const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (c < a.channels) {
+    float sum = 0.0f;
+    for (int64_t row = 0; row < a.bias_rows; ++row) sum += a.bias_partials[row * a.channels + c];
+    a.dbias_a[c] = sum;
+  }
+  if (blockIdx.x != 0) return;  // whole block: block_sum below stays uniform
+
+  float act = 0.0f;
+  for (int64_t i = threadIdx.x; i < a.act_parts; i += kThreads) act += a.act_residual[i];
+  act = device::block_sum<kThreads>(act, threadIdx.x, warp_sums);
+  if (threadIdx.x == 0) {
+    const float passes = *a.scale_a >= a.eps ? 1.0f : 0.0f;
+    *a.dscale_a = act * a.act_factor * passes;
+  }
+  __syncthreads();  // warp_sums is reused
+  if (a.per_channel) {
+    for (int64_t k = threadIdx.x; k < a.out_channels; k += kThreads) {
+      const float passes = a.scale_w[k] >= a.eps ? 1.0f : 0.0f;
+      a.dscale_w[k] = a.row_sums[k] * a.weight_factor * passes;
+    }
+    return;
+  }
+  float wsum = 0.0f;
+  for (int64_t k = threadIdx.x; k < a.out_channels; k += kThreads) wsum += a.row_sums[k];
+  wsum = device::block_sum<kThreads>(wsum, threadIdx.x, warp_sums);
+  if (threadIdx.x == 0) {
+    const float passes = *a.scale_w >= a.eps ? 1.0f : 0.0f;
+    *a.dscale_w = wsum * a.weight_factor * passes;
+  }
+}
+
+// ---- host side ------------------------------------------------------------------------
+Dims dims_of(const Tensor4dView& w) { return {w.size[0], w.size[1], w.size[2], w.size[3]}; }
+
+int64_t numel(const Dims& d) { return d.k * d.c * d.r * d.s; }
+
+KernelStatus check_weight(const char* fn, const Tensor4dView& w, const float* scale_w, int bits) {
+  for (int i = 0; i < 4; ++i)
+    if (w.size[i] < 0) return invalid(fn, "w", "negative size[" + std::to_string(i) + "]");
+  if (bits < 2 || bits > 8) return invalid(fn, "bits", "must be in [2, 8], got " + std::to_string(bits));
+  if (numel(dims_of(w)) == 0) return KernelStatus::success();
+  if (w.data == nullptr) return invalid(fn, "w", "null data pointer");
+  if (scale_w == nullptr) return invalid(fn, "scale_w", "null pointer");
+  return KernelStatus::success();
+}
+
+unsigned grid_for(int64_t work) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min((work + kThreads - 1) / kThreads, kMaxBlocks)));
+}
+
+void copy_strides(const int64_t (&from)[4], int64_t (&to)[4]) {
+  for (int i = 0; i < 4; ++i) to[i] = from[i];
+}
+
+}  // namespace
+
+KernelStatus lsq_weight_codes(const Tensor4dView& w, const float* scale_w, bool per_channel,
+                              bool scaled, float eps, int bits, InType out_type,
+                              const Tensor4dOut& out, cudaStream_t stream) {
+  const char* fn = "lsq_weight_codes";
+  KernelStatus st = check_weight(fn, w, scale_w, bits);
+  const Dims d = dims_of(w);
+  if (!st.ok || numel(d) == 0) return st;
+  if (out.data == nullptr) return invalid(fn, "out", "null data pointer");
+  CodeViews v;
+  copy_strides(w.stride, v.in_stride);
+  copy_strides(out.stride, v.out_stride);
+  const WeightScale ws{scale_w, per_channel, eps};
+  return with_type(w.type, [&](auto* w_tag) {
+    using TW = std::remove_pointer_t<decltype(w_tag)>;
+    return with_type(out_type, [&](auto* o_tag) {
+      using TO = std::remove_pointer_t<decltype(o_tag)>;
+      weight_codes_kernel<TW, TO><<<grid_for(numel(d)), kThreads, 0, stream>>>(
+          static_cast<const TW*>(w.data), static_cast<TO*>(out.data), d, v, ws, scaled, bits);
+      return launch_status(fn);
+    });
+  });
+}
+
+KernelStatus lsq_weight_backward(const LsqWeightBackward& a, float* row_sums,
+                                 cudaStream_t stream) {
+  const char* fn = "lsq_weight_backward";
+  KernelStatus st = check_weight(fn, a.w, a.scale_w, a.bits);
+  const Dims d = dims_of(a.w);
+  if (!st.ok || numel(d) == 0) return st;
+  for (int i = 0; i < 4; ++i)
+    if (a.grad.size[i] != a.w.size[i]) return invalid(fn, "grad", "sizes differ from w's");
+  if (a.grad.data == nullptr) return invalid(fn, "grad", "null data pointer");
+  if (a.dw.data == nullptr) return invalid(fn, "dw", "null data pointer");
+  if (a.scale_a == nullptr) return invalid(fn, "scale_a", "null pointer");
+  if (row_sums == nullptr) return invalid(fn, "row_sums", "null pointer");
+  if (d.k > INT32_MAX) return invalid(fn, "w", "too many output channels for one grid");
+  BackwardViews v;
+  copy_strides(a.w.stride, v.w_stride);
+  copy_strides(a.grad.stride, v.grad_stride);
+  copy_strides(a.dw.stride, v.dw_stride);
+  const WeightScale ws{a.scale_w, a.per_channel, a.eps};
+  return with_type(a.w.type, [&](auto* w_tag) {
+    using TW = std::remove_pointer_t<decltype(w_tag)>;
+    return with_type(a.grad.type, [&](auto* g_tag) {
+      using TG = std::remove_pointer_t<decltype(g_tag)>;
+      weight_backward_kernel<TW, TG><<<static_cast<unsigned>(d.k), kThreads, 0, stream>>>(
+          static_cast<const TW*>(a.w.data), static_cast<const TG*>(a.grad.data),
+          static_cast<TW*>(a.dw.data), d, v, ws, a.scale_a, a.bits, row_sums);
+      return launch_status(fn);
+    });
+  });
+}
+
+KernelStatus lsq_finish_scale_grads(const LsqFinish& a, cudaStream_t stream) {
+  const char* fn = "lsq_finish_scale_grads";
+  if (a.bias_rows < 0 || a.channels < 0 || a.act_parts < 0 || a.out_channels < 0)
+    return invalid(fn, "args", "negative count");
+  if (a.scale_a == nullptr || a.scale_w == nullptr) return invalid(fn, "scale", "null pointer");
+  if (a.dbias_a == nullptr && a.channels > 0) return invalid(fn, "dbias_a", "null pointer");
+  if (a.bias_partials == nullptr && a.bias_rows * a.channels > 0)
+    return invalid(fn, "bias_partials", "null pointer");
+  if (a.act_residual == nullptr && a.act_parts > 0) return invalid(fn, "act_residual", "null pointer");
+  if (a.row_sums == nullptr && a.out_channels > 0) return invalid(fn, "row_sums", "null pointer");
+  if (a.dscale_a == nullptr || a.dscale_w == nullptr) return invalid(fn, "dscale", "null pointer");
+  const int64_t blocks = std::max<int64_t>(1, (a.channels + kThreads - 1) / kThreads);
+  if (blocks > INT32_MAX) return invalid(fn, "channels", "too many for one grid");
+  finish_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
+  return launch_status(fn);
+}
+
+}  // namespace q4conv
