@@ -59,8 +59,9 @@ def op_profile(fn: Callable[[], object], calls: int = 10) -> Dict[str, object]:
     launches = sum(a.count for a in averages if a.key in ("cudaLaunchKernel", "cuLaunchKernel",
                                                            "cudaLaunchKernelExC", "cuLaunchKernelEx")) / calls
     top = sorted(averages, key=lambda a: a.self_cpu_time_total, reverse=True)[:18]
+    spans = [a for a in averages if a.key.startswith("q4conv::") and a not in top]
     lines = [f"    {a.key[:60]:60s} count/call {a.count / calls:6.1f}  self CPU us/call "
-             f"{a.self_cpu_time_total / calls:8.1f}" for a in top]
+             f"{a.self_cpu_time_total / calls:8.1f}" for a in top + spans]
     return {"aten": aten, "launches": launches, "top": "\n".join(lines)}
 
 
@@ -113,8 +114,27 @@ def main(argv=None) -> int:
                           f"{prof['launches']:.0f} kernel launches")
             if name.startswith("q4"):
                 report.append(prof["top"])
+        # Pieces of the training step, each timed alone (host us per call).
+        ops = torch.ops.q4conv
+        conv = ([stride] * 2, [pad] * 2, [1, 1], 1e-5, 4)
+        leaves = (xg.detach(), train_layer.bias_a.detach(), train_layer.scale_a.detach(),
+                  train_layer.weight.detach(), train_layer.scale_w.detach())
+        w_codes = torch.randint(-8, 8, (k, c, r, r), device="cuda").to(torch.float16).contiguous(
+            memory_format=torch.channels_last)
+        pieces = {
+            "conv_train op (forward, no graph)": lambda: ops.conv_train.default(*leaves, None, *conv, "auto"),
+            "conv_train_backward op": lambda: ops.conv_train_backward.default(gy, *leaves, False, *conv),
+            "aten convolution_backward fp16 (dgrad+wgrad)": lambda: torch.ops.aten.convolution_backward.default(
+                gy, x, w_codes, None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, [True, True, False]),
+            "F.conv2d fp16 (no graph)": lambda: F.conv2d(x, w16.detach(), None, stride, pad),
+            "q4conv quantize_activation op (one launch)": lambda: ops.quantize_activation.default(
+                x, leaves[1], leaves[2], 1e-5, 4),
+        }
+        for name, fn in pieces.items():
+            with torch.no_grad():
+                report.append(f"  - piece {name}: host {host_us(fn):.1f} us/call")
         report.append("")
-        print("\n".join(report[-12:]), flush=True)
+        print("\n".join(report[-20:]), flush=True)
     text = "\n".join(report)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

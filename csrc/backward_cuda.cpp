@@ -36,8 +36,7 @@ std::pair<at::Tensor, at::Tensor> activation_params(const at::Tensor& x, const a
   TORCH_CHECK(scale_a.numel() == 1, "scale_a must hold one value, got ", scale_a.numel());
   check_on_device(bias_a, x, "bias_a");
   check_on_device(scale_a, x, "scale_a");
-  return {bias_a.detach().to(at::kFloat).contiguous(),
-          scale_a.detach().to(at::kFloat).reshape({1}).contiguous()};
+  return {bias_a.to(at::kFloat).contiguous(), scale_a.to(at::kFloat).reshape({1}).contiguous()};
 }
 
 // Dense in x's suggested memory format, as the ATen path's outputs.
@@ -49,9 +48,9 @@ void check_status(const KernelStatus& status, const char* what) {
   TORCH_CHECK(status.ok, "q4conv: ", what, " failed: ", status.message);
 }
 
-at::Tensor cuda_lsq_activation_codes(const at::Tensor& x, const at::Tensor& bias_a,
-                                     const at::Tensor& scale_a, double eps, int64_t bits) {
-  const auto [bias, scale] = activation_params(x, bias_a, scale_a);
+// bias / scale: activation_params(x, bias_a, scale_a).
+at::Tensor cuda_lsq_activation_codes(const at::Tensor& x, const at::Tensor& bias,
+                                     const at::Tensor& scale, double eps, int64_t bits) {
   at::Tensor codes = empty_like_x(x);
   if (codes.numel() == 0) return codes;
   check_status(
@@ -70,11 +69,10 @@ struct ActivationBackward {
 
 // grad_act: d loss / d (codes times s_a), x's sizes and dtype; grad_scale:
 // the raw per-tensor s_w (fp32, one value) that multiplies it, if any.
-ActivationBackward cuda_lsq_activation_backward(
-    const at::Tensor& grad_act, const at::Tensor& x, const at::Tensor& bias_a,
-    const at::Tensor& scale_a, const std::optional<at::Tensor>& grad_scale, double eps,
-    int64_t bits) {
-  const auto [bias, scale] = activation_params(x, bias_a, scale_a);
+ActivationBackward cuda_lsq_activation_backward(const at::Tensor& grad_act, const at::Tensor& x,
+                                                const at::Tensor& bias, const at::Tensor& scale,
+                                                const std::optional<at::Tensor>& grad_scale,
+                                                double eps, int64_t bits) {
   TORCH_CHECK(grad_act.sizes() == x.sizes() && grad_act.scalar_type() == x.scalar_type(),
               "grad_act must have x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
               grad_act.sizes(), " ", grad_act.scalar_type());
@@ -165,13 +163,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& bias_a,
                          const at::Tensor& scale_a, const at::Tensor& weight,
                          const at::Tensor& scale_w, bool has_bias, const ConvParams& params) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard device_guard(x.device());
   check_on_device(weight, x, "weight");
   check_on_device(scale_w, x, "scale_w");
   check_on_device(grad_out, x, "grad_out");
   const double eps = params.eps;
   const int64_t bits = params.bits, k_out = weight.size(0);
-  const at::Tensor s_a = fp32_flat(scale_a), s_w = fp32_flat(scale_w);
+  const auto [bias_f, s_a] = activation_params(x, bias_a, scale_a);
+  const at::Tensor s_w = fp32_flat(scale_w);
   TORCH_CHECK(s_w.numel() == 1 || s_w.numel() == k_out, "scale_w must hold 1 value or ", k_out,
               ", got ", s_w.numel());
   const bool per_channel = s_w.numel() > 1;
@@ -180,9 +179,12 @@ cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
   // did: they run on the codes in x's dtype (fp16 / bf16 tensor cores for
   // half inputs, like an fp16 Conv2d), the scales applied around them.
   const at::ScalarType compute = x.scalar_type();
-  const at::Tensor act_codes = cuda_lsq_activation_codes(x, bias_a, scale_a, eps, bits);
-  const at::Tensor wgt_codes =
-      weight_codes(weight, s_w, eps, bits, compute, x.suggest_memory_format());
+  at::Tensor act_codes, wgt_codes;
+  {
+    Q4CONV_HOST_SPAN("q4conv::backward_codes");
+    act_codes = cuda_lsq_activation_codes(x, bias_f, s_a, eps, bits);
+    wgt_codes = weight_codes(weight, s_w, eps, bits, compute, x.suggest_memory_format());
+  }
   std::optional<at::IntArrayRef> bias_sizes;
   const std::vector<int64_t> bias_shape{k_out};
   if (has_bias) bias_sizes = bias_shape;
@@ -195,14 +197,19 @@ cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
   // one is already in the weight codes.
   const std::optional<at::Tensor> grad_scale =
       per_channel ? std::nullopt : std::optional<at::Tensor>(s_w);
-  const ActivationBackward act =
-      cuda_lsq_activation_backward(grad_act, x, bias_a, scale_a, grad_scale, eps, bits);
-  const auto [dweight, row_sums] = weight_backward(grad_wgt, weight, s_w, s_a, eps, bits);
+  ActivationBackward act;
+  at::Tensor dweight, row_sums;
+  {
+    Q4CONV_HOST_SPAN("q4conv::backward_lsq");
+    act = cuda_lsq_activation_backward(grad_act, x, bias_f, s_a, grad_scale, eps, bits);
+    std::tie(dweight, row_sums) = weight_backward(grad_wgt, weight, s_w, s_a, eps, bits);
+  }
 
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor dbias_a = at::empty({x.size(1)}, f32);
   at::Tensor dscale_a = at::empty(scale_a.sizes(), f32);
   at::Tensor dscale_w = at::empty(scale_w.sizes(), f32);
+  Q4CONV_HOST_SPAN("q4conv::backward_finish");
   LsqFinish finish;
   finish.bias_partials = act.bias_partials.data_ptr<float>();
   finish.bias_rows = act.bias_partials.size(0);

@@ -202,7 +202,11 @@ at::Tensor conv_packed(const at::Tensor& x, const at::Tensor& bias_a, const at::
   const int64_t k_out = qweight.size(0), r = qweight.size(1), s = qweight.size(2);
   const auto [p, q] = output_hw(x.size(2), x.size(3), r, s, params);
   if (x.size(0) == 0) return empty_output(x, k_out, p, q);
-  const Backend chosen = choose_backend(x, k_out, r, s, params, parse_backend(backend));
+  Backend chosen;
+  {
+    Q4CONV_HOST_SPAN("q4conv::choose_backend");
+    chosen = choose_backend(x, k_out, r, s, params, parse_backend(backend));
+  }
   const at::Tensor scales =
       alpha.has_value() ? *alpha : output_alpha(scale_a, scale_w, k_out, params.eps);
   at::Tensor wgt;
@@ -238,14 +242,22 @@ at::Tensor conv_train(const at::Tensor& x, const at::Tensor& bias_a, const at::T
   const int64_t k_out = weight.size(0), r = weight.size(2), s = weight.size(3);
   const auto [p, q] = output_hw(x.size(2), x.size(3), r, s, params);
   if (x.size(0) == 0) return empty_output(x, k_out, p, q);
-  const Backend chosen = choose_backend(x, k_out, r, s, params, parse_backend(backend));
-  const at::Tensor alpha = output_alpha(scale_a, scale_w, k_out, eps);
-  // CUDA backends quantize the float weights straight into their layout (one
-  // launch); the fallback reads packed codes.
-  at::Tensor qweight, wgt;
+  Backend chosen;
+  {
+    Q4CONV_HOST_SPAN("q4conv::choose_backend");
+    chosen = choose_backend(x, k_out, r, s, params, parse_backend(backend));
+  }
+  at::Tensor alpha, qweight, wgt;
+  {
+    Q4CONV_HOST_SPAN("q4conv::train_weight_prep");
+    alpha = output_alpha(scale_a, scale_w, k_out, eps);
+    // CUDA backends quantize the float weights straight into their layout
+    // (one launch); the fallback reads packed codes.
 #ifdef Q4CONV_WITH_CUDA
-  if (chosen != Backend::kFallback) wgt = cuda_train_kernel_weight(weight, scale_w, eps, bits, chosen);
+    if (chosen != Backend::kFallback)
+      wgt = cuda_train_kernel_weight(weight, scale_w, eps, bits, chosen);
 #endif
+  }
   if (chosen == Backend::kFallback) qweight = quantize_pack(weight, scale_w, eps, bits);
   return run_conv(chosen, x, bias_a, scale_a, qweight, wgt, {k_out, r, s}, alpha, bias, params);
 }

@@ -443,8 +443,11 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
   at::Tensor act = at::empty(
       {in.x.size(0), in.x.size(2), in.x.size(3), packed ? geometry.c_pad / 2 : geometry.c_pad},
       x.options().dtype(packed ? at::kByte : at::kChar));
-  quantize_activation_into(in.x, bias_q, scale_q, params.eps, params.bits, geometry.c_pad, packed,
-                           act);
+  {
+    Q4CONV_HOST_SPAN("q4conv::quantize_launch");
+    quantize_activation_into(in.x, bias_q, scale_q, params.eps, params.bits, geometry.c_pad,
+                             packed, act);
+  }
   if (uses_im2col(backend, x.size(1))) {
     at::Tensor rows = at::empty({int64_t(shape.n) * shape.p * shape.q, shape.c}, act.options());
     check_status(im2col_int8(geometry.conv, act.data_ptr<int8_t>(), shape.c,
@@ -455,9 +458,12 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
   const int64_t workspace_size = workspace_bytes(backend, shape, epilogue.out_type);
   at::Tensor workspace;
   if (workspace_size > 0) workspace = at::empty({workspace_size}, x.options().dtype(at::kByte));
-  check_status(run_kernel(backend, shape, act.data_ptr(), wgt.data_ptr(), epilogue,
-                          workspace.defined() ? workspace.data_ptr() : nullptr, stream),
-               backend_name(backend));
+  {
+    Q4CONV_HOST_SPAN("q4conv::conv_kernel_launch");
+    check_status(run_kernel(backend, shape, act.data_ptr(), wgt.data_ptr(), epilogue,
+                            workspace.defined() ? workspace.data_ptr() : nullptr, stream),
+                 backend_name(backend));
+  }
   // NHWC memory seen as the logical (N, K, P, Q) tensor.
   return out.permute({0, 3, 1, 2});
 }

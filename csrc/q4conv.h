@@ -3,11 +3,17 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 
 #include <array>
 #include <optional>
 #include <string>
 #include <tuple>
+
+// A named span of host work, shown by torch.profiler (bench/profile_host.py);
+// nearly free when no profiler runs. Declares a variable named `guard`: use
+// it in its own block.
+#define Q4CONV_HOST_SPAN(name) RECORD_FUNCTION(name, std::vector<c10::IValue>())
 
 namespace q4conv {
 

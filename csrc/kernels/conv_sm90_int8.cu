@@ -76,11 +76,17 @@ int pick_config_uncached(const ConvShape& shape, OutType out_type) {
 
 // The choice runs CUTLASS can_implement checks (tens of microseconds of host
 // work) and is asked for up to three times per forward call (dispatch,
-// workspace size, launch): remember it per (shape, output type).
-int pick_config(const ConvShape& shape, OutType out_type) {
+// workspace size, launch): remember it, and the configuration's workspace
+// size, per (shape, output type).
+struct Choice {
+  int config = -1;
+  size_t workspace = 0;
+};
+
+Choice choose(const ConvShape& shape, OutType out_type) {
   using Key = std::pair<std::string, int>;
   static std::mutex mutex;
-  static std::map<Key, int> chosen;
+  static std::map<Key, Choice> chosen;
   const Key key{std::string(reinterpret_cast<const char*>(&shape), sizeof shape),
                 static_cast<int>(out_type)};
   {
@@ -88,12 +94,16 @@ int pick_config(const ConvShape& shape, OutType out_type) {
     const auto found = chosen.find(key);
     if (found != chosen.end()) return found->second;
   }
-  const int config = pick_config_uncached(shape, out_type);
+  Choice choice;
+  choice.config = pick_config_uncached(shape, out_type);
+  if (choice.config >= 0) choice.workspace = config(choice.config).workspace(shape, out_type);
   std::lock_guard<std::mutex> lock(mutex);
   if (chosen.size() > 4096) chosen.clear();  // bound memory for shape-varying workloads
-  chosen.emplace(key, config);
-  return config;
+  chosen.emplace(key, choice);
+  return choice;
 }
+
+int pick_config(const ConvShape& shape, OutType out_type) { return choose(shape, out_type).config; }
 
 }  // namespace sm90
 
@@ -102,8 +112,7 @@ bool sm90_int8_supports(const ConvShape& shape, OutType out_type) {
 }
 
 size_t sm90_int8_workspace_bytes(const ConvShape& shape, OutType out_type) {
-  int i = sm90::pick_config(shape, out_type);
-  return i < 0 ? 0 : sm90::config(i).workspace(shape, out_type);
+  return sm90::choose(shape, out_type).workspace;
 }
 
 KernelStatus sm90_int8_conv(const ConvShape& shape, const void* act, const void* weight,
