@@ -4,9 +4,11 @@
 For every ResNet-50 1x1 stride-1 layer (batch --batch): the eval-mode q4conv
 layer (fp16 channels_last in and out) timed in CUDA graphs with
 Q4CONV_FUSED_POINTWISE=0 (quantization pass + CUTLASS GEMM) and =1 (fused
-kernel) for each Q4CONV_PW_SPLITS value of --splits (0 = the kernel's own
-rule), cuDNN fp16 in the same run, plus the floor bytes / 3.35 TB/s. Example:
-    python bench/pointwise_sweep.py --splits 0,1,2,4 --out sweep_out
+kernel) for each variant of --variants (label:NAME=value, environment
+switches of the kernel such as Q4CONV_PW_SPLITS or Q4CONV_PW_PREFETCH; a bare
+label: the kernel's own rules), cuDNN fp16 in the same run, plus the floor
+bytes / 3.35 TB/s. Example:
+    python bench/pointwise_sweep.py --variants rule:,s1:Q4CONV_PW_SPLITS=1 --out sweep_out
 """
 from __future__ import annotations
 
@@ -25,15 +27,19 @@ import bench  # noqa: E402  (shapes, timing helpers)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--splits", default="0", help="comma-separated Q4CONV_PW_SPLITS values")
+    parser.add_argument("--variants", default="rule:", help="comma-separated label:NAME=value")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     import q4conv
 
     torch.backends.cudnn.benchmark = True
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    head = ["shape", "floor us", "cudnn fp16 us", "pass+GEMM us"] + [f"fused s={s} us" for s in splits]
+    variants = []
+    for item in filter(None, (v.strip() for v in args.variants.split(","))):
+        label, _, setting = item.partition(":")
+        name, _, value = setting.partition("=")
+        variants.append((label, name, value))
+    head = ["shape", "floor us", "cudnn fp16 us", "pass+GEMM us"] + [f"fused {v[0]} us" for v in variants]
     lines = [f"card: {torch.cuda.get_device_name()}", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     print("\n".join(lines), flush=True)
@@ -65,15 +71,17 @@ def main(argv=None) -> int:
         ref = q4(xs[0]).float()
         row.append(f"{bench.time_graph_ms(q4, xs, args.repeats) * 1e3:.1f}")
         os.environ["Q4CONV_FUSED_POINTWISE"] = "1"
-        for s in splits:
-            os.environ["Q4CONV_PW_SPLITS"] = s
+        for _, name, value in variants:
+            if name:
+                os.environ[name] = value
             fused = q4(xs[0]).float()
             # Same codes, same fp32 epilogue: equal up to the bias FMA's rounding.
             diff = (fused - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
             cell = f"{bench.time_graph_ms(q4, xs, args.repeats) * 1e3:.1f}"
             row.append(cell if diff < 1e-3 else cell + f" (DIFF {diff:.1e})")
+            if name:
+                os.environ.pop(name, None)
         os.environ.pop("Q4CONV_FUSED_POINTWISE", None)
-        os.environ.pop("Q4CONV_PW_SPLITS", None)
         line = "| " + " | ".join(row) + " |"
         lines.append(line)
         print(line, flush=True)

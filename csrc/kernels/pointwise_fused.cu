@@ -24,10 +24,12 @@
 // Every input element is thus loaded and quantized once per block; with K
 // split s ways it is quantized s times (s = 1 on the large layers).
 //
-// Two blocks of 8 warps per SM (<= 128 registers, <= ~113 KB of shared memory
-// each): one block's loads (step 1) overlap the other's MMAs and stores.
-// Shared rows are padded by 16 bytes: a row stride of 16 or 80 (mod 128) puts
-// the 8 row addresses of an ldmatrix phase on 8 distinct 16-byte bank groups.
+// Measured (H100, NOTES.md session 3): bit-identical to the pass + GEMM, but
+// faster than it only for K = 64 (C64->K64 and C256->K64 at 56x56); elsewhere
+// 1.04-2.1x slower. ncu: 25% occupancy (128 registers), 0.3-0.45 instructions
+// issued per scheduler and cycle, DRAM at 30-36% of peak: the quantization
+// (~10 instructions per element) and the phases of the two blocks per SM do
+// not overlap enough.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -51,9 +53,16 @@ constexpr int kStages = 4;          // weight ring depth
 constexpr int kBurst = 16;          // 16-byte input loads in flight per thread
 constexpr int kMaxChannels = 2048;  // kBM = 64 rows of 2048 codes: 130 KB
 
-// Rows per block: 128 while the int8 row block stays <= 66 KB (two blocks per
-// SM), else 64.
-constexpr int block_rows(int channels) { return channels <= 512 ? 128 : 64; }
+// Rows per block and the L2 prefetch default, as measured on H100 (NOTES.md,
+// session 3): C in (64, 256]: 64 rows with the prefetch (8-23% faster than
+// 128 rows without it on the four such ResNet-50 layers); C = 64 and C = 512:
+// 128 rows without (64 rows with the prefetch was 14% and 10% slower on
+// C64->K64 and C512->K256); C > 512: 64 rows (the int8 row block must stay
+// <= ~66 KB for two blocks per SM), no prefetch.
+constexpr int block_rows(int channels) {
+  return channels > 64 && channels <= 256 ? 64 : (channels <= 512 ? 128 : 64);
+}
+constexpr bool prefetch_by_default(int channels) { return channels > 64 && channels <= 256; }
 
 // Epilogue staging per warp: 8 rows of its int32 accumulators, rows padded
 // to kCols + 8 words (stride 8 or 24 mod 32 banks: the 64-bit fragment
@@ -89,6 +98,7 @@ struct Params {
   int splits;              // column ranges per row block (grid = row blocks * splits)
   int col_blocks_per_cta;  // BN-wide column blocks per block
   int staging_offset;      // bytes from the shared base to the epilogue staging
+  int prefetch_rows;       // L2 prefetch distance in row blocks (0: none)
   bool vector_epilogue;    // alpha (and bias) 16-byte aligned: read as float4
   EpilogueArgs epi;
 };
@@ -284,24 +294,49 @@ __global__ void __launch_bounds__(kThreads, 2) pointwise_fused_kernel(const Para
   const int steps_k = c / kStepK;
   const int total_steps = p.col_blocks_per_cta * steps_k;
 
-  // Weight stage `step` (column block nb0 + step / steps_k, channels
-  // (step % steps_k) * 64 ...) into ring slot step % kStages. Each thread
-  // copies kWUnits 16-byte pieces: row (tid + i * 256) / 4, part tid % 4.
-  auto issue_weights = [&](int step) {
-    if (step < total_steps) {
-      const int nb = nb0 + step / steps_k, kc = step % steps_k;
-      const uint32_t slot = w_base + (step % kStages) * kWStage;
+  // The next weight stage (issued in order: column block nb0 + issued /
+  // steps_k, channels (issued % steps_k) * 64 ...) into ring slot issued %
+  // kStages. Each thread copies kWUnits 16-byte pieces: rows tid / 4 + 64 i,
+  // part tid % 4 (rows 64 apart share the swizzle). Running pointers keep the
+  // per-step address arithmetic to a few instructions.
+  const int8_t* w_src = p.weight + int64_t(nb0 * BN + (tid >> 2)) * c + (tid & 3) * 16;
+  const uint32_t w_dst = w_base + w_offset(tid >> 2, tid & 3);
+  int w_issued = 0, w_kc = 0;
+  auto issue_weights = [&]() {
+    if (w_issued < total_steps) {
+      const uint32_t slot = w_dst + (w_issued % kStages) * kWStage;
 #pragma unroll
-      for (int i = 0; i < kWUnits; ++i) {
-        const int unit = tid + i * kThreads, row = unit >> 2, part = unit & 3;
-        cp_async16(slot + w_offset(row, part),
-                   p.weight + int64_t(nb * BN + row) * c + kc * kStepK + part * 16);
+      for (int i = 0; i < kWUnits; ++i)
+        cp_async16(slot + i * 64 * kStepK, w_src + int64_t(i) * 64 * c + w_kc * kStepK);
+      if (++w_kc == steps_k) {
+        w_kc = 0;
+        w_src += int64_t(BN) * c;
       }
     }
+    ++w_issued;
     cp_async_commit();  // an empty group past the end keeps the wait counts uniform
   };
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) issue_weights(s);
+  for (int s = 0; s < kStages - 1; ++s) issue_weights();
+
+  // Optional (Q4CONV_PW_PREFETCH=1, measured slower): L2 prefetch of the row
+  // block that a block starting about one resident generation later will read
+  // (p.prefetch_rows row blocks ahead), meant to overlap its DRAM reads with
+  // this block's work. One bulk prefetch per 4 KB, by the first split.
+  if (split == 0 && p.prefetch_rows > 0 && warp == 0) {
+    const int64_t ahead = m0 + int64_t(p.prefetch_rows) * BM;
+    if (ahead < p.m) {
+      const int64_t rows = p.m - ahead < BM ? p.m - ahead : BM;
+      const char* base = static_cast<const char*>(p.x) + ahead * c * int64_t(sizeof(T));
+      const int64_t bytes = rows * c * int64_t(sizeof(T));
+      for (int64_t off = int64_t(lane) * 4096; off < bytes; off += 32 * 4096) {
+        const int64_t left = bytes - off;
+        const uint32_t size = uint32_t(left < 4096 ? left : 4096);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(base + off), "r"(size)
+                     : "memory");
+      }
+    }
+  }
 
   // Step 1: the row block's codes. Its input is the contiguous range
   // x[m0 * c, (m0 + BM) * c); unit u covers elements u * kEl ... (never two
@@ -388,7 +423,7 @@ __global__ void __launch_bounds__(kThreads, 2) pointwise_fused_kernel(const Para
   for (int step = 0; step < total_steps; ++step) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage `step` (and, first time, the codes) visible; slot step-1 free
-    issue_weights(step + kStages - 1);
+    issue_weights();
     const uint32_t w_slot = w_base + (step % kStages) * kWStage;
     const uint32_t a_step = a_lane + kc * kStepK;
     // Not unrolled: overlapping the two halves' fragment loads costs the 128 x
@@ -449,6 +484,16 @@ int forced_splits() {
   return env != nullptr ? std::atoi(env) : 0;
 }
 
+// Tuning switch for measurements: Q4CONV_PW_PREFETCH=1 / =0 turns the L2
+// prefetch of later row blocks on / off for every C (default: only C in
+// (64, 256]; with 128-row blocks it made 8 of the 12 ResNet-50 1x1 layers
+// 4-14% slower on H100 and none faster).
+bool prefetch_enabled(int channels) {
+  const char* env = std::getenv("Q4CONV_PW_PREFETCH");
+  if (env == nullptr) return prefetch_by_default(channels);
+  return std::string(env) == "1";
+}
+
 template <typename T, typename OutT, int BM, int BN>
 KernelStatus launch(Params p, cudaStream_t stream) {
   const size_t smem = smem_bytes_for<BN>(p.c, BM);
@@ -466,16 +511,24 @@ KernelStatus launch(Params p, cudaStream_t stream) {
     return KernelStatus::failure(std::string("pointwise_fused_conv: ") + cudaGetErrorString(err));
   const int64_t row_blocks = (p.m + BM - 1) / BM;
   const int col_blocks = p.k / BN;
-  // Split K while the grid fills fewer than two waves of resident blocks and
+  // Split K while the doubled grid still fits one wave of resident blocks and
   // the column blocks divide evenly: each split re-reads (from L2) and
-  // re-quantizes the rows, cheaper than idle SMs on the small layers.
+  // re-quantizes the rows, which only pays where SMs would otherwise idle
+  // (H100, run 2 of NOTES: 2-8 splits on the 7x7 and 14x14 C256 layers).
   const int per_sm = smem * 2 + 2048 <= 228 * 1024 ? 2 : 1;
-  const int64_t target = int64_t(2) * per_sm * sm_count();
+  const int64_t slots = int64_t(per_sm) * sm_count();
   const int forced = forced_splits();
   int splits = 1;
   while (col_blocks % (splits * 2) == 0 &&
-         (forced > 0 ? splits * 2 <= forced : row_blocks * splits < target))
+         (forced > 0 ? splits * 2 <= forced : row_blocks * splits * 2 <= slots))
     splits *= 2;
+  // Prefetch (when switched on) one resident generation ahead, at most ~16 MB
+  // of input in L2; none when the whole grid is resident at once.
+  const int64_t block_bytes = int64_t(BM) * p.c * int64_t(sizeof(T));
+  const int64_t ahead = (slots + splits - 1) / splits;
+  const int64_t cap = (int64_t(16) << 20) / block_bytes;
+  p.prefetch_rows = int(ahead < cap ? ahead : cap);
+  if (row_blocks * splits <= slots || !prefetch_enabled(p.c)) p.prefetch_rows = 0;
   const int64_t blocks = row_blocks * splits;
   if (blocks > 0x7fffffff)
     return KernelStatus::failure("pointwise_fused_conv: too many pixels for one launch");
@@ -485,9 +538,16 @@ KernelStatus launch(Params p, cudaStream_t stream) {
   return launch_status("pointwise_fused_conv");
 }
 
+// Tuning switch for measurements: Q4CONV_PW_BM=64 takes 64-row blocks for
+// every C (more, shorter blocks).
+bool short_blocks_forced() {
+  const char* env = std::getenv("Q4CONV_PW_BM");
+  return env != nullptr && std::string(env) == "64";
+}
+
 template <typename T, typename OutT>
 KernelStatus launch_for_types(const Params& p, cudaStream_t stream) {
-  const bool tall = block_rows(p.c) == 128;
+  const bool tall = block_rows(p.c) == 128 && !short_blocks_forced();
   // 128 output channels per column block where K allows; fp32 outputs take 64
   // (their epilogue needs more registers than the 128-wide tile leaves).
   if constexpr (sizeof(OutT) == 2) {
@@ -537,8 +597,10 @@ KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, 
     return KernelStatus::failure("pointwise_fused_conv: out must be 16-byte aligned");
   const uint32_t c_magic =
       static_cast<uint32_t>(((uint64_t(1) << 32) + uint64_t(channels) - 1) / uint64_t(channels));
-  Params p{x,       weight, bias_a, scale_a, eps,   bits,    pixels, channels, out_channels,
-           c_magic, 1,      1,      0,       false, epilogue};
+  Params p{};
+  p.x = x, p.weight = weight, p.bias_a = bias_a, p.scale_a = scale_a, p.eps = eps, p.bits = bits;
+  p.m = pixels, p.c = channels, p.k = out_channels, p.epi = epilogue;
+  p.c_magic = c_magic;
   p.vector_epilogue =
       ((reinterpret_cast<uintptr_t>(epilogue.alpha) | reinterpret_cast<uintptr_t>(epilogue.bias)) &
        15) == 0;

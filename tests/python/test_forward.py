@@ -181,6 +181,7 @@ def test_fused_pointwise_kernel(device, backend, case, dtype, monkeypatch):
     Case(1, 64, 2048, 3, 5, 1, 1),     # K split 16 ways over 15 pixels
     Case(2, 320, 64, 17, 19, 1, 1),    # C not a power of two
     Case(1, 128, 640, 16, 16, 1, 1),   # 256 pixels (exact blocks), 5 column blocks
+    Case(48, 64, 64, 27, 27, 1, 1),    # 274 row blocks: more than one wave, L2 prefetch ahead
 ], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("splits", ["0", "1", "4"])
