@@ -128,12 +128,12 @@ KernelGeometry kernel_geometry(Backend backend, const KernelInput& in, int64_t o
 }
 
 // Dense channels_last 1x1 stride-1 convolutions on sm90 can quantize inside
-// an int8 mma.sync GEMM (pointwise_fused.cu) instead of in a separate pass.
-// Measured on H100 (NOTES.md) it beats the pass + CUTLASS GEMM only where one
-// 64-channel column block covers K and the input outweighs the output (C=256
-// -> K=64 at 56x56: 89 vs 106 us); elsewhere it is slower, so that is the
-// default rule. Q4CONV_FUSED_POINTWISE=1 uses it wherever it can run, =0
-// never (A/B timing and tests).
+// an int8 mma.sync GEMM (pointwise_fused.cu: each block quantizes its rows
+// once and loops over all its output channels) instead of in a separate pass.
+// Measured on H100 (NOTES.md, session 3) it beats the pass + CUTLASS GEMM
+// only where K = 64 (C64->K64 and C256->K64 at 56x56); elsewhere it is
+// slower, so that is the default rule. Q4CONV_FUSED_POINTWISE=1 uses it
+// wherever it can run, =0 never (A/B timing and tests).
 enum class FusedMode { kRule, kAlways, kNever };
 
 FusedMode fused_pointwise_mode() {
@@ -157,7 +157,10 @@ bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& 
     case FusedMode::kRule:
       break;
   }
-  return runs && shape.k == 64 && shape.c >= 128;
+  // Measured faster only with one 64-wide column block and C <= 256 (H100,
+  // session 3: C64->K64 56x56 36.1 vs 39.9 us, C256->K64 56x56 89.5 vs
+  // 101.8); with more output channels or C >= 512, 1.04-2.1x slower.
+  return runs && shape.k == 64 && shape.c <= 256;
 }
 
 }  // namespace

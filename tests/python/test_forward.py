@@ -173,6 +173,45 @@ def test_fused_pointwise_kernel(device, backend, case, dtype, monkeypatch):
         assert ((y.double().cpu() - relu_ref).abs() <= bound).all(), f"switch {switch}"
 
 
+@pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
+@pytest.mark.parametrize("case", [
+    Case(1, 2048, 128, 5, 7, 1, 1),    # largest C (64-row blocks), 35 pixels < one block
+    Case(2, 1024, 192, 9, 9, 1, 1),    # 64-row blocks, K = 3 x 64
+    Case(3, 512, 256, 11, 13, 1, 1),   # 128-row blocks, 429 pixels, K split in two
+    Case(1, 64, 2048, 3, 5, 1, 1),     # K split 16 ways over 15 pixels
+    Case(2, 320, 64, 17, 19, 1, 1),    # C not a power of two
+    Case(1, 128, 640, 16, 16, 1, 1),   # 256 pixels (exact blocks), 5 column blocks
+    Case(48, 64, 64, 27, 27, 1, 1),    # 274 row blocks: more than one wave, L2 prefetch ahead
+], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("splits", ["0", "1", "4"])
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+def test_fused_pointwise_equals_unfused(device, backend, case, dtype, splits, relu, monkeypatch):
+    """The fused kernel's codes are the separate pass's, bit for bit: without
+    an output bias (alpha * acc is then one rounding on both paths) its output
+    equals the pass + GEMM output exactly, for every K split (Q4CONV_PW_SPLITS,
+    0 = the kernel's rule), including NaN, +-Inf and exact rounding ties."""
+    x, bias_a, scale_a, weight, scale_w, _ = make_inputs(case, device, dtype, channels_last=True,
+                                                         per_channel=True, seed=case.c + case.k)
+    skip_unless_backend_runs(x, case, backend)
+    # Ties: x' / s = j + 0.5 exactly (s a power of two), and special values.
+    scale_a = torch.tensor(0.25, device=device)
+    bias_a = bias_a.float().mul(8).round().div(8)  # multiples of 1/8: x + bias_a exact for the ties
+    flat = x.permute(0, 2, 3, 1).reshape(-1, case.c)
+    flat[0, :8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.125, -0.125, 0.375, 1.875, -2.125],
+                               dtype=dtype, device=device) - bias_a[:8].to(dtype)
+    flat[-1, -4:] = torch.tensor([0.625, -0.625, 100.0, -100.0], dtype=dtype, device=device)
+    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
+    args = (x, bias_a, scale_a, qweight, scale_w, None, *conv_args(case), relu, backend)
+    monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", "0")
+    reference = ops.conv_packed(*args)
+    monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", "1")
+    monkeypatch.setenv("Q4CONV_PW_SPLITS", splits)
+    y = ops.conv_packed(*args)
+    assert torch.isfinite(y).all()
+    assert torch.equal(y, reference)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels", [1, 3, 20, 33])
 @pytest.mark.parametrize("per_channel", [False, True])
