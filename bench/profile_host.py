@@ -129,6 +129,10 @@ def main(argv=None) -> int:
             "F.conv2d fp16 (no graph)": lambda: F.conv2d(x, w16.detach(), None, stride, pad),
             "q4conv quantize_activation op (one launch)": lambda: ops.quantize_activation.default(
                 x, leaves[1], leaves[2], 1e-5, 4),
+            "eval layer call (inference_mode)": eval_q4,
+            "conv_packed op, cached weights (eval's op alone)": lambda: ops.conv_packed.default(
+                x, inf_layer.bias_a, inf_layer.scale_a, inf_layer.qweight, inf_layer.scale_w, None, *conv[:3],
+                1e-5, 4, False, "auto", *reversed(inf_layer._cached_kernel_inputs(x, inf_layer.qweight))),
         }
         for name, fn in pieces.items():
             with torch.no_grad():

@@ -53,8 +53,8 @@ class ConvTrainFunction : public torch::autograd::Function<ConvTrainFunction> {
     at::Tensor y;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      y = conv_train_op().call(x, bias_a, scale_a, weight, scale_w, bias, stride, padding,
-                               dilation, eps, bits, backend);
+      y = conv_train_op().call(x, bias_a, scale_a, weight, scale_w, bias, stride, padding, dilation,
+                               eps, bits, backend);
     }
     ctx->save_for_backward({x, bias_a, scale_a, weight, scale_w});
     const bool has_bias = bias.has_value() && bias->defined();
@@ -80,7 +80,7 @@ class ConvTrainFunction : public torch::autograd::Function<ConvTrainFunction> {
     at::Tensor dbias_out;
     if (has_bias) dbias_out = dbias.to(ctx->saved_data["bias_dtype"].toScalarType());
     // One entry per forward argument; the non-tensor ones get none.
-    return {dx,        dbias_a,     dscale_a,    dweight,     dscale_w,    dbias_out,
+    return {dx,           dbias_a,      dscale_a,     dweight,      dscale_w,     dbias_out,
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -99,12 +99,12 @@ at::Tensor conv_train_autograd(const at::Tensor& x, const at::Tensor& bias_a,
 // when backpropagated, naming what to use instead.
 class ConvPackedFunction : public torch::autograd::Function<ConvPackedFunction> {
  public:
-  static at::Tensor forward(AutogradContext* /*ctx*/, const at::Tensor& x,
-                            const at::Tensor& bias_a, const at::Tensor& scale_a,
-                            const at::Tensor& qweight, const at::Tensor& scale_w,
-                            const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                            at::IntArrayRef padding, at::IntArrayRef dilation, double eps,
-                            int64_t bits, bool relu, const std::string& backend,
+  static at::Tensor forward(AutogradContext* /*ctx*/, const at::Tensor& x, const at::Tensor& bias_a,
+                            const at::Tensor& scale_a, const at::Tensor& qweight,
+                            const at::Tensor& scale_w, const std::optional<at::Tensor>& bias,
+                            at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, double eps, int64_t bits, bool relu,
+                            const std::string& backend,
                             const std::optional<at::Tensor>& kernel_weight,
                             const std::optional<at::Tensor>& alpha) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;

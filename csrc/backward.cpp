@@ -61,7 +61,7 @@ struct ActivationGrads {
 
 // grad_act is fp32 and already includes s_w.
 ActivationGrads activation_grads(const at::Tensor& grad_act, const LsqParts& act,
-                                      const at::Tensor& x) {
+                                 const at::Tensor& x) {
   const at::Tensor dshifted = grad_act * act.inside;
   return {dshifted.to(x.scalar_type()).contiguous(x.suggest_memory_format()),
           dshifted.sum({0, 2, 3}), (grad_act * act.residual).sum()};

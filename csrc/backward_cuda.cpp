@@ -128,8 +128,8 @@ std::pair<at::Tensor, at::Tensor> weight_backward(const at::Tensor& grad_wgt,
                                                   const at::Tensor& scale_w,
                                                   const at::Tensor& scale_a, double eps,
                                                   int64_t bits) {
-  at::Tensor dweight = at::empty(weight.sizes(),
-                                 weight.options().memory_format(weight.suggest_memory_format()));
+  at::Tensor dweight =
+      at::empty(weight.sizes(), weight.options().memory_format(weight.suggest_memory_format()));
   at::Tensor row_sums = at::empty({weight.size(0)}, weight.options().dtype(at::kFloat));
   LsqWeightBackward args;
   args.w = kernel_view(weight, "weight");
@@ -140,9 +140,9 @@ std::pair<at::Tensor, at::Tensor> weight_backward(const at::Tensor& grad_wgt,
   args.scale_a = scale_a.data_ptr<float>();
   args.eps = static_cast<float>(eps);
   args.bits = static_cast<int>(bits);
-  check_status(lsq_weight_backward(args, row_sums.data_ptr<float>(),
-                                   at::cuda::getCurrentCUDAStream()),
-               "LSQ weight backward");
+  check_status(
+      lsq_weight_backward(args, row_sums.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+      "LSQ weight backward");
   return {dweight, row_sums};
 }
 

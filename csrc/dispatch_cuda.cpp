@@ -188,9 +188,7 @@ void quantize_activation_into(const at::Tensor& x, const at::Tensor& bias, const
 }
 
 // No detach needed: ops run below autograd (csrc/autograd.cpp).
-at::Tensor float_bias(const at::Tensor& bias_a) {
-  return bias_a.to(at::kFloat).contiguous();
-}
+at::Tensor float_bias(const at::Tensor& bias_a) { return bias_a.to(at::kFloat).contiguous(); }
 
 at::Tensor float_scale(const at::Tensor& scale_a) {
   return scale_a.to(at::kFloat).reshape({1}).contiguous();
@@ -321,8 +319,8 @@ bool matches_layout(const at::Tensor& cached, const at::Tensor& qweight, int64_t
 }  // namespace
 
 at::Tensor cuda_packed_kernel_weight(const at::Tensor& qweight,
-                                     const std::optional<at::Tensor>& cached,
-                                     int64_t in_channels, Backend backend) {
+                                     const std::optional<at::Tensor>& cached, int64_t in_channels,
+                                     Backend backend) {
   if (cached.has_value() && matches_layout(*cached, qweight, in_channels, backend)) return *cached;
   return cuda_kernel_weight(qweight, in_channels, backend);
 }
@@ -346,20 +344,20 @@ at::Tensor cuda_train_kernel_weight(const at::Tensor& weight, const at::Tensor& 
     const int64_t c_pad = round_up(channels, kSm80ChannelAlign);
     at::Tensor packed = at::empty({k_out, r, s, c_pad / 2}, weight.options().dtype(at::kByte));
     if (packed.numel() > 0)
-      check_status(quantize_pack_weight_int4(view, scale.data_ptr<float>(), per_channel, e, b,
-                                             static_cast<int>(c_pad), packed.data_ptr<uint8_t>(),
-                                             stream),
-                   "weight quantization");
+      check_status(
+          quantize_pack_weight_int4(view, scale.data_ptr<float>(), per_channel, e, b,
+                                    static_cast<int>(c_pad), packed.data_ptr<uint8_t>(), stream),
+          "weight quantization");
     return packed;
   }
   const bool im2col = uses_im2col(backend, channels);
   const int64_t c_pad = im2col ? channels : round_up(channels, kSm90ChannelAlign);
   at::Tensor codes = at::empty({k_out, r, s, c_pad}, weight.options().dtype(at::kChar));
   if (codes.numel() > 0)
-    check_status(quantize_weight_int8_krsc(view, scale.data_ptr<float>(), per_channel, e, b,
-                                           static_cast<int>(c_pad), codes.data_ptr<int8_t>(),
-                                           stream),
-                 "weight quantization");
+    check_status(
+        quantize_weight_int8_krsc(view, scale.data_ptr<float>(), per_channel, e, b,
+                                  static_cast<int>(c_pad), codes.data_ptr<int8_t>(), stream),
+        "weight quantization");
   return im2col ? im2col_rows(codes) : codes;
 }
 
@@ -448,8 +446,8 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
       x.options().dtype(packed ? at::kByte : at::kChar));
   {
     Q4CONV_HOST_SPAN("q4conv::quantize_launch");
-    quantize_activation_into(in.x, bias_q, scale_q, params.eps, params.bits, geometry.c_pad,
-                             packed, act);
+    quantize_activation_into(in.x, bias_q, scale_q, params.eps, params.bits, geometry.c_pad, packed,
+                             act);
   }
   if (uses_im2col(backend, x.size(1))) {
     at::Tensor rows = at::empty({int64_t(shape.n) * shape.p * shape.q, shape.c}, act.options());

@@ -117,8 +117,8 @@ at::Tensor cuda_kernel_weight(const at::Tensor& qweight, int64_t in_channels, Ba
 // cached when it has the layout cuda_kernel_weight makes for qweight, else
 // cuda_kernel_weight(qweight, ...).
 at::Tensor cuda_packed_kernel_weight(const at::Tensor& qweight,
-                                     const std::optional<at::Tensor>& cached,
-                                     int64_t in_channels, Backend backend);
+                                     const std::optional<at::Tensor>& cached, int64_t in_channels,
+                                     Backend backend);
 // Float weights (K, C, R, S) quantized straight into the layout of
 // cuda_kernel_weight (training forward: no packed intermediate).
 at::Tensor cuda_train_kernel_weight(const at::Tensor& weight, const at::Tensor& scale_w, double eps,

@@ -49,15 +49,15 @@ constexpr int kMaxRowsPerThread = 16;             // channels_last backward
 constexpr int64_t kTargetBlocks = 2048;           // enough to fill an H100 several times
 
 using device::block_sum;
-using device::invalid;
-using device::with_type;
 using device::from_float;
+using device::invalid;
 using device::load_pack;
 using device::lsq_terms;
 using device::Pack;
 using device::store_pack;
 using device::to_float;
 using device::warp_sum;
+using device::with_type;
 using ActScale = device::LsqScale;
 
 __device__ __forceinline__ ActScale act_scale(const float* scale, float eps, int bits) {
@@ -255,7 +255,8 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (kStrided) {
       const int64_t h = i / g.shape.w, w = i % g.shape.w;
       const float gv = to_float(grad[offset_of(g.grad, n, c, h, w)]) * gs;
-      const device::Terms t = lsq_terms(to_float(x[offset_of(g.x, n, c, h, w)]), bias, gv, s, p.act.bits);
+      const device::Terms t =
+          lsq_terms(to_float(x[offset_of(g.x, n, c, h, w)]), bias, gv, s, p.act.bits);
       dx[offset_of(g.dx, n, c, h, w)] = from_float<T>(t.dvalue);
       acc += t.dvalue;
       residual += t.residual;
@@ -266,7 +267,8 @@ __global__ void __launch_bounds__(kThreads)
       Pack<T, V> out;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const device::Terms t = lsq_terms(to_float(xv.e[j]), bias, to_float(gv.e[j]) * gs, s, p.act.bits);
+        const device::Terms t =
+            lsq_terms(to_float(xv.e[j]), bias, to_float(gv.e[j]) * gs, s, p.act.bits);
         out.e[j] = from_float<T>(t.dvalue);
         acc += t.dvalue;
         residual += t.residual;
@@ -284,7 +286,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- host side ------------------------------------------------------------------
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 
 int64_t numel(const Tensor4dView& v) { return v.size[0] * v.size[1] * v.size[2] * v.size[3]; }
 

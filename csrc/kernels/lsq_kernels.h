@@ -60,7 +60,6 @@ LsqWorkspace lsq_activation_backward_workspace(const LsqActBackward& args);
 KernelStatus lsq_activation_backward(const LsqActBackward& args, float* bias_partials,
                                      float* residual_partials, cudaStream_t stream);
 
-
 // ---- weight side and finishing (lsq_weight_cuda.cu) ------------------------------
 // Weights (K, C, R, S) are seen as 4-D views with N = K, H = R, W = S, any
 // strides; scale_w is fp32 on the device, [K] values when per_channel, else

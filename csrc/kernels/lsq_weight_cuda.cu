@@ -70,8 +70,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t c = t % d.c;
     const int64_t k = t / d.c;
     const float scale = ws.effective(k);
-    const float code =
-        static_cast<float>(quantize_value(to_float(w[offset(v.in_stride, k, c, r, s)]), scale, bits));
+    const float code = static_cast<float>(
+        quantize_value(to_float(w[offset(v.in_stride, k, c, r, s)]), scale, bits));
     out[offset(v.out_stride, k, c, r, s)] = from_float<TO>(scaled ? code * scale : code);
   }
 }
@@ -150,7 +150,8 @@ int64_t numel(const Dims& d) { return d.k * d.c * d.r * d.s; }
 KernelStatus check_weight(const char* fn, const Tensor4dView& w, const float* scale_w, int bits) {
   for (int i = 0; i < 4; ++i)
     if (w.size[i] < 0) return invalid(fn, "w", "negative size[" + std::to_string(i) + "]");
-  if (bits < 2 || bits > 8) return invalid(fn, "bits", "must be in [2, 8], got " + std::to_string(bits));
+  if (bits < 2 || bits > 8)
+    return invalid(fn, "bits", "must be in [2, 8], got " + std::to_string(bits));
   if (numel(dims_of(w)) == 0) return KernelStatus::success();
   if (w.data == nullptr) return invalid(fn, "w", "null data pointer");
   if (scale_w == nullptr) return invalid(fn, "scale_w", "null pointer");
@@ -158,7 +159,8 @@ KernelStatus check_weight(const char* fn, const Tensor4dView& w, const float* sc
 }
 
 unsigned grid_for(int64_t work) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min((work + kThreads - 1) / kThreads, kMaxBlocks)));
+  return static_cast<unsigned>(
+      std::max<int64_t>(1, std::min((work + kThreads - 1) / kThreads, kMaxBlocks)));
 }
 
 void copy_strides(const int64_t (&from)[4], int64_t (&to)[4]) {
@@ -190,8 +192,7 @@ KernelStatus lsq_weight_codes(const Tensor4dView& w, const float* scale_w, bool 
   });
 }
 
-KernelStatus lsq_weight_backward(const LsqWeightBackward& a, float* row_sums,
-                                 cudaStream_t stream) {
+KernelStatus lsq_weight_backward(const LsqWeightBackward& a, float* row_sums, cudaStream_t stream) {
   const char* fn = "lsq_weight_backward";
   KernelStatus st = check_weight(fn, a.w, a.scale_w, a.bits);
   const Dims d = dims_of(a.w);
@@ -228,7 +229,8 @@ KernelStatus lsq_finish_scale_grads(const LsqFinish& a, cudaStream_t stream) {
   if (a.dbias_a == nullptr && a.channels > 0) return invalid(fn, "dbias_a", "null pointer");
   if (a.bias_partials == nullptr && a.bias_rows * a.channels > 0)
     return invalid(fn, "bias_partials", "null pointer");
-  if (a.act_residual == nullptr && a.act_parts > 0) return invalid(fn, "act_residual", "null pointer");
+  if (a.act_residual == nullptr && a.act_parts > 0)
+    return invalid(fn, "act_residual", "null pointer");
   if (a.row_sums == nullptr && a.out_channels > 0) return invalid(fn, "row_sums", "null pointer");
   if (a.dscale_a == nullptr || a.dscale_w == nullptr) return invalid(fn, "dscale", "null pointer");
   const int64_t blocks = std::max<int64_t>(1, (a.channels + kThreads - 1) / kThreads);

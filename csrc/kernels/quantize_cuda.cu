@@ -25,6 +25,7 @@
 #include <string>
 
 #include "../quant.h"
+#include "device_common.cuh"
 #include "quantize_kernels.h"
 
 namespace q4conv {
@@ -33,10 +34,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride beyond this
 
-// ---- element conversion ---------------------------------------------------
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+using device::to_float;
 
 // Parameters shared by the activation and weight kernels. The weight path is
 // the int4 activation path with no bias and (optionally) a scale per n = k.
@@ -564,14 +562,12 @@ KernelStatus quantize_weight_int8_krsc(const Tensor4dView& w, const float* scale
 KernelStatus output_alpha_fp32(const float* scale_a, const float* scale_w, bool per_channel,
                                float eps, int out_channels, float* alpha, cudaStream_t stream) {
   const char* fn = "output_alpha_fp32";
-  if (out_channels < 0)
-    return KernelStatus::failure(fail_prefix(fn, "out_channels") + "negative");
+  if (out_channels < 0) return KernelStatus::failure(fail_prefix(fn, "out_channels") + "negative");
   if (out_channels == 0) return KernelStatus::success();
   if (scale_a == nullptr || scale_w == nullptr || alpha == nullptr)
     return KernelStatus::failure(fail_prefix(fn, "scale_a/scale_w/alpha") + "null pointer");
-  output_alpha_kernel<<<grid_for(out_channels), kThreads, 0, stream>>>(scale_a, scale_w,
-                                                                       per_channel, eps,
-                                                                       out_channels, alpha);
+  output_alpha_kernel<<<grid_for(out_channels), kThreads, 0, stream>>>(
+      scale_a, scale_w, per_channel, eps, out_channels, alpha);
   return launch_status(fn);
 }
 
