@@ -147,6 +147,13 @@ Backend choose_backend(const at::Tensor& x, int64_t out_channels, int64_t r, int
 #endif
 }
 
+// choose_backend for an op's `backend` argument, as a profiler span.
+Backend choose_backend_traced(const at::Tensor& x, int64_t out_channels, int64_t r, int64_t s,
+                              const ConvParams& params, const std::string& backend) {
+  Q4CONV_HOST_SPAN("q4conv::choose_backend");
+  return choose_backend(x, out_channels, r, s, params, parse_backend(backend));
+}
+
 at::Tensor empty_output(const at::Tensor& x, int64_t out_channels, int64_t p, int64_t q) {
   return at::empty({x.size(0), out_channels, p, q},
                    x.options().memory_format(x.suggest_memory_format()));
@@ -202,11 +209,7 @@ at::Tensor conv_packed(const at::Tensor& x, const at::Tensor& bias_a, const at::
   const int64_t k_out = qweight.size(0), r = qweight.size(1), s = qweight.size(2);
   const auto [p, q] = output_hw(x.size(2), x.size(3), r, s, params);
   if (x.size(0) == 0) return empty_output(x, k_out, p, q);
-  Backend chosen;
-  {
-    Q4CONV_HOST_SPAN("q4conv::choose_backend");
-    chosen = choose_backend(x, k_out, r, s, params, parse_backend(backend));
-  }
+  const Backend chosen = choose_backend_traced(x, k_out, r, s, params, backend);
   const at::Tensor scales =
       alpha.has_value() ? *alpha : output_alpha(scale_a, scale_w, k_out, params.eps);
   at::Tensor wgt;
@@ -242,11 +245,7 @@ at::Tensor conv_train(const at::Tensor& x, const at::Tensor& bias_a, const at::T
   const int64_t k_out = weight.size(0), r = weight.size(2), s = weight.size(3);
   const auto [p, q] = output_hw(x.size(2), x.size(3), r, s, params);
   if (x.size(0) == 0) return empty_output(x, k_out, p, q);
-  Backend chosen;
-  {
-    Q4CONV_HOST_SPAN("q4conv::choose_backend");
-    chosen = choose_backend(x, k_out, r, s, params, parse_backend(backend));
-  }
+  const Backend chosen = choose_backend_traced(x, k_out, r, s, params, backend);
   at::Tensor alpha, qweight, wgt;
   {
     Q4CONV_HOST_SPAN("q4conv::train_weight_prep");

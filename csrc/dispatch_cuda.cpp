@@ -144,10 +144,13 @@ FusedMode fused_pointwise_mode() {
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
-bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& shape) {
+// bias_a: the fp32 activation shift the kernel reads as float4s.
+bool use_fused_pointwise(Backend backend, const at::Tensor& x, const at::Tensor& bias_a,
+                         const ConvShape& shape) {
   const bool runs =
       backend == Backend::kSm90Int8 && is_pointwise_gemm(shape) && shape.c == x.size(1) &&
       x.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(x.data_ptr()) &&
+      aligned16(bias_a.data_ptr()) &&
       pointwise_fused_supports(int64_t(shape.n) * shape.h * shape.w, shape.c, shape.k);
   switch (fused_pointwise_mode()) {
     case FusedMode::kAlways:
@@ -301,16 +304,21 @@ at::Tensor cuda_kernel_weight(const at::Tensor& qweight, int64_t in_channels, Ba
 
 namespace {
 
-// True when `cached` has exactly the layout `backend` reads for qweight
-// (what cuda_kernel_weight returns).
+// Sizes of the weights in `backend`'s layout (what cuda_kernel_weight and
+// cuda_train_kernel_weight return) for a (K, C, R, S) convolution.
+std::array<int64_t, 4> kernel_weight_sizes(int64_t k_out, int64_t channels, int64_t r, int64_t s,
+                                           Backend backend) {
+  if (uses_im2col(backend, channels)) return {k_out, 1, 1, im2col_cols(channels, r, s)};
+  const int64_t c_pad = round_up(channels, channel_align(backend));
+  return {k_out, r, s, backend == Backend::kSm80Int4 ? c_pad / 2 : c_pad};
+}
+
+// True when `cached` has exactly the layout `backend` reads for qweight.
 bool matches_layout(const at::Tensor& cached, const at::Tensor& qweight, int64_t in_channels,
                     Backend backend) {
   const bool packed = backend == Backend::kSm80Int4;
-  const int64_t c_pad = round_up(in_channels, channel_align(backend));
-  std::array<int64_t, 4> sizes{qweight.size(0), qweight.size(1), qweight.size(2),
-                               packed ? c_pad / 2 : c_pad};
-  if (uses_im2col(backend, in_channels))
-    sizes = {qweight.size(0), 1, 1, im2col_cols(in_channels, qweight.size(1), qweight.size(2))};
+  const std::array<int64_t, 4> sizes =
+      kernel_weight_sizes(qweight.size(0), in_channels, qweight.size(1), qweight.size(2), backend);
   return cached.defined() && cached.device() == qweight.device() && cached.dim() == 4 &&
          cached.is_contiguous() && cached.scalar_type() == (packed ? at::kByte : at::kChar) &&
          cached.sizes() == at::IntArrayRef(sizes);
@@ -432,7 +440,7 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor bias_q = float_bias(bias_a), scale_q = float_scale(scale_a);
-  if (use_fused_pointwise(backend, in.x, shape) && aligned16(bias_q.data_ptr())) {
+  if (use_fused_pointwise(backend, in.x, bias_q, shape)) {
     check_status(pointwise_fused_conv(in.x.data_ptr(), kernel_in_type(in.x.scalar_type(), "x"),
                                       int64_t(shape.n) * shape.h * shape.w, shape.c,
                                       bias_q.data_ptr<float>(), scale_q.data_ptr<float>(),

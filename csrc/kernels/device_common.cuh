@@ -80,6 +80,27 @@ __device__ __forceinline__ float block_sum(float v, int thread, float* warp_sums
   return total;
 }
 
+// ---- indexing --------------------------------------------------------------------
+// Coordinates (i0, i1, i2, i3) of flat index i in a row-major array of the
+// given sizes (i3 fastest).
+struct Index4 {
+  int64_t i[4];
+};
+
+__device__ __forceinline__ Index4 unravel(int64_t flat, const int64_t (&size)[4]) {
+  Index4 at;
+  for (int d = 3; d > 0; --d) {
+    at.i[d] = flat % size[d];
+    flat /= size[d];
+  }
+  at.i[0] = flat;
+  return at;
+}
+
+__device__ __forceinline__ int64_t offset_of(const int64_t (&stride)[4], const Index4& at) {
+  return at.i[0] * stride[0] + at.i[1] * stride[1] + at.i[2] * stride[2] + at.i[3] * stride[3];
+}
+
 // ---- LSQ straight-through terms (same operations as backward.cpp's ATen path) ----
 struct LsqScale {
   float s, inv, lo, hi;

@@ -134,17 +134,13 @@ __global__ void __launch_bounds__(kThreads)
     codes_strided_kernel(const T* __restrict__ x, T* __restrict__ out, Shape4 sh, Strides4 xs,
                          Strides4 os, ActParams p) {
   const ActScale s = act_scale(p.scale, p.eps, p.bits);
+  const int64_t size[4] = {sh.n, sh.c, sh.h, sh.w};
   const int64_t total = sh.n * sh.c * sh.h * sh.w;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t w = i % sh.w;
-    int64_t t = i / sh.w;
-    const int64_t h = t % sh.h;
-    t /= sh.h;
-    const int64_t c = t % sh.c;
-    const int64_t n = t / sh.c;
-    const float v = to_float(x[offset_of(xs, n, c, h, w)]);
-    out[offset_of(os, n, c, h, w)] = from_float<T>(code_of(v, p.bias[c], s, p.bits));
+    const device::Index4 at = device::unravel(i, size);
+    const float v = to_float(x[device::offset_of(xs.s, at)]);
+    out[device::offset_of(os.s, at)] = from_float<T>(code_of(v, p.bias[at.i[1]], s, p.bits));
   }
 }
 

@@ -35,11 +35,6 @@ struct Dims {
   int64_t k, c, r, s;
 };
 
-__device__ __forceinline__ int64_t offset(const int64_t (&stride)[4], int64_t k, int64_t c,
-                                          int64_t r, int64_t s) {
-  return k * stride[0] + c * stride[1] + r * stride[2] + s * stride[3];
-}
-
 struct WeightScale {
   const float* scale;
   bool per_channel;
@@ -60,19 +55,15 @@ template <typename TW, typename TO>
 __global__ void __launch_bounds__(kThreads)
     weight_codes_kernel(const TW* __restrict__ w, TO* __restrict__ out, Dims d, CodeViews v,
                         WeightScale ws, bool scaled, int bits) {
+  const int64_t size[4] = {d.k, d.c, d.r, d.s};
   const int64_t total = d.k * d.c * d.r * d.s;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t s = i % d.s;
-    int64_t t = i / d.s;
-    const int64_t r = t % d.r;
-    t /= d.r;
-    const int64_t c = t % d.c;
-    const int64_t k = t / d.c;
-    const float scale = ws.effective(k);
+    const device::Index4 at = device::unravel(i, size);
+    const float scale = ws.effective(at.i[0]);
     const float code = static_cast<float>(
-        quantize_value(to_float(w[offset(v.in_stride, k, c, r, s)]), scale, bits));
-    out[offset(v.out_stride, k, c, r, s)] = from_float<TO>(scaled ? code * scale : code);
+        quantize_value(to_float(w[device::offset_of(v.in_stride, at)]), scale, bits));
+    out[device::offset_of(v.out_stride, at)] = from_float<TO>(scaled ? code * scale : code);
   }
 }
 
@@ -91,15 +82,16 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t k = blockIdx.x;
   const device::LsqScale s = device::lsq_scale(ws.raw(k), ws.eps, bits);
   const float s_a = effective_scale(*scale_a, ws.eps);
-  const int64_t taps = d.r * d.s, row = d.c * taps;
+  const int64_t row_size[4] = {1, d.c, d.r, d.s};
+  const int64_t row = d.c * d.r * d.s;
   float residual = 0.0f;
   for (int64_t e = threadIdx.x; e < row; e += kThreads) {
-    const int64_t c = e / taps, rs = e % taps;
-    const int64_t r = rs / d.s, sc = rs % d.s;
-    const float g = to_float(grad[offset(v.grad_stride, k, c, r, sc)]) * s_a;
+    device::Index4 at = device::unravel(e, row_size);
+    at.i[0] = k;
+    const float g = to_float(grad[device::offset_of(v.grad_stride, at)]) * s_a;
     const device::Terms t =
-        device::lsq_terms(to_float(w[offset(v.w_stride, k, c, r, sc)]), 0.0f, g, s, bits);
-    dw[offset(v.dw_stride, k, c, r, sc)] = from_float<TW>(t.dvalue);
+        device::lsq_terms(to_float(w[device::offset_of(v.w_stride, at)]), 0.0f, g, s, bits);
+    dw[device::offset_of(v.dw_stride, at)] = from_float<TW>(t.dvalue);
     residual += t.residual;
   }
   const float total = device::block_sum<kThreads>(residual, threadIdx.x, warp_sums);
