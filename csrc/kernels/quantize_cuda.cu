@@ -13,8 +13,8 @@
 //   * NCHW (the H*W plane of each (n, c) is contiguous): 32 pixels x 32
 //     channels shared-memory tile transpose; reads coalesced along W, writes
 //     coalesced along C.
-//   * channels_last, int8 out, C % 8 == 0, no channel padding: 8-channel
-//     vectors, 4 per thread, 32-bit index math.
+//   * channels_last, int8 out, C % 8 == 0, no channel padding: 16-channel
+//     (C % 16 == 0) or 8-channel vectors, 4 per thread, 32-bit index math.
 //   * generic strided: one thread per output byte.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -22,6 +22,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "../quant.h"
@@ -79,19 +80,20 @@ __host__ __device__ __forceinline__ bool aligned(const void* ptr, uintptr_t byte
   return (reinterpret_cast<uintptr_t>(ptr) & (bytes - 1)) == 0;
 }
 
-// 16 consecutive elements from a 16-byte aligned address: sizeof(T) uint4s.
-template <typename T>
-__device__ __forceinline__ void load16(const T* __restrict__ src, float (&v)[16]) {
-  constexpr int kVecs = static_cast<int>(sizeof(T));
-  constexpr int kPer = 16 / kVecs;
+// kV consecutive elements (kV * sizeof(T) bytes, a multiple of 16) from a
+// 16-byte aligned address.
+template <typename T, int kV>
+__device__ __forceinline__ void load_vec(const T* __restrict__ src, float (&v)[kV]) {
+  constexpr int kLoads = kV * static_cast<int>(sizeof(T)) / 16;  // uint4s
+  constexpr int kPer = kV / kLoads;
   const uint4* src4 = reinterpret_cast<const uint4*>(src);
 #pragma unroll
-  for (int k = 0; k < kVecs; ++k) {
+  for (int k = 0; k < kLoads; ++k) {
     union {
       uint4 raw;
       T e[kPer];
     } u;
-    u.raw = __ldg(src4 + k);
+    u.raw = __ldcs(src4 + k);  // read once: stream past L1 / evict first
 #pragma unroll
     for (int j = 0; j < kPer; ++j) v[k * kPer + j] = to_float(u.e[j]);
   }
@@ -146,7 +148,7 @@ __global__ void __launch_bounds__(kThreads)
       const T* src = x + (ni * p.s0 + hi * p.s2 + wi * p.s3) + c0;  // stride[1] == 1
       float v[G];
       if (c0 + G <= p.c && aligned(src, 16)) {
-        load16(src, v);
+        load_vec<T, 16>(src, v);
       } else {
 #pragma unroll
         for (int j = 0; j < G; ++j) v[j] = (c0 + j < p.c) ? to_float(src[j]) : 0.0f;
@@ -192,35 +194,29 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- channels_last, int8 out, 8-channel vectors ----------------------------
-// The common inference case (sm90 backend): C % 8 == 0, c_pad == C, channel
-// stride 1, other strides multiples of 8 elements: dense NHWC (kDense: the
+// ---- channels_last, int8 out, 16- or 8-channel vectors ----------------------
+// The common inference case (sm90 backend): C % kV == 0, c_pad == C, channel
+// stride 1, other strides multiples of kV elements: dense NHWC (kDense: the
 // output index is the input index) or the every-other-pixel view a strided
 // 1x1 convolution reads. A block quantizes kThreads * kVecsPerThread vectors
-// of 8 channels, each thread issuing its kVecsPerThread 16-byte loads before
-// any arithmetic; index math is 32-bit. Measured reason (NOTES.md): the
+// of kV channels, each thread issuing all its 16-byte loads before any
+// arithmetic; index math is 32-bit. Measured reason (NOTES.md): the
 // generic channels_last kernel moved only 1.0-1.8 TB/s, bound by 64-bit index
 // arithmetic and one load in flight per thread, not by DRAM.
-constexpr int kVec = 8;
 constexpr int kVecsPerThread = 4;
 constexpr int64_t kVecTile = int64_t(kThreads) * kVecsPerThread;
 
-template <typename T>
-__device__ __forceinline__ void load8(const T* __restrict__ src, float (&v)[kVec]) {
-  constexpr int kVecs = static_cast<int>(sizeof(T)) / 2;  // uint4s per 8 elements
-  constexpr int kPer = kVec / kVecs;
-  const uint4* src4 = reinterpret_cast<const uint4*>(src);
-#pragma unroll
-  for (int k = 0; k < kVecs; ++k) {
-    union {
-      uint4 raw;
-      T e[kPer];
-    } u;
-    u.raw = __ldcs(src4 + k);  // read once: stream past L1 / evict first
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) v[k * kPer + j] = to_float(u.e[j]);
-  }
-}
+// kV int8 codes as one 8- or 16-byte store.
+template <int kV>
+struct CodeStore;
+template <>
+struct CodeStore<8> {
+  using Raw = uint2;
+};
+template <>
+struct CodeStore<16> {
+  using Raw = uint4;
+};
 
 // Element offset of pixel `pix` (flat n, h, w index) in a strided x.
 __device__ __forceinline__ int64_t pixel_offset(const QParams& p, uint32_t pix) {
@@ -229,52 +225,79 @@ __device__ __forceinline__ int64_t pixel_offset(const QParams& p, uint32_t pix) 
   return int64_t(t / h) * p.s0 + int64_t(t % h) * p.s2 + int64_t(wi) * p.s3;
 }
 
-template <typename T, bool kDense>
+template <typename T, bool kDense, int kV>
 __global__ void __launch_bounds__(kThreads)
-    quantize_vec8_int8_kernel(const T* __restrict__ x, QParams p, uint32_t vecs,
-                              int8_t* __restrict__ out) {
-  const uint32_t vecs_per_pixel = static_cast<uint32_t>(p.c) / kVec;
+    quantize_vec_int8_kernel(const T* __restrict__ x, QParams p, uint32_t vecs,
+                             int8_t* __restrict__ out) {
+  const uint32_t vecs_per_pixel = static_cast<uint32_t>(p.c) / kV;
   const uint32_t first = blockIdx.x * uint32_t(kVecTile) + threadIdx.x;
-  float vals[kVecsPerThread][kVec];
+  float vals[kVecsPerThread][kV];
 #pragma unroll
   for (int j = 0; j < kVecsPerThread; ++j) {
     const uint32_t v = first + j * kThreads;
     if (v >= vecs) break;
     const uint32_t pix = v / vecs_per_pixel;
-    const uint32_t c0 = (v - pix * vecs_per_pixel) * kVec;
-    load8(kDense ? x + int64_t(v) * kVec : x + pixel_offset(p, pix) + c0, vals[j]);
+    const uint32_t c0 = (v - pix * vecs_per_pixel) * kV;
+    load_vec<T, kV>(kDense ? x + int64_t(v) * kV : x + pixel_offset(p, pix) + c0, vals[j]);
   }
   const Scale s = eff_scale(p, 0);
 #pragma unroll
   for (int j = 0; j < kVecsPerThread; ++j) {
     const uint32_t v = first + j * kThreads;
     if (v >= vecs) break;
-    const uint32_t c0 = (v % vecs_per_pixel) * kVec;
-    float bias[kVec] = {};
+    const uint32_t c0 = (v % vecs_per_pixel) * kV;
+    float bias[kV] = {};
     if (p.bias != nullptr) {
-      const float4 b0 = __ldg(reinterpret_cast<const float4*>(p.bias + c0));
-      const float4 b1 = __ldg(reinterpret_cast<const float4*>(p.bias + c0) + 1);
-      bias[0] = b0.x, bias[1] = b0.y, bias[2] = b0.z, bias[3] = b0.w;
-      bias[4] = b1.x, bias[5] = b1.y, bias[6] = b1.z, bias[7] = b1.w;
+#pragma unroll
+      for (int k = 0; k < kV / 4; ++k) {
+        const float4 b = __ldg(reinterpret_cast<const float4*>(p.bias + c0) + k);
+        bias[4 * k] = b.x, bias[4 * k + 1] = b.y, bias[4 * k + 2] = b.z, bias[4 * k + 3] = b.w;
+      }
     }
     union {
-      uint2 raw;
-      int8_t q[kVec];
+      typename CodeStore<kV>::Raw raw;
+      int8_t q[kV];
     } u;
 #pragma unroll
-    for (int k = 0; k < kVec; ++k)
+    for (int k = 0; k < kV; ++k)
       u.q[k] = quantize_value_fast(vals[j][k] + bias[k], s.s, s.inv, p.bits);
-    *reinterpret_cast<uint2*>(out + int64_t(v) * kVec) = u.raw;
+    *reinterpret_cast<typename CodeStore<kV>::Raw*>(out + int64_t(v) * kV) = u.raw;
   }
 }
 
-// True when quantize_vec8_int8_kernel can take the call (see its comment).
+// True when quantize_vec_int8_kernel<T, *, kV> can take the call (see its
+// comment).
+template <typename T, int kV>
+bool vec_path_ok(const T* x, const QParams& p, const void* out) {
+  const auto mult = [](int64_t v) { return v % kV == 0; };
+  return !p.scale_per_n && p.c > 0 && mult(p.c) && p.c_pad == p.c && p.s1 == 1 && mult(p.s0) &&
+         mult(p.s2) && mult(p.s3) && p.n * p.h * p.w * p.c / kV <= INT_MAX && aligned(x, 16) &&
+         aligned(out, kV) && (p.bias == nullptr || aligned(p.bias, 16));
+}
+
+// Vector width of the channels_last int8 pass: 16 channels (two 16-byte fp16
+// loads, one 16-byte store) where C allows, else 8. Q4CONV_PASS_VEC=8 forces
+// 8 (A/B measurements).
 template <typename T>
-bool vec8_path_ok(const T* x, const QParams& p, const void* out) {
-  const auto mult8 = [](int64_t v) { return v % kVec == 0; };
-  return !p.scale_per_n && p.c > 0 && mult8(p.c) && p.c_pad == p.c && p.s1 == 1 && mult8(p.s0) &&
-         mult8(p.s2) && mult8(p.s3) && p.n * p.h * p.w * p.c / kVec <= INT_MAX && aligned(x, 16) &&
-         aligned(out, 8) && (p.bias == nullptr || aligned(p.bias, 16));
+int pass_vector_width(const T* x, const QParams& p, const void* out) {
+  const char* env = std::getenv("Q4CONV_PASS_VEC");  // read per call, for A/B runs
+  const bool force8 = env != nullptr && std::string(env) == "8";
+  if (!force8 && vec_path_ok<T, 16>(x, p, out)) return 16;
+  return vec_path_ok<T, 8>(x, p, out) ? 8 : 0;
+}
+
+template <typename T, int kV>
+KernelStatus launch_vec_pass(const char* fn, const T* x, const QParams& p, uint8_t* out,
+                             cudaStream_t stream) {
+  const uint32_t vecs = static_cast<uint32_t>(p.n * p.h * p.w * p.c / kV);
+  const unsigned blocks = static_cast<unsigned>((vecs + kVecTile - 1) / kVecTile);
+  const bool dense = p.s3 == p.c && p.s2 == p.w * p.c && p.s0 == p.h * p.w * p.c;
+  int8_t* codes = reinterpret_cast<int8_t*>(out);
+  if (dense)
+    quantize_vec_int8_kernel<T, true, kV><<<blocks, kThreads, 0, stream>>>(x, p, vecs, codes);
+  else
+    quantize_vec_int8_kernel<T, false, kV><<<blocks, kThreads, 0, stream>>>(x, p, vecs, codes);
+  return launch_status(fn);
 }
 
 // ---- NCHW path: shared-memory tile transpose -------------------------------
@@ -418,16 +441,10 @@ KernelStatus validate_view(const char* fn, const char* name, const Tensor4dView&
 template <typename T, bool kInt4>
 KernelStatus launch_quantize(const char* fn, const T* x, const QParams& p, uint8_t* out,
                              cudaStream_t stream) {
-  if (!kInt4 && vec8_path_ok(x, p, out)) {
-    const uint32_t vecs = static_cast<uint32_t>(p.n * p.h * p.w * p.c / kVec);
-    const unsigned blocks = static_cast<unsigned>((vecs + kVecTile - 1) / kVecTile);
-    const bool dense = p.s3 == p.c && p.s2 == p.w * p.c && p.s0 == p.h * p.w * p.c;
-    int8_t* codes = reinterpret_cast<int8_t*>(out);
-    if (dense)
-      quantize_vec8_int8_kernel<T, true><<<blocks, kThreads, 0, stream>>>(x, p, vecs, codes);
-    else
-      quantize_vec8_int8_kernel<T, false><<<blocks, kThreads, 0, stream>>>(x, p, vecs, codes);
-    return launch_status(fn);
+  if (!kInt4) {
+    const int width = pass_vector_width(x, p, out);
+    if (width == 16) return launch_vec_pass<T, 16>(fn, x, p, out, stream);
+    if (width == 8) return launch_vec_pass<T, 8>(fn, x, p, out, stream);
   }
   const bool cl = p.c > 1 && p.s1 == 1;
   const bool nchw = (p.w == 1 || p.s3 == 1) && (p.h == 1 || p.s2 == p.w);
