@@ -13,8 +13,8 @@
 //   * NCHW (the H*W plane of each (n, c) is contiguous): 32 pixels x 32
 //     channels shared-memory tile transpose; reads coalesced along W, writes
 //     coalesced along C.
-//   * channels_last, int8 out, C % 8 == 0, no channel padding: 16-channel
-//     (C % 16 == 0) or 8-channel vectors, 4 per thread, 32-bit index math.
+//   * channels_last, int8 out, C % 8 == 0, no channel padding: 8-channel
+//     vectors, 4 per thread, 32-bit index math.
 //   * generic strided: one thread per output byte.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -22,7 +22,6 @@
 
 #include <climits>
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include "../quant.h"
@@ -194,7 +193,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- channels_last, int8 out, 16- or 8-channel vectors ----------------------
+// ---- channels_last, int8 out, kPassVec-channel vectors -----------------------
 // The common inference case (sm90 backend): C % kV == 0, c_pad == C, channel
 // stride 1, other strides multiples of kV elements: dense NHWC (kDense: the
 // output index is the input index) or the every-other-pixel view a strided
@@ -206,16 +205,12 @@ __global__ void __launch_bounds__(kThreads)
 constexpr int kVecsPerThread = 4;
 constexpr int64_t kVecTile = int64_t(kThreads) * kVecsPerThread;
 
-// kV int8 codes as one 8- or 16-byte store.
+// kV int8 codes as one store.
 template <int kV>
 struct CodeStore;
 template <>
 struct CodeStore<8> {
   using Raw = uint2;
-};
-template <>
-struct CodeStore<16> {
-  using Raw = uint4;
 };
 
 // Element offset of pixel `pix` (flat n, h, w index) in a strided x.
@@ -275,16 +270,10 @@ bool vec_path_ok(const T* x, const QParams& p, const void* out) {
          aligned(out, kV) && (p.bias == nullptr || aligned(p.bias, 16));
 }
 
-// Vector width of the channels_last int8 pass: 16 channels (two 16-byte fp16
-// loads, one 16-byte store) where C allows, else 8. Q4CONV_PASS_VEC=8 forces
-// 8 (A/B measurements).
-template <typename T>
-int pass_vector_width(const T* x, const QParams& p, const void* out) {
-  const char* env = std::getenv("Q4CONV_PASS_VEC");  // read per call, for A/B runs
-  const bool force8 = env != nullptr && std::string(env) == "8";
-  if (!force8 && vec_path_ok<T, 16>(x, p, out)) return 16;
-  return vec_path_ok<T, 8>(x, p, out) ? 8 : 0;
-}
+// Vector width of the channels_last int8 pass. 16 channels (two 16-byte fp16
+// loads, one 16-byte store per vector) measured 10-40% slower on H100
+// (NOTES.md, session 3), so 8.
+constexpr int kPassVec = 8;
 
 template <typename T, int kV>
 KernelStatus launch_vec_pass(const char* fn, const T* x, const QParams& p, uint8_t* out,
@@ -441,11 +430,8 @@ KernelStatus validate_view(const char* fn, const char* name, const Tensor4dView&
 template <typename T, bool kInt4>
 KernelStatus launch_quantize(const char* fn, const T* x, const QParams& p, uint8_t* out,
                              cudaStream_t stream) {
-  if (!kInt4) {
-    const int width = pass_vector_width(x, p, out);
-    if (width == 16) return launch_vec_pass<T, 16>(fn, x, p, out, stream);
-    if (width == 8) return launch_vec_pass<T, 8>(fn, x, p, out, stream);
-  }
+  if (!kInt4 && vec_path_ok<T, kPassVec>(x, p, out))
+    return launch_vec_pass<T, kPassVec>(fn, x, p, out, stream);
   const bool cl = p.c > 1 && p.s1 == 1;
   const bool nchw = (p.w == 1 || p.s3 == 1) && (p.h == 1 || p.s2 == p.w);
   if (cl) {
