@@ -332,8 +332,12 @@ __global__ void __launch_bounds__(kThreads, 2) pointwise_fused_kernel(const Para
       for (int64_t off = int64_t(lane) * 4096; off < bytes; off += 32 * 4096) {
         const int64_t left = bytes - off;
         const uint32_t size = uint32_t(left < 4096 ? left : 4096);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900  // a hint; sm_90+ PTX only
         asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(base + off), "r"(size)
                      : "memory");
+#else
+        (void)base, (void)size;
+#endif
       }
     }
   }
