@@ -77,6 +77,36 @@ def test_train_forward_equals_eval_forward(device, dtype, channels_last):
     assert torch.equal(y_train, y_eval)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("param_dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_parameter_dtypes_match_float32_layer(device, param_dtype):
+    """Parameters of another float type (the CUDA backward's half-precision
+    weight kernels; the ATen path for float64) give the float32 layer's output,
+    and its gradients rounded to that type, when the values are the same."""
+    ref = make_layer(device, bias=True, per_channel_weight_scale=True)
+    x = torch.randn(2, 20, 9, 11, device=device)
+    ref(x)  # initialises scale_a
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.to(param_dtype).float())  # values both types hold exactly
+    other = make_layer(device, bias=True, per_channel_weight_scale=True, dtype=param_dtype)
+    other.load_state_dict({k: v.to(param_dtype) for k, v in ref.state_dict().items()})
+    y_ref, y_other = ref(x), other(x)
+    assert y_other.dtype == torch.float32 and torch.equal(y_ref, y_other)
+    gy = torch.randn_like(y_ref)
+    y_ref.backward(gy)
+    y_other.backward(gy)
+    # float64 parameters on a GPU take the ATen backward (other summation order).
+    exact = not (device == "cuda" and param_dtype == torch.float64)
+    for name, p in ref.named_parameters():
+        got, want = getattr(other, name).grad, p.grad
+        assert got is not None and got.dtype == param_dtype and want.abs().sum() > 0, name
+        if exact:
+            assert torch.equal(got, want.to(param_dtype)), name
+        else:
+            torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+
+
 def test_training_step_updates_every_parameter():
     layer = make_layer(bias=True)
     x = torch.randn(3, 20, 8, 8)
