@@ -36,7 +36,7 @@ std::pair<at::Tensor, at::Tensor> activation_params(const at::Tensor& x, const a
   TORCH_CHECK(scale_a.numel() == 1, "scale_a must hold one value, got ", scale_a.numel());
   check_on_device(bias_a, x, "bias_a");
   check_on_device(scale_a, x, "scale_a");
-  return {bias_a.to(at::kFloat).contiguous(), scale_a.to(at::kFloat).reshape({1}).contiguous()};
+  return {fp32_dense(bias_a), fp32_dense(scale_a)};
 }
 
 // Dense in x's suggested memory format, as the ATen path's outputs.
@@ -146,9 +146,6 @@ std::pair<at::Tensor, at::Tensor> weight_backward(const at::Tensor& grad_wgt,
   return {dweight, row_sums};
 }
 
-// fp32, flat, contiguous (no copy when it already is).
-at::Tensor fp32_flat(const at::Tensor& t) { return t.to(at::kFloat).reshape({-1}).contiguous(); }
-
 }  // namespace
 
 bool cuda_train_backward_supports(const at::Tensor& x, const at::Tensor& weight) {
@@ -170,7 +167,7 @@ cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
   const double eps = params.eps;
   const int64_t bits = params.bits, k_out = weight.size(0);
   const auto [bias_f, s_a] = activation_params(x, bias_a, scale_a);
-  const at::Tensor s_w = fp32_flat(scale_w);
+  const at::Tensor s_w = fp32_dense(scale_w);
   TORCH_CHECK(s_w.numel() == 1 || s_w.numel() == k_out, "scale_w must hold 1 value or ", k_out,
               ", got ", s_w.numel());
   const bool per_channel = s_w.numel() > 1;

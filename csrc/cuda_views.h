@@ -35,4 +35,13 @@ inline Tensor4dView kernel_view(const at::Tensor& t, const char* name) {
   return view;
 }
 
+// t as dense fp32 memory, for kernels that read raw fp32 pointers (scales,
+// shifts, biases): t itself when it already is one, with no dispatcher call
+// (this runs several times per call of a small layer, whose time is host
+// bound).
+inline at::Tensor fp32_dense(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t;
+  return t.to(at::kFloat).contiguous();
+}
+
 }  // namespace q4conv

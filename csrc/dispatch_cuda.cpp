@@ -190,13 +190,6 @@ void quantize_activation_into(const at::Tensor& x, const at::Tensor& bias, const
   check_status(status, "activation quantization");
 }
 
-// No detach needed: ops run below autograd (csrc/autograd.cpp).
-at::Tensor float_bias(const at::Tensor& bias_a) { return bias_a.to(at::kFloat).contiguous(); }
-
-at::Tensor float_scale(const at::Tensor& scale_a) {
-  return scale_a.to(at::kFloat).reshape({1}).contiguous();
-}
-
 }  // namespace
 
 at::Tensor cuda_quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
@@ -206,7 +199,7 @@ at::Tensor cuda_quantize_activation(const at::Tensor& x, const at::Tensor& bias_
   const int64_t stored_c = packed_int4 ? c_pad / 2 : c_pad;
   at::Tensor codes = at::empty({x.size(0), x.size(2), x.size(3), stored_c},
                                x.options().dtype(packed_int4 ? at::kByte : at::kChar));
-  quantize_activation_into(x, float_bias(bias_a), float_scale(scale_a), eps, bits, c_pad,
+  quantize_activation_into(x, fp32_dense(bias_a), fp32_dense(scale_a), eps, bits, c_pad,
                            packed_int4, codes);
   return codes;
 }
@@ -215,7 +208,7 @@ at::Tensor cuda_quantize_pack(const at::Tensor& weight, const at::Tensor& scale_
                               int64_t bits) {
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor source = weight.scalar_type() == at::kDouble ? weight.to(at::kFloat) : weight;
-  const at::Tensor scale = scale_w.detach().to(at::kFloat).reshape({-1}).contiguous();
+  const at::Tensor scale = fp32_dense(scale_w);
   const int64_t c_pad = round_up(weight.size(1), 2);
   at::Tensor packed = at::empty({weight.size(0), weight.size(2), weight.size(3), c_pad / 2},
                                 weight.options().dtype(at::kByte));
@@ -340,7 +333,7 @@ at::Tensor cuda_train_kernel_weight(const at::Tensor& weight, const at::Tensor& 
               backend_name(backend), "'");
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor source = weight.scalar_type() == at::kDouble ? weight.to(at::kFloat) : weight;
-  const at::Tensor scale = scale_w.to(at::kFloat).reshape({-1}).contiguous();
+  const at::Tensor scale = fp32_dense(scale_w);
   const int64_t k_out = weight.size(0), channels = weight.size(1);
   const int64_t r = weight.size(2), s = weight.size(3);
   const bool per_channel = scale.numel() > 1;
@@ -377,8 +370,8 @@ at::Tensor cuda_output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_
   TORCH_CHECK(scale_w.numel() == 1 || scale_w.numel() == out_channels,
               "scale_w must hold 1 value or one per output channel (", out_channels, "), got ",
               scale_w.numel());
-  const at::Tensor s_a = scale_a.to(at::kFloat).reshape({1}).contiguous();
-  const at::Tensor s_w = scale_w.to(at::kFloat).reshape({-1}).contiguous();
+  const at::Tensor s_a = fp32_dense(scale_a);
+  const at::Tensor s_w = fp32_dense(scale_w);
   at::Tensor alpha = at::empty({out_channels}, scale_a.options().dtype(at::kFloat));
   check_status(output_alpha_fp32(s_a.data_ptr<float>(), s_w.data_ptr<float>(), s_w.numel() > 1,
                                  static_cast<float>(eps), static_cast<int>(out_channels),
@@ -427,7 +420,7 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
   const KernelGeometry geometry = kernel_geometry(backend, in, k_out, r, s);
   const at::Tensor& wgt = kernel_weight;
   at::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) bias_f = bias->to(at::kFloat).contiguous();
+  if (bias.has_value() && bias->defined()) bias_f = fp32_dense(*bias);
   const ConvShape& shape = geometry.shape;
   at::Tensor out = at::empty({shape.n, shape.p, shape.q, shape.k}, x.options());
 
@@ -439,7 +432,7 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
   epilogue.out = out.data_ptr();
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor bias_q = float_bias(bias_a), scale_q = float_scale(scale_a);
+  const at::Tensor bias_q = fp32_dense(bias_a), scale_q = fp32_dense(scale_a);
   if (use_fused_pointwise(backend, in.x, bias_q, shape)) {
     check_status(pointwise_fused_conv(in.x.data_ptr(), kernel_in_type(in.x.scalar_type(), "x"),
                                       int64_t(shape.n) * shape.h * shape.w, shape.c,

@@ -205,14 +205,18 @@ class Q4Conv2dCutlass(nn.Module):
             return _ops.ops.conv_train.default(
                 x, self.bias_a, self.scale_a, weight, self.scale_w, self.bias, *args, self.backend
             )
-        # Packed inference has no gradient: parameters enter detached, so only
-        # an input that requires grad makes a graph (whose backward raises).
-        bias = None if self.bias is None else self.bias.detach()
+        # Packed inference has no gradient: with grad mode on, parameters enter
+        # detached, so only an input that requires grad makes a graph (whose
+        # backward raises). Under no_grad / inference_mode no graph is built,
+        # and the detach calls (ATen ops each) are skipped.
+        params = (self.bias_a, self.scale_a, self.scale_w, self.bias)
+        if torch.is_grad_enabled():
+            params = tuple(None if p is None else p.detach() for p in params)
+        bias_a, scale_a, scale_w, bias = params
         qweight = self.opt_weight
         alpha, kernel_weight = self._cached_kernel_inputs(x, qweight)
         return _ops.ops.conv_packed.default(
-            x, self.bias_a.detach(), self.scale_a.detach(), qweight, self.scale_w.detach(), bias,
-            *args, False, self.backend, kernel_weight, alpha,
+            x, bias_a, scale_a, qweight, scale_w, bias, *args, False, self.backend, kernel_weight, alpha,
         )
 
     def _cuda_backend_name(self, device: torch.device) -> Optional[str]:
