@@ -41,7 +41,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +169,41 @@ def rand_inputs(shape: Shape, dtype: torch.dtype, count: int, requires_grad: boo
         x = x.contiguous(memory_format=torch.channels_last)
         out.append(x.requires_grad_(requires_grad))
     return out
+
+
+def eval_pair(shape: Shape) -> Tuple[Callable[[torch.Tensor], torch.Tensor],
+                                      Callable[[torch.Tensor], torch.Tensor], List[torch.Tensor]]:
+    """For the A/B scripts: the eval-mode q4conv layer of `shape` (packed
+    weights, scale_a from the data) and a cuDNN fp16 channels_last conv, each
+    as a callable of x under inference_mode, and rotating fp16 inputs."""
+    import q4conv
+
+    layer = q4conv.Q4Conv2dCutlass(shape.c, shape.k, shape.r, shape.stride, shape.pad, device="cuda")
+    q4conv.prepare_q4conv_layers(layer)
+    xs = rand_inputs(shape, torch.float16, n_buffers(shape.n * shape.c * shape.h * shape.h * 2))
+    with torch.no_grad():
+        layer.set_activation(xs[0])
+    layer.eval()
+    layer.generate_quantized_weight(qweight_only=True)
+    w = (torch.randn(shape.k, shape.c, shape.r, shape.r, device="cuda", dtype=torch.float16) * 0.05)
+    w = w.contiguous(memory_format=torch.channels_last)
+
+    def q4(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return layer(x)
+
+    def cudnn(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return F.conv2d(x, w, None, shape.stride, shape.pad)
+
+    return q4, cudnn, xs
+
+
+def write_lines(out: Optional[Path], name: str, lines: Sequence[str]) -> None:
+    """Writes a script's table lines to out/name (when out is given)."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------- fake-quant (LSQ)

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (shapes, timing helpers)
@@ -31,7 +30,6 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    import q4conv
 
     torch.backends.cudnn.benchmark = True
     variants = []
@@ -46,25 +44,7 @@ def main(argv=None) -> int:
     for shape in bench.make_shapes("resnet50", args.batch):
         if not shape.main or shape.r != 1 or shape.stride != 1:
             continue
-        layer = q4conv.Q4Conv2dCutlass(shape.c, shape.k, 1, 1, 0, device="cuda")
-        q4conv.prepare_q4conv_layers(layer)
-        xs = bench.rand_inputs(shape, torch.float16, bench.n_buffers(shape.n * shape.c * shape.h * shape.h * 2))
-        with torch.no_grad():
-            layer.set_activation(xs[0])
-        layer.eval()
-        layer.generate_quantized_weight(qweight_only=True)
-
-        def q4(x):
-            with torch.inference_mode():
-                return layer(x)
-
-        w = torch.randn(shape.k, shape.c, 1, 1, device="cuda", dtype=torch.float16)
-        w = w.contiguous(memory_format=torch.channels_last)
-
-        def cudnn(x):
-            with torch.inference_mode():
-                return F.conv2d(x, w)
-
+        q4, cudnn, xs = bench.eval_pair(shape)
         row = [shape.name, f"{shape.bytes() / 3.35e12 * 1e6:.1f}",
                f"{bench.time_graph_ms(cudnn, xs, args.repeats) * 1e3:.1f}"]
         os.environ["Q4CONV_FUSED_POINTWISE"] = "0"
@@ -85,11 +65,9 @@ def main(argv=None) -> int:
         line = "| " + " | ".join(row) + " |"
         lines.append(line)
         print(line, flush=True)
-        del layer, xs
+        del q4, cudnn, xs
         torch.cuda.empty_cache()
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "pointwise_sweep.md").write_text("\n".join(lines) + "\n")
+    bench.write_lines(args.out, "pointwise_sweep.md", lines)
     return 0
 
 

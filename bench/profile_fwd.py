@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (shapes, timing helpers)
@@ -57,7 +56,6 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    import q4conv
 
     torch.backends.cudnn.benchmark = True
     env_name, _, env_values = args.env.partition("=")
@@ -70,26 +68,7 @@ def main(argv=None) -> int:
     for shape in bench.make_shapes("resnet50", args.batch):
         if not shape.main or shape.c < 16:
             continue
-        layer = q4conv.Q4Conv2dCutlass(shape.c, shape.k, shape.r, shape.stride, shape.pad, device="cuda")
-        q4conv.prepare_q4conv_layers(layer)
-        nbuf = bench.n_buffers(shape.n * shape.c * shape.h * shape.h * 2)
-        xs = bench.rand_inputs(shape, torch.float16, nbuf)
-        with torch.no_grad():
-            layer.set_activation(xs[0])
-        layer.eval()
-        layer.generate_quantized_weight(qweight_only=True)
-
-        def q4(x):
-            with torch.inference_mode():
-                return layer(x)
-
-        w = torch.randn(shape.k, shape.c, shape.r, shape.r, device="cuda", dtype=torch.float16)
-        w = w.contiguous(memory_format=torch.channels_last)
-
-        def cudnn(x):
-            with torch.inference_mode():
-                return F.conv2d(x, w, None, shape.stride, shape.pad)
-
+        q4, cudnn, xs = bench.eval_pair(shape)
         cudnn_us = bench.time_graph_ms(cudnn, xs, args.repeats) * 1e3
         q4_us = []
         for chunk in chunks:
@@ -108,11 +87,9 @@ def main(argv=None) -> int:
         line = "| " + " | ".join(row) + " |"
         lines.append(line)
         print(line, flush=True)
-        del layer, xs
+        del q4, cudnn, xs
         torch.cuda.empty_cache()
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "profile_fwd.md").write_text("\n".join(lines) + "\n")
+    bench.write_lines(args.out, "profile_fwd.md", lines)
     return 0
 
 

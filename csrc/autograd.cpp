@@ -15,25 +15,11 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-const c10::TypedOperatorHandle<decltype(conv_train)>& conv_train_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("q4conv::conv_train", "")
-                             .typed<decltype(conv_train)>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<decltype(conv_train_backward)>& conv_train_backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("q4conv::conv_train_backward", "")
-                             .typed<decltype(conv_train_backward)>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<decltype(conv_packed)>& conv_packed_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("q4conv::conv_packed", "")
-                             .typed<decltype(conv_packed)>();
-  return op;
+// The registered op `name` (below autograd when called inside the guards
+// here), looked up once per call site.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
 std::vector<int64_t> to_vector(at::IntArrayRef values) { return values.vec(); }
@@ -53,8 +39,9 @@ class ConvTrainFunction : public torch::autograd::Function<ConvTrainFunction> {
     at::Tensor y;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      y = conv_train_op().call(x, bias_a, scale_a, weight, scale_w, bias, stride, padding, dilation,
-                               eps, bits, backend);
+      static const auto op = find_op<decltype(conv_train)>("q4conv::conv_train");
+      y = op.call(x, bias_a, scale_a, weight, scale_w, bias, stride, padding, dilation, eps, bits,
+                  backend);
     }
     ctx->save_for_backward({x, bias_a, scale_a, weight, scale_w});
     const bool has_bias = bias.has_value() && bias->defined();
@@ -74,7 +61,8 @@ class ConvTrainFunction : public torch::autograd::Function<ConvTrainFunction> {
     const auto stride = ctx->saved_data["stride"].toIntVector();
     const auto padding = ctx->saved_data["padding"].toIntVector();
     const auto dilation = ctx->saved_data["dilation"].toIntVector();
-    auto [dx, dweight, dbias_a, dscale_a, dscale_w, dbias] = conv_train_backward_op().call(
+    static const auto op = find_op<decltype(conv_train_backward)>("q4conv::conv_train_backward");
+    auto [dx, dweight, dbias_a, dscale_a, dscale_w, dbias] = op.call(
         grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], has_bias, stride,
         padding, dilation, ctx->saved_data["eps"].toDouble(), ctx->saved_data["bits"].toInt());
     at::Tensor dbias_out;
@@ -108,8 +96,9 @@ class ConvPackedFunction : public torch::autograd::Function<ConvPackedFunction> 
                             const std::optional<at::Tensor>& kernel_weight,
                             const std::optional<at::Tensor>& alpha) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return conv_packed_op().call(x, bias_a, scale_a, qweight, scale_w, bias, stride, padding,
-                                 dilation, eps, bits, relu, backend, kernel_weight, alpha);
+    static const auto op = find_op<decltype(conv_packed)>("q4conv::conv_packed");
+    return op.call(x, bias_a, scale_a, qweight, scale_w, bias, stride, padding, dilation, eps, bits,
+                   relu, backend, kernel_weight, alpha);
   }
 
   static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grad_outputs*/) {

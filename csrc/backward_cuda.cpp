@@ -146,6 +146,46 @@ std::pair<at::Tensor, at::Tensor> weight_backward(const at::Tensor& grad_wgt,
   return {dweight, row_sums};
 }
 
+// d bias_a, d scale_a and d scale_w (fp32, shaped like their parameters)
+// from the partial sums of both LSQ kernels, in one launch. s_a / s_w: the
+// raw scales as dense fp32.
+struct ScaleGrads {
+  at::Tensor dbias_a, dscale_a, dscale_w;
+};
+
+ScaleGrads finish_scale_grads(const ActivationBackward& act, const at::Tensor& row_sums,
+                              const at::Tensor& x, const at::Tensor& s_a, const at::Tensor& scale_a,
+                              const at::Tensor& s_w, const at::Tensor& scale_w,
+                              int64_t weight_numel, double eps, int64_t bits) {
+  Q4CONV_HOST_SPAN("q4conv::backward_finish");
+  const auto f32 = x.options().dtype(at::kFloat);
+  ScaleGrads grads{at::empty({x.size(1)}, f32), at::empty(scale_a.sizes(), f32),
+                   at::empty(scale_w.sizes(), f32)};
+  const bool per_channel = s_w.numel() > 1;
+  const int b = static_cast<int>(bits);
+  LsqFinish finish;
+  finish.bias_partials = act.bias_partials.data_ptr<float>();
+  finish.bias_rows = act.bias_partials.size(0);
+  finish.channels = x.size(1);
+  finish.act_residual = act.residual_partials.data_ptr<float>();
+  finish.act_parts = act.residual_partials.numel();
+  finish.row_sums = row_sums.data_ptr<float>();
+  finish.out_channels = row_sums.numel();
+  finish.scale_a = s_a.data_ptr<float>();
+  finish.scale_w = s_w.data_ptr<float>();
+  finish.per_channel = per_channel;
+  finish.eps = static_cast<float>(eps);
+  finish.act_factor = static_cast<float>(lsq_grad_scale(static_cast<double>(x.numel()), b));
+  const int64_t per_scale = weight_numel / (per_channel ? row_sums.numel() : 1);
+  finish.weight_factor = static_cast<float>(lsq_grad_scale(static_cast<double>(per_scale), b));
+  finish.dbias_a = grads.dbias_a.data_ptr<float>();
+  finish.dscale_a = grads.dscale_a.data_ptr<float>();
+  finish.dscale_w = grads.dscale_w.data_ptr<float>();
+  check_status(lsq_finish_scale_grads(finish, at::cuda::getCurrentCUDAStream()),
+               "LSQ scale gradients");
+  return grads;
+}
+
 }  // namespace
 
 bool cuda_train_backward_supports(const at::Tensor& x, const at::Tensor& weight) {
@@ -202,38 +242,14 @@ cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
     std::tie(dweight, row_sums) = weight_backward(grad_wgt, weight, s_w, s_a, eps, bits);
   }
 
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor dbias_a = at::empty({x.size(1)}, f32);
-  at::Tensor dscale_a = at::empty(scale_a.sizes(), f32);
-  at::Tensor dscale_w = at::empty(scale_w.sizes(), f32);
-  Q4CONV_HOST_SPAN("q4conv::backward_finish");
-  LsqFinish finish;
-  finish.bias_partials = act.bias_partials.data_ptr<float>();
-  finish.bias_rows = act.bias_partials.size(0);
-  finish.channels = x.size(1);
-  finish.act_residual = act.residual_partials.data_ptr<float>();
-  finish.act_parts = act.residual_partials.numel();
-  finish.row_sums = row_sums.data_ptr<float>();
-  finish.out_channels = k_out;
-  finish.scale_a = s_a.data_ptr<float>();
-  finish.scale_w = s_w.data_ptr<float>();
-  finish.per_channel = per_channel;
-  finish.eps = static_cast<float>(eps);
-  const int b = static_cast<int>(bits);
-  finish.act_factor = static_cast<float>(lsq_grad_scale(static_cast<double>(x.numel()), b));
-  const double w_numel = static_cast<double>(weight.numel() / (per_channel ? k_out : 1));
-  finish.weight_factor = static_cast<float>(lsq_grad_scale(w_numel, b));
-  finish.dbias_a = dbias_a.data_ptr<float>();
-  finish.dscale_a = dscale_a.data_ptr<float>();
-  finish.dscale_w = dscale_w.data_ptr<float>();
-  check_status(lsq_finish_scale_grads(finish, at::cuda::getCurrentCUDAStream()),
-               "LSQ scale gradients");
+  const ScaleGrads scales =
+      finish_scale_grads(act, row_sums, x, s_a, scale_a, s_w, scale_w, weight.numel(), eps, bits);
   return {act.dx,
           dweight,
-          dbias_a.to(bias_a.scalar_type()),
-          dscale_a.to(scale_a.scalar_type()),
-          dscale_w.to(scale_w.scalar_type()),
-          has_bias ? grad_bias.to(at::kFloat) : at::empty({0}, f32)};
+          scales.dbias_a.to(bias_a.scalar_type()),
+          scales.dscale_a.to(scale_a.scalar_type()),
+          scales.dscale_w.to(scale_w.scalar_type()),
+          has_bias ? grad_bias.to(at::kFloat) : at::empty({0}, x.options().dtype(at::kFloat))};
 }
 
 }  // namespace q4conv

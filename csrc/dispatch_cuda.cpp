@@ -342,22 +342,24 @@ at::Tensor cuda_train_kernel_weight(const at::Tensor& weight, const at::Tensor& 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Tensor4dView view = kernel_view(source, "weight");
   if (backend == Backend::kSm80Int4) {
-    const int64_t c_pad = round_up(channels, kSm80ChannelAlign);
-    at::Tensor packed = at::empty({k_out, r, s, c_pad / 2}, weight.options().dtype(at::kByte));
+    at::Tensor packed = at::empty(kernel_weight_sizes(k_out, channels, r, s, backend),
+                                  weight.options().dtype(at::kByte));
     if (packed.numel() > 0)
-      check_status(
-          quantize_pack_weight_int4(view, scale.data_ptr<float>(), per_channel, e, b,
-                                    static_cast<int>(c_pad), packed.data_ptr<uint8_t>(), stream),
-          "weight quantization");
+      check_status(quantize_pack_weight_int4(view, scale.data_ptr<float>(), per_channel, e, b,
+                                             static_cast<int>(packed.size(3) * 2),
+                                             packed.data_ptr<uint8_t>(), stream),
+                   "weight quantization");
     return packed;
   }
+  // The im2col layout is made from unpadded KRSC codes.
   const bool im2col = uses_im2col(backend, channels);
-  const int64_t c_pad = im2col ? channels : round_up(channels, kSm90ChannelAlign);
-  at::Tensor codes = at::empty({k_out, r, s, c_pad}, weight.options().dtype(at::kChar));
+  const std::array<int64_t, 4> sizes = im2col ? std::array<int64_t, 4>{k_out, r, s, channels}
+                                              : kernel_weight_sizes(k_out, channels, r, s, backend);
+  at::Tensor codes = at::empty(sizes, weight.options().dtype(at::kChar));
   if (codes.numel() > 0)
     check_status(
         quantize_weight_int8_krsc(view, scale.data_ptr<float>(), per_channel, e, b,
-                                  static_cast<int>(c_pad), codes.data_ptr<int8_t>(), stream),
+                                  static_cast<int>(sizes[3]), codes.data_ptr<int8_t>(), stream),
         "weight quantization");
   return im2col ? im2col_rows(codes) : codes;
 }

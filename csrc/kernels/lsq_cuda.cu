@@ -41,7 +41,7 @@ namespace q4conv {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarp = 32;
+using device::kWarp;
 constexpr int kWarps = kThreads / kWarp;
 constexpr int64_t kMaxBlocks = int64_t(1) << 16;  // codes kernels grid-stride beyond this
 constexpr int64_t kChunk = 1024;                  // plane elements per warp (multiple of 8)
@@ -332,8 +332,6 @@ KernelStatus with_vec(int vec, F&& f) {
   if (vec == 2) return f(std::integral_constant<int, 2>{});
   return f(std::integral_constant<int, 1>{});
 }
-
-// Calls f(T{}) for the element type (a null pointer of it, for deduction).
 
 Strides4 strides_of(const int64_t (&stride)[4]) {
   return {{stride[0], stride[1], stride[2], stride[3]}};

@@ -98,6 +98,13 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) row_sums[k] = total;
 }
 
+// d loss / d scale from its summed residual terms: times the LSQ factor, and
+// zero where max(scale, eps) picked eps (backward.cpp's finish_scale_grad).
+__device__ __forceinline__ float scale_grad(float summed, float factor, float raw_scale,
+                                            float eps) {
+  return summed * factor * (raw_scale >= eps ? 1.0f : 0.0f);
+}
+
 // ---- finishing: block b sums the d bias_a columns [b * kThreads, + kThreads);
 // block 0 also produces d scale_a and d scale_w ----------------------------------------
 __global__ void __launch_bounds__(kThreads) finish_kernel(const LsqFinish a) {
@@ -113,25 +120,17 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const LsqFinish a) {
   float act = 0.0f;
   for (int64_t i = threadIdx.x; i < a.act_parts; i += kThreads) act += a.act_residual[i];
   act = device::block_sum<kThreads>(act, threadIdx.x, warp_sums);
-  if (threadIdx.x == 0) {
-    const float passes = *a.scale_a >= a.eps ? 1.0f : 0.0f;
-    *a.dscale_a = act * a.act_factor * passes;
-  }
+  if (threadIdx.x == 0) *a.dscale_a = scale_grad(act, a.act_factor, *a.scale_a, a.eps);
   __syncthreads();  // warp_sums is reused
   if (a.per_channel) {
-    for (int64_t k = threadIdx.x; k < a.out_channels; k += kThreads) {
-      const float passes = a.scale_w[k] >= a.eps ? 1.0f : 0.0f;
-      a.dscale_w[k] = a.row_sums[k] * a.weight_factor * passes;
-    }
+    for (int64_t k = threadIdx.x; k < a.out_channels; k += kThreads)
+      a.dscale_w[k] = scale_grad(a.row_sums[k], a.weight_factor, a.scale_w[k], a.eps);
     return;
   }
   float wsum = 0.0f;
   for (int64_t k = threadIdx.x; k < a.out_channels; k += kThreads) wsum += a.row_sums[k];
   wsum = device::block_sum<kThreads>(wsum, threadIdx.x, warp_sums);
-  if (threadIdx.x == 0) {
-    const float passes = *a.scale_w >= a.eps ? 1.0f : 0.0f;
-    *a.dscale_w = wsum * a.weight_factor * passes;
-  }
+  if (threadIdx.x == 0) *a.dscale_w = scale_grad(wsum, a.weight_factor, *a.scale_w, a.eps);
 }
 
 // ---- host side ------------------------------------------------------------------------

@@ -193,25 +193,20 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- channels_last, int8 out, kPassVec-channel vectors -----------------------
-// The common inference case (sm90 backend): C % kV == 0, c_pad == C, channel
-// stride 1, other strides multiples of kV elements: dense NHWC (kDense: the
+// ---- channels_last, int8 out, 8-channel vectors ----------------------------
+// The common inference case (sm90 backend): C % 8 == 0, c_pad == C, channel
+// stride 1, other strides multiples of 8 elements: dense NHWC (kDense: the
 // output index is the input index) or the every-other-pixel view a strided
 // 1x1 convolution reads. A block quantizes kThreads * kVecsPerThread vectors
-// of kV channels, each thread issuing all its 16-byte loads before any
-// arithmetic; index math is 32-bit. Measured reason (NOTES.md): the
+// of 8 channels, each thread issuing its kVecsPerThread 16-byte loads before
+// any arithmetic; index math is 32-bit. Measured reason (NOTES.md): the
 // generic channels_last kernel moved only 1.0-1.8 TB/s, bound by 64-bit index
-// arithmetic and one load in flight per thread, not by DRAM.
+// arithmetic and one load in flight per thread, not by DRAM. 16-channel
+// vectors (two 16-byte fp16 loads, one 16-byte store) measured 10-40% slower
+// on H100 (NOTES.md, session 3).
+constexpr int kVec = 8;
 constexpr int kVecsPerThread = 4;
 constexpr int64_t kVecTile = int64_t(kThreads) * kVecsPerThread;
-
-// kV int8 codes as one store.
-template <int kV>
-struct CodeStore;
-template <>
-struct CodeStore<8> {
-  using Raw = uint2;
-};
 
 // Element offset of pixel `pix` (flat n, h, w index) in a strided x.
 __device__ __forceinline__ int64_t pixel_offset(const QParams& p, uint32_t pix) {
@@ -220,73 +215,52 @@ __device__ __forceinline__ int64_t pixel_offset(const QParams& p, uint32_t pix) 
   return int64_t(t / h) * p.s0 + int64_t(t % h) * p.s2 + int64_t(wi) * p.s3;
 }
 
-template <typename T, bool kDense, int kV>
+template <typename T, bool kDense>
 __global__ void __launch_bounds__(kThreads)
-    quantize_vec_int8_kernel(const T* __restrict__ x, QParams p, uint32_t vecs,
-                             int8_t* __restrict__ out) {
-  const uint32_t vecs_per_pixel = static_cast<uint32_t>(p.c) / kV;
+    quantize_vec8_int8_kernel(const T* __restrict__ x, QParams p, uint32_t vecs,
+                              int8_t* __restrict__ out) {
+  const uint32_t vecs_per_pixel = static_cast<uint32_t>(p.c) / kVec;
   const uint32_t first = blockIdx.x * uint32_t(kVecTile) + threadIdx.x;
-  float vals[kVecsPerThread][kV];
+  float vals[kVecsPerThread][kVec];
 #pragma unroll
   for (int j = 0; j < kVecsPerThread; ++j) {
     const uint32_t v = first + j * kThreads;
     if (v >= vecs) break;
     const uint32_t pix = v / vecs_per_pixel;
-    const uint32_t c0 = (v - pix * vecs_per_pixel) * kV;
-    load_vec<T, kV>(kDense ? x + int64_t(v) * kV : x + pixel_offset(p, pix) + c0, vals[j]);
+    const uint32_t c0 = (v - pix * vecs_per_pixel) * kVec;
+    load_vec<T, kVec>(kDense ? x + int64_t(v) * kVec : x + pixel_offset(p, pix) + c0, vals[j]);
   }
   const Scale s = eff_scale(p, 0);
 #pragma unroll
   for (int j = 0; j < kVecsPerThread; ++j) {
     const uint32_t v = first + j * kThreads;
     if (v >= vecs) break;
-    const uint32_t c0 = (v % vecs_per_pixel) * kV;
-    float bias[kV] = {};
+    const uint32_t c0 = (v % vecs_per_pixel) * kVec;
+    float bias[kVec] = {};
     if (p.bias != nullptr) {
-#pragma unroll
-      for (int k = 0; k < kV / 4; ++k) {
-        const float4 b = __ldg(reinterpret_cast<const float4*>(p.bias + c0) + k);
-        bias[4 * k] = b.x, bias[4 * k + 1] = b.y, bias[4 * k + 2] = b.z, bias[4 * k + 3] = b.w;
-      }
+      const float4 b0 = __ldg(reinterpret_cast<const float4*>(p.bias + c0));
+      const float4 b1 = __ldg(reinterpret_cast<const float4*>(p.bias + c0) + 1);
+      bias[0] = b0.x, bias[1] = b0.y, bias[2] = b0.z, bias[3] = b0.w;
+      bias[4] = b1.x, bias[5] = b1.y, bias[6] = b1.z, bias[7] = b1.w;
     }
     union {
-      typename CodeStore<kV>::Raw raw;
-      int8_t q[kV];
+      uint2 raw;
+      int8_t q[kVec];
     } u;
 #pragma unroll
-    for (int k = 0; k < kV; ++k)
+    for (int k = 0; k < kVec; ++k)
       u.q[k] = quantize_value_fast(vals[j][k] + bias[k], s.s, s.inv, p.bits);
-    *reinterpret_cast<typename CodeStore<kV>::Raw*>(out + int64_t(v) * kV) = u.raw;
+    *reinterpret_cast<uint2*>(out + int64_t(v) * kVec) = u.raw;
   }
 }
 
-// True when quantize_vec_int8_kernel<T, *, kV> can take the call (see its
-// comment).
-template <typename T, int kV>
-bool vec_path_ok(const T* x, const QParams& p, const void* out) {
-  const auto mult = [](int64_t v) { return v % kV == 0; };
-  return !p.scale_per_n && p.c > 0 && mult(p.c) && p.c_pad == p.c && p.s1 == 1 && mult(p.s0) &&
-         mult(p.s2) && mult(p.s3) && p.n * p.h * p.w * p.c / kV <= INT_MAX && aligned(x, 16) &&
-         aligned(out, kV) && (p.bias == nullptr || aligned(p.bias, 16));
-}
-
-// Vector width of the channels_last int8 pass. 16 channels (two 16-byte fp16
-// loads, one 16-byte store per vector) measured 10-40% slower on H100
-// (NOTES.md, session 3), so 8.
-constexpr int kPassVec = 8;
-
-template <typename T, int kV>
-KernelStatus launch_vec_pass(const char* fn, const T* x, const QParams& p, uint8_t* out,
-                             cudaStream_t stream) {
-  const uint32_t vecs = static_cast<uint32_t>(p.n * p.h * p.w * p.c / kV);
-  const unsigned blocks = static_cast<unsigned>((vecs + kVecTile - 1) / kVecTile);
-  const bool dense = p.s3 == p.c && p.s2 == p.w * p.c && p.s0 == p.h * p.w * p.c;
-  int8_t* codes = reinterpret_cast<int8_t*>(out);
-  if (dense)
-    quantize_vec_int8_kernel<T, true, kV><<<blocks, kThreads, 0, stream>>>(x, p, vecs, codes);
-  else
-    quantize_vec_int8_kernel<T, false, kV><<<blocks, kThreads, 0, stream>>>(x, p, vecs, codes);
-  return launch_status(fn);
+// True when quantize_vec8_int8_kernel can take the call (see its comment).
+template <typename T>
+bool vec8_path_ok(const T* x, const QParams& p, const void* out) {
+  const auto mult8 = [](int64_t v) { return v % kVec == 0; };
+  return !p.scale_per_n && p.c > 0 && mult8(p.c) && p.c_pad == p.c && p.s1 == 1 && mult8(p.s0) &&
+         mult8(p.s2) && mult8(p.s3) && p.n * p.h * p.w * p.c / kVec <= INT_MAX && aligned(x, 16) &&
+         aligned(out, 8) && (p.bias == nullptr || aligned(p.bias, 16));
 }
 
 // ---- NCHW path: shared-memory tile transpose -------------------------------
@@ -430,8 +404,17 @@ KernelStatus validate_view(const char* fn, const char* name, const Tensor4dView&
 template <typename T, bool kInt4>
 KernelStatus launch_quantize(const char* fn, const T* x, const QParams& p, uint8_t* out,
                              cudaStream_t stream) {
-  if (!kInt4 && vec_path_ok<T, kPassVec>(x, p, out))
-    return launch_vec_pass<T, kPassVec>(fn, x, p, out, stream);
+  if (!kInt4 && vec8_path_ok(x, p, out)) {
+    const uint32_t vecs = static_cast<uint32_t>(p.n * p.h * p.w * p.c / kVec);
+    const unsigned blocks = static_cast<unsigned>((vecs + kVecTile - 1) / kVecTile);
+    const bool dense = p.s3 == p.c && p.s2 == p.w * p.c && p.s0 == p.h * p.w * p.c;
+    int8_t* codes = reinterpret_cast<int8_t*>(out);
+    if (dense)
+      quantize_vec8_int8_kernel<T, true><<<blocks, kThreads, 0, stream>>>(x, p, vecs, codes);
+    else
+      quantize_vec8_int8_kernel<T, false><<<blocks, kThreads, 0, stream>>>(x, p, vecs, codes);
+    return launch_status(fn);
+  }
   const bool cl = p.c > 1 && p.s1 == 1;
   const bool nchw = (p.w == 1 || p.s3 == 1) && (p.h == 1 || p.s2 == p.w);
   if (cl) {

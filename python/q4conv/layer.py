@@ -195,15 +195,14 @@ class Q4Conv2dCutlass(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if not self._scale_a_ready and x.shape[0] > 0:
+        if x.shape[0] > 0:
             self._init_scale_a(x)
         # The .default overloads skip the overload-packet lookup: this runs on
         # every call, and a small layer's step is host bound (NOTES.md).
         args = (list(self.stride), list(self.padding), list(self.dilation), self._eps_value, self.a_bit)
         if self.training:
-            weight = self.weight if self.weight is not None else self.opt_weight  # opt_weight raises
             return _ops.ops.conv_train.default(
-                x, self.bias_a, self.scale_a, weight, self.scale_w, self.bias, *args, self.backend
+                x, self.bias_a, self.scale_a, self.opt_weight, self.scale_w, self.bias, *args, self.backend
             )
         # Packed inference has no gradient: with grad mode on, parameters enter
         # detached, so only an input that requires grad makes a graph (whose
