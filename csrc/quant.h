@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define Q4_HD __host__ __device__ __forceinline__
@@ -33,23 +34,79 @@ Q4_HD int8_t quantize_value(float value, float scale, int bits) {
   return static_cast<int8_t>(rintf(clamped));
 }
 
-// quantize_value(value, scale, bits) for every input, with the division
-// replaced by a product with inv_scale = 1.0f / scale (the division is a long
-// instruction sequence on GPUs). The product is within 2.5e-7 relative of the
-// exact quotient (two roundings; inv_scale keeps >= 20 significant bits even
-// when subnormal), so for |product| <= 129 (the 8-bit range plus one) it is
-// within 3.3e-5 absolute: rint agrees with the exact path unless the product
-// lies within 1e-4 of a half-integer. Beyond that range both paths saturate
-// to the same end. Ties, NaN and infinities (product - rint(product) is then
-// NaN) take the exact division.
-Q4_HD int8_t quantize_value_fast(float value, float scale, float inv_scale, int bits) {
-  const float approx = value * inv_scale;
-  const float nearest = rintf(approx);
-  if (!(fabsf(approx - nearest) < 0.5f - 1e-4f)) return quantize_value(value, scale, bits);
-  // lo and hi are integers, so clamping after rint equals rint after clamping.
+// IEEE fp32 product and sum, never contracted into one fused multiply-add
+// (nvcc fuses a * b + c by default, which would round once instead of twice
+// and break the bounds below).
+Q4_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+Q4_HD int32_t float_bits(float value) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(value);
+#else
+  int32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+#endif
+}
+
+// 1.5 * 2^23: for |v| < 2^22, (v + kRoundMagic) lands in [2^23, 2^24), where
+// the fp32 spacing is 1, so the sum rounds v to the nearest integer (half to
+// even, the default rounding) and its low mantissa bits hold that integer in
+// two's complement. This replaces rintf and the float-to-int conversion, which
+// run on the GPU's quarter-rate conversion pipe, with plain adds.
+constexpr float kRoundMagic = 12582912.0f;
+constexpr int32_t kRoundMagicBits = 0x4B400000;
+
+// The code quantize_value would give, computed from the product with
+// inv_scale = 1.0f / scale instead of the division (the division is a long
+// instruction sequence on GPUs). Returns false where that product cannot be
+// trusted; the caller then takes quantize_value. The product is within
+// 2.5e-7 relative of the exact quotient (two roundings; inv_scale keeps >= 20
+// significant bits even when subnormal), so for |product| <= 129 (the 8-bit
+// range plus one) it is within 3.3e-5 absolute: rint agrees with the exact
+// path unless the product lies within 1e-4 of a half-integer. Beyond that
+// range both paths saturate to the same end (and a product of 2^22 or more
+// either is already an integer or fails the test). Ties, NaN and infinities
+// (product - nearest is then NaN or >= 0.4999) fail the test.
+Q4_HD bool fast_code(float value, float inv_scale, int bits, int8_t& code) {
+  const float approx = mul_rn(value, inv_scale);
+  const float nearest = (approx + kRoundMagic) - kRoundMagic;
+  // lo and hi are integers, so clamping after rounding equals rounding after
+  // clamping; the clamped value is a small integer, exact after + kRoundMagic.
   const float lo = static_cast<float>(qmin(bits));
   const float hi = static_cast<float>(qmax(bits));
-  return static_cast<int8_t>(nearest < lo ? lo : (nearest > hi ? hi : nearest));
+  const float clamped = fminf(fmaxf(nearest, lo), hi);
+  code = static_cast<int8_t>(float_bits(clamped + kRoundMagic) - kRoundMagicBits);
+  return fabsf(approx - nearest) < 0.5f - 1e-4f;
+}
+
+// quantize_value(value, scale, bits), through fast_code where it can be trusted.
+Q4_HD int8_t quantize_value_fast(float value, float scale, float inv_scale, int bits) {
+  int8_t code;
+  return fast_code(value, inv_scale, bits, code) ? code : quantize_value(value, scale, bits);
+}
+
+// quantize_value for kN values at once: fast_code for all of them, one test,
+// and the exact path for all kN if any failed (rare: near-ties, NaN, Inf). One
+// branch per group instead of one per value keeps the values' instruction
+// chains independent, so they interleave.
+template <int kN>
+Q4_HD void quantize_values_fast(const float (&value)[kN], float scale, float inv_scale, int bits,
+                                int8_t (&code)[kN]) {
+  bool fast = true;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int i = 0; i < kN; ++i) fast &= fast_code(value[i], inv_scale, bits, code[i]);
+  if (!fast) {
+    for (int i = 0; i < kN; ++i) code[i] = quantize_value(value[i], scale, bits);
+  }
 }
 
 // Activation code: x' = fp32(x) + fp32(bias_a[c]), then quantize_value.

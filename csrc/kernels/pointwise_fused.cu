@@ -378,24 +378,10 @@ __global__ void __launch_bounds__(kThreads, 2) pointwise_fused_kernel(const Para
           int8_t q[kEl];
           uint32_t w[kEl / 4];
         } codes;
-        // quantize_value_fast without its per-element branch (which
-        // serializes the elements' dependency chains): the product path for
-        // all kEl values, one test that none is near a tie, NaN or infinite
-        // (then the exact path for all of them, rarely taken).
-        const float lo = float(qmin(p.bits)), hi = float(qmax(p.bits));
-        bool fast = true;
+        float shifted[kEl];
 #pragma unroll
-        for (int v = 0; v < kEl; ++v) {
-          const float approx = (f[v] + b[v]) * inv_scale;
-          const float nearest = rintf(approx);
-          fast &= fabsf(approx - nearest) < 0.5f - 1e-4f;
-          codes.q[v] = static_cast<int8_t>(fminf(fmaxf(nearest, lo), hi));
-        }
-        if (!fast) {
-#pragma unroll
-          for (int v = 0; v < kEl; ++v)
-            codes.q[v] = quantize_value_fast(f[v] + b[v], scale, inv_scale, p.bits);
-        }
+        for (int v = 0; v < kEl; ++v) shifted[v] = f[v] + b[v];
+        quantize_values_fast(shifted, scale, inv_scale, p.bits, codes.q);
         int8_t* dst = a_tile + row * a_row_bytes + col;
         if constexpr (kEl == 8)
           *reinterpret_cast<uint2*>(dst) = make_uint2(codes.w[0], codes.w[1]);

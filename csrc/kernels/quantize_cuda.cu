@@ -21,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <cstdlib>
 #include <cstdint>
 #include <string>
 
@@ -215,7 +216,17 @@ __device__ __forceinline__ int64_t pixel_offset(const QParams& p, uint32_t pix) 
   return int64_t(t / h) * p.s0 + int64_t(t % h) * p.s2 + int64_t(wi) * p.s3;
 }
 
-template <typename T, bool kDense>
+// TEMP A/B (session 4): the session-3 per-element rint path.
+__device__ __forceinline__ int8_t old_fast(float value, float scale, float inv_scale, int bits) {
+  const float approx = value * inv_scale;
+  const float nearest = rintf(approx);
+  if (!(fabsf(approx - nearest) < 0.5f - 1e-4f)) return quantize_value(value, scale, bits);
+  const float lo = static_cast<float>(qmin(bits));
+  const float hi = static_cast<float>(qmax(bits));
+  return static_cast<int8_t>(nearest < lo ? lo : (nearest > hi ? hi : nearest));
+}
+
+template <typename T, bool kDense, bool kOld = false>
 __global__ void __launch_bounds__(kThreads)
     quantize_vec8_int8_kernel(const T* __restrict__ x, QParams p, uint32_t vecs,
                               int8_t* __restrict__ out) {
@@ -243,13 +254,19 @@ __global__ void __launch_bounds__(kThreads)
       bias[0] = b0.x, bias[1] = b0.y, bias[2] = b0.z, bias[3] = b0.w;
       bias[4] = b1.x, bias[5] = b1.y, bias[6] = b1.z, bias[7] = b1.w;
     }
+    float shifted[kVec];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) shifted[k] = vals[j][k] + bias[k];
     union {
       uint2 raw;
       int8_t q[kVec];
     } u;
+    if constexpr (kOld) {
 #pragma unroll
-    for (int k = 0; k < kVec; ++k)
-      u.q[k] = quantize_value_fast(vals[j][k] + bias[k], s.s, s.inv, p.bits);
+      for (int k = 0; k < kVec; ++k) u.q[k] = old_fast(shifted[k], s.s, s.inv, p.bits);
+    } else {
+      quantize_values_fast(shifted, s.s, s.inv, p.bits, u.q);
+    }
     *reinterpret_cast<uint2*>(out + int64_t(v) * kVec) = u.raw;
   }
 }
@@ -409,7 +426,11 @@ KernelStatus launch_quantize(const char* fn, const T* x, const QParams& p, uint8
     const unsigned blocks = static_cast<unsigned>((vecs + kVecTile - 1) / kVecTile);
     const bool dense = p.s3 == p.c && p.s2 == p.w * p.c && p.s0 == p.h * p.w * p.c;
     int8_t* codes = reinterpret_cast<int8_t*>(out);
-    if (dense)
+    const char* old_env = std::getenv("Q4CONV_PASS_RINT");  // TEMP A/B
+    const bool old_round = old_env != nullptr && old_env[0] == '1';
+    if (dense && old_round)
+      quantize_vec8_int8_kernel<T, true, true><<<blocks, kThreads, 0, stream>>>(x, p, vecs, codes);
+    else if (dense)
       quantize_vec8_int8_kernel<T, true><<<blocks, kThreads, 0, stream>>>(x, p, vecs, codes);
     else
       quantize_vec8_int8_kernel<T, false><<<blocks, kThreads, 0, stream>>>(x, p, vecs, codes);

@@ -403,3 +403,48 @@ TEST(QuantizeValueFast, MatchesExactDivisionEverywhere) {
   }
   EXPECT_GT(checked, 1000000);
 }
+
+// quantize_values_fast (eight values, one fallback test) must equal
+// quantize_value for each of them: groups of random values with one value
+// placed next to a tie, a special or a huge product, so both the fast group
+// and the fallback group are exercised.
+TEST(QuantizeValuesFast, GroupMatchesExactDivision) {
+  std::mt19937 rng(777);
+  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
+  std::uniform_real_distribution<float> log_scale(-20.0f, 10.0f);
+  std::uniform_int_distribution<int> slot(0, 7), kind(0, 4), ulps(-40, 40);
+  const float specials[] = {NAN, INFINITY, -INFINITY, 1e30f, -1e30f, 4194304.5f, -8388609.0f};
+  int fallbacks = 0;
+  for (int bits = 2; bits <= 8; ++bits) {
+    for (int trial = 0; trial < 30000; ++trial) {
+      const float scale = std::exp2(log_scale(rng));
+      const float inv = 1.0f / scale;
+      const float range = static_cast<float>(q4conv::qmax(bits)) + 2.0f;
+      float values[8];
+      for (float& v : values) v = unit(rng) * range * scale;
+      float& odd_one = values[slot(rng)];
+      switch (kind(rng)) {
+        case 0: {  // next to a tie
+          odd_one = (std::floor(unit(rng) * range) + 0.5f) * scale;
+          for (int step = ulps(rng); step != 0; step += step > 0 ? -1 : 1)
+            odd_one = std::nextafter(odd_one, step > 0 ? INFINITY : -INFINITY);
+          break;
+        }
+        case 1: odd_one = specials[slot(rng) % 7]; break;
+        case 2: odd_one = specials[5 + slot(rng) % 2] * scale; break;  // product >= 2^22
+        default: break;  // all random: the fast group
+      }
+      int8_t codes[8];
+      q4conv::quantize_values_fast(values, scale, inv, bits, codes);
+      bool all_fast = true;
+      for (int i = 0; i < 8; ++i) {
+        int8_t unused;
+        all_fast &= q4conv::fast_code(values[i], inv, bits, unused);
+        ASSERT_EQ(codes[i], q4conv::quantize_value(values[i], scale, bits))
+            << "value=" << values[i] << " scale=" << scale << " bits=" << bits;
+      }
+      fallbacks += all_fast ? 0 : 1;
+    }
+  }
+  EXPECT_GT(fallbacks, 1000);  // the exact path ran for many groups
+}
