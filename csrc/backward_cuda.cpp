@@ -44,6 +44,11 @@ at::Tensor empty_like_x(const at::Tensor& x) {
   return at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
 }
 
+// t in `dtype`; no dispatcher call when it already is (the common case).
+at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
 void check_status(const KernelStatus& status, const char* what) {
   TORCH_CHECK(status.ok, "q4conv: ", what, " failed: ", status.message);
 }
@@ -61,10 +66,14 @@ at::Tensor cuda_lsq_activation_codes(const at::Tensor& x, const at::Tensor& bias
   return codes;
 }
 
-// dx, and the partial sums of d bias_a ([rows, C]) and of d scale_a's
-// residual terms, which lsq_finish_scale_grads reduces.
+// dx, and the partial sums that lsq_finish_scale_grads reduces, all in one
+// fp32 allocation (`sums`, one allocator call instead of three): d bias_a's
+// [bias_rows, C], d scale_a's residual terms, and the weight backward's
+// per-output-channel row sums (filled later by weight_backward).
 struct ActivationBackward {
-  at::Tensor dx, bias_partials, residual_partials;
+  at::Tensor dx, sums;
+  float *bias_partials = nullptr, *residual_partials = nullptr, *row_sums = nullptr;
+  int64_t bias_rows = 0, residual_parts = 0;
 };
 
 // grad_act: d loss / d (codes times s_a), x's sizes and dtype; grad_scale:
@@ -72,7 +81,7 @@ struct ActivationBackward {
 ActivationBackward cuda_lsq_activation_backward(const at::Tensor& grad_act, const at::Tensor& x,
                                                 const at::Tensor& bias, const at::Tensor& scale,
                                                 const std::optional<at::Tensor>& grad_scale,
-                                                double eps, int64_t bits) {
+                                                int64_t out_channels, double eps, int64_t bits) {
   TORCH_CHECK(grad_act.sizes() == x.sizes() && grad_act.scalar_type() == x.scalar_type(),
               "grad_act must have x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
               grad_act.sizes(), " ", grad_act.scalar_type());
@@ -98,14 +107,20 @@ ActivationBackward cuda_lsq_activation_backward(const at::Tensor& grad_act, cons
   args.bits = static_cast<int>(bits);
 
   const LsqWorkspace ws = lsq_activation_backward_workspace(args);
-  const auto f32 = x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor bias_partials = at::empty({ws.bias_rows, x.size(1)}, f32);
-  at::Tensor residual_partials = at::empty({ws.residual_parts}, f32);
-  check_status(lsq_activation_backward(args, bias_partials.data_ptr<float>(),
-                                       residual_partials.data_ptr<float>(),
+  ActivationBackward out;
+  out.dx = dx;
+  out.bias_rows = ws.bias_rows;
+  out.residual_parts = ws.residual_parts;
+  const int64_t bias_floats = ws.bias_rows * x.size(1);
+  out.sums = at::empty({bias_floats + ws.residual_parts + out_channels},
+                       x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
+  out.bias_partials = out.sums.data_ptr<float>();
+  out.residual_partials = out.bias_partials + bias_floats;
+  out.row_sums = out.residual_partials + ws.residual_parts;
+  check_status(lsq_activation_backward(args, out.bias_partials, out.residual_partials,
                                        at::cuda::getCurrentCUDAStream()),
                "LSQ activation backward");
-  return {dx, bias_partials, residual_partials};
+  return out;
 }
 
 // Weight codes for the backward convolutions, in `compute` and x's memory
@@ -122,15 +137,13 @@ at::Tensor weight_codes(const at::Tensor& weight, const at::Tensor& scale_w, dou
   return codes;
 }
 
-// dweight and the per-output-channel sums of d scale_w's residual terms.
-std::pair<at::Tensor, at::Tensor> weight_backward(const at::Tensor& grad_wgt,
-                                                  const at::Tensor& weight,
-                                                  const at::Tensor& scale_w,
-                                                  const at::Tensor& scale_a, double eps,
-                                                  int64_t bits) {
+// dweight; the per-output-channel sums of d scale_w's residual terms go to
+// row_sums ([K] fp32 on the device).
+at::Tensor weight_backward(const at::Tensor& grad_wgt, const at::Tensor& weight,
+                           const at::Tensor& scale_w, const at::Tensor& scale_a, double eps,
+                           int64_t bits, float* row_sums) {
   at::Tensor dweight =
       at::empty(weight.sizes(), weight.options().memory_format(weight.suggest_memory_format()));
-  at::Tensor row_sums = at::empty({weight.size(0)}, weight.options().dtype(at::kFloat));
   LsqWeightBackward args;
   args.w = kernel_view(weight, "weight");
   args.grad = kernel_view(grad_wgt, "grad_wgt");
@@ -140,10 +153,9 @@ std::pair<at::Tensor, at::Tensor> weight_backward(const at::Tensor& grad_wgt,
   args.scale_a = scale_a.data_ptr<float>();
   args.eps = static_cast<float>(eps);
   args.bits = static_cast<int>(bits);
-  check_status(
-      lsq_weight_backward(args, row_sums.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
-      "LSQ weight backward");
-  return {dweight, row_sums};
+  check_status(lsq_weight_backward(args, row_sums, at::cuda::getCurrentCUDAStream()),
+               "LSQ weight backward");
+  return dweight;
 }
 
 // d bias_a, d scale_a and d scale_w (fp32, shaped like their parameters)
@@ -153,7 +165,7 @@ struct ScaleGrads {
   at::Tensor dbias_a, dscale_a, dscale_w;
 };
 
-ScaleGrads finish_scale_grads(const ActivationBackward& act, const at::Tensor& row_sums,
+ScaleGrads finish_scale_grads(const ActivationBackward& act, int64_t out_channels,
                               const at::Tensor& x, const at::Tensor& s_a, const at::Tensor& scale_a,
                               const at::Tensor& s_w, const at::Tensor& scale_w,
                               int64_t weight_numel, double eps, int64_t bits) {
@@ -164,19 +176,19 @@ ScaleGrads finish_scale_grads(const ActivationBackward& act, const at::Tensor& r
   const bool per_channel = s_w.numel() > 1;
   const int b = static_cast<int>(bits);
   LsqFinish finish;
-  finish.bias_partials = act.bias_partials.data_ptr<float>();
-  finish.bias_rows = act.bias_partials.size(0);
+  finish.bias_partials = act.bias_partials;
+  finish.bias_rows = act.bias_rows;
   finish.channels = x.size(1);
-  finish.act_residual = act.residual_partials.data_ptr<float>();
-  finish.act_parts = act.residual_partials.numel();
-  finish.row_sums = row_sums.data_ptr<float>();
-  finish.out_channels = row_sums.numel();
+  finish.act_residual = act.residual_partials;
+  finish.act_parts = act.residual_parts;
+  finish.row_sums = act.row_sums;
+  finish.out_channels = out_channels;
   finish.scale_a = s_a.data_ptr<float>();
   finish.scale_w = s_w.data_ptr<float>();
   finish.per_channel = per_channel;
   finish.eps = static_cast<float>(eps);
   finish.act_factor = static_cast<float>(lsq_grad_scale(static_cast<double>(x.numel()), b));
-  const int64_t per_scale = weight_numel / (per_channel ? row_sums.numel() : 1);
+  const int64_t per_scale = weight_numel / (per_channel ? out_channels : 1);
   finish.weight_factor = static_cast<float>(lsq_grad_scale(static_cast<double>(per_scale), b));
   finish.dbias_a = grads.dbias_a.data_ptr<float>();
   finish.dscale_a = grads.dscale_a.data_ptr<float>();
@@ -226,30 +238,31 @@ cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
   const std::vector<int64_t> bias_shape{k_out};
   if (has_bias) bias_sizes = bias_shape;
   const auto [grad_act, grad_wgt, grad_bias] = at::convolution_backward(
-      grad_out.to(compute), act_codes, wgt_codes, bias_sizes, {params.stride[0], params.stride[1]},
-      {params.padding[0], params.padding[1]}, {params.dilation[0], params.dilation[1]}, false,
-      {0, 0}, 1, {true, true, has_bias});
+      as_type(grad_out, compute), act_codes, wgt_codes, bias_sizes,
+      {params.stride[0], params.stride[1]}, {params.padding[0], params.padding[1]},
+      {params.dilation[0], params.dilation[1]}, false, {0, 0}, 1, {true, true, has_bias});
 
   // A per-tensor s_w multiplies grad_act inside the kernel; a per-channel
   // one is already in the weight codes.
   const std::optional<at::Tensor> grad_scale =
       per_channel ? std::nullopt : std::optional<at::Tensor>(s_w);
   ActivationBackward act;
-  at::Tensor dweight, row_sums;
+  at::Tensor dweight;
   {
     Q4CONV_HOST_SPAN("q4conv::backward_lsq");
-    act = cuda_lsq_activation_backward(grad_act, x, bias_f, s_a, grad_scale, eps, bits);
-    std::tie(dweight, row_sums) = weight_backward(grad_wgt, weight, s_w, s_a, eps, bits);
+    act = cuda_lsq_activation_backward(grad_act, x, bias_f, s_a, grad_scale, k_out, eps, bits);
+    dweight = weight_backward(grad_wgt, weight, s_w, s_a, eps, bits, act.row_sums);
   }
 
   const ScaleGrads scales =
-      finish_scale_grads(act, row_sums, x, s_a, scale_a, s_w, scale_w, weight.numel(), eps, bits);
-  return {act.dx,
-          dweight,
-          scales.dbias_a.to(bias_a.scalar_type()),
-          scales.dscale_a.to(scale_a.scalar_type()),
-          scales.dscale_w.to(scale_w.scalar_type()),
-          has_bias ? grad_bias.to(at::kFloat) : at::empty({0}, x.options().dtype(at::kFloat))};
+      finish_scale_grads(act, k_out, x, s_a, scale_a, s_w, scale_w, weight.numel(), eps, bits);
+  return {
+      act.dx,
+      dweight,
+      as_type(scales.dbias_a, bias_a.scalar_type()),
+      as_type(scales.dscale_a, scale_a.scalar_type()),
+      as_type(scales.dscale_w, scale_w.scalar_type()),
+      has_bias ? as_type(grad_bias, at::kFloat) : at::empty({0}, x.options().dtype(at::kFloat))};
 }
 
 }  // namespace q4conv

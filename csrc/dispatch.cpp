@@ -177,7 +177,8 @@ at::Tensor run_conv(Backend backend, const at::Tensor& x, const at::Tensor& bias
     y = cuda_conv(backend, x, bias_a, scale_a, kernel_weight, krs, alpha, bias, params);
 #endif
   }
-  return y.contiguous(x.suggest_memory_format());
+  const auto format = x.suggest_memory_format();
+  return y.is_contiguous(format) ? y : y.contiguous(format);  // no dispatcher call when it is
 }
 
 void check_qweight(const at::Tensor& qweight, const at::Tensor& x) {

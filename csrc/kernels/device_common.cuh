@@ -87,8 +87,24 @@ struct Index4 {
   int64_t i[4];
 };
 
+// 32-bit division when the index and sizes fit (a 64-bit division is a long
+// instruction sequence; weight kernels unravel every element and were
+// instruction bound on it).
 __device__ __forceinline__ Index4 unravel(int64_t flat, const int64_t (&size)[4]) {
   Index4 at;
+  const bool narrow =
+      flat <= UINT32_MAX && size[1] <= UINT32_MAX && size[2] <= UINT32_MAX && size[3] <= UINT32_MAX;
+  if (narrow) {
+    uint32_t rest = static_cast<uint32_t>(flat);
+#pragma unroll
+    for (int d = 3; d > 0; --d) {
+      const uint32_t extent = static_cast<uint32_t>(size[d]);
+      at.i[d] = rest % extent;
+      rest /= extent;
+    }
+    at.i[0] = rest;
+    return at;
+  }
   for (int d = 3; d > 0; --d) {
     at.i[d] = flat % size[d];
     flat /= size[d];

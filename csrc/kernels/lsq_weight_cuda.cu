@@ -105,32 +105,53 @@ __device__ __forceinline__ float scale_grad(float summed, float factor, float ra
   return summed * factor * (raw_scale >= eps ? 1.0f : 0.0f);
 }
 
-// ---- finishing: block b sums the d bias_a columns [b * kThreads, + kThreads);
+// ---- finishing: block b sums the d bias_a columns [b * kFinishX, + kFinishX),
 // block 0 also produces d scale_a and d scale_w ----------------------------------------
-__global__ void __launch_bounds__(kThreads) finish_kernel(const LsqFinish a) {
-  __shared__ float warp_sums[kThreads / device::kWarp];
-  const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+// A block is kFinishX channels (coalesced, one per lane) x kFinishY row groups:
+// thread (x, y) sums rows y, y + kFinishY, ... of its channel, then one thread
+// per channel adds the kFinishY group sums in order. Fixed order either way;
+// many rows in flight at once (one thread per channel walking all rows was
+// 15-110 us per step on H100, NOTES.md session 4).
+constexpr int kFinishX = device::kWarp;
+constexpr int kFinishY = 32;
+constexpr int kFinishThreads = kFinishX * kFinishY;
+
+__global__ void __launch_bounds__(kFinishThreads) finish_kernel(const LsqFinish a) {
+  __shared__ float group_sums[kFinishY][kFinishX + 1];
+  __shared__ float warp_sums[kFinishThreads / device::kWarp];
+  const int tx = threadIdx.x % kFinishX, ty = threadIdx.x / kFinishX;
+  const int64_t c = int64_t(blockIdx.x) * kFinishX + tx;
+  float sum = 0.0f;
   if (c < a.channels) {
-    float sum = 0.0f;
-    for (int64_t row = 0; row < a.bias_rows; ++row) sum += a.bias_partials[row * a.channels + c];
-    a.dbias_a[c] = sum;
+#pragma unroll 8
+    for (int64_t row = ty; row < a.bias_rows; row += kFinishY)
+      sum += a.bias_partials[row * a.channels + c];
+  }
+  group_sums[ty][tx] = sum;
+  __syncthreads();
+  if (ty == 0 && c < a.channels) {
+    float total = 0.0f;
+#pragma unroll
+    for (int y = 0; y < kFinishY; ++y) total += group_sums[y][tx];
+    a.dbias_a[c] = total;
   }
   if (blockIdx.x != 0) return;  // whole block: block_sum below stays uniform
 
+  const int thread = threadIdx.x;
   float act = 0.0f;
-  for (int64_t i = threadIdx.x; i < a.act_parts; i += kThreads) act += a.act_residual[i];
-  act = device::block_sum<kThreads>(act, threadIdx.x, warp_sums);
-  if (threadIdx.x == 0) *a.dscale_a = scale_grad(act, a.act_factor, *a.scale_a, a.eps);
+  for (int64_t i = thread; i < a.act_parts; i += kFinishThreads) act += a.act_residual[i];
+  act = device::block_sum<kFinishThreads>(act, thread, warp_sums);
+  if (thread == 0) *a.dscale_a = scale_grad(act, a.act_factor, *a.scale_a, a.eps);
   __syncthreads();  // warp_sums is reused
   if (a.per_channel) {
-    for (int64_t k = threadIdx.x; k < a.out_channels; k += kThreads)
+    for (int64_t k = thread; k < a.out_channels; k += kFinishThreads)
       a.dscale_w[k] = scale_grad(a.row_sums[k], a.weight_factor, a.scale_w[k], a.eps);
     return;
   }
   float wsum = 0.0f;
-  for (int64_t k = threadIdx.x; k < a.out_channels; k += kThreads) wsum += a.row_sums[k];
-  wsum = device::block_sum<kThreads>(wsum, threadIdx.x, warp_sums);
-  if (threadIdx.x == 0) *a.dscale_w = scale_grad(wsum, a.weight_factor, *a.scale_w, a.eps);
+  for (int64_t k = thread; k < a.out_channels; k += kFinishThreads) wsum += a.row_sums[k];
+  wsum = device::block_sum<kFinishThreads>(wsum, thread, warp_sums);
+  if (thread == 0) *a.dscale_w = scale_grad(wsum, a.weight_factor, *a.scale_w, a.eps);
 }
 
 // ---- host side ------------------------------------------------------------------------
@@ -224,9 +245,9 @@ KernelStatus lsq_finish_scale_grads(const LsqFinish& a, cudaStream_t stream) {
     return invalid(fn, "act_residual", "null pointer");
   if (a.row_sums == nullptr && a.out_channels > 0) return invalid(fn, "row_sums", "null pointer");
   if (a.dscale_a == nullptr || a.dscale_w == nullptr) return invalid(fn, "dscale", "null pointer");
-  const int64_t blocks = std::max<int64_t>(1, (a.channels + kThreads - 1) / kThreads);
+  const int64_t blocks = std::max<int64_t>(1, (a.channels + kFinishX - 1) / kFinishX);
   if (blocks > INT32_MAX) return invalid(fn, "channels", "too many for one grid");
-  finish_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
+  finish_kernel<<<static_cast<unsigned>(blocks), kFinishThreads, 0, stream>>>(a);
   return launch_status(fn);
 }
 

@@ -488,15 +488,23 @@ template <typename T, typename OutT, int BM, int BN>
 KernelStatus launch(Params p, cudaStream_t stream) {
   const size_t smem = smem_bytes_for<BN>(p.c, BM);
   p.staging_offset = int(smem) - kThreads / 32 * staging_words<BN>() * 4;
-  // Raising the dynamic shared-memory limit is a per-function, per-device
-  // setting; doing it on every call is cheap and keeps multi-device correct.
-  cudaError_t err = cudaFuncSetAttribute(pointwise_fused_kernel<T, OutT, BM, BN>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  // Two ~108 KB blocks per SM need the largest shared-memory carveout.
-  if (err == cudaSuccess)
+  // The dynamic shared-memory limit is a per-function, per-device setting:
+  // raised once per device to the largest size asked for so far.
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> raised[kMaxDevices];
+  int device = -1;
+  cudaError_t err = cudaGetDevice(&device);
+  const bool known = err == cudaSuccess && device >= 0 && device < kMaxDevices;
+  if (err == cudaSuccess && !(known && raised[device].load() >= int(smem))) {
     err = cudaFuncSetAttribute(pointwise_fused_kernel<T, OutT, BM, BN>,
-                               cudaFuncAttributePreferredSharedMemoryCarveout,
-                               cudaSharedmemCarveoutMaxShared);
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    // Two ~108 KB blocks per SM need the largest shared-memory carveout.
+    if (err == cudaSuccess)
+      err = cudaFuncSetAttribute(pointwise_fused_kernel<T, OutT, BM, BN>,
+                                 cudaFuncAttributePreferredSharedMemoryCarveout,
+                                 cudaSharedmemCarveoutMaxShared);
+    if (err == cudaSuccess && known) raised[device].store(int(smem));
+  }
   if (err != cudaSuccess)
     return KernelStatus::failure(std::string("pointwise_fused_conv: ") + cudaGetErrorString(err));
   const int64_t row_blocks = (p.m + BM - 1) / BM;

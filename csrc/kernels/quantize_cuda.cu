@@ -21,7 +21,6 @@
 #include <cuda_runtime.h>
 
 #include <climits>
-#include <cstdlib>
 #include <cstdint>
 #include <string>
 
@@ -216,17 +215,7 @@ __device__ __forceinline__ int64_t pixel_offset(const QParams& p, uint32_t pix) 
   return int64_t(t / h) * p.s0 + int64_t(t % h) * p.s2 + int64_t(wi) * p.s3;
 }
 
-// TEMP A/B (session 4): the session-3 per-element rint path.
-__device__ __forceinline__ int8_t old_fast(float value, float scale, float inv_scale, int bits) {
-  const float approx = value * inv_scale;
-  const float nearest = rintf(approx);
-  if (!(fabsf(approx - nearest) < 0.5f - 1e-4f)) return quantize_value(value, scale, bits);
-  const float lo = static_cast<float>(qmin(bits));
-  const float hi = static_cast<float>(qmax(bits));
-  return static_cast<int8_t>(nearest < lo ? lo : (nearest > hi ? hi : nearest));
-}
-
-template <typename T, bool kDense, bool kOld = false>
+template <typename T, bool kDense>
 __global__ void __launch_bounds__(kThreads)
     quantize_vec8_int8_kernel(const T* __restrict__ x, QParams p, uint32_t vecs,
                               int8_t* __restrict__ out) {
@@ -261,12 +250,7 @@ __global__ void __launch_bounds__(kThreads)
       uint2 raw;
       int8_t q[kVec];
     } u;
-    if constexpr (kOld) {
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) u.q[k] = old_fast(shifted[k], s.s, s.inv, p.bits);
-    } else {
-      quantize_values_fast(shifted, s.s, s.inv, p.bits, u.q);
-    }
+    quantize_values_fast(shifted, s.s, s.inv, p.bits, u.q);
     *reinterpret_cast<uint2*>(out + int64_t(v) * kVec) = u.raw;
   }
 }
@@ -278,6 +262,34 @@ bool vec8_path_ok(const T* x, const QParams& p, const void* out) {
   return !p.scale_per_n && p.c > 0 && mult8(p.c) && p.c_pad == p.c && p.s1 == 1 && mult8(p.s0) &&
          mult8(p.s2) && mult8(p.s3) && p.n * p.h * p.w * p.c / kVec <= INT_MAX && aligned(x, 16) &&
          aligned(out, 8) && (p.bias == nullptr || aligned(p.bias, 16));
+}
+
+// ---- NCHW with small planes (weights: K x C x R x S) ---------------------------
+// One thread per (n, output byte column): it walks the plane's h * w pixels
+// (consecutive elements of its channel, so a warp's loads share cache lines)
+// and writes one byte per pixel (consecutive threads, consecutive bytes). For
+// planes smaller than a transpose tile (3x3 and 1x1 filters), where the tile
+// path left most lanes idle: 22 us for a 512 x 512 x 3 x 3 weight on H100.
+template <typename T, bool kInt4>
+__global__ void __launch_bounds__(kThreads)
+    quantize_small_planes_kernel(const T* __restrict__ x, QParams p, uint8_t* __restrict__ out) {
+  const uint32_t row = static_cast<uint32_t>(kInt4 ? p.c_pad / 2 : p.c_pad);
+  const uint32_t plane = static_cast<uint32_t>(p.h * p.w);
+  const uint32_t items = static_cast<uint32_t>(p.n) * row;
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < items; i += gridDim.x * blockDim.x) {
+    const uint32_t b = i % row, ni = i / row;
+    const Scale s = eff_scale(p, ni);
+    const int64_t base = int64_t(ni) * p.s0;
+    uint8_t* dst = out + int64_t(ni) * plane * row + b;
+    for (uint32_t pix = 0; pix < plane; ++pix) {
+      if (kInt4) {
+        dst[int64_t(pix) * row] = pack_int4_pair(load_code(x, p, base + pix, 2 * b, s),
+                                                 load_code(x, p, base + pix, 2 * b + 1, s));
+      } else {
+        dst[int64_t(pix) * row] = static_cast<uint8_t>(load_code(x, p, base + pix, b, s));
+      }
+    }
+  }
 }
 
 // ---- NCHW path: shared-memory tile transpose -------------------------------
@@ -426,11 +438,7 @@ KernelStatus launch_quantize(const char* fn, const T* x, const QParams& p, uint8
     const unsigned blocks = static_cast<unsigned>((vecs + kVecTile - 1) / kVecTile);
     const bool dense = p.s3 == p.c && p.s2 == p.w * p.c && p.s0 == p.h * p.w * p.c;
     int8_t* codes = reinterpret_cast<int8_t*>(out);
-    const char* old_env = std::getenv("Q4CONV_PASS_RINT");  // TEMP A/B
-    const bool old_round = old_env != nullptr && old_env[0] == '1';
-    if (dense && old_round)
-      quantize_vec8_int8_kernel<T, true, true><<<blocks, kThreads, 0, stream>>>(x, p, vecs, codes);
-    else if (dense)
+    if (dense)
       quantize_vec8_int8_kernel<T, true><<<blocks, kThreads, 0, stream>>>(x, p, vecs, codes);
     else
       quantize_vec8_int8_kernel<T, false><<<blocks, kThreads, 0, stream>>>(x, p, vecs, codes);
@@ -442,6 +450,11 @@ KernelStatus launch_quantize(const char* fn, const T* x, const QParams& p, uint8
     const int64_t groups = (p.c_pad + 15) / 16;
     quantize_cl_kernel<T, kInt4>
         <<<grid_for(p.n * p.h * p.w * groups), kThreads, 0, stream>>>(x, p, out);
+    return launch_status(fn);
+  }
+  if (nchw && p.h * p.w < kTileP && p.n * (kInt4 ? p.c_pad / 2 : p.c_pad) <= INT_MAX) {
+    quantize_small_planes_kernel<T, kInt4>
+        <<<grid_for(p.n * (kInt4 ? p.c_pad / 2 : p.c_pad)), kThreads, 0, stream>>>(x, p, out);
     return launch_status(fn);
   }
   if (nchw) {
