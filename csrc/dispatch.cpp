@@ -1,6 +1,7 @@
 // The one place that decides which backend runs a convolution, plus the
 // argument checks and the scale arithmetic every backend shares.
 #include <array>
+#include <utility>
 
 #include "q4conv.h"
 
@@ -250,15 +251,21 @@ at::Tensor conv_train(const at::Tensor& x, const at::Tensor& bias_a, const at::T
   at::Tensor alpha, qweight, wgt;
   {
     Q4CONV_HOST_SPAN("q4conv::train_weight_prep");
-    alpha = output_alpha(scale_a, scale_w, k_out, eps);
     // CUDA backends quantize the float weights straight into their layout
-    // (one launch); the fallback reads packed codes.
+    // and compute alpha in the same launch; the fallback reads packed codes.
 #ifdef Q4CONV_WITH_CUDA
-    if (chosen != Backend::kFallback)
-      wgt = cuda_train_kernel_weight(weight, scale_w, eps, bits, chosen);
+    if (chosen != Backend::kFallback) {
+      TrainKernelWeight prepared =
+          cuda_train_kernel_weight(weight, scale_a, scale_w, eps, bits, chosen);
+      wgt = std::move(prepared.weight);
+      alpha = std::move(prepared.alpha);
+    }
 #endif
   }
-  if (chosen == Backend::kFallback) qweight = quantize_pack(weight, scale_w, eps, bits);
+  if (chosen == Backend::kFallback) {
+    alpha = output_alpha(scale_a, scale_w, k_out, eps);
+    qweight = quantize_pack(weight, scale_w, eps, bits);
+  }
   return run_conv(chosen, x, bias_a, scale_a, qweight, wgt, {k_out, r, s}, alpha, bias, params);
 }
 

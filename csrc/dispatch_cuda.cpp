@@ -326,8 +326,9 @@ at::Tensor cuda_packed_kernel_weight(const at::Tensor& qweight,
   return cuda_kernel_weight(qweight, in_channels, backend);
 }
 
-at::Tensor cuda_train_kernel_weight(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
-                                    int64_t bits, Backend backend) {
+TrainKernelWeight cuda_train_kernel_weight(const at::Tensor& weight, const at::Tensor& scale_a,
+                                           const at::Tensor& scale_w, double eps, int64_t bits,
+                                           Backend backend) {
   TORCH_CHECK(backend == Backend::kSm80Int4 || backend == Backend::kSm90Int8,
               "cuda_train_kernel_weight: backend must be 'sm80_int4' or 'sm90_int8', got '",
               backend_name(backend), "'");
@@ -341,27 +342,40 @@ at::Tensor cuda_train_kernel_weight(const at::Tensor& weight, const at::Tensor& 
   const int b = static_cast<int>(bits);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Tensor4dView view = kernel_view(source, "weight");
+  TrainKernelWeight out;
+  const bool quantizes = k_out * channels * r * s > 0;
+  if (!quantizes) {
+    out.alpha = cuda_output_alpha(scale_a, scale_w, k_out, eps);  // no launch to ride on
+  } else {
+    TORCH_CHECK(scale_a.device() == weight.device(), "scale_a must be on the weight's device (",
+                weight.device(), "), got ", scale_a.device());
+    out.alpha = at::empty({k_out}, weight.options().dtype(at::kFloat));
+  }
+  const at::Tensor s_a = fp32_dense(scale_a);
+  AlphaOut alpha;
+  if (quantizes) alpha = {s_a.data_ptr<float>(), out.alpha.data_ptr<float>()};
   if (backend == Backend::kSm80Int4) {
-    at::Tensor packed = at::empty(kernel_weight_sizes(k_out, channels, r, s, backend),
-                                  weight.options().dtype(at::kByte));
-    if (packed.numel() > 0)
+    out.weight = at::empty(kernel_weight_sizes(k_out, channels, r, s, backend),
+                           weight.options().dtype(at::kByte));
+    if (quantizes)
       check_status(quantize_pack_weight_int4(view, scale.data_ptr<float>(), per_channel, e, b,
-                                             static_cast<int>(packed.size(3) * 2),
-                                             packed.data_ptr<uint8_t>(), stream),
+                                             static_cast<int>(out.weight.size(3) * 2),
+                                             out.weight.data_ptr<uint8_t>(), stream, alpha),
                    "weight quantization");
-    return packed;
+    return out;
   }
   // The im2col layout is made from unpadded KRSC codes.
   const bool im2col = uses_im2col(backend, channels);
   const std::array<int64_t, 4> sizes = im2col ? std::array<int64_t, 4>{k_out, r, s, channels}
                                               : kernel_weight_sizes(k_out, channels, r, s, backend);
   at::Tensor codes = at::empty(sizes, weight.options().dtype(at::kChar));
-  if (codes.numel() > 0)
-    check_status(
-        quantize_weight_int8_krsc(view, scale.data_ptr<float>(), per_channel, e, b,
-                                  static_cast<int>(sizes[3]), codes.data_ptr<int8_t>(), stream),
-        "weight quantization");
-  return im2col ? im2col_rows(codes) : codes;
+  if (quantizes)
+    check_status(quantize_weight_int8_krsc(view, scale.data_ptr<float>(), per_channel, e, b,
+                                           static_cast<int>(sizes[3]), codes.data_ptr<int8_t>(),
+                                           stream, alpha),
+                 "weight quantization");
+  out.weight = im2col ? im2col_rows(codes) : codes;
+  return out;
 }
 
 at::Tensor cuda_output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w,

@@ -120,9 +120,14 @@ at::Tensor cuda_packed_kernel_weight(const at::Tensor& qweight,
                                      const std::optional<at::Tensor>& cached, int64_t in_channels,
                                      Backend backend);
 // Float weights (K, C, R, S) quantized straight into the layout of
-// cuda_kernel_weight (training forward: no packed intermediate).
-at::Tensor cuda_train_kernel_weight(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
-                                    int64_t bits, Backend backend);
+// cuda_kernel_weight (training forward: no packed intermediate), and the
+// epilogue scales output_alpha(scale_a, scale_w) from the same launch.
+struct TrainKernelWeight {
+  at::Tensor weight, alpha;
+};
+TrainKernelWeight cuda_train_kernel_weight(const at::Tensor& weight, const at::Tensor& scale_a,
+                                           const at::Tensor& scale_w, double eps, int64_t bits,
+                                           Backend backend);
 // output_alpha on the GPU in one launch.
 at::Tensor cuda_output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w,
                              int64_t out_channels, double eps);

@@ -47,6 +47,7 @@ struct QParams {
   float eps;
   int bits;
   int c_pad;
+  AlphaOut alpha;  // weights only: alpha[n] also written (quantize_kernels.h)
 };
 
 // The effective scale and its reciprocal (quantize_value_fast multiplies).
@@ -57,6 +58,16 @@ struct Scale {
 __device__ __forceinline__ Scale eff_scale(const QParams& p, int64_t n) {
   const float s = effective_scale(p.scale[p.scale_per_n ? n : 0], p.eps);
   return {s, 1.0f / s};
+}
+
+// The first block writes alpha[n] = s_a * s_w[n] for every n when asked to
+// (QParams::alpha), before its share of the codes.
+__device__ __forceinline__ void write_alpha(const QParams& p) {
+  if (p.alpha.alpha == nullptr || blockIdx.x != 0 || blockIdx.y != 0) return;
+  const float s_a = effective_scale(*p.alpha.scale_a, p.eps);
+  const int threads = blockDim.x * blockDim.y;
+  for (int64_t n = threadIdx.y * blockDim.x + threadIdx.x; n < p.n; n += threads)
+    p.alpha.alpha[n] = s_a * eff_scale(p, n).s;
 }
 
 // Code of channel c from an already loaded value; channels >= C are zero.
@@ -102,6 +113,7 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ src, float (&v)[k
 template <typename T, bool kInt4>
 __global__ void __launch_bounds__(kThreads)
     quantize_generic_kernel(const T* __restrict__ x, QParams p, uint8_t* __restrict__ out) {
+  write_alpha(p);
   const int64_t row = kInt4 ? p.c_pad / 2 : p.c_pad;  // output bytes per pixel
   const int64_t total = p.n * p.h * p.w * row;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
@@ -128,6 +140,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, bool kInt4>
 __global__ void __launch_bounds__(kThreads)
     quantize_cl_kernel(const T* __restrict__ x, QParams p, uint8_t* __restrict__ out) {
+  write_alpha(p);
   constexpr int G = 16;
   const int64_t groups = (p.c_pad + G - 1) / G;
   const int64_t row = kInt4 ? p.c_pad / 2 : p.c_pad;
@@ -219,6 +232,7 @@ template <typename T, bool kDense>
 __global__ void __launch_bounds__(kThreads)
     quantize_vec8_int8_kernel(const T* __restrict__ x, QParams p, uint32_t vecs,
                               int8_t* __restrict__ out) {
+  write_alpha(p);
   const uint32_t vecs_per_pixel = static_cast<uint32_t>(p.c) / kVec;
   const uint32_t first = blockIdx.x * uint32_t(kVecTile) + threadIdx.x;
   float vals[kVecsPerThread][kVec];
@@ -273,6 +287,7 @@ bool vec8_path_ok(const T* x, const QParams& p, const void* out) {
 template <typename T, bool kInt4>
 __global__ void __launch_bounds__(kThreads)
     quantize_small_planes_kernel(const T* __restrict__ x, QParams p, uint8_t* __restrict__ out) {
+  write_alpha(p);
   const uint32_t row = static_cast<uint32_t>(kInt4 ? p.c_pad / 2 : p.c_pad);
   const uint32_t plane = static_cast<uint32_t>(p.h * p.w);
   const uint32_t items = static_cast<uint32_t>(p.n) * row;
@@ -304,6 +319,7 @@ template <typename T, bool kInt4>
 __global__ void __launch_bounds__(kTileP* kTileRows)
     quantize_nchw_kernel(const T* __restrict__ x, QParams p, uint8_t* __restrict__ out,
                          int64_t ptiles) {
+  write_alpha(p);
   // [pixel][channel]; row pitch 36 bytes (odd number of words): the column
   // writes of the read phase hit distinct banks.
   __shared__ __align__(4) int8_t tile[kTileP][kTileC + 4];
@@ -478,7 +494,7 @@ template <bool kInt4>
 KernelStatus quantize_common(const char* fn, const char* xname, const Tensor4dView& x,
                              const float* bias, const char* scale_name, const float* scale,
                              bool scale_per_n, float eps, int bits, int c_pad, void* out,
-                             cudaStream_t stream) {
+                             cudaStream_t stream, AlphaOut alpha = {}) {
   KernelStatus st = validate_view(fn, xname, x);
   if (!st.ok) return st;
   const int max_bits = kInt4 ? 4 : 8;
@@ -513,6 +529,9 @@ KernelStatus quantize_common(const char* fn, const char* xname, const Tensor4dVi
   p.eps = eps;
   p.bits = bits;
   p.c_pad = c_pad;
+  p.alpha = alpha;
+  if ((alpha.alpha == nullptr) != (alpha.scale_a == nullptr))
+    return KernelStatus::failure(fail_prefix(fn, "alpha") + "alpha and scale_a must both be set");
   uint8_t* o = static_cast<uint8_t*>(out);
   switch (x.type) {
     case InType::kFloat32:
@@ -567,16 +586,16 @@ KernelStatus quantize_activation_int4_nhwc(const Tensor4dView& x, const float* b
 
 KernelStatus quantize_pack_weight_int4(const Tensor4dView& w, const float* scale_w,
                                        bool per_channel, float eps, int bits, int c_pad,
-                                       uint8_t* out, cudaStream_t stream) {
+                                       uint8_t* out, cudaStream_t stream, AlphaOut alpha) {
   return quantize_common<true>("quantize_pack_weight_int4", "w", w, nullptr, "scale_w", scale_w,
-                               per_channel, eps, bits, c_pad, out, stream);
+                               per_channel, eps, bits, c_pad, out, stream, alpha);
 }
 
 KernelStatus quantize_weight_int8_krsc(const Tensor4dView& w, const float* scale_w,
                                        bool per_channel, float eps, int bits, int c_pad,
-                                       int8_t* out, cudaStream_t stream) {
+                                       int8_t* out, cudaStream_t stream, AlphaOut alpha) {
   return quantize_common<false>("quantize_weight_int8_krsc", "w", w, nullptr, "scale_w", scale_w,
-                                per_channel, eps, bits, c_pad, out, stream);
+                                per_channel, eps, bits, c_pad, out, stream, alpha);
 }
 
 KernelStatus output_alpha_fp32(const float* scale_a, const float* scale_w, bool per_channel,

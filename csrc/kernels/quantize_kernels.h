@@ -34,19 +34,28 @@ KernelStatus quantize_activation_int4_nhwc(const Tensor4dView& x, const float* b
                                            const float* scale_a, float eps, int bits, int c_pad,
                                            uint8_t* out, cudaStream_t stream);
 
+// Optional by-product of a weight quantization launch: the epilogue scales
+// alpha[k] = max(*scale_a, eps) * max(scale_w[per_channel ? k : 0], eps),
+// fp32 [K] (what output_alpha_fp32 computes), written by the same launch so a
+// training forward saves one launch. Both null: not computed.
+struct AlphaOut {
+  const float* scale_a = nullptr;
+  float* alpha = nullptr;
+};
+
 // Weight codes: w is (K, C, R, S) viewed through Tensor4dView (N=K, H=R, W=S);
 // scale_w points to fp32 on the device, per_channel ? [K] values : 1 value.
 // Writes packed int4 KRSC [K,R,S,c_pad/2] (c_pad even, >= C, zero codes pad).
 KernelStatus quantize_pack_weight_int4(const Tensor4dView& w, const float* scale_w,
                                        bool per_channel, float eps, int bits, int c_pad,
-                                       uint8_t* out, cudaStream_t stream);
+                                       uint8_t* out, cudaStream_t stream, AlphaOut alpha = {});
 
 // Weight codes straight into the sm90 kernel's layout: int8 KRSC
 // [K,R,S,c_pad] (c_pad >= C, zero codes pad); same codes as
 // quantize_pack_weight_int4 followed by unpack_int4_to_int8.
 KernelStatus quantize_weight_int8_krsc(const Tensor4dView& w, const float* scale_w,
                                        bool per_channel, float eps, int bits, int c_pad,
-                                       int8_t* out, cudaStream_t stream);
+                                       int8_t* out, cudaStream_t stream, AlphaOut alpha = {});
 
 // Epilogue scales alpha[k] = max(*scale_a, eps) * max(scale_w[per_channel ?
 // k : 0], eps), fp32 [out_channels] on the device; one small launch instead of
