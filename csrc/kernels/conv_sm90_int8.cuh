@@ -194,7 +194,15 @@ KernelStatus cached_run(const ConvShape& s, const void* act, const void* wt, con
       slots[i].params = params;
     }
   }
-  cutlass::Status st = Op::run(params, stream);
+  // Self::kProgrammaticLaunch: launched with programmatic dependent launch,
+  // so its CTAs start (prologue, barrier and TMA descriptor setup) while the
+  // activation pass before it drains; the kernel waits for the pass's
+  // results itself (griddepcontrol.wait, CUTLASS_ENABLE_GDC_FOR_SM90).
+  cutlass::Status st;
+  if constexpr (Self::kProgrammaticLaunch)
+    st = Op::run(params, stream, nullptr, /*launch_with_pdl=*/true);
+  else
+    st = Op::run(params, stream);
   ce = cudaGetLastError();
   if (st != cutlass::Status::kSuccess)
     return KernelStatus::failure(
@@ -236,6 +244,9 @@ struct EpilogueFusion {
 // subtile 64 x EpiN (0 = CUTLASS's choice, 64x32 for this schedule).
 template <int TM, int TN, int TK, int CM, int MinBlocks, int Stages, int EpiN, OutType OT>
 struct Kernel {
+  // The CUTLASS 3.x sm90 conv kernel has no griddepcontrol.wait: it must not
+  // start before the pass that feeds it has finished.
+  static constexpr bool kProgrammaticLaunch = false;
   using ElementOut = typename OutElement<OT>::type;
   static constexpr int kAlignOut = 128 / cutlass::sizeof_bits<ElementOut>::value;
 
@@ -442,6 +453,9 @@ struct OutTypeDispatch {
 // the SM count. Schedule: 0 = cooperative, 1 = pingpong.
 template <int TM, int TN, int TK, int Schedule, OutType OT>
 struct GemmKernel {
+  // The sm90 GEMM kernels wait for their producer grid before reading global
+  // memory when built with CUTLASS_ENABLE_GDC_FOR_SM90 (CMakeLists.txt).
+  static constexpr bool kProgrammaticLaunch = true;
   using ElementOut = typename OutElement<OT>::type;
   static constexpr int kAlignOut = 128 / cutlass::sizeof_bits<ElementOut>::value;
   using TileShape = cute::Shape<cute::Int<TM>, cute::Int<TN>, cute::Int<TK>>;

@@ -80,6 +80,18 @@ __device__ __forceinline__ float block_sum(float v, int thread, float* warp_sums
   return total;
 }
 
+// ---- programmatic dependent launch ------------------------------------------------
+// Lets the next kernel in the stream, when launched with programmatic
+// dependent launch (the sm90 GEMM after the activation pass), start its CTAs
+// once every block of this grid has begun; that kernel still waits for this
+// grid to complete before it reads our output (griddepcontrol.wait). No-op
+// before sm_90 and for kernels launched normally.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // ---- indexing --------------------------------------------------------------------
 // Coordinates (i0, i1, i2, i3) of flat index i in a row-major array of the
 // given sizes (i3 fastest).

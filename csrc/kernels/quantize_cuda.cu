@@ -114,6 +114,7 @@ template <typename T, bool kInt4>
 __global__ void __launch_bounds__(kThreads)
     quantize_generic_kernel(const T* __restrict__ x, QParams p, uint8_t* __restrict__ out) {
   write_alpha(p);
+  device::allow_dependent_launch();
   const int64_t row = kInt4 ? p.c_pad / 2 : p.c_pad;  // output bytes per pixel
   const int64_t total = p.n * p.h * p.w * row;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
@@ -141,6 +142,7 @@ template <typename T, bool kInt4>
 __global__ void __launch_bounds__(kThreads)
     quantize_cl_kernel(const T* __restrict__ x, QParams p, uint8_t* __restrict__ out) {
   write_alpha(p);
+  device::allow_dependent_launch();
   constexpr int G = 16;
   const int64_t groups = (p.c_pad + G - 1) / G;
   const int64_t row = kInt4 ? p.c_pad / 2 : p.c_pad;
@@ -228,21 +230,31 @@ __device__ __forceinline__ int64_t pixel_offset(const QParams& p, uint32_t pix) 
   return int64_t(t / h) * p.s0 + int64_t(t % h) * p.s2 + int64_t(wi) * p.s3;
 }
 
+// The loaded vectors stay raw (uint4) until their turn to be converted: half
+// the registers of float copies (40 instead of 52 for fp16 input: 6 blocks per
+// SM instead of 4), so more loads in flight per SM (NOTES.md, session 4:
+// C256->K128 56x56 pass 64.6 -> 57.3 us on H100). Forcing 8 blocks (32
+// registers, a small spill) measured no better.
 template <typename T, bool kDense>
 __global__ void __launch_bounds__(kThreads)
     quantize_vec8_int8_kernel(const T* __restrict__ x, QParams p, uint32_t vecs,
                               int8_t* __restrict__ out) {
+  constexpr int kUnits = kVec * static_cast<int>(sizeof(T)) / 16;  // uint4s per vector
   write_alpha(p);
+  device::allow_dependent_launch();
   const uint32_t vecs_per_pixel = static_cast<uint32_t>(p.c) / kVec;
   const uint32_t first = blockIdx.x * uint32_t(kVecTile) + threadIdx.x;
-  float vals[kVecsPerThread][kVec];
+  uint4 raw[kVecsPerThread][kUnits];
 #pragma unroll
   for (int j = 0; j < kVecsPerThread; ++j) {
     const uint32_t v = first + j * kThreads;
     if (v >= vecs) break;
     const uint32_t pix = v / vecs_per_pixel;
     const uint32_t c0 = (v - pix * vecs_per_pixel) * kVec;
-    load_vec<T, kVec>(kDense ? x + int64_t(v) * kVec : x + pixel_offset(p, pix) + c0, vals[j]);
+    const uint4* src = reinterpret_cast<const uint4*>(kDense ? x + int64_t(v) * kVec
+                                                             : x + pixel_offset(p, pix) + c0);
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) raw[j][u] = __ldcs(src + u);  // read once: evict first
   }
   const Scale s = eff_scale(p, 0);
 #pragma unroll
@@ -257,9 +269,15 @@ __global__ void __launch_bounds__(kThreads)
       bias[0] = b0.x, bias[1] = b0.y, bias[2] = b0.z, bias[3] = b0.w;
       bias[4] = b1.x, bias[5] = b1.y, bias[6] = b1.z, bias[7] = b1.w;
     }
+    union {
+      uint4 units[kUnits];
+      T e[kVec];
+    } in;
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) in.units[u] = raw[j][u];
     float shifted[kVec];
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) shifted[k] = vals[j][k] + bias[k];
+    for (int k = 0; k < kVec; ++k) shifted[k] = to_float(in.e[k]) + bias[k];
     union {
       uint2 raw;
       int8_t q[kVec];
@@ -288,6 +306,7 @@ template <typename T, bool kInt4>
 __global__ void __launch_bounds__(kThreads)
     quantize_small_planes_kernel(const T* __restrict__ x, QParams p, uint8_t* __restrict__ out) {
   write_alpha(p);
+  device::allow_dependent_launch();
   const uint32_t row = static_cast<uint32_t>(kInt4 ? p.c_pad / 2 : p.c_pad);
   const uint32_t plane = static_cast<uint32_t>(p.h * p.w);
   const uint32_t items = static_cast<uint32_t>(p.n) * row;
@@ -320,6 +339,7 @@ __global__ void __launch_bounds__(kTileP* kTileRows)
     quantize_nchw_kernel(const T* __restrict__ x, QParams p, uint8_t* __restrict__ out,
                          int64_t ptiles) {
   write_alpha(p);
+  device::allow_dependent_launch();
   // [pixel][channel]; row pitch 36 bytes (odd number of words): the column
   // writes of the read phase hit distinct banks.
   __shared__ __align__(4) int8_t tile[kTileP][kTileC + 4];

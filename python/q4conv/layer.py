@@ -190,28 +190,32 @@ class Q4Conv2dCutlass(nn.Module):
             raise ValueError(f"x must have in_channels={self.in_channels} channels (dim 1), got {x.shape[1]}")
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-        if x.device != self.bias_a.device:
-            raise ValueError(f"x is on {x.device} but the layer's parameters are on {self.bias_a.device}")
+        device = self._parameters["bias_a"].device
+        if x.device != device:
+            raise ValueError(f"x is on {x.device} but the layer's parameters are on {device}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if not self._scale_a_ready and x.shape[0] > 0:  # skips the no_grad decorator's cost
             self._init_scale_a(x)
-        # The .default overloads skip the overload-packet lookup: this runs on
-        # every call, and a small layer's step is host bound (NOTES.md).
+        # This runs on every call and a small layer's call is host bound
+        # (NOTES.md): the .default overloads skip the overload-packet lookup,
+        # and parameters come from the _parameters dict (each self.<parameter>
+        # is a Module.__getattr__ call).
         args = (list(self.stride), list(self.padding), list(self.dilation), self._eps_value, self.a_bit)
+        named = self._parameters
+        bias_a, scale_a, scale_w, bias = named["bias_a"], named["scale_a"], named["scale_w"], named["bias"]
         if self.training:
             return _ops.ops.conv_train.default(
-                x, self.bias_a, self.scale_a, self.opt_weight, self.scale_w, self.bias, *args, self.backend
+                x, bias_a, scale_a, self.opt_weight, scale_w, bias, *args, self.backend
             )
         # Packed inference has no gradient: with grad mode on, parameters enter
         # detached, so only an input that requires grad makes a graph (whose
         # backward raises). Under no_grad / inference_mode no graph is built,
         # and the detach calls (ATen ops each) are skipped.
-        params = (self.bias_a, self.scale_a, self.scale_w, self.bias)
         if torch.is_grad_enabled():
-            params = tuple(None if p is None else p.detach() for p in params)
-        bias_a, scale_a, scale_w, bias = params
+            bias_a, scale_a, scale_w, bias = (None if p is None else p.detach()
+                                              for p in (bias_a, scale_a, scale_w, bias))
         qweight = self.opt_weight
         alpha, kernel_weight = self._cached_kernel_inputs(x, qweight)
         return _ops.ops.conv_packed.default(
@@ -236,8 +240,9 @@ class Q4Conv2dCutlass(nn.Module):
             return None, None
         # The cache holds qweight itself, so its storage cannot be freed and
         # reused by a new qweight; in-place changes bump the version counters.
-        key = (x.device, _version_of(qweight), self.scale_a.data_ptr(), _version_of(self.scale_a),
-               self.scale_w.data_ptr(), _version_of(self.scale_w), self._eps_value, self.backend)
+        scale_a, scale_w = self._parameters["scale_a"], self._parameters["scale_w"]
+        key = (x.device, _version_of(qweight), scale_a.data_ptr(), _version_of(scale_a),
+               scale_w.data_ptr(), _version_of(scale_w), self._eps_value, self.backend)
         cache = self._inference_cache
         if cache is None or cache[0] is not qweight or cache[1] != key:
             alpha = _ops.ops.output_alpha(self.scale_a.detach(), self.scale_w.detach(), self.out_channels,
