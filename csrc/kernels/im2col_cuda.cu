@@ -15,6 +15,8 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
+#include <utility>
 
 #include "conv_kernels.h"
 
@@ -25,12 +27,20 @@ constexpr int kTapThreads = 64;
 constexpr int kRowThreads = 4;
 constexpr int kMaxRows = 64;
 constexpr int kMaxTileBytes = 40 * 1024;  // + 1 KB static: under the 48 KB default
+// The im2col path serves C < 16 (dispatch_cuda.cpp uses_im2col).
+constexpr int kMaxIm2colChannels = 15;
 
 struct RowOrigin {
   int64_t pixel0;  // element offset of image n in act
   int h0, w0;      // input position of tap (0, 0)
 };
 
+// kC: the channel count (g.c) as a constant, so each tap's copy is kC
+// independent byte loads and the row loop unrolls: the loads of several rows
+// are in flight at once (the runtime-C loop waited for one row's loads before
+// issuing the next: 124 us for the stem's 128 MB of rows on H100, NOTES.md
+// session 4).
+template <int kC>
 __global__ void __launch_bounds__(kTapThreads* kRowThreads)
     im2col_int8_kernel(const int8_t* __restrict__ act, ConvShape g, int cols, int rows_per_block,
                        int64_t total_rows, int8_t* __restrict__ out) {
@@ -57,19 +67,33 @@ __global__ void __launch_bounds__(kTapThreads* kRowThreads)
   const int taps = g.r * g.s;
   for (int tap = threadIdx.x; tap < taps; tap += kTapThreads) {
     const int r = tap / g.s, s = tap - (tap / g.s) * g.s;
+#pragma unroll 4
     for (int row = threadIdx.y; row < rows; row += kRowThreads) {
       const RowOrigin o = origin[row];
       const int h = o.h0 + r * g.dil_h, w = o.w0 + s * g.dil_w;
       if (h < 0 || h >= g.h || w < 0 || w >= g.w) continue;  // padding: zero codes
-      const int8_t* src = act + o.pixel0 + (int64_t(h) * g.w + w) * g.c;
-      int8_t* dst = tile + row * cols + tap * g.c;
-      for (int c = 0; c < g.c; ++c) dst[c] = src[c];
+      const int8_t* src = act + o.pixel0 + (int64_t(h) * g.w + w) * kC;
+      int8_t* dst = tile + row * cols + tap * kC;
+#pragma unroll
+      for (int c = 0; c < kC; ++c) dst[c] = src[c];
     }
   }
   __syncthreads();
 
   uint4* out4 = reinterpret_cast<uint4*>(out + m0 * cols);
   for (int i = tid; i < rows * cols / 16; i += threads) out4[i] = tile4[i];
+}
+
+// Calls f(std::integral_constant<int, C>{}) for c = C in [1, kMaxIm2colChannels].
+template <int C = 1, typename F>
+KernelStatus with_channels(int c, F&& f) {
+  if constexpr (C > kMaxIm2colChannels) {
+    return KernelStatus::failure("im2col_int8: invalid argument 'shape': C = " + std::to_string(c) +
+                                 " is outside [1, " + std::to_string(kMaxIm2colChannels) + "]");
+  } else {
+    if (c == C) return f(std::integral_constant<int, C>{});
+    return with_channels<C + 1>(c, std::forward<F>(f));
+  }
 }
 
 }  // namespace
@@ -95,9 +119,13 @@ KernelStatus im2col_int8(const ConvShape& shape, const int8_t* act, int cols, in
   const int64_t blocks = (total_rows + rows_per_block - 1) / rows_per_block;
   if (blocks > INT32_MAX) return KernelStatus::failure("im2col_int8: too many rows");
   const size_t smem = size_t(rows_per_block) * cols;
-  im2col_int8_kernel<<<static_cast<unsigned>(blocks), dim3(kTapThreads, kRowThreads), smem,
-                       stream>>>(act, shape, cols, rows_per_block, total_rows, out);
-  return launch_status("im2col_int8");
+  const auto launch = [&](auto channels) {
+    im2col_int8_kernel<decltype(channels)::value>
+        <<<static_cast<unsigned>(blocks), dim3(kTapThreads, kRowThreads), smem, stream>>>(
+            act, shape, cols, rows_per_block, total_rows, out);
+    return launch_status("im2col_int8");
+  };
+  return with_channels(shape.c, launch);
 }
 
 }  // namespace q4conv

@@ -90,7 +90,9 @@ def test_relu_epilogue(device, backend):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "strided", "nhwc_every_other_pixel"])
-@pytest.mark.parametrize("channels", [20, 24])  # 24: the CUDA 8-channel vector path
+# CUDA channels_last paths: 24 the 8-channel vectors, 3 (RGB stem) and 20 the
+# flat one (8 consecutive elements across channels, ragged tail for 3).
+@pytest.mark.parametrize("channels", [3, 20, 24])
 def test_activation_codes_exact(device, dtype, layout, channels):
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(2, channels, 5, 7, generator=gen) * 3
