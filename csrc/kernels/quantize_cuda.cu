@@ -1,21 +1,29 @@
 // CUDA quantization kernels (interface: quantize_kernels.h). No torch here.
 //
-// Every code is computed by the functions of ../quant.h (quantize_activation,
-// quantize_value, pack_int4_pair, unpack_int4, effective_scale), so the codes
-// are bit-identical to the CPU path. Do not build this file with fast-math:
-// quant.h divides (IEEE fp32 division) and relies on rintf (half to even).
+// Every code is computed by the functions of ../quant.h (quantize_values_fast,
+// quantize_value_fast, quantize_value, pack_int4_pair, unpack_int4,
+// effective_scale), so the codes are bit-identical to the CPU path. Do not
+// build this file with fast-math: quant.h divides (IEEE fp32 division) and
+// relies on round-half-to-even.
 //
-// Activation / weight quantization has three paths, chosen per call:
+// Activation / weight quantization paths, the first that fits is taken:
+//   * channels_last, int8 out, C % 8 == 0, no channel padding: 8-channel
+//     vectors, 4 per thread, 32-bit index math (dense, or the every-other-
+//     pixel view of a strided 1x1 convolution).
+//   * dense channels_last, int8 out, any C, no channel padding: a flat array,
+//     8 consecutive elements per thread across channels (the RGB stem).
 //   * channels_last (stride[1] == 1, C > 1): one thread per (pixel, group of
 //     16 channels); 16-byte vector loads when the group is inside C and its
 //     address is 16-byte aligned, 16-byte (int8) / 8-byte (int4) stores when
 //     the output group is inside c_pad and aligned; scalar otherwise.
+//   * NCHW with planes under 32 pixels (weights K x C x R x S): one thread
+//     per (n, output byte) walking the plane.
 //   * NCHW (the H*W plane of each (n, c) is contiguous): 32 pixels x 32
 //     channels shared-memory tile transpose; reads coalesced along W, writes
 //     coalesced along C.
-//   * channels_last, int8 out, C % 8 == 0, no channel padding: 8-channel
-//     vectors, 4 per thread, 32-bit index math.
 //   * generic strided: one thread per output byte.
+// Weight launches can also write the epilogue scales alpha (AlphaOut), and
+// every kernel lets a programmatically launched GEMM after it start early.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
