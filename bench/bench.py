@@ -10,7 +10,9 @@ Per shape, in one run on one CUDA card:
   (e) a plain fp16 conv training step (fp16 weights, channels_last, forward + backward dx, dw);
   (f) a pure-PyTorch LSQ fake-quant conv in fp32 (channels_last; fake-quantize activations and
       weights with round-STE in PyTorch ops, then F.conv2d), forward + backward.
-Timing: CUDA events around each call, warm-up, median over repeats, cudnn.benchmark on; fresh
+Timing: CUDA events around each call, warm-up, median over repeats, and the median of that over
+--rounds rounds that interleave all variants of a shape (host-bound eager steps are sensitive to
+slow spells of the host; a spell then spoils one round, not one variant); cudnn.benchmark on; fresh
 random data per shape; when an input fits in L2 (50 MB) the calls rotate over several input
 buffers (together > 2x L2) so that no call reads an input the previous call left in L2.
 
@@ -270,6 +272,16 @@ def bench_shape(shape: Shape, args) -> Dict[str, object]:
     nbuf = n_buffers(x_bytes)
     torch.manual_seed(hash(shape.name) % 2**31)
 
+    # Timings are registered while each variant is set up and run afterwards
+    # in --rounds interleaved rounds (every variant once per round); a value is
+    # the median of its rounds' medians, so a slow spell of the host (the
+    # eager steps are host bound) hits one round of a few variants, not one
+    # variant's whole measurement.
+    timings: List[Tuple[str, str, Callable[[], float]]] = []
+
+    def measure(label: str, key: str, fn: Callable[[], float]) -> None:
+        timings.append((label, key, fn))
+
     def attempt(label: str, fn: Callable[[], None]) -> None:
         try:
             fn()
@@ -311,8 +323,8 @@ def bench_shape(shape: Shape, args) -> Dict[str, object]:
         y = fn(xs[0])
         assert y.dtype == torch.float16 and y.is_contiguous(memory_format=torch.channels_last), \
             f"q4conv output {y.dtype}, channels_last={y.is_contiguous(memory_format=torch.channels_last)}"
-        row["q4_fwd_ms"] = time_ms(fn, xs, args.warmup, args.repeats)
-        row["q4_fwd_graph_ms"] = time_graph_ms(fn, xs, args.repeats)
+        measure("q4 fwd", "q4_fwd_ms", lambda: time_ms(fn, xs, args.warmup, args.repeats))
+        measure("q4 fwd", "q4_fwd_graph_ms", lambda: time_graph_ms(fn, xs, args.repeats))
 
     if "inf_layer" in state:
         attempt("q4 fwd", run_q4_fwd)
@@ -327,9 +339,10 @@ def bench_shape(shape: Shape, args) -> Dict[str, object]:
             with torch.inference_mode():
                 return F.conv2d(x, w, None, st, pd)
 
-        row[key] = time_ms(fn, xs, args.warmup, args.repeats)
+        label = f"{dtype} fwd"
+        measure(label, key, lambda: time_ms(fn, xs, args.warmup, args.repeats))
         if dtype == torch.float16:
-            row["fp16_fwd_graph_ms"] = time_graph_ms(fn, xs, args.repeats)
+            measure(label, "fp16_fwd_graph_ms", lambda: time_graph_ms(fn, xs, args.repeats))
 
     attempt("fp16 fwd", lambda: run_cudnn_fwd(torch.float16, "fp16_fwd_ms"))
     attempt("bf16 fwd", lambda: run_cudnn_fwd(torch.bfloat16, "bf16_fwd_ms"))
@@ -347,7 +360,7 @@ def bench_shape(shape: Shape, args) -> Dict[str, object]:
                 y = layer(x)
                 return torch.autograd.grad(y, [x, *params], gy)
 
-            row["q4_train_ms"] = time_ms(fn, xs, args.warmup, args.repeats)
+            measure("q4 train", "q4_train_ms", lambda: time_ms(fn, xs, args.warmup, args.repeats))
             mem = saved_for_backward(lambda: layer(xs[0]))
             row["q4_saved_MB"], row["q4_saved_hook_MB"] = mem["alloc"], mem["hook"]
 
@@ -365,7 +378,7 @@ def bench_shape(shape: Shape, args) -> Dict[str, object]:
                 y = F.conv2d(x, w, None, st, pd)
                 return torch.autograd.grad(y, [x, w], gy)
 
-            row["fp16_train_ms"] = time_ms(fn, xs, args.warmup, args.repeats)
+            measure("fp16 train", "fp16_train_ms", lambda: time_ms(fn, xs, args.warmup, args.repeats))
             mem = saved_for_backward(lambda: F.conv2d(xs[0], w, None, st, pd))
             row["fp16_saved_MB"], row["fp16_saved_hook_MB"] = mem["alloc"], mem["hook"]
 
@@ -386,11 +399,30 @@ def bench_shape(shape: Shape, args) -> Dict[str, object]:
             def fn(x):
                 return torch.autograd.grad(fwd(x), [x, *params], gy)
 
-            row["fq32_train_ms"] = time_ms(fn, xs, args.warmup, args.repeats)
+            measure("fq32 train", "fq32_train_ms", lambda: time_ms(fn, xs, args.warmup, args.repeats))
             row["fq32_saved_MB"] = saved_for_backward(lambda: fwd(xs[0]))["alloc"]
 
         attempt("fq32 train", run_fq_train)
 
+    rounds: Dict[str, List[float]] = {}
+    failed_labels = set()
+    for _ in range(args.rounds):
+        for label, key, fn in timings:
+            if label in failed_labels:
+                continue
+            try:
+                rounds.setdefault(key, []).append(fn())
+            except Exception as exc:  # report in the row and carry on
+                failed_labels.add(label)
+                errors.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+                if args.verbose:
+                    traceback.print_exc()
+            finally:
+                torch.cuda.synchronize()
+    for key, values in rounds.items():
+        if values and not any(label in failed_labels for label, k, _ in timings if k == key):
+            row[key] = statistics.median(values)
+    timings.clear()
     state.clear()
     torch.cuda.empty_cache()
 
@@ -497,13 +529,16 @@ def main(argv=None) -> int:
                         help="resnet50: all distinct ResNet-50 convs (+ 3 shapes at batch 1 and 256); quick: 4 shapes")
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats per measurement (median)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed warm-up calls per measurement")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds per shape (every variant timed once per round); "
+                             "reported: the median of the rounds' medians")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step measurements")
     parser.add_argument("--out", type=Path, default=None, help="write bench.csv, bench.md, bench.png here")
     parser.add_argument("--dry-run", action="store_true", help="list the shapes (no GPU needed) and exit")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing measurements")
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
-        parser.error("--batch and --repeats must be >= 1, --warmup >= 0")
+    if args.batch < 1 or args.repeats < 1 or args.rounds < 1 or args.warmup < 0:
+        parser.error("--batch, --repeats and --rounds must be >= 1, --warmup >= 0")
 
     shapes = make_shapes(args.shapes, args.batch)
     if args.dry_run:
@@ -528,7 +563,8 @@ def main(argv=None) -> int:
     header = [
         f"# q4conv benchmark on {device_name} (sm_{cap[0]}{cap[1]})",
         f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
-        f"q4conv {getattr(q4conv, '__version__', '?')}; warm-up {args.warmup}, median of {args.repeats}; "
+        f"q4conv {getattr(q4conv, '__version__', '?')}; warm-up {args.warmup}, median of {args.repeats}, "
+        f"median over {args.rounds} interleaved rounds; "
         f"times in ms (CUDA events); train steps compute all input and parameter gradients",
     ]
     print(header[0].lstrip("# "))
