@@ -53,35 +53,67 @@ void check_status(const KernelStatus& status, const char* what) {
   TORCH_CHECK(status.ok, "q4conv: ", what, " failed: ", status.message);
 }
 
-// bias / scale: activation_params(x, bias_a, scale_a).
-at::Tensor cuda_lsq_activation_codes(const at::Tensor& x, const at::Tensor& bias,
-                                     const at::Tensor& scale, double eps, int64_t bits) {
-  at::Tensor codes = empty_like_x(x);
-  if (codes.numel() == 0) return codes;
+// The codes both backward convolutions read, in x's dtype and memory format
+// (what cuDNN wants for both operands), from one launch: the activation codes
+// and the weight codes, times s_w[k] when s_w is per channel (a per-channel
+// s_w cannot be applied after the convolution over k). bias / scale:
+// activation_params(x, bias_a, scale_a); s_w: dense fp32.
+std::pair<at::Tensor, at::Tensor> backward_codes(const at::Tensor& x, const at::Tensor& bias,
+                                                 const at::Tensor& scale, const at::Tensor& weight,
+                                                 const at::Tensor& s_w, double eps, int64_t bits) {
+  Q4CONV_HOST_SPAN("q4conv::backward_codes");
+  at::Tensor act_codes = empty_like_x(x);
+  at::Tensor wgt_codes =
+      at::empty(weight.sizes(),
+                weight.options().dtype(x.scalar_type()).memory_format(x.suggest_memory_format()));
+  WeightCodesJob weights;
+  weights.w = kernel_view(weight, "weight");
+  weights.scale_w = s_w.data_ptr<float>();
+  weights.per_channel = weights.scaled = s_w.numel() > 1;
+  weights.out = lsq_out(wgt_codes);
   check_status(
       lsq_activation_codes(kernel_view(x, "x"), bias.data_ptr<float>(), scale.data_ptr<float>(),
-                           static_cast<float>(eps), static_cast<int>(bits), lsq_out(codes),
-                           at::cuda::getCurrentCUDAStream()),
-      "LSQ activation codes");
-  return codes;
+                           static_cast<float>(eps), static_cast<int>(bits), lsq_out(act_codes),
+                           at::cuda::getCurrentCUDAStream(), &weights),
+      "LSQ activation and weight codes");
+  return {act_codes, wgt_codes};
 }
 
-// dx, and the partial sums that lsq_finish_scale_grads reduces, all in one
-// fp32 allocation (`sums`, one allocator call instead of three): d bias_a's
-// [bias_rows, C], d scale_a's residual terms, and the weight backward's
-// per-output-channel row sums (filled later by weight_backward).
-struct ActivationBackward {
-  at::Tensor dx, sums;
+// The LSQ backward's outputs: dx, dweight, and the partial sums that
+// lsq_finish_scale_grads reduces, all in one fp32 allocation (`sums`, one
+// allocator call instead of three): d bias_a's [bias_rows, C], d scale_a's
+// residual terms, and the per-output-channel row sums of d scale_w's.
+struct LsqBackward {
+  at::Tensor dx, dweight, sums;
   float *bias_partials = nullptr, *residual_partials = nullptr, *row_sums = nullptr;
   int64_t bias_rows = 0, residual_parts = 0;
 };
 
+// The weight side of the LSQ backward (dweight written into `dweight`).
+LsqWeightBackward weight_backward_args(const at::Tensor& grad_wgt, const at::Tensor& weight,
+                                       const at::Tensor& s_w, const at::Tensor& s_a, double eps,
+                                       int64_t bits, at::Tensor& dweight) {
+  LsqWeightBackward args;
+  args.w = kernel_view(weight, "weight");
+  args.grad = kernel_view(grad_wgt, "grad_wgt");
+  args.dw = lsq_out(dweight);
+  args.scale_w = s_w.data_ptr<float>();
+  args.per_channel = s_w.numel() > 1;
+  args.scale_a = s_a.data_ptr<float>();
+  args.eps = static_cast<float>(eps);
+  args.bits = static_cast<int>(bits);
+  return args;
+}
+
+// Both sides of the LSQ backward, in one launch where the kernels allow.
 // grad_act: d loss / d (codes times s_a), x's sizes and dtype; grad_scale:
-// the raw per-tensor s_w (fp32, one value) that multiplies it, if any.
-ActivationBackward cuda_lsq_activation_backward(const at::Tensor& grad_act, const at::Tensor& x,
-                                                const at::Tensor& bias, const at::Tensor& scale,
-                                                const std::optional<at::Tensor>& grad_scale,
-                                                int64_t out_channels, double eps, int64_t bits) {
+// the raw per-tensor s_w (fp32, one value) that multiplies it, if any;
+// grad_wgt: d loss / d (weight codes) from the weight-gradient convolution.
+LsqBackward cuda_lsq_backward(const at::Tensor& grad_act, const at::Tensor& x,
+                              const at::Tensor& bias, const at::Tensor& scale,
+                              const std::optional<at::Tensor>& grad_scale,
+                              const at::Tensor& grad_wgt, const at::Tensor& weight,
+                              const at::Tensor& s_w, double eps, int64_t bits) {
   TORCH_CHECK(grad_act.sizes() == x.sizes() && grad_act.scalar_type() == x.scalar_type(),
               "grad_act must have x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
               grad_act.sizes(), " ", grad_act.scalar_type());
@@ -107,55 +139,24 @@ ActivationBackward cuda_lsq_activation_backward(const at::Tensor& grad_act, cons
   args.bits = static_cast<int>(bits);
 
   const LsqWorkspace ws = lsq_activation_backward_workspace(args);
-  ActivationBackward out;
+  LsqBackward out;
   out.dx = dx;
+  out.dweight =
+      at::empty(weight.sizes(), weight.options().memory_format(weight.suggest_memory_format()));
   out.bias_rows = ws.bias_rows;
   out.residual_parts = ws.residual_parts;
   const int64_t bias_floats = ws.bias_rows * x.size(1);
-  out.sums = at::empty({bias_floats + ws.residual_parts + out_channels},
+  out.sums = at::empty({bias_floats + ws.residual_parts + weight.size(0)},
                        x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
   out.bias_partials = out.sums.data_ptr<float>();
   out.residual_partials = out.bias_partials + bias_floats;
   out.row_sums = out.residual_partials + ws.residual_parts;
+  const LsqWeightBackward weights =
+      weight_backward_args(grad_wgt, weight, s_w, scale, eps, bits, out.dweight);
   check_status(lsq_activation_backward(args, out.bias_partials, out.residual_partials,
-                                       at::cuda::getCurrentCUDAStream()),
-               "LSQ activation backward");
+                                       at::cuda::getCurrentCUDAStream(), &weights, out.row_sums),
+               "LSQ activation and weight backward");
   return out;
-}
-
-// Weight codes for the backward convolutions, in `compute` and x's memory
-// format (what cuDNN wants for both operands), times s_w[k] when per channel.
-at::Tensor weight_codes(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
-                        int64_t bits, at::ScalarType compute, at::MemoryFormat format) {
-  at::Tensor codes =
-      at::empty(weight.sizes(), weight.options().dtype(compute).memory_format(format));
-  check_status(lsq_weight_codes(kernel_view(weight, "weight"), scale_w.data_ptr<float>(),
-                                scale_w.numel() > 1, scale_w.numel() > 1, static_cast<float>(eps),
-                                static_cast<int>(bits), kernel_in_type(compute, "weight codes"),
-                                lsq_out(codes), at::cuda::getCurrentCUDAStream()),
-               "LSQ weight codes");
-  return codes;
-}
-
-// dweight; the per-output-channel sums of d scale_w's residual terms go to
-// row_sums ([K] fp32 on the device).
-at::Tensor weight_backward(const at::Tensor& grad_wgt, const at::Tensor& weight,
-                           const at::Tensor& scale_w, const at::Tensor& scale_a, double eps,
-                           int64_t bits, float* row_sums) {
-  at::Tensor dweight =
-      at::empty(weight.sizes(), weight.options().memory_format(weight.suggest_memory_format()));
-  LsqWeightBackward args;
-  args.w = kernel_view(weight, "weight");
-  args.grad = kernel_view(grad_wgt, "grad_wgt");
-  args.dw = lsq_out(dweight);
-  args.scale_w = scale_w.data_ptr<float>();
-  args.per_channel = scale_w.numel() > 1;
-  args.scale_a = scale_a.data_ptr<float>();
-  args.eps = static_cast<float>(eps);
-  args.bits = static_cast<int>(bits);
-  check_status(lsq_weight_backward(args, row_sums, at::cuda::getCurrentCUDAStream()),
-               "LSQ weight backward");
-  return dweight;
 }
 
 // d bias_a, d scale_a and d scale_w (fp32, shaped like their parameters)
@@ -165,8 +166,8 @@ struct ScaleGrads {
   at::Tensor dbias_a, dscale_a, dscale_w;
 };
 
-ScaleGrads finish_scale_grads(const ActivationBackward& act, int64_t out_channels,
-                              const at::Tensor& x, const at::Tensor& s_a, const at::Tensor& scale_a,
+ScaleGrads finish_scale_grads(const LsqBackward& act, int64_t out_channels, const at::Tensor& x,
+                              const at::Tensor& s_a, const at::Tensor& scale_a,
                               const at::Tensor& s_w, const at::Tensor& scale_w,
                               int64_t weight_numel, double eps, int64_t bits) {
   Q4CONV_HOST_SPAN("q4conv::backward_finish");
@@ -228,12 +229,7 @@ cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
   // did: they run on the codes in x's dtype (fp16 / bf16 tensor cores for
   // half inputs, like an fp16 Conv2d), the scales applied around them.
   const at::ScalarType compute = x.scalar_type();
-  at::Tensor act_codes, wgt_codes;
-  {
-    Q4CONV_HOST_SPAN("q4conv::backward_codes");
-    act_codes = cuda_lsq_activation_codes(x, bias_f, s_a, eps, bits);
-    wgt_codes = weight_codes(weight, s_w, eps, bits, compute, x.suggest_memory_format());
-  }
+  const auto [act_codes, wgt_codes] = backward_codes(x, bias_f, s_a, weight, s_w, eps, bits);
   std::optional<at::IntArrayRef> bias_sizes;
   const std::vector<int64_t> bias_shape{k_out};
   if (has_bias) bias_sizes = bias_shape;
@@ -246,19 +242,17 @@ cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
   // one is already in the weight codes.
   const std::optional<at::Tensor> grad_scale =
       per_channel ? std::nullopt : std::optional<at::Tensor>(s_w);
-  ActivationBackward act;
-  at::Tensor dweight;
+  LsqBackward act;
   {
     Q4CONV_HOST_SPAN("q4conv::backward_lsq");
-    act = cuda_lsq_activation_backward(grad_act, x, bias_f, s_a, grad_scale, k_out, eps, bits);
-    dweight = weight_backward(grad_wgt, weight, s_w, s_a, eps, bits, act.row_sums);
+    act = cuda_lsq_backward(grad_act, x, bias_f, s_a, grad_scale, grad_wgt, weight, s_w, eps, bits);
   }
 
   const ScaleGrads scales =
       finish_scale_grads(act, k_out, x, s_a, scale_a, s_w, scale_w, weight.numel(), eps, bits);
   return {
       act.dx,
-      dweight,
+      act.dweight,
       as_type(scales.dbias_a, bias_a.scalar_type()),
       as_type(scales.dscale_a, scale_a.scalar_type()),
       as_type(scales.dscale_w, scale_w.scalar_type()),

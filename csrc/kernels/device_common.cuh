@@ -11,6 +11,7 @@
 #include <string>
 
 #include "../quant.h"
+#include "lsq_kernels.h"
 #include "quantize_kernels.h"
 
 namespace q4conv {
@@ -157,9 +158,93 @@ __device__ __forceinline__ Terms lsq_terms(float x, float bias, float g, const L
   return {g * static_cast<float>(inside), g * (inside ? code - ratio : code)};
 }
 
+// ---- LSQ weight codes (lsq_weight_codes; also carried by the activation-codes
+// launch, lsq_cuda.cu) --------------------------------------------------------------
+struct WeightCodesArgs {
+  const void* w;
+  void* out;
+  int64_t size[4], in_stride[4], out_stride[4];  // (K, C, R, S)
+  const float* scale;
+  bool per_channel, scaled;
+  float eps;
+  int bits;
+};
+
+// Flat (k, c, r, s) elements begin, begin + step, ... of the weight codes:
+// quantize_value(w, s_w[k]), times s_w[k] when scaled.
+template <typename TW, typename TO>
+__device__ __forceinline__ void weight_codes_range(const WeightCodesArgs& a, int64_t begin,
+                                                   int64_t step) {
+  const TW* w = static_cast<const TW*>(a.w);
+  TO* out = static_cast<TO*>(a.out);
+  const int64_t total = a.size[0] * a.size[1] * a.size[2] * a.size[3];
+  for (int64_t i = begin; i < total; i += step) {
+    const Index4 at = unravel(i, a.size);
+    const float scale = effective_scale(a.scale[a.per_channel ? at.i[0] : 0], a.eps);
+    const float code =
+        static_cast<float>(quantize_value(to_float(w[offset_of(a.in_stride, at)]), scale, a.bits));
+    out[offset_of(a.out_stride, at)] = from_float<TO>(a.scaled ? code * scale : code);
+  }
+}
+
+// ---- LSQ weight backward, one output channel per block (lsq_weight_backward;
+// also carried by the activation-backward launch, lsq_cuda.cu) ----------------------
+struct WeightBackwardArgs {
+  const void* w;
+  const void* grad;
+  void* dw;
+  int64_t size[4], w_stride[4], grad_stride[4], dw_stride[4];  // (K, C, R, S)
+  const float* scale_w;
+  bool per_channel;
+  const float* scale_a;
+  float eps;
+  int bits;
+  float* row_sums;
+};
+
+// Output channel k: dw[k] = g * inside and row_sums[k] = the fixed-order sum
+// of g * residual, with g = grad * max(*scale_a, eps). Every thread of the
+// block calls it (it syncs); thread: linear index in a block of kThreads;
+// warp_sums: kThreads / kWarp floats of shared memory.
+template <int kThreads, typename TW, typename TG>
+__device__ __forceinline__ void weight_backward_row(const WeightBackwardArgs& a, int64_t k,
+                                                    int thread, float* warp_sums) {
+  const TW* w = static_cast<const TW*>(a.w);
+  const TG* grad = static_cast<const TG*>(a.grad);
+  TW* dw = static_cast<TW*>(a.dw);
+  const LsqScale s = lsq_scale(a.scale_w[a.per_channel ? k : 0], a.eps, a.bits);
+  const float s_a = effective_scale(*a.scale_a, a.eps);
+  const int64_t row_size[4] = {1, a.size[1], a.size[2], a.size[3]};
+  const int64_t row = a.size[1] * a.size[2] * a.size[3];
+  float residual = 0.0f;
+  for (int64_t e = thread; e < row; e += kThreads) {
+    Index4 at = unravel(e, row_size);
+    at.i[0] = k;
+    const float g = to_float(grad[offset_of(a.grad_stride, at)]) * s_a;
+    const Terms t = lsq_terms(to_float(w[offset_of(a.w_stride, at)]), 0.0f, g, s, a.bits);
+    dw[offset_of(a.dw_stride, at)] = from_float<TW>(t.dvalue);
+    residual += t.residual;
+  }
+  const float total = block_sum<kThreads>(residual, thread, warp_sums);
+  if (thread == 0) a.row_sums[k] = total;
+}
+
 // ---- host side ------------------------------------------------------------------
 inline KernelStatus invalid(const char* fn, const char* arg, const std::string& why) {
   return KernelStatus::failure(std::string(fn) + ": invalid argument '" + arg + "': " + why);
+}
+
+// The kernel arguments of an LsqWeightBackward (lsq_kernels.h).
+inline WeightBackwardArgs weight_backward_args(const LsqWeightBackward& a, float* row_sums) {
+  WeightBackwardArgs args{a.w.data,  a.grad.data,   a.dw.data, {},    {},     {},      {},
+                          a.scale_w, a.per_channel, a.scale_a, a.eps, a.bits, row_sums};
+  for (int d = 0; d < 4; ++d) {
+    args.size[d] = a.w.size[d];
+    args.w_stride[d] = a.w.stride[d];
+    args.grad_stride[d] = a.grad.stride[d];
+    args.dw_stride[d] = a.dw.stride[d];
+  }
+  return args;
 }
 
 // Calls f with a null pointer of the element type `type` stands for.

@@ -47,6 +47,7 @@ constexpr int64_t kMaxBlocks = int64_t(1) << 16;  // codes kernels grid-stride b
 constexpr int64_t kChunk = 1024;                  // plane elements per warp (multiple of 8)
 constexpr int kMaxRowsPerThread = 16;             // channels_last backward
 constexpr int64_t kTargetBlocks = 2048;           // enough to fill an H100 several times
+constexpr int64_t kMaxWeightBlocks = 1024;        // weight codes riding on a codes launch
 
 using device::block_sum;
 using device::from_float;
@@ -99,11 +100,20 @@ __device__ __forceinline__ void next_element(const Flat<Idx>& f, Idx& r, Idx& c)
   }
 }
 
+// Blocks [0, act_blocks) convert x; the blocks after them, if any, write the
+// fp32 weights' codes (`weights`, a WeightCodesJob riding on this launch).
 template <typename T, int V, typename Idx>
 __global__ void __launch_bounds__(kThreads)
-    codes_dense_kernel(const T* __restrict__ x, T* __restrict__ out, Flat<Idx> f, ActParams p) {
+    codes_dense_kernel(const T* __restrict__ x, T* __restrict__ out, Flat<Idx> f, ActParams p,
+                       unsigned act_blocks, device::WeightCodesArgs weights) {
+  if (blockIdx.x >= act_blocks) {
+    device::weight_codes_range<float, T>(
+        weights, int64_t(blockIdx.x - act_blocks) * blockDim.x + threadIdx.x,
+        int64_t(gridDim.x - act_blocks) * blockDim.x);
+    return;
+  }
   const ActScale s = act_scale(p.scale, p.eps, p.bits);
-  const Idx step = Idx(gridDim.x) * blockDim.x * V;
+  const Idx step = Idx(act_blocks) * blockDim.x * V;
   for (Idx i = (Idx(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < f.total; i += step) {
     const Idx q = i / f.inner;
     Idx r = i - q * f.inner, c = q % f.channels;
@@ -167,13 +177,24 @@ struct ClGeometry {
   int rows_per_thread;
 };
 
+// Blocks with blockIdx.x >= act_blocks_x run the fp32 weights' backward
+// (`weights`, riding on this launch): output channel
+// (blockIdx.x - act_blocks_x) * gridDim.y + blockIdx.y each.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     backward_cl_kernel(const T* __restrict__ x, const T* __restrict__ grad, T* __restrict__ dx,
                        ClGeometry geo, PostParams p, float* __restrict__ bias_partials,
-                       float* __restrict__ residual_partials) {
+                       float* __restrict__ residual_partials, unsigned act_blocks_x,
+                       device::WeightBackwardArgs weights) {
   __shared__ float column[kThreads * V];  // [blockDim.y][blockDim.x * V]
   __shared__ float warp_sums[kWarps];
+  if (blockIdx.x >= act_blocks_x) {
+    const int64_t k = int64_t(blockIdx.x - act_blocks_x) * gridDim.y + blockIdx.y;
+    if (k < weights.size[0])  // uniform over the block: the row's block sum syncs
+      device::weight_backward_row<kThreads, float, T>(
+          weights, k, threadIdx.y * blockDim.x + threadIdx.x, warp_sums);
+    return;
+  }
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int cols = blockDim.x * V;
   const int64_t c0 = int64_t(blockIdx.y) * cols + int64_t(tx) * V;
@@ -362,10 +383,17 @@ KernelStatus check_common(const char* fn, const Tensor4dView& x, const float* bi
 // ---- codes launch ------------------------------------------------------------------
 template <typename T, typename Idx>
 KernelStatus launch_codes_dense(const Tensor4dView& x, T* out, int64_t inner, const ActParams& p,
-                                cudaStream_t stream) {
+                                const device::WeightCodesArgs* weights, cudaStream_t stream) {
   const T* in = static_cast<const T*>(x.data);
   const Flat<Idx> f{static_cast<Idx>(numel(x)), static_cast<Idx>(inner),
                     static_cast<Idx>(x.size[1])};
+  device::WeightCodesArgs w{};
+  int64_t weight_blocks = 0;
+  if (weights != nullptr) {
+    w = *weights;
+    const int64_t total = w.size[0] * w.size[1] * w.size[2] * w.size[3];
+    weight_blocks = std::min(ceil_div(total, int64_t(kThreads)), kMaxWeightBlocks);
+  }
   // Any vector width the pointers allow: the kernel converts a ragged tail
   // element by element. (Asking for widths that divide 1, as before, always
   // gave scalar loads: 0.9-1.0 TB/s on H100, NOTES.md session 4.)
@@ -374,13 +402,17 @@ KernelStatus launch_codes_dense(const Tensor4dView& x, T* out, int64_t inner, co
     constexpr int V = decltype(vec)::value;
     const int64_t blocks = std::min(ceil_div(numel(x), int64_t(kThreads) * V), kMaxBlocks);
     codes_dense_kernel<T, V, Idx>
-        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(in, out, f, p);
+        <<<static_cast<unsigned>(blocks + weight_blocks), kThreads, 0, stream>>>(
+            in, out, f, p, static_cast<unsigned>(blocks), w);
     return launch_status("lsq_activation_codes");
   });
 }
 
+// Launches the activation codes; `weights` (fp32 weight codes) ride along on
+// the dense paths, which return true in `carried`.
 template <typename T>
 KernelStatus launch_codes(const Tensor4dView& x, const Tensor4dOut& out, const ActParams& p,
+                          const device::WeightCodesArgs* weights, bool& carried,
                           cudaStream_t stream) {
   T* o = static_cast<T*>(out.data);
   const int64_t total = numel(x);
@@ -388,9 +420,11 @@ KernelStatus launch_codes(const Tensor4dView& x, const Tensor4dOut& out, const A
   const bool nhwc = dense_nhwc(x.size, x.stride) && dense_nhwc(x.size, out.stride);
   if (nchw || nhwc) {
     const int64_t inner = nchw ? x.size[2] * x.size[3] : 1;
+    carried = weights != nullptr;
     // 32-bit index math while i + grid stride cannot wrap (stride <= 2^27).
-    if (total < (int64_t(1) << 31)) return launch_codes_dense<T, uint32_t>(x, o, inner, p, stream);
-    return launch_codes_dense<T, int64_t>(x, o, inner, p, stream);
+    if (total < (int64_t(1) << 31))
+      return launch_codes_dense<T, uint32_t>(x, o, inner, p, weights, stream);
+    return launch_codes_dense<T, int64_t>(x, o, inner, p, weights, stream);
   }
   const int64_t blocks = std::min(ceil_div(total, kThreads), kMaxBlocks);
   codes_strided_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
@@ -456,9 +490,12 @@ PostPlan plan_backward(const LsqActBackward& a) {
   return plan_planes(a, !nchw);
 }
 
+// Launches the activation backward; `weights` (an fp32 weight backward)
+// ride along on the channels_last path, which sets `carried`.
 template <typename T>
 KernelStatus launch_backward(const LsqActBackward& a, const PostPlan& plan, float* bias_partials,
-                             float* residual_partials, cudaStream_t stream) {
+                             float* residual_partials, const device::WeightBackwardArgs* weights,
+                             bool& carried, cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x.data);
   const T* grad = static_cast<const T*>(a.grad.data);
   T* dx = static_cast<T*>(a.dx.data);
@@ -467,13 +504,23 @@ KernelStatus launch_backward(const LsqActBackward& a, const PostPlan& plan, floa
     const ClGeometry geo{a.x.size[0] * a.x.size[2] * a.x.size[3], a.x.size[1], plan.rows};
     if (plan.pixel_chunks > INT_MAX || plan.channel_tiles > 65535)
       return invalid("lsq_activation_backward", "x", "too many pixels or channels for one grid");
-    const dim3 grid(static_cast<unsigned>(plan.pixel_chunks),
+    device::WeightBackwardArgs w{};
+    int64_t weight_x = 0;  // extra blocks along x, each column of them gridDim.y channels
+    if (weights != nullptr) {
+      w = *weights;
+      weight_x = ceil_div(w.size[0], plan.channel_tiles);
+      carried = true;
+    }
+    if (plan.pixel_chunks + weight_x > INT_MAX)
+      return invalid("lsq_activation_backward", "x", "too many pixels for one grid");
+    const dim3 grid(static_cast<unsigned>(plan.pixel_chunks + weight_x),
                     static_cast<unsigned>(plan.channel_tiles));
     const dim3 block(plan.bdx, plan.bdy);
     return with_vec<T>(plan.vec, [&](auto vec) {
       constexpr int V = decltype(vec)::value;
       backward_cl_kernel<T, V>
-          <<<grid, block, 0, stream>>>(x, grad, dx, geo, p, bias_partials, residual_partials);
+          <<<grid, block, 0, stream>>>(x, grad, dx, geo, p, bias_partials, residual_partials,
+                                       static_cast<unsigned>(plan.pixel_chunks), w);
       return launch_status("lsq_activation_backward");
     });
   }
@@ -515,17 +562,53 @@ KernelStatus check_backward(const char* fn, const LsqActBackward& a) {
 }  // namespace
 
 KernelStatus lsq_activation_codes(const Tensor4dView& x, const float* bias_a, const float* scale_a,
-                                  float eps, int bits, const Tensor4dOut& out,
-                                  cudaStream_t stream) {
+                                  float eps, int bits, const Tensor4dOut& out, cudaStream_t stream,
+                                  const WeightCodesJob* weights) {
   const char* fn = "lsq_activation_codes";
   KernelStatus st = check_common(fn, x, bias_a, scale_a, bits);
-  if (!st.ok || numel(x) == 0) return st;
-  if (out.data == nullptr) return invalid(fn, "out", "null data pointer");
-  const ActParams p{bias_a, scale_a, eps, bits};
-  return with_type(x.type, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    return launch_codes<T>(x, out, p, stream);
-  });
+  if (!st.ok) return st;
+  if (numel(x) > 0 && out.data == nullptr) return invalid(fn, "out", "null data pointer");
+  // The weight job rides on the launch when its weights are fp32 and
+  // non-empty, and checks like lsq_weight_codes.
+  device::WeightCodesArgs w{};
+  bool ride = false;
+  if (weights != nullptr) {
+    const Tensor4dView& wv = weights->w;
+    for (int d = 0; d < 4; ++d)
+      if (wv.size[d] < 0) return invalid(fn, "weights.w", "negative size");
+    const int64_t count = numel(wv);
+    if (count > 0 &&
+        (wv.data == nullptr || weights->scale_w == nullptr || weights->out.data == nullptr))
+      return invalid(fn, "weights", "null pointer");
+    ride = count > 0 && numel(x) > 0 && wv.type == InType::kFloat32;
+    w = {wv.data,
+         weights->out.data,
+         {},
+         {},
+         {},
+         weights->scale_w,
+         weights->per_channel,
+         weights->scaled,
+         eps,
+         bits};
+    for (int d = 0; d < 4; ++d) {
+      w.size[d] = wv.size[d];
+      w.in_stride[d] = wv.stride[d];
+      w.out_stride[d] = weights->out.stride[d];
+    }
+  }
+  bool carried = false;
+  if (numel(x) > 0) {
+    const ActParams p{bias_a, scale_a, eps, bits};
+    st = with_type(x.type, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      return launch_codes<T>(x, out, p, ride ? &w : nullptr, carried, stream);
+    });
+    if (!st.ok) return st;
+  }
+  if (weights == nullptr || carried) return st;
+  return lsq_weight_codes(weights->w, weights->scale_w, weights->per_channel, weights->scaled, eps,
+                          bits, x.type, weights->out, stream);
 }
 
 LsqWorkspace lsq_activation_backward_workspace(const LsqActBackward& args) {
@@ -533,17 +616,36 @@ LsqWorkspace lsq_activation_backward_workspace(const LsqActBackward& args) {
 }
 
 KernelStatus lsq_activation_backward(const LsqActBackward& args, float* bias_partials,
-                                     float* residual_partials, cudaStream_t stream) {
+                                     float* residual_partials, cudaStream_t stream,
+                                     const LsqWeightBackward* weights, float* row_sums) {
   const char* fn = "lsq_activation_backward";
   KernelStatus st = check_backward(fn, args);
-  if (!st.ok || numel(args.x) == 0) return st;
-  if (bias_partials == nullptr) return invalid(fn, "bias_partials", "null pointer");
-  if (residual_partials == nullptr) return invalid(fn, "residual_partials", "null pointer");
-  const PostPlan plan = plan_backward(args);
-  return with_type(args.x.type, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    return launch_backward<T>(args, plan, bias_partials, residual_partials, stream);
-  });
+  if (!st.ok) return st;
+  if (weights != nullptr) {
+    st = lsq_weight_backward_check(*weights, row_sums);
+    if (!st.ok) return st;
+  }
+  bool carried = false;
+  if (numel(args.x) > 0) {
+    if (bias_partials == nullptr) return invalid(fn, "bias_partials", "null pointer");
+    if (residual_partials == nullptr) return invalid(fn, "residual_partials", "null pointer");
+    const PostPlan plan = plan_backward(args);
+    // The weight backward rides on the channels_last launch when its weights
+    // are fp32 and its gradient has x's element type.
+    const bool ride = weights != nullptr && plan.path == PostPath::kChannelsLast &&
+                      numel(weights->w) > 0 && weights->w.type == InType::kFloat32 &&
+                      weights->grad.type == args.x.type;
+    const device::WeightBackwardArgs w =
+        ride ? device::weight_backward_args(*weights, row_sums) : device::WeightBackwardArgs{};
+    st = with_type(args.x.type, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      return launch_backward<T>(args, plan, bias_partials, residual_partials, ride ? &w : nullptr,
+                                carried, stream);
+    });
+    if (!st.ok) return st;
+  }
+  if (weights == nullptr || carried) return st;
+  return lsq_weight_backward(*weights, row_sums, stream);
 }
 
 }  // namespace q4conv

@@ -20,14 +20,27 @@ struct Tensor4dOut {
   int64_t stride[4] = {0, 0, 0, 0};  // in elements, (N, C, H, W) order
 };
 
+// The weight codes (lsq_weight_codes below, of x's element type) to write in
+// the same launch as the activation codes: the backward's two code passes
+// then cost one launch (the step is host bound on small layers).
+struct WeightCodesJob {
+  Tensor4dView w;                   // (K, C, R, S) as N, C, H, W
+  const float* scale_w = nullptr;   // as lsq_weight_codes
+  bool per_channel = false, scaled = false;
+  Tensor4dOut out;                  // element type: x's
+};
+
 // Activation codes for the backward convolutions:
 // out[n,c,h,w] = quantize_value(x + bias_a[c], max(*scale_a, eps), bits) as a
 // float of x's element type (codes are integers, exact in fp16 and bf16).
 // bias_a: fp32 [C] on the device; scale_a: ONE fp32 value on the device (read
 // by the kernel, so no host sync). Any strides; fast when x and out are both
 // dense NCHW or both dense channels_last.
+// With `weights`, also those weight codes: in the same launch when x is dense
+// and the weights are fp32, otherwise in a second one.
 KernelStatus lsq_activation_codes(const Tensor4dView& x, const float* bias_a, const float* scale_a,
-                                  float eps, int bits, const Tensor4dOut& out, cudaStream_t stream);
+                                  float eps, int bits, const Tensor4dOut& out, cudaStream_t stream,
+                                  const WeightCodesJob* weights = nullptr);
 
 // Inputs of the fused activation backward. With s = max(*scale_a, eps),
 // ratio = (x + bias_a[c]) / s (IEEE fp32), code as above, inside = Qn <= ratio
@@ -57,8 +70,14 @@ struct LsqWorkspace {
   int64_t residual_parts = 0;
 };
 LsqWorkspace lsq_activation_backward_workspace(const LsqActBackward& args);
+// With `weights`, also lsq_weight_backward(*weights, row_sums) (declared
+// below): in the same launch for channels_last x and fp32 weights, otherwise
+// in a second one.
+struct LsqWeightBackward;
 KernelStatus lsq_activation_backward(const LsqActBackward& args, float* bias_partials,
-                                     float* residual_partials, cudaStream_t stream);
+                                     float* residual_partials, cudaStream_t stream,
+                                     const LsqWeightBackward* weights = nullptr,
+                                     float* row_sums = nullptr);
 
 // ---- weight side and finishing (lsq_weight_cuda.cu) ------------------------------
 // Weights (K, C, R, S) are seen as 4-D views with N = K, H = R, W = S, any
@@ -86,6 +105,9 @@ struct LsqWeightBackward {
   float eps = 1e-5f;
   int bits = 4;
 };
+// The argument checks of lsq_weight_backward (also for a weight backward
+// riding on lsq_activation_backward's launch).
+KernelStatus lsq_weight_backward_check(const LsqWeightBackward& args, const float* row_sums);
 KernelStatus lsq_weight_backward(const LsqWeightBackward& args, float* row_sums,
                                  cudaStream_t stream);
 

@@ -7,7 +7,9 @@
 // elements), so these kernels favour few launches over bandwidth: one thread
 // per element for the codes, one block per output channel for the backward
 // (its row sum is then final, per channel or summed by the finishing kernel),
-// and one finishing launch for d bias_a, d scale_a and d scale_w.
+// and one finishing launch for d bias_a, d scale_a and d scale_w. The codes
+// and the backward (device_common.cuh) usually ride on the activation side's
+// launches (lsq_cuda.cu); the kernels here serve the other cases.
 // Sums run in a fixed order (no atomics), so gradients are deterministic.
 #include <cuda_runtime.h>
 
@@ -35,67 +37,19 @@ struct Dims {
   int64_t k, c, r, s;
 };
 
-struct WeightScale {
-  const float* scale;
-  bool per_channel;
-  float eps;
-
-  __device__ __forceinline__ float raw(int64_t k) const { return scale[per_channel ? k : 0]; }
-  __device__ __forceinline__ float effective(int64_t k) const {
-    return effective_scale(raw(k), eps);
-  }
-};
-
 // ---- codes for the backward convolutions ------------------------------------------
-struct CodeViews {
-  int64_t in_stride[4], out_stride[4];
-};
-
 template <typename TW, typename TO>
-__global__ void __launch_bounds__(kThreads)
-    weight_codes_kernel(const TW* __restrict__ w, TO* __restrict__ out, Dims d, CodeViews v,
-                        WeightScale ws, bool scaled, int bits) {
-  const int64_t size[4] = {d.k, d.c, d.r, d.s};
-  const int64_t total = d.k * d.c * d.r * d.s;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const device::Index4 at = device::unravel(i, size);
-    const float scale = ws.effective(at.i[0]);
-    const float code = static_cast<float>(
-        quantize_value(to_float(w[device::offset_of(v.in_stride, at)]), scale, bits));
-    out[device::offset_of(v.out_stride, at)] = from_float<TO>(scaled ? code * scale : code);
-  }
+__global__ void __launch_bounds__(kThreads) weight_codes_kernel(const device::WeightCodesArgs a) {
+  device::weight_codes_range<TW, TO>(a, blockIdx.x * int64_t(blockDim.x) + threadIdx.x,
+                                     int64_t(gridDim.x) * blockDim.x);
 }
 
 // ---- weight backward: one block per output channel ----------------------------------
-struct BackwardViews {
-  int64_t w_stride[4], grad_stride[4], dw_stride[4];
-};
-
 template <typename TW, typename TG>
 __global__ void __launch_bounds__(kThreads)
-    weight_backward_kernel(const TW* __restrict__ w, const TG* __restrict__ grad,
-                           TW* __restrict__ dw, Dims d, BackwardViews v, WeightScale ws,
-                           const float* __restrict__ scale_a, int bits,
-                           float* __restrict__ row_sums) {
+    weight_backward_kernel(const device::WeightBackwardArgs a) {
   __shared__ float warp_sums[kThreads / device::kWarp];
-  const int64_t k = blockIdx.x;
-  const device::LsqScale s = device::lsq_scale(ws.raw(k), ws.eps, bits);
-  const float s_a = effective_scale(*scale_a, ws.eps);
-  const int64_t row_size[4] = {1, d.c, d.r, d.s};
-  const int64_t row = d.c * d.r * d.s;
-  float residual = 0.0f;
-  for (int64_t e = threadIdx.x; e < row; e += kThreads) {
-    device::Index4 at = device::unravel(e, row_size);
-    at.i[0] = k;
-    const float g = to_float(grad[device::offset_of(v.grad_stride, at)]) * s_a;
-    const device::Terms t =
-        device::lsq_terms(to_float(w[device::offset_of(v.w_stride, at)]), 0.0f, g, s, bits);
-    dw[device::offset_of(v.dw_stride, at)] = from_float<TW>(t.dvalue);
-    residual += t.residual;
-  }
-  const float total = device::block_sum<kThreads>(residual, threadIdx.x, warp_sums);
-  if (threadIdx.x == 0) row_sums[k] = total;
+  device::weight_backward_row<kThreads, TW, TG>(a, blockIdx.x, threadIdx.x, warp_sums);
 }
 
 // d loss / d scale from its summed residual terms: times the LSQ factor, and
@@ -189,22 +143,21 @@ KernelStatus lsq_weight_codes(const Tensor4dView& w, const float* scale_w, bool 
   const Dims d = dims_of(w);
   if (!st.ok || numel(d) == 0) return st;
   if (out.data == nullptr) return invalid(fn, "out", "null data pointer");
-  CodeViews v;
-  copy_strides(w.stride, v.in_stride);
-  copy_strides(out.stride, v.out_stride);
-  const WeightScale ws{scale_w, per_channel, eps};
+  device::WeightCodesArgs a{w.data, out.data, {}, {}, {}, scale_w, per_channel, scaled, eps, bits};
+  copy_strides(w.size, a.size);
+  copy_strides(w.stride, a.in_stride);
+  copy_strides(out.stride, a.out_stride);
   return with_type(w.type, [&](auto* w_tag) {
     using TW = std::remove_pointer_t<decltype(w_tag)>;
     return with_type(out_type, [&](auto* o_tag) {
       using TO = std::remove_pointer_t<decltype(o_tag)>;
-      weight_codes_kernel<TW, TO><<<grid_for(numel(d)), kThreads, 0, stream>>>(
-          static_cast<const TW*>(w.data), static_cast<TO*>(out.data), d, v, ws, scaled, bits);
+      weight_codes_kernel<TW, TO><<<grid_for(numel(d)), kThreads, 0, stream>>>(a);
       return launch_status(fn);
     });
   });
 }
 
-KernelStatus lsq_weight_backward(const LsqWeightBackward& a, float* row_sums, cudaStream_t stream) {
+KernelStatus lsq_weight_backward_check(const LsqWeightBackward& a, const float* row_sums) {
   const char* fn = "lsq_weight_backward";
   KernelStatus st = check_weight(fn, a.w, a.scale_w, a.bits);
   const Dims d = dims_of(a.w);
@@ -216,18 +169,20 @@ KernelStatus lsq_weight_backward(const LsqWeightBackward& a, float* row_sums, cu
   if (a.scale_a == nullptr) return invalid(fn, "scale_a", "null pointer");
   if (row_sums == nullptr) return invalid(fn, "row_sums", "null pointer");
   if (d.k > INT32_MAX) return invalid(fn, "w", "too many output channels for one grid");
-  BackwardViews v;
-  copy_strides(a.w.stride, v.w_stride);
-  copy_strides(a.grad.stride, v.grad_stride);
-  copy_strides(a.dw.stride, v.dw_stride);
-  const WeightScale ws{a.scale_w, a.per_channel, a.eps};
+  return KernelStatus::success();
+}
+
+KernelStatus lsq_weight_backward(const LsqWeightBackward& a, float* row_sums, cudaStream_t stream) {
+  const char* fn = "lsq_weight_backward";
+  KernelStatus st = lsq_weight_backward_check(a, row_sums);
+  const Dims d = dims_of(a.w);
+  if (!st.ok || numel(d) == 0) return st;
+  const device::WeightBackwardArgs args = device::weight_backward_args(a, row_sums);
   return with_type(a.w.type, [&](auto* w_tag) {
     using TW = std::remove_pointer_t<decltype(w_tag)>;
     return with_type(a.grad.type, [&](auto* g_tag) {
       using TG = std::remove_pointer_t<decltype(g_tag)>;
-      weight_backward_kernel<TW, TG><<<static_cast<unsigned>(d.k), kThreads, 0, stream>>>(
-          static_cast<const TW*>(a.w.data), static_cast<const TG*>(a.grad.data),
-          static_cast<TW*>(a.dw.data), d, v, ws, a.scale_a, a.bits, row_sums);
+      weight_backward_kernel<TW, TG><<<static_cast<unsigned>(d.k), kThreads, 0, stream>>>(args);
       return launch_status(fn);
     });
   });
