@@ -34,9 +34,9 @@ Q4_HD int8_t quantize_value(float value, float scale, int bits) {
   return static_cast<int8_t>(rintf(clamped));
 }
 
-// IEEE fp32 product and sum, never contracted into one fused multiply-add
-// (nvcc fuses a * b + c by default, which would round once instead of twice
-// and break the bounds below).
+// IEEE fp32 product that the compiler never contracts with a following add
+// into one fused multiply-add (nvcc fuses a * b + c by default, which would
+// round once instead of twice and break the bounds of fast_code).
 Q4_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);
@@ -45,6 +45,7 @@ Q4_HD float mul_rn(float a, float b) {
 #endif
 }
 
+// The IEEE bits of a float.
 Q4_HD int32_t float_bits(float value) {
 #if defined(__CUDA_ARCH__)
   return __float_as_int(value);
