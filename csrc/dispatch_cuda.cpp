@@ -344,16 +344,17 @@ TrainKernelWeight cuda_train_kernel_weight(const at::Tensor& weight, const at::T
   const Tensor4dView view = kernel_view(source, "weight");
   TrainKernelWeight out;
   const bool quantizes = k_out * channels * r * s > 0;
+  at::Tensor s_a;
+  AlphaOut alpha;
   if (!quantizes) {
     out.alpha = cuda_output_alpha(scale_a, scale_w, k_out, eps);  // no launch to ride on
   } else {
     TORCH_CHECK(scale_a.device() == weight.device(), "scale_a must be on the weight's device (",
                 weight.device(), "), got ", scale_a.device());
     out.alpha = at::empty({k_out}, weight.options().dtype(at::kFloat));
+    s_a = fp32_dense(scale_a);
+    alpha = {s_a.data_ptr<float>(), out.alpha.data_ptr<float>()};
   }
-  const at::Tensor s_a = fp32_dense(scale_a);
-  AlphaOut alpha;
-  if (quantizes) alpha = {s_a.data_ptr<float>(), out.alpha.data_ptr<float>()};
   if (backend == Backend::kSm80Int4) {
     out.weight = at::empty(kernel_weight_sizes(k_out, channels, r, s, backend),
                            weight.options().dtype(at::kByte));

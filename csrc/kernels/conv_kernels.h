@@ -4,6 +4,7 @@
 // their own. dispatch.cpp owns the torch side (allocation, checks, choice).
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -59,6 +60,27 @@ inline KernelStatus launch_status(const char* what) {
     return KernelStatus::failure(std::string(what) + ": CUDA launch failed: " +
                                  cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
   return KernelStatus::success();
+}
+
+// Raises `kernel`'s dynamic shared-memory limit to `bytes` on the current
+// device (and, with max_carveout, asks for the largest shared-memory
+// carveout), once per device and size: the setting is per function and per
+// device, and setting it on every call costs host time. `raised` is the
+// caller's record for this one kernel (a static array per kernel).
+constexpr int kMaxDevices = 64;
+inline cudaError_t raise_smem_limit(const void* kernel, int bytes, bool max_carveout,
+                                    std::atomic<int> (&raised)[kMaxDevices]) {
+  int device = -1;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const bool known = device >= 0 && device < kMaxDevices;
+  if (known && raised[device].load() >= bytes) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && max_carveout)
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               cudaSharedmemCarveoutMaxShared);
+  if (err == cudaSuccess && known) raised[device].store(bytes);
+  return err;
 }
 
 // ---- CUTLASS sm80 int4 implicit-GEMM fprop (conv_sm80_int4.cu) -------------

@@ -168,22 +168,18 @@ KernelStatus cached_run(const ConvShape& s, const void* act, const void* wt, con
       return KernelStatus::failure(std::string("sm90_int8_conv: initialize_workspace: ") +
                                    status_name(st));
     params = OpKernel::to_underlying_arguments(args, workspace);
-    // The shared-memory limit is a per-kernel, per-device setting: raised
-    // once per device (a cache miss happens whenever a pointer changes, e.g.
-    // every training step).
-    constexpr int kMaxDevices = 64;
-    static std::atomic<bool> smem_raised[kMaxDevices];
+    // Raised once per device (a cache miss happens whenever a pointer
+    // changes, e.g. every training step).
+    static std::atomic<int> smem_raised[kMaxDevices];
     const int smem = OpKernel::SharedStorageSize;
-    const bool known = key.device >= 0 && key.device < kMaxDevices;
-    if (smem >= (48 << 10) && !(known && smem_raised[key.device].load())) {
-      ce = cudaFuncSetAttribute(cutlass::device_kernel<OpKernel>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (smem >= (48 << 10)) {
+      ce = raise_smem_limit(reinterpret_cast<const void*>(cutlass::device_kernel<OpKernel>), smem,
+                            false, smem_raised);
       if (ce != cudaSuccess) {
         cudaGetLastError();
         return KernelStatus::failure(std::string("sm90_int8_conv: cudaFuncSetAttribute(smem=") +
                                      std::to_string(smem) + "): " + cudaGetErrorString(ce));
       }
-      if (known) smem_raised[key.device].store(true);
     }
     if (need == 0) {  // a workspace would need initialize_workspace on every call
       std::lock_guard<std::mutex> lock(mu);

@@ -234,6 +234,18 @@ inline KernelStatus invalid(const char* fn, const char* arg, const std::string& 
   return KernelStatus::failure(std::string(fn) + ": invalid argument '" + arg + "': " + why);
 }
 
+// The kernel arguments of a WeightCodesJob (lsq_kernels.h).
+inline WeightCodesArgs weight_codes_args(const WeightCodesJob& job, float eps, int bits) {
+  WeightCodesArgs args{job.w.data,  job.out.data,    {},         {},  {},
+                       job.scale_w, job.per_channel, job.scaled, eps, bits};
+  for (int d = 0; d < 4; ++d) {
+    args.size[d] = job.w.size[d];
+    args.in_stride[d] = job.w.stride[d];
+    args.out_stride[d] = job.out.stride[d];
+  }
+  return args;
+}
+
 // The kernel arguments of an LsqWeightBackward (lsq_kernels.h).
 inline WeightBackwardArgs weight_backward_args(const LsqWeightBackward& a, float* row_sums) {
   WeightBackwardArgs args{a.w.data,  a.grad.data,   a.dw.data, {},    {},     {},      {},

@@ -569,33 +569,14 @@ KernelStatus lsq_activation_codes(const Tensor4dView& x, const float* bias_a, co
   if (!st.ok) return st;
   if (numel(x) > 0 && out.data == nullptr) return invalid(fn, "out", "null data pointer");
   // The weight job rides on the launch when its weights are fp32 and
-  // non-empty, and checks like lsq_weight_codes.
+  // non-empty.
   device::WeightCodesArgs w{};
   bool ride = false;
   if (weights != nullptr) {
-    const Tensor4dView& wv = weights->w;
-    for (int d = 0; d < 4; ++d)
-      if (wv.size[d] < 0) return invalid(fn, "weights.w", "negative size");
-    const int64_t count = numel(wv);
-    if (count > 0 &&
-        (wv.data == nullptr || weights->scale_w == nullptr || weights->out.data == nullptr))
-      return invalid(fn, "weights", "null pointer");
-    ride = count > 0 && numel(x) > 0 && wv.type == InType::kFloat32;
-    w = {wv.data,
-         weights->out.data,
-         {},
-         {},
-         {},
-         weights->scale_w,
-         weights->per_channel,
-         weights->scaled,
-         eps,
-         bits};
-    for (int d = 0; d < 4; ++d) {
-      w.size[d] = wv.size[d];
-      w.in_stride[d] = wv.stride[d];
-      w.out_stride[d] = weights->out.stride[d];
-    }
+    st = lsq_weight_codes_check(*weights, bits);
+    if (!st.ok) return st;
+    ride = numel(weights->w) > 0 && numel(x) > 0 && weights->w.type == InType::kFloat32;
+    w = device::weight_codes_args(*weights, eps, bits);
   }
   bool carried = false;
   if (numel(x) > 0) {

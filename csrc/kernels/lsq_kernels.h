@@ -90,6 +90,9 @@ KernelStatus lsq_activation_backward(const LsqActBackward& args, float* bias_par
 KernelStatus lsq_weight_codes(const Tensor4dView& w, const float* scale_w, bool per_channel,
                               bool scaled, float eps, int bits, InType out_type,
                               const Tensor4dOut& out, cudaStream_t stream);
+// The argument checks of lsq_weight_codes (also for weight codes riding on
+// lsq_activation_codes's launch).
+KernelStatus lsq_weight_codes_check(const WeightCodesJob& job, int bits);
 
 // Weight backward: with g = grad * max(*scale_a, eps) (grad = d loss / d
 // (codes of w), from the weight-gradient convolution), ratio = w / s_w[k]:

@@ -129,30 +129,30 @@ unsigned grid_for(int64_t work) {
       std::max<int64_t>(1, std::min((work + kThreads - 1) / kThreads, kMaxBlocks)));
 }
 
-void copy_strides(const int64_t (&from)[4], int64_t (&to)[4]) {
-  for (int i = 0; i < 4; ++i) to[i] = from[i];
-}
-
 }  // namespace
+
+KernelStatus lsq_weight_codes_check(const WeightCodesJob& job, int bits) {
+  const char* fn = "lsq_weight_codes";
+  KernelStatus st = check_weight(fn, job.w, job.scale_w, bits);
+  if (!st.ok || numel(dims_of(job.w)) == 0) return st;
+  if (job.out.data == nullptr) return invalid(fn, "out", "null data pointer");
+  return KernelStatus::success();
+}
 
 KernelStatus lsq_weight_codes(const Tensor4dView& w, const float* scale_w, bool per_channel,
                               bool scaled, float eps, int bits, InType out_type,
                               const Tensor4dOut& out, cudaStream_t stream) {
-  const char* fn = "lsq_weight_codes";
-  KernelStatus st = check_weight(fn, w, scale_w, bits);
+  const WeightCodesJob job{w, scale_w, per_channel, scaled, out};
+  KernelStatus st = lsq_weight_codes_check(job, bits);
   const Dims d = dims_of(w);
   if (!st.ok || numel(d) == 0) return st;
-  if (out.data == nullptr) return invalid(fn, "out", "null data pointer");
-  device::WeightCodesArgs a{w.data, out.data, {}, {}, {}, scale_w, per_channel, scaled, eps, bits};
-  copy_strides(w.size, a.size);
-  copy_strides(w.stride, a.in_stride);
-  copy_strides(out.stride, a.out_stride);
+  const device::WeightCodesArgs a = device::weight_codes_args(job, eps, bits);
   return with_type(w.type, [&](auto* w_tag) {
     using TW = std::remove_pointer_t<decltype(w_tag)>;
     return with_type(out_type, [&](auto* o_tag) {
       using TO = std::remove_pointer_t<decltype(o_tag)>;
       weight_codes_kernel<TW, TO><<<grid_for(numel(d)), kThreads, 0, stream>>>(a);
-      return launch_status(fn);
+      return launch_status("lsq_weight_codes");
     });
   });
 }

@@ -454,10 +454,10 @@ __global__ void __launch_bounds__(kThreads, 2) pointwise_fused_kernel(const Para
 
 // Multiprocessor count of the current device (cached: one query per device).
 int sm_count() {
-  static std::atomic<int> cache[64];
+  static std::atomic<int> cache[kMaxDevices];
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (device < 0 || device >= 64) return 0;
+  if (device < 0 || device >= kMaxDevices) return 0;
   int count = cache[device].load(std::memory_order_relaxed);
   if (count == 0) {
     if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
@@ -488,23 +488,11 @@ template <typename T, typename OutT, int BM, int BN>
 KernelStatus launch(Params p, cudaStream_t stream) {
   const size_t smem = smem_bytes_for<BN>(p.c, BM);
   p.staging_offset = int(smem) - kThreads / 32 * staging_words<BN>() * 4;
-  // The dynamic shared-memory limit is a per-function, per-device setting:
-  // raised once per device to the largest size asked for so far.
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> raised[kMaxDevices];
-  int device = -1;
-  cudaError_t err = cudaGetDevice(&device);
-  const bool known = err == cudaSuccess && device >= 0 && device < kMaxDevices;
-  if (err == cudaSuccess && !(known && raised[device].load() >= int(smem))) {
-    err = cudaFuncSetAttribute(pointwise_fused_kernel<T, OutT, BM, BN>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    // Two ~108 KB blocks per SM need the largest shared-memory carveout.
-    if (err == cudaSuccess)
-      err = cudaFuncSetAttribute(pointwise_fused_kernel<T, OutT, BM, BN>,
-                                 cudaFuncAttributePreferredSharedMemoryCarveout,
-                                 cudaSharedmemCarveoutMaxShared);
-    if (err == cudaSuccess && known) raised[device].store(int(smem));
-  }
+  // Two ~108 KB blocks per SM need the largest shared-memory carveout.
+  static std::atomic<int> smem_raised[kMaxDevices];
+  const cudaError_t err =
+      raise_smem_limit(reinterpret_cast<const void*>(pointwise_fused_kernel<T, OutT, BM, BN>),
+                       int(smem), true, smem_raised);
   if (err != cudaSuccess)
     return KernelStatus::failure(std::string("pointwise_fused_conv: ") + cudaGetErrorString(err));
   const int64_t row_blocks = (p.m + BM - 1) / BM;

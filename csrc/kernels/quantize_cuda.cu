@@ -68,14 +68,22 @@ __device__ __forceinline__ Scale eff_scale(const QParams& p, int64_t n) {
   return {s, 1.0f / s};
 }
 
-// The first block writes alpha[n] = s_a * s_w[n] for every n when asked to
-// (QParams::alpha), before its share of the codes.
-__device__ __forceinline__ void write_alpha(const QParams& p) {
+// Epilogue scale of output channel k: max(*scale_a, eps) * max(scale_w[k or
+// 0], eps) (output_alpha_fp32, AlphaOut).
+__device__ __forceinline__ float output_alpha(const float* scale_a, const float* scale_w,
+                                              bool per_channel, int64_t k, float eps) {
+  return effective_scale(*scale_a, eps) * effective_scale(scale_w[per_channel ? k : 0], eps);
+}
+
+// What every quantization kernel does first: the first block writes alpha[n]
+// for every n when asked to (QParams::alpha, weights only), and every block
+// lets a programmatically launched GEMM after this grid start early.
+__device__ __forceinline__ void begin_quantize_kernel(const QParams& p) {
+  device::allow_dependent_launch();
   if (p.alpha.alpha == nullptr || blockIdx.x != 0 || blockIdx.y != 0) return;
-  const float s_a = effective_scale(*p.alpha.scale_a, p.eps);
   const int threads = blockDim.x * blockDim.y;
   for (int64_t n = threadIdx.y * blockDim.x + threadIdx.x; n < p.n; n += threads)
-    p.alpha.alpha[n] = s_a * eff_scale(p, n).s;
+    p.alpha.alpha[n] = output_alpha(p.alpha.scale_a, p.scale, p.scale_per_n, n, p.eps);
 }
 
 // Code of channel c from an already loaded value; channels >= C are zero.
@@ -121,8 +129,7 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ src, float (&v)[k
 template <typename T, bool kInt4>
 __global__ void __launch_bounds__(kThreads)
     quantize_generic_kernel(const T* __restrict__ x, QParams p, uint8_t* __restrict__ out) {
-  write_alpha(p);
-  device::allow_dependent_launch();
+  begin_quantize_kernel(p);
   const int64_t row = kInt4 ? p.c_pad / 2 : p.c_pad;  // output bytes per pixel
   const int64_t total = p.n * p.h * p.w * row;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
@@ -149,8 +156,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, bool kInt4>
 __global__ void __launch_bounds__(kThreads)
     quantize_cl_kernel(const T* __restrict__ x, QParams p, uint8_t* __restrict__ out) {
-  write_alpha(p);
-  device::allow_dependent_launch();
+  begin_quantize_kernel(p);
   constexpr int G = 16;
   const int64_t groups = (p.c_pad + G - 1) / G;
   const int64_t row = kInt4 ? p.c_pad / 2 : p.c_pad;
@@ -238,6 +244,18 @@ __device__ __forceinline__ int64_t pixel_offset(const QParams& p, uint32_t pix) 
   return int64_t(t / h) * p.s0 + int64_t(t % h) * p.s2 + int64_t(wi) * p.s3;
 }
 
+// The codes of kVec shifted values (quantize_values_fast) as one 8-byte store
+// to an 8-byte aligned dst.
+__device__ __forceinline__ void store_codes8(const float (&shifted)[kVec], Scale s, int bits,
+                                             int8_t* dst) {
+  union {
+    uint2 raw;
+    int8_t q[kVec];
+  } u;
+  quantize_values_fast(shifted, s.s, s.inv, bits, u.q);
+  *reinterpret_cast<uint2*>(dst) = u.raw;
+}
+
 // The loaded vectors stay raw (uint4) until their turn to be converted: half
 // the registers of float copies (40 instead of 52 for fp16 input: 6 blocks per
 // SM instead of 4), so more loads in flight per SM (NOTES.md, session 4:
@@ -248,8 +266,7 @@ __global__ void __launch_bounds__(kThreads)
     quantize_vec8_int8_kernel(const T* __restrict__ x, QParams p, uint32_t vecs,
                               int8_t* __restrict__ out) {
   constexpr int kUnits = kVec * static_cast<int>(sizeof(T)) / 16;  // uint4s per vector
-  write_alpha(p);
-  device::allow_dependent_launch();
+  begin_quantize_kernel(p);
   const uint32_t vecs_per_pixel = static_cast<uint32_t>(p.c) / kVec;
   const uint32_t first = blockIdx.x * uint32_t(kVecTile) + threadIdx.x;
   uint4 raw[kVecsPerThread][kUnits];
@@ -286,12 +303,7 @@ __global__ void __launch_bounds__(kThreads)
     float shifted[kVec];
 #pragma unroll
     for (int k = 0; k < kVec; ++k) shifted[k] = to_float(in.e[k]) + bias[k];
-    union {
-      uint2 raw;
-      int8_t q[kVec];
-    } u;
-    quantize_values_fast(shifted, s.s, s.inv, p.bits, u.q);
-    *reinterpret_cast<uint2*>(out + int64_t(v) * kVec) = u.raw;
+    store_codes8(shifted, s, p.bits, out + int64_t(v) * kVec);
   }
 }
 
@@ -306,8 +318,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     quantize_flat_int8_kernel(const T* __restrict__ x, QParams p, uint32_t total,
                               int8_t* __restrict__ out) {
-  write_alpha(p);
-  device::allow_dependent_launch();
+  begin_quantize_kernel(p);
   const Scale s = eff_scale(p, 0);
   const uint32_t channels = static_cast<uint32_t>(p.c);
   const uint32_t step = gridDim.x * uint32_t(kThreads) * kVec;
@@ -322,12 +333,7 @@ __global__ void __launch_bounds__(kThreads)
         shifted[k] = p.bias != nullptr ? v[k] + p.bias[c] : v[k];
         c = c + 1 == channels ? 0 : c + 1;
       }
-      union {
-        uint2 raw;
-        int8_t q[kVec];
-      } u;
-      quantize_values_fast(shifted, s.s, s.inv, p.bits, u.q);
-      *reinterpret_cast<uint2*>(out + i) = u.raw;
+      store_codes8(shifted, s, p.bits, out + i);
     } else {
       for (uint32_t j = i; j < total; ++j) {
         out[j] = code_of(p, to_float(x[j]), c, s);
@@ -364,8 +370,7 @@ bool vec8_path_ok(const T* x, const QParams& p, const void* out) {
 template <typename T, bool kInt4>
 __global__ void __launch_bounds__(kThreads)
     quantize_small_planes_kernel(const T* __restrict__ x, QParams p, uint8_t* __restrict__ out) {
-  write_alpha(p);
-  device::allow_dependent_launch();
+  begin_quantize_kernel(p);
   const uint32_t row = static_cast<uint32_t>(kInt4 ? p.c_pad / 2 : p.c_pad);
   const uint32_t plane = static_cast<uint32_t>(p.h * p.w);
   const uint32_t items = static_cast<uint32_t>(p.n) * row;
@@ -397,8 +402,7 @@ template <typename T, bool kInt4>
 __global__ void __launch_bounds__(kTileP* kTileRows)
     quantize_nchw_kernel(const T* __restrict__ x, QParams p, uint8_t* __restrict__ out,
                          int64_t ptiles) {
-  write_alpha(p);
-  device::allow_dependent_launch();
+  begin_quantize_kernel(p);
   // [pixel][channel]; row pitch 36 bytes (odd number of words): the column
   // writes of the read phase hit distinct banks.
   __shared__ __align__(4) int8_t tile[kTileP][kTileC + 4];
@@ -497,8 +501,7 @@ __global__ void __launch_bounds__(kThreads)
     output_alpha_kernel(const float* __restrict__ scale_a, const float* __restrict__ scale_w,
                         bool per_channel, float eps, int out_channels, float* __restrict__ alpha) {
   const int k = blockIdx.x * blockDim.x + threadIdx.x;
-  if (k < out_channels)
-    alpha[k] = effective_scale(*scale_a, eps) * effective_scale(scale_w[per_channel ? k : 0], eps);
+  if (k < out_channels) alpha[k] = output_alpha(scale_a, scale_w, per_channel, k, eps);
 }
 
 // ---- host side ----------------------------------------------------------------
