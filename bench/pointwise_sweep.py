@@ -5,10 +5,10 @@ For every ResNet-50 1x1 stride-1 layer (batch --batch): the eval-mode q4conv
 layer (fp16 channels_last in and out) timed in CUDA graphs with
 Q4CONV_FUSED_POINTWISE=0 (quantization pass + CUTLASS GEMM) and =1 (fused
 kernel) for each variant of --variants (label:NAME=value, environment
-switches of the kernel such as Q4CONV_PW_SPLITS or Q4CONV_PW_PREFETCH; a bare
+switches; a bare
 label: the kernel's own rules), cuDNN fp16 in the same run, plus the floor
 bytes / 3.35 TB/s. Example:
-    python bench/pointwise_sweep.py --variants rule:,s1:Q4CONV_PW_SPLITS=1 --out sweep_out
+    python bench/pointwise_sweep.py --variants rule: --out sweep_out
 """
 from __future__ import annotations
 

@@ -128,12 +128,14 @@ KernelGeometry kernel_geometry(Backend backend, const KernelInput& in, int64_t o
 }
 
 // Dense channels_last 1x1 stride-1 convolutions on sm90 can quantize inside
-// an int8 mma.sync GEMM (pointwise_fused.cu: each block quantizes its rows
-// once and loops over all its output channels) instead of in a separate pass.
-// Measured on H100 (NOTES.md, session 3) it beats the pass + CUTLASS GEMM
-// only where K = 64 (C64->K64 and C256->K64 at 56x56); elsewhere it is
-// slower, so that is the default rule. Q4CONV_FUSED_POINTWISE=1 uses it
-// wherever it can run, =0 never (A/B timing and tests).
+// an int8 mma.sync GEMM (pointwise_fused.cu: persistent blocks keep a slice
+// of the weights in shared memory, stream the input once per slice and never
+// write the codes out) instead of in a separate pass. Measured on H100
+// (NOTES.md, session 5) it beats the pass + CUTLASS GEMM wherever one slice
+// holds all of K (K <= 128), and loses where K takes several slices (each
+// re-reads and re-quantizes the input), so that is the default rule.
+// Q4CONV_FUSED_POINTWISE=1 uses it wherever it can run, =0 never (A/B timing
+// and tests).
 enum class FusedMode { kRule, kAlways, kNever };
 
 FusedMode fused_pointwise_mode() {
@@ -160,10 +162,11 @@ bool use_fused_pointwise(Backend backend, const at::Tensor& x, const at::Tensor&
     case FusedMode::kRule:
       break;
   }
-  // Measured faster only with one 64-wide column block and C <= 256 (H100,
-  // session 3: C64->K64 56x56 36.1 vs 39.9 us, C256->K64 56x56 89.5 vs
-  // 101.8); with more output channels or C >= 512, 1.04-2.1x slower.
-  return runs && shape.k == 64 && shape.c <= 256;
+  // One slice (H100, session 5, fused vs pass + GEMM in us): C64->K64
+  // 56x56 26.2 vs 34.6, C256->K64 56x56 76.2 vs 86.8, C256->K128 56x56 74.9
+  // vs 94.1, C512->K128 28x28 35.4 vs 40.5; two or more slices lose, e.g.
+  // C64->K256 56x56 83.9 vs 62.8, C512->K256 28x28 59.9 vs 47.4.
+  return runs && pointwise_fused_slices(shape.c, shape.k) == 1;
 }
 
 }  // namespace

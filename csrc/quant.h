@@ -67,24 +67,31 @@ constexpr int32_t kRoundMagicBits = 0x4B400000;
 // The code quantize_value would give, computed from the product with
 // inv_scale = 1.0f / scale instead of the division (the division is a long
 // instruction sequence on GPUs). Returns false where that product cannot be
-// trusted; the caller then takes quantize_value. The product is within
-// 2.5e-7 relative of the exact quotient (two roundings; inv_scale keeps >= 20
-// significant bits even when subnormal), so for |product| <= 129 (the 8-bit
-// range plus one) it is within 3.3e-5 absolute: rint agrees with the exact
-// path unless the product lies within 1e-4 of a half-integer. Beyond that
-// range both paths saturate to the same end (and a product of 2^22 or more
-// either is already an integer or fails the test). Ties, NaN and infinities
-// (product - nearest is then NaN or >= 0.4999) fail the test.
+// trusted; the caller then takes quantize_value. Bound: with a normal
+// inv_scale (scale <= 2^126) the product is the exact quotient q times
+// (1 + d1)(1 + d2), |d1|, |d2| <= 2^-24, so for |q| <= 130 (the 8-bit range
+// plus one) it is within 1.55e-5 of q, and fp32(q), which quantize_value
+// rounds, within 7.8e-6 of q: if the product lies more than 2.4e-5 (the test
+// uses kTieMargin = 3e-5) from every half-integer, rint gives the same
+// integer on both paths. Beyond that range both paths saturate to the same
+// end (and a product of 2^22 or more either is already an integer or fails
+// the test). Ties, NaN and infinities (product - nearest is then NaN or >=
+// 0.49997) and subnormal inv_scale fail the test.
+constexpr float kTieMargin = 3e-5f;
+constexpr float kMinNormal = 1.17549435e-38f;  // FLT_MIN
 Q4_HD bool fast_code(float value, float inv_scale, int bits, int8_t& code) {
   const float approx = mul_rn(value, inv_scale);
-  const float nearest = (approx + kRoundMagic) - kRoundMagic;
+  const float shifted = approx + kRoundMagic;  // kRoundMagic + rint(approx) for |approx| < 2^22
+  const float nearest = shifted - kRoundMagic;
   // lo and hi are integers, so clamping after rounding equals rounding after
-  // clamping; the clamped value is a small integer, exact after + kRoundMagic.
-  const float lo = static_cast<float>(qmin(bits));
-  const float hi = static_cast<float>(qmax(bits));
-  const float clamped = fminf(fmaxf(nearest, lo), hi);
-  code = static_cast<int8_t>(float_bits(clamped + kRoundMagic) - kRoundMagicBits);
-  return fabsf(approx - nearest) < 0.5f - 1e-4f;
+  // clamping. The clamp works on the shifted sum directly: within the range
+  // it is kRoundMagic + an integer, and beyond it (|approx| >= 2^22) the sum
+  // still lies on the right side of both ends, so it saturates as the
+  // unshifted value would; the clamped sum's low bits are the code.
+  const float lo = kRoundMagic + static_cast<float>(qmin(bits));
+  const float hi = kRoundMagic + static_cast<float>(qmax(bits));
+  code = static_cast<int8_t>(float_bits(fminf(fmaxf(shifted, lo), hi)) - kRoundMagicBits);
+  return fabsf(approx - nearest) < 0.5f - kTieMargin && inv_scale >= kMinNormal;
 }
 
 // quantize_value(value, scale, bits), through fast_code where it can be trusted.

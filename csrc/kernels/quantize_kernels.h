@@ -74,15 +74,15 @@ KernelStatus repack_int4(const uint8_t* packed, int64_t rows, int c_in, int chan
 // Fused quantization + GEMM for a dense 1x1 stride-1 convolution
 // (pointwise_fused.cu): x is channels_last [pixels, channels] (16-byte
 // aligned, no padding), codes = quantize_activation(x, bias_a[c],
-// max(*scale_a, eps), bits), bit-identical to the separate pass, computed once
-// per row block and kept in shared memory; weight int8 [out_channels,
-// channels]; out = epilogue (NHWC [pixels, out_channels], 8-byte aligned).
-// Needs channels % 64 == 0, channels <= 2048 and out_channels % 64 == 0
-// (pointwise_fused_supports). Tuning switches (measurements and tests):
-// Q4CONV_PW_SPLITS=s forces up to s column ranges per row block instead of
-// the occupancy rule, Q4CONV_PW_BM=64 64-row blocks for every C,
-// Q4CONV_PW_PREFETCH=1 an L2 prefetch of later row blocks.
+// max(*scale_a, eps), bits), bit-identical to the separate pass, made in
+// shared memory and never written out; weight int8 [out_channels, channels];
+// out = epilogue (NHWC [pixels, out_channels], 16-byte aligned). Needs
+// channels % 64 == 0, channels <= 1024 and out_channels % 64 == 0
+// (pointwise_fused_supports). Each block keeps one slice of 64 or 128 output
+// channels' weights; pointwise_fused_slices says how many slices K takes,
+// i.e. how many times each input element is read and quantized.
 bool pointwise_fused_supports(int64_t pixels, int channels, int out_channels);
+int pointwise_fused_slices(int channels, int out_channels);
 KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, int channels,
                                   const float* bias_a, const float* scale_a, float eps, int bits,
                                   const int8_t* weight, int out_channels,

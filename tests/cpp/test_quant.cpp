@@ -382,7 +382,7 @@ TEST(QuantizeValueFast, MatchesExactDivisionEverywhere) {
           << "value=" << value << " scale=" << scale << " bits=" << bits;
       // Neighbours of the tie (k + 0.5) * scale, up to 32 ulps either way
       // (at |k| ~ 128 an ulp of the quotient is 1.5e-5, so this reaches past
-      // the fast path's 1e-4 tie window).
+      // the fast path's 3e-5 tie window, kTieMargin, on both sides).
       const float tie = (std::floor(unit(rng) * range) + 0.5f) * scale;
       float near = tie;
       for (int step = 0; step < 32; ++step) near = std::nextafter(near, -INFINITY);

@@ -177,22 +177,22 @@ def test_fused_pointwise_kernel(device, backend, case, dtype, monkeypatch):
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
 @pytest.mark.parametrize("case", [
-    Case(1, 2048, 128, 5, 7, 1, 1),    # largest C (64-row blocks), 35 pixels < one block
-    Case(2, 1024, 192, 9, 9, 1, 1),    # 64-row blocks, K = 3 x 64
-    Case(3, 512, 256, 11, 13, 1, 1),   # 128-row blocks, 429 pixels, K split in two
-    Case(1, 64, 2048, 3, 5, 1, 1),     # K split 16 ways over 15 pixels
-    Case(2, 320, 64, 17, 19, 1, 1),    # C not a power of two
-    Case(1, 128, 640, 16, 16, 1, 1),   # 256 pixels (exact blocks), 5 column blocks
-    Case(48, 64, 64, 27, 27, 1, 1),    # 274 row blocks: more than one wave, L2 prefetch ahead
+    Case(1, 1024, 128, 5, 7, 1, 1),    # largest C (64 KB weight slices), 35 pixels < one block
+    Case(2, 1024, 192, 9, 9, 1, 1),    # K = 3 x 64: three 64-wide slices
+    Case(3, 512, 256, 11, 13, 1, 1),   # two 128-wide slices, 429 pixels
+    Case(1, 64, 2048, 3, 5, 1, 1),     # 16 slices over 15 pixels
+    Case(2, 320, 64, 17, 19, 1, 1),    # C not a power of two (5 channel steps)
+    Case(2, 192, 128, 13, 9, 1, 1),    # one 128-wide slice, 234 pixels (row tail)
+    Case(1, 128, 640, 16, 16, 1, 1),   # 256 pixels (exact blocks), 5 slices of 128
+    Case(48, 64, 64, 27, 27, 1, 1),    # 274 row blocks: several per persistent block
 ], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("splits", ["0", "1", "4"])
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
-def test_fused_pointwise_equals_unfused(device, backend, case, dtype, splits, relu, monkeypatch):
+def test_fused_pointwise_equals_unfused(device, backend, case, dtype, relu, monkeypatch):
     """The fused kernel's codes are the separate pass's, bit for bit: without
     an output bias (alpha * acc is then one rounding on both paths) its output
-    equals the pass + GEMM output exactly, for every K split (Q4CONV_PW_SPLITS,
-    0 = the kernel's rule), including NaN, +-Inf and exact rounding ties."""
+    equals the pass + GEMM output exactly, with 64- and 128-wide weight slices
+    and one or many of them, including NaN, +-Inf and exact rounding ties."""
     x, bias_a, scale_a, weight, scale_w, _ = make_inputs(case, device, dtype, channels_last=True,
                                                          per_channel=True, seed=case.c + case.k)
     skip_unless_backend_runs(x, case, backend)
@@ -208,7 +208,6 @@ def test_fused_pointwise_equals_unfused(device, backend, case, dtype, splits, re
     monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", "0")
     reference = ops.conv_packed(*args)
     monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", "1")
-    monkeypatch.setenv("Q4CONV_PW_SPLITS", splits)
     y = ops.conv_packed(*args)
     assert torch.isfinite(y).all()
     assert torch.equal(y, reference)
