@@ -127,6 +127,7 @@ KernelGeometry kernel_geometry(Backend backend, const KernelInput& in, int64_t o
   return {conv, conv, c_pad};
 }
 
+#ifdef Q4CONV_HAVE_SM90  // pointwise_fused.cu is built with the sm90 kernels (sm_90a)
 // Dense channels_last 1x1 stride-1 convolutions on sm90 can quantize inside
 // an int8 mma.sync GEMM (pointwise_fused.cu: persistent blocks keep a slice
 // of the weights in shared memory, stream the input once per slice and never
@@ -146,13 +147,10 @@ FusedMode fused_pointwise_mode() {
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
-// bias_a: the fp32 activation shift the kernel reads as float4s.
-bool use_fused_pointwise(Backend backend, const at::Tensor& x, const at::Tensor& bias_a,
-                         const ConvShape& shape) {
+bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& shape) {
   const bool runs =
       backend == Backend::kSm90Int8 && is_pointwise_gemm(shape) && shape.c == x.size(1) &&
       x.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(x.data_ptr()) &&
-      aligned16(bias_a.data_ptr()) &&
       pointwise_fused_supports(int64_t(shape.n) * shape.h * shape.w, shape.c, shape.k);
   switch (fused_pointwise_mode()) {
     case FusedMode::kAlways:
@@ -168,6 +166,7 @@ bool use_fused_pointwise(Backend backend, const at::Tensor& x, const at::Tensor&
   // C64->K256 56x56 83.9 vs 62.8, C512->K256 28x28 59.9 vs 47.4.
   return runs && pointwise_fused_slices(shape.c, shape.k) == 1;
 }
+#endif  // Q4CONV_HAVE_SM90
 
 }  // namespace
 
@@ -453,7 +452,8 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor bias_q = fp32_dense(bias_a), scale_q = fp32_dense(scale_a);
-  if (use_fused_pointwise(backend, in.x, bias_q, shape)) {
+#ifdef Q4CONV_HAVE_SM90
+  if (use_fused_pointwise(backend, in.x, shape)) {
     check_status(pointwise_fused_conv(in.x.data_ptr(), kernel_in_type(in.x.scalar_type(), "x"),
                                       int64_t(shape.n) * shape.h * shape.w, shape.c,
                                       bias_q.data_ptr<float>(), scale_q.data_ptr<float>(),
@@ -462,6 +462,7 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
                  "sm90_int8 fused pointwise convolution");
     return out.permute({0, 3, 1, 2});
   }
+#endif
   at::Tensor act = at::empty(
       {in.x.size(0), in.x.size(2), in.x.size(3), packed ? geometry.c_pad / 2 : geometry.c_pad},
       x.options().dtype(packed ? at::kByte : at::kChar));

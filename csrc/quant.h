@@ -100,10 +100,14 @@ Q4_HD int8_t quantize_value_fast(float value, float scale, float inv_scale, int 
   return fast_code(value, inv_scale, bits, code) ? code : quantize_value(value, scale, bits);
 }
 
-// quantize_value for kN values at once: fast_code for all of them, one test,
-// and the exact path for all kN if any failed (rare: near-ties, NaN, Inf). One
-// branch per group instead of one per value keeps the values' instruction
-// chains independent, so they interleave.
+// quantize_value for kN values at once: fast_code for all of them and one
+// test; if any failed (near-ties, NaN, Inf), the values are tested again one
+// by one and only the failed ones take the exact division. One branch per
+// group keeps the values' instruction chains independent, so they
+// interleave; redoing only the failed values keeps the rare group that fails
+// cheap (on GPUs a warp runs the fallback when any of its lanes needs it,
+// and fp16 activations repeat the same few values near a tie thousands of
+// times, so for some scales it is not rare at all).
 template <int kN>
 Q4_HD void quantize_values_fast(const float (&value)[kN], float scale, float inv_scale, int bits,
                                 int8_t (&code)[kN]) {
@@ -113,7 +117,11 @@ Q4_HD void quantize_values_fast(const float (&value)[kN], float scale, float inv
 #endif
   for (int i = 0; i < kN; ++i) fast &= fast_code(value[i], inv_scale, bits, code[i]);
   if (!fast) {
-    for (int i = 0; i < kN; ++i) code[i] = quantize_value(value[i], scale, bits);
+    for (int i = 0; i < kN; ++i) {
+      int8_t unused;
+      if (!fast_code(value[i], inv_scale, bits, unused))
+        code[i] = quantize_value(value[i], scale, bits);
+    }
   }
 }
 

@@ -6,23 +6,29 @@
 // them again; here the input is read once, at 2 (or 4) bytes per element, as
 // cuDNN reads it, and the codes never leave shared memory.
 //
-// Persistent, weight-stationary blocks (session 5; sessions 2-3 had
-// A-stationary blocks whose load and compute phases did not overlap):
-//   - A block owns one slice of BN output channels and keeps that slice's
-//     int8 weights [BN x C] in shared memory for its whole life (<= 64 KB).
-//   - It walks its row blocks (BM pixel rows each, grid-strided) in steps of
-//     64 input channels. Every step's fp16/bf16/fp32 input tile [BM x 64]
-//     comes through a kStages-deep cp.async ring, so the next several tiles'
-//     DRAM reads are always in flight while the block computes.
-//   - Software pipeline, one barrier per step: step j quantizes tile j
-//     (quant.h arithmetic, bit-identical to the separate pass) into int8
-//     code buffer j % 2 and runs the mma.sync m16n8k32 s8 products of tile
-//     j - 1 from the other buffer; after the last channel step of a row block
-//     the epilogue of the sm90 EVT (fp32 alpha[k] * acc + bias[k], optional
-//     ReLU, convert, NHWC store) writes it.
+// Persistent, weight-stationary, warp-specialized blocks (session 5;
+// sessions 2-3 had A-stationary blocks whose load and compute phases did not
+// overlap). One 512-thread block per SM:
+//   - The block owns one slice of BN (64 or 128) output channels and keeps
+//     that slice's int8 weights [BN x C] in shared memory for its whole life
+//     (<= 64 KB). It walks its row blocks (128 pixel rows each,
+//     grid-strided) in steps of 64 input channels.
+//   - Quantizer warps (two warpgroups) copy each step's fp16/bf16/fp32 input
+//     tile [128 x 64] through a cp.async ring (64-96 KB in flight per SM),
+//     each thread waiting only for its own copies, and quantize it (quant.h
+//     arithmetic, bit-identical to the separate pass) into one of several
+//     int8 code buffers.
+//   - MMA warps (two warpgroups) run the mma.sync m16n8k32 s8 products of
+//     each code buffer against the resident weights and, after the last
+//     channel step of a row block, the epilogue of the sm90 EVT (fp32
+//     alpha[k] * acc + bias[k], optional ReLU, convert, NHWC store).
+//   - The roles hand buffers over through named barriers (full / empty per
+//     buffer), never a block-wide barrier, and setmaxnreg gives the MMA
+//     warps the registers the quantizers do not need (sm_90a only).
 // With K split into K / BN slices, each input element is read (the later
-// slices mostly from L2: the slices of one row block are neighbouring blocks)
-// and quantized once per slice.
+// slices mostly from L2: the slices of one row block are neighbouring
+// blocks) and quantized once per slice, so dispatch uses the kernel only
+// where one slice holds all of K.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -42,11 +48,24 @@ namespace {
 // (4 along M x 2 along N) multiply and store. They hand int8 code buffers
 // to each other through named barriers, so neither waits for a block-wide
 // barrier and each side's latency hides behind the other's work.
-constexpr int kQuantThreads = 256;
-constexpr int kMmaThreads = 256;
-constexpr int kThreads = kQuantThreads + kMmaThreads;
-constexpr int kMmaWarps = kMmaThreads / 32;
-constexpr int kWarpsM = 4, kWarpsN = 2;
+constexpr int kThreads = 512;  // four warpgroups
+
+// The role split: two warpgroups of quantizers, two of MMA warps (4 along M
+// x 2 along N). setmaxnreg moves registers (the 512-thread launch gives each
+// thread 128) from the quantizers, which need few, to the MMA warps'
+// accumulators. (Three quantizer warpgroups and one MMA warpgroup measured
+// no faster on H100, session 5: its single MMA warp per scheduler cannot
+// hide its own epilogue.)
+struct Roles {
+  static constexpr int kMmaThreads = 256;
+  static constexpr int kQuantThreads = kThreads - kMmaThreads;
+  static constexpr int kMmaWarps = kMmaThreads / 32;
+  static constexpr int kWarpsM = 4, kWarpsN = kMmaWarps / kWarpsM;
+  static constexpr int kQuantRegisters = 96;
+  static constexpr int kMmaRegisters =
+      (65536 - kQuantThreads * kQuantRegisters) / kMmaThreads / 8 * 8;
+  static_assert(kMmaRegisters <= 256, "setmaxnreg takes at most 256");
+};
 constexpr int kStepK = 64;                  // input channels per pipeline step
 constexpr int kCodePitch = kStepK + 16;     // int8 code rows: 80 bytes, ldmatrix conflict-free
 constexpr int kMaxCodeBuffers = 6;          // code buffers between the two roles
@@ -90,7 +109,7 @@ __host__ __device__ constexpr int ring_stages() {
 // fragment stores of 4 rows by 4 lanes hit distinct banks).
 template <int BN>
 __host__ __device__ constexpr int staging_words() {
-  return 8 * (BN / kWarpsN + 8);
+  return 8 * (BN / Roles::kWarpsN + 8);
 }
 
 // Shared memory: input ring, code buffers, epilogue staging, the slice's
@@ -99,7 +118,7 @@ __host__ __device__ constexpr int staging_words() {
 template <typename T, int BM, int BN>
 __host__ __device__ constexpr int fixed_smem_bytes() {
   return ring_stages<T, BM>() * BM * kStepK * int(sizeof(T)) + code_buffers<T>() * BM * kCodePitch +
-         kMmaWarps * staging_words<BN>() * 4 + 2 * BN * 4 + kMaxChannels * 4;
+         Roles::kMmaWarps * staging_words<BN>() * 4 + 2 * BN * 4 + kMaxChannels * 4;
 }
 
 // Weight rows are 64 bytes (4 chunks of 16) without padding; chunk `part` of
@@ -280,17 +299,27 @@ __device__ __forceinline__ void store_tile(const Params& p, const int (&acc)[kMT
 // (cp.async.wait_group) and the ring needs no barrier at all. Thread q (of
 // kQuantThreads) owns units q + i * kQuantThreads of a tile: row
 // q / kUnitsPerRow + i * kRowsPerPass, 16 bytes at column my_col.
-template <typename T, int BM>
+template <typename T, int BM, int kQuantThreads>
 struct QuantizerRole {
   static constexpr int kEl = Unit<T>::kElems;  // elements per 16-byte unit
   static constexpr int kUnitsPerRow = kStepK / kEl;
   static constexpr int kRowsPerPass = kQuantThreads / kUnitsPerRow;
-  static constexpr int kUnits = BM * kUnitsPerRow / kQuantThreads;  // per thread and tile
-  static constexpr int kGroup = kUnits > 1 ? 2 : 1;  // units per quantize_values_fast call
+  static constexpr int kTileUnits = BM * kUnitsPerRow;
+  // Units per thread and tile (the last one only for the first threads when
+  // kQuantThreads does not divide the tile), in groups of up to 16 values per
+  // quantize_values_fast call (one fallback test per group).
+  static constexpr int kUnits = (kTileUnits + kQuantThreads - 1) / kQuantThreads;
+  static constexpr int group_units() {
+    for (int g = 16 / kEl < kUnits ? 16 / kEl : kUnits; g > 1; --g)
+      if (kUnits % g == 0) return g;
+    return 1;
+  }
+  static constexpr int kGroup = group_units();
   static constexpr int kStages = ring_stages<T, BM>();
   static constexpr int kTileBytes = BM * kStepK * int(sizeof(T));
   static constexpr int kBuffers = code_buffers<T>();
   static_assert(kQuantThreads % kUnitsPerRow == 0, "a thread's units must share their channels");
+  static_assert(kTileUnits > (kUnits - 1) * kQuantThreads, "every unit slot but the last is full");
   static_assert(kStages >= 3, "the ring needs at least three tiles");
 
   static __device__ __forceinline__ void run(const Params& p, int8_t* smem, int8_t* codes_base,
@@ -298,6 +327,8 @@ struct QuantizerRole {
                                              int64_t rb_stride, int total_steps) {
     const int q = threadIdx.x, c = p.c, steps_k = c / kStepK;
     const int my_row = q / kUnitsPerRow, my_col = (q % kUnitsPerRow) * kEl;
+    const bool has_last =
+        kTileUnits % kQuantThreads == 0 || q + (kUnits - 1) * kQuantThreads < kTileUnits;
     const T* x_thread = static_cast<const T*>(p.x) + int64_t(my_row) * c + my_col;
     const int64_t pass_stride = int64_t(kRowsPerPass) * c;
     const uint32_t ring_thread = __cvta_generic_to_shared(smem) + q * 16;
@@ -315,6 +346,7 @@ struct QuantizerRole {
         const int rows_left = issue_rows_left < BM ? int(issue_rows_left) : BM;
 #pragma unroll
         for (int i = 0; i < kUnits; ++i) {
+          if (i == kUnits - 1 && !has_last) break;
           const bool valid = i * kRowsPerPass < rows_left;
           cp_async16(slot + i * kQuantThreads * 16, valid ? issue_src + i * pass_stride : x_base,
                      valid ? 16 : 0);
@@ -352,7 +384,9 @@ struct QuantizerRole {
       uint4 raw[kUnits];
 #pragma unroll
       for (int i = 0; i < kUnits; ++i)
-        raw[i] = *reinterpret_cast<const uint4*>(tile + i * kQuantThreads * 16);
+        raw[i] = i < kUnits - 1 || has_last
+                     ? *reinterpret_cast<const uint4*>(tile + i * kQuantThreads * 16)
+                     : make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int i0 = 0; i0 < kUnits; i0 += kGroup) {
         float f[kGroup * kEl];
@@ -369,6 +403,7 @@ struct QuantizerRole {
         quantize_values_fast(f, scale, inv_scale, p.bits, out.q);
 #pragma unroll
         for (int g = 0; g < kGroup; ++g) {
+          if (i0 + g == kUnits - 1 && !has_last) break;
           int8_t* dst = codes + (i0 + g) * kRowsPerPass * kCodePitch;
           if constexpr (kEl == 8)
             *reinterpret_cast<uint2*>(dst) = make_uint2(out.w[2 * g], out.w[2 * g + 1]);
@@ -387,6 +422,8 @@ struct QuantizerRole {
 // BM / 4 ... and output channels warp_n * BN / 2 ... of every row block.
 template <typename T, typename OutT, int BM, int BN>
 struct MmaRole {
+  static constexpr int kQuantThreads = Roles::kQuantThreads;
+  static constexpr int kWarpsM = Roles::kWarpsM, kWarpsN = Roles::kWarpsN;
   static constexpr int kBuffers = code_buffers<T>();
   static constexpr int kWarpRows = BM / kWarpsM;  // 16 or 32
   static constexpr int kWarpCols = BN / kWarpsN;  // 32 or 64
@@ -467,7 +504,7 @@ __global__ void __launch_bounds__(kThreads, 1) pointwise_fused_kernel(const Para
   extern __shared__ __align__(128) int8_t smem[];
   int8_t* codes_base = smem + kRing;
   int* staging = reinterpret_cast<int*>(codes_base + code_buffers<T>() * BM * kCodePitch);
-  float* epi_alpha = reinterpret_cast<float*>(staging + kMmaWarps * staging_words<BN>());
+  float* epi_alpha = reinterpret_cast<float*>(staging + Roles::kMmaWarps * staging_words<BN>());
   float* epi_bias = epi_alpha + BN;
   float* bias_smem = epi_bias + BN;
   int8_t* weights = reinterpret_cast<int8_t*>(bias_smem + kMaxChannels);
@@ -480,33 +517,43 @@ __global__ void __launch_bounds__(kThreads, 1) pointwise_fused_kernel(const Para
       first_rb < row_blocks ? int((row_blocks - first_rb + rb_stride - 1) / rb_stride) : 0;
   const int total_steps = my_row_blocks * (p.c / kStepK);
 
-  if (threadIdx.x < kQuantThreads) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if (threadIdx.x < Roles::kQuantThreads) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Roles::kQuantRegisters));
     // bias_a into shared memory, visible to all quantizer threads.
-    for (int i = threadIdx.x; i < p.c; i += kQuantThreads) bias_smem[i] = __ldg(p.bias_a + i);
-    named_sync(kQuantBarrier, kQuantThreads);
-    QuantizerRole<T, BM>::run(p, smem, codes_base, bias_smem, first_rb, rb_stride, total_steps);
+    for (int i = threadIdx.x; i < p.c; i += Roles::kQuantThreads)
+      bias_smem[i] = __ldg(p.bias_a + i);
+    named_sync(kQuantBarrier, Roles::kQuantThreads);
+    QuantizerRole<T, BM, Roles::kQuantThreads>::run(p, smem, codes_base, bias_smem, first_rb,
+                                                    rb_stride, total_steps);
   } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Roles::kMmaRegisters));
     // The weight slice, copied and waited for by the MMA warps only.
-    const int t = threadIdx.x - kQuantThreads, c = p.c, units_per_row = c / 16;
+    const int t = threadIdx.x - Roles::kQuantThreads, c = p.c, units_per_row = c / 16;
     const uint32_t w_base = __cvta_generic_to_shared(weights);
     const int8_t* src = p.weight + int64_t(slice) * BN * c;
-    for (int u = t; u < BN * units_per_row; u += kMmaThreads) {
+    for (int u = t; u < BN * units_per_row; u += Roles::kMmaThreads) {
       const int n = u / units_per_row, rem = u - n * units_per_row;
       cp_async16(w_base + (rem >> 2) * (BN * kStepK) + w_offset(n, rem & 3),
                  src + int64_t(n) * c + rem * 16);
     }
     cp_async_commit();
     // The slice's epilogue scales and bias (zeros without a bias).
-    for (int n = t; n < BN; n += kMmaThreads) {
+    for (int n = t; n < BN; n += Roles::kMmaThreads) {
       epi_alpha[n] = p.epi.alpha[slice * BN + n];
       epi_bias[n] = p.epi.bias != nullptr ? p.epi.bias[slice * BN + n] : 0.0f;
     }
     cp_async_wait<0>();
-    named_sync(kMmaBarrier, kMmaThreads);
+    named_sync(kMmaBarrier, Roles::kMmaThreads);
     int* stage = staging + (t >> 5) * staging_words<BN>();
     MmaRole<T, OutT, BM, BN>::run(p, codes_base, w_base, epi_alpha, epi_bias, stage, slice,
                                   first_rb, rb_stride, total_steps);
   }
+#else
+  // setmaxnreg is sm_90a only, and so is this kernel (dispatch runs it on the
+  // sm90 backend alone); other architectures get a trap, not a silent no-op.
+  __trap();
+#endif
 }
 
 // Multiprocessor count of the current device (cached: one query per device).
@@ -594,11 +641,10 @@ KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, 
   if (x == nullptr || weight == nullptr || scale_a == nullptr || epilogue.alpha == nullptr ||
       epilogue.out == nullptr)
     return KernelStatus::failure("pointwise_fused_conv: null pointer argument");
-  if (bias_a == nullptr || ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(weight) |
-                             reinterpret_cast<uintptr_t>(bias_a)) &
-                            15) != 0)
-    return KernelStatus::failure(
-        "pointwise_fused_conv: x, weight and bias_a must be non-null and 16-byte aligned");
+  if (bias_a == nullptr)
+    return KernelStatus::failure("pointwise_fused_conv: bias_a must be non-null");
+  if (((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(weight)) & 15) != 0)
+    return KernelStatus::failure("pointwise_fused_conv: x and weight must be 16-byte aligned");
   // Outputs are stored as 16-byte pieces of rows.
   if ((reinterpret_cast<uintptr_t>(epilogue.out) & 15) != 0)
     return KernelStatus::failure("pointwise_fused_conv: out must be 16-byte aligned");
