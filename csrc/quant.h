@@ -69,15 +69,16 @@ constexpr int32_t kRoundMagicBits = 0x4B400000;
 // instruction sequence on GPUs). Returns false where that product cannot be
 // trusted; the caller then takes quantize_value. Bound: with a normal
 // inv_scale (scale <= 2^126) the product is the exact quotient q times
-// (1 + d1)(1 + d2), |d1|, |d2| <= 2^-24, so for |q| <= 130 (the 8-bit range
-// plus one) it is within 1.55e-5 of q, and fp32(q), which quantize_value
-// rounds, within 7.8e-6 of q: if the product lies more than 2.4e-5 (the test
-// uses kTieMargin = 3e-5) from every half-integer, rint gives the same
-// integer on both paths. Beyond that range both paths saturate to the same
-// end (and a product of 2^22 or more either is already an integer or fails
-// the test). Ties, NaN and infinities (product - nearest is then NaN or >=
-// 0.49997) and subnormal inv_scale fail the test.
-constexpr float kTieMargin = 3e-5f;
+// (1 + d1)(1 + d2), |d1|, |d2| <= u = 2^-24, and fp32(q), which
+// quantize_value rounds, is q (1 + d3): the two differ by less than 3.0001 u
+// |q|. Only |q| < qmax + 2 matters (beyond it both paths saturate to the same
+// end, ties at the range ends included), so if the product lies more than
+// tie_margin(bits) = 4 u (qmax + 2) from every half-integer (2.1e-6 for 4
+// bits, 3.1e-5 for 8), rint gives the same code on both paths. A product of
+// 2^22 or more either is already an integer or fails the test. Ties, NaN
+// and infinities (product - nearest is then NaN or too close to 0.5) and a
+// subnormal inv_scale fail the test.
+Q4_HD float tie_margin(int bits) { return static_cast<float>(qmax(bits) + 2) * 2.384185791e-7f; }
 constexpr float kMinNormal = 1.17549435e-38f;  // FLT_MIN
 Q4_HD bool fast_code(float value, float inv_scale, int bits, int8_t& code) {
   const float approx = mul_rn(value, inv_scale);
@@ -91,7 +92,7 @@ Q4_HD bool fast_code(float value, float inv_scale, int bits, int8_t& code) {
   const float lo = kRoundMagic + static_cast<float>(qmin(bits));
   const float hi = kRoundMagic + static_cast<float>(qmax(bits));
   code = static_cast<int8_t>(float_bits(fminf(fmaxf(shifted, lo), hi)) - kRoundMagicBits);
-  return fabsf(approx - nearest) < 0.5f - kTieMargin && inv_scale >= kMinNormal;
+  return fabsf(approx - nearest) < 0.5f - tie_margin(bits) && inv_scale >= kMinNormal;
 }
 
 // quantize_value(value, scale, bits), through fast_code where it can be trusted.

@@ -381,8 +381,9 @@ TEST(QuantizeValueFast, MatchesExactDivisionEverywhere) {
                 q4conv::quantize_value(value, scale, bits))
           << "value=" << value << " scale=" << scale << " bits=" << bits;
       // Neighbours of the tie (k + 0.5) * scale, up to 32 ulps either way
-      // (at |k| ~ 128 an ulp of the quotient is 1.5e-5, so this reaches past
-      // the fast path's 3e-5 tie window, kTieMargin, on both sides).
+      // (at |k| ~ 128 an ulp of the quotient is 1.5e-5 and the fast path's
+      // tie window, tie_margin(8), 3.1e-5; at |k| ~ 8 an ulp is 9.5e-7 and
+      // tie_margin(4) 2.1e-6: this reaches past the window on both sides).
       const float tie = (std::floor(unit(rng) * range) + 0.5f) * scale;
       float near = tie;
       for (int step = 0; step < 32; ++step) near = std::nextafter(near, -INFINITY);
