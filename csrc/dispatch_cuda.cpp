@@ -160,10 +160,11 @@ bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& 
     case FusedMode::kRule:
       break;
   }
-  // One slice (H100, session 5, fused vs pass + GEMM in us): C64->K64
-  // 56x56 26.2 vs 34.6, C256->K64 56x56 76.2 vs 86.8, C256->K128 56x56 74.9
-  // vs 94.1, C512->K128 28x28 35.4 vs 40.5; two or more slices lose, e.g.
-  // C64->K256 56x56 83.9 vs 62.8, C512->K256 28x28 59.9 vs 47.4.
+  // One slice (H100, session 5, same-process A/B in CUDA graphs, fused vs
+  // pass + GEMM in us): C64->K64 56x56 26.4 vs 35.1, C256->K64 56x56 62.4
+  // vs 87.5, C256->K128 56x56 78.9 vs 94.7, C512->K128 28x28 39.3 vs 41.6.
+  // Two or more slices lose, e.g. C64->K256 56x56 84.7 vs 63.3, C512->K256
+  // 28x28 68.2 vs 48.9.
   return runs && pointwise_fused_slices(shape.c, shape.k) == 1;
 }
 #endif  // Q4CONV_HAVE_SM90
