@@ -44,14 +44,12 @@
 namespace q4conv {
 namespace {
 
-// Warp roles: 8 quantizer warps stream and quantize the input, 8 MMA warps
-// (4 along M x 2 along N) multiply and store. They hand int8 code buffers
-// to each other through named barriers, so neither waits for a block-wide
-// barrier and each side's latency hides behind the other's work.
 constexpr int kThreads = 512;  // four warpgroups
 
-// The role split: two warpgroups of quantizers, two of MMA warps (4 along M
-// x 2 along N). setmaxnreg moves registers (the 512-thread launch gives each
+// The role split: two warpgroups of quantizers stream and quantize the
+// input, two of MMA warps (4 along M x 2 along N) multiply and store; they
+// hand int8 code buffers to each other through named barriers, so neither
+// waits for a block-wide barrier. setmaxnreg moves registers (the 512-thread launch gives each
 // thread 128) from the quantizers, which need few, to the MMA warps'
 // accumulators. (Three quantizer warpgroups and one MMA warpgroup measured
 // no faster on H100, session 5: its single MMA warp per scheduler cannot
@@ -305,21 +303,13 @@ struct QuantizerRole {
   static constexpr int kUnitsPerRow = kStepK / kEl;
   static constexpr int kRowsPerPass = kQuantThreads / kUnitsPerRow;
   static constexpr int kTileUnits = BM * kUnitsPerRow;
-  // Units per thread and tile (the last one only for the first threads when
-  // kQuantThreads does not divide the tile), in groups of up to 16 values per
-  // quantize_values_fast call (one fallback test per group).
-  static constexpr int kUnits = (kTileUnits + kQuantThreads - 1) / kQuantThreads;
-  static constexpr int group_units() {
-    for (int g = 16 / kEl < kUnits ? 16 / kEl : kUnits; g > 1; --g)
-      if (kUnits % g == 0) return g;
-    return 1;
-  }
-  static constexpr int kGroup = group_units();
+  static constexpr int kUnits = kTileUnits / kQuantThreads;  // per thread and tile
+  static constexpr int kGroup = 16 / kEl;  // units per quantize_values_fast call: 16 values
   static constexpr int kStages = ring_stages<T, BM>();
   static constexpr int kTileBytes = BM * kStepK * int(sizeof(T));
   static constexpr int kBuffers = code_buffers<T>();
   static_assert(kQuantThreads % kUnitsPerRow == 0, "a thread's units must share their channels");
-  static_assert(kTileUnits > (kUnits - 1) * kQuantThreads, "every unit slot but the last is full");
+  static_assert(kTileUnits % kQuantThreads == 0 && kUnits % kGroup == 0, "whole units, groups");
   static_assert(kStages >= 3, "the ring needs at least three tiles");
 
   static __device__ __forceinline__ void run(const Params& p, int8_t* smem, int8_t* codes_base,
@@ -327,8 +317,6 @@ struct QuantizerRole {
                                              int64_t rb_stride, int total_steps) {
     const int q = threadIdx.x, c = p.c, steps_k = c / kStepK;
     const int my_row = q / kUnitsPerRow, my_col = (q % kUnitsPerRow) * kEl;
-    const bool has_last =
-        kTileUnits % kQuantThreads == 0 || q + (kUnits - 1) * kQuantThreads < kTileUnits;
     const T* x_thread = static_cast<const T*>(p.x) + int64_t(my_row) * c + my_col;
     const int64_t pass_stride = int64_t(kRowsPerPass) * c;
     const uint32_t ring_thread = __cvta_generic_to_shared(smem) + q * 16;
@@ -346,7 +334,6 @@ struct QuantizerRole {
         const int rows_left = issue_rows_left < BM ? int(issue_rows_left) : BM;
 #pragma unroll
         for (int i = 0; i < kUnits; ++i) {
-          if (i == kUnits - 1 && !has_last) break;
           const bool valid = i * kRowsPerPass < rows_left;
           cp_async16(slot + i * kQuantThreads * 16, valid ? issue_src + i * pass_stride : x_base,
                      valid ? 16 : 0);
@@ -384,9 +371,7 @@ struct QuantizerRole {
       uint4 raw[kUnits];
 #pragma unroll
       for (int i = 0; i < kUnits; ++i)
-        raw[i] = i < kUnits - 1 || has_last
-                     ? *reinterpret_cast<const uint4*>(tile + i * kQuantThreads * 16)
-                     : make_uint4(0, 0, 0, 0);
+        raw[i] = *reinterpret_cast<const uint4*>(tile + i * kQuantThreads * 16);
 #pragma unroll
       for (int i0 = 0; i0 < kUnits; i0 += kGroup) {
         float f[kGroup * kEl];
@@ -403,7 +388,6 @@ struct QuantizerRole {
         quantize_values_fast(f, scale, inv_scale, p.bits, out.q);
 #pragma unroll
         for (int g = 0; g < kGroup; ++g) {
-          if (i0 + g == kUnits - 1 && !has_last) break;
           int8_t* dst = codes + (i0 + g) * kRowsPerPass * kCodePitch;
           if constexpr (kEl == 8)
             *reinterpret_cast<uint2*>(dst) = make_uint2(out.w[2 * g], out.w[2 * g + 1]);
