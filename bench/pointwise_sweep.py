@@ -60,12 +60,12 @@ def main(argv=None) -> int:
         if not shape.main or shape.r != 1 or shape.stride != 1:
             continue
         q4, cudnn, xs = bench.eval_pair(shape)
-        os.environ["Q4CONV_FUSED_POINTWISE"] = "0"
-        ref = q4(xs[0]).float()
-        os.environ["Q4CONV_FUSED_POINTWISE"] = "1"
+        fused_switch = "Q4CONV_FUSED_POINTWISE"
+        with switch(fused_switch, "0"):
+            ref = q4(xs[0]).float()
         notes = []
-        for label, name, value in variants:
-            with switch(name, value):
+        for _, name, value in variants:
+            with switch(fused_switch, "1"), switch(name, value):
                 fused = q4(xs[0]).float()
             # Same codes, same fp32 epilogue: equal up to the bias FMA's rounding.
             diff = (fused - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
@@ -75,13 +75,11 @@ def main(argv=None) -> int:
         times = [[] for _ in range(2 + len(variants))]
         for _ in range(args.rounds):
             times[0].append(bench.time_graph_ms(cudnn, xs, args.repeats))
-            os.environ["Q4CONV_FUSED_POINTWISE"] = "0"
-            times[1].append(bench.time_graph_ms(q4, xs, args.repeats))
-            os.environ["Q4CONV_FUSED_POINTWISE"] = "1"
+            with switch(fused_switch, "0"):
+                times[1].append(bench.time_graph_ms(q4, xs, args.repeats))
             for i, (_, name, value) in enumerate(variants):
-                with switch(name, value):
+                with switch(fused_switch, "1"), switch(name, value):
                     times[2 + i].append(bench.time_graph_ms(q4, xs, args.repeats))
-        os.environ.pop("Q4CONV_FUSED_POINTWISE", None)
         cells = [f"{statistics.median(t) * 1e3:.1f}" for t in times]
         row = [shape.name, f"{shape.bytes() / 3.35e12 * 1e6:.1f}"] + cells[:2] + [
             c + n for c, n in zip(cells[2:], notes)]

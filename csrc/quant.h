@@ -118,11 +118,7 @@ Q4_HD void quantize_values_fast(const float (&value)[kN], float scale, float inv
 #endif
   for (int i = 0; i < kN; ++i) fast &= fast_code(value[i], inv_scale, bits, code[i]);
   if (!fast) {
-    for (int i = 0; i < kN; ++i) {
-      int8_t unused;
-      if (!fast_code(value[i], inv_scale, bits, unused))
-        code[i] = quantize_value(value[i], scale, bits);
-    }
+    for (int i = 0; i < kN; ++i) code[i] = quantize_value_fast(value[i], scale, inv_scale, bits);
   }
 }
 

@@ -297,8 +297,9 @@ __device__ __forceinline__ void store_tile(const Params& p, const int (&acc)[kMT
 // (cp.async.wait_group) and the ring needs no barrier at all. Thread q (of
 // kQuantThreads) owns units q + i * kQuantThreads of a tile: row
 // q / kUnitsPerRow + i * kRowsPerPass, 16 bytes at column my_col.
-template <typename T, int BM, int kQuantThreads>
+template <typename T, int BM>
 struct QuantizerRole {
+  static constexpr int kQuantThreads = Roles::kQuantThreads;
   static constexpr int kEl = Unit<T>::kElems;  // elements per 16-byte unit
   static constexpr int kUnitsPerRow = kStepK / kEl;
   static constexpr int kRowsPerPass = kQuantThreads / kUnitsPerRow;
@@ -409,7 +410,7 @@ struct MmaRole {
   static constexpr int kQuantThreads = Roles::kQuantThreads;
   static constexpr int kWarpsM = Roles::kWarpsM, kWarpsN = Roles::kWarpsN;
   static constexpr int kBuffers = code_buffers<T>();
-  static constexpr int kWarpRows = BM / kWarpsM;  // 16 or 32
+  static constexpr int kWarpRows = BM / kWarpsM;  // 32 (BM = 128)
   static constexpr int kWarpCols = BN / kWarpsN;  // 32 or 64
   static constexpr int kMT = kWarpRows / 16;      // m16 tiles per warp
   static constexpr int kNT = kWarpCols / 8;       // n8 tiles per warp (even: ldmatrix pairs)
@@ -508,8 +509,7 @@ __global__ void __launch_bounds__(kThreads, 1) pointwise_fused_kernel(const Para
     for (int i = threadIdx.x; i < p.c; i += Roles::kQuantThreads)
       bias_smem[i] = __ldg(p.bias_a + i);
     named_sync(kQuantBarrier, Roles::kQuantThreads);
-    QuantizerRole<T, BM, Roles::kQuantThreads>::run(p, smem, codes_base, bias_smem, first_rb,
-                                                    rb_stride, total_steps);
+    QuantizerRole<T, BM>::run(p, smem, codes_base, bias_smem, first_rb, rb_stride, total_steps);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Roles::kMmaRegisters));
     // The weight slice, copied and waited for by the MMA warps only.
@@ -569,7 +569,8 @@ KernelStatus launch(Params p, cudaStream_t stream) {
   // first find its input in L2.
   p.splits = p.k / BN;
   const int64_t row_blocks = (p.m + BM - 1) / BM;
-  const int64_t per_slice = sm_count() / p.splits > 0 ? sm_count() / p.splits : 1;
+  const int64_t sms = sm_count();
+  const int64_t per_slice = sms / p.splits > 0 ? sms / p.splits : 1;
   const int64_t grid_rows = row_blocks < per_slice ? row_blocks : per_slice;
   const int64_t blocks = grid_rows * p.splits;
   if (blocks > 0x7fffffff || row_blocks > 0x7fffffff / 2)
@@ -622,11 +623,9 @@ KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, 
   if (!pointwise_fused_supports(pixels, channels, out_channels))
     return KernelStatus::failure(
         "pointwise_fused_conv: unsupported shape (needs C % 64 == 0, C <= 1024 and K % 64 == 0)");
-  if (x == nullptr || weight == nullptr || scale_a == nullptr || epilogue.alpha == nullptr ||
-      epilogue.out == nullptr)
+  if (x == nullptr || weight == nullptr || bias_a == nullptr || scale_a == nullptr ||
+      epilogue.alpha == nullptr || epilogue.out == nullptr)
     return KernelStatus::failure("pointwise_fused_conv: null pointer argument");
-  if (bias_a == nullptr)
-    return KernelStatus::failure("pointwise_fused_conv: bias_a must be non-null");
   if (((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(weight)) & 15) != 0)
     return KernelStatus::failure("pointwise_fused_conv: x and weight must be 16-byte aligned");
   // Outputs are stored as 16-byte pieces of rows.
