@@ -130,13 +130,10 @@ KernelGeometry kernel_geometry(Backend backend, const KernelInput& in, int64_t o
 #ifdef Q4CONV_HAVE_SM90  // pointwise_fused.cu is built with the sm90 kernels (sm_90a)
 // Dense channels_last 1x1 stride-1 convolutions on sm90 can quantize inside
 // an int8 mma.sync GEMM (pointwise_fused.cu: persistent blocks keep a slice
-// of the weights in shared memory, stream the input once per slice and never
-// write the codes out) instead of in a separate pass. Measured on H100
-// (NOTES.md, session 5) it beats the pass + CUTLASS GEMM wherever one slice
-// holds all of K (K <= 128), and loses where K takes several slices (each
-// re-reads and re-quantizes the input), so that is the default rule.
-// Q4CONV_FUSED_POINTWISE=1 uses it wherever it can run, =0 never (A/B timing
-// and tests).
+// of the weights in shared memory; the slices of K run as one cluster that
+// reads and quantizes each input tile once and never writes the codes out)
+// instead of in a separate pass. Q4CONV_FUSED_POINTWISE=1 uses it wherever it
+// can run, =0 never (A/B timing and tests).
 enum class FusedMode { kRule, kAlways, kNever };
 
 FusedMode fused_pointwise_mode() {
@@ -160,11 +157,12 @@ bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& 
     case FusedMode::kRule:
       break;
   }
-  // One slice (H100, session 5, same-process A/B in CUDA graphs, fused vs
-  // pass + GEMM in us): C64->K64 56x56 26.4 vs 35.1, C256->K64 56x56 62.4
-  // vs 87.5, C256->K128 56x56 78.9 vs 94.7, C512->K128 28x28 39.3 vs 41.6.
-  // Two or more slices lose, e.g. C64->K256 56x56 84.7 vs 63.3, C512->K256
-  // 28x28 68.2 vs 48.9.
+  // One slice (H100, session 6, same-process A/B in CUDA graphs, fused vs
+  // pass + GEMM in us): C64->K64 56x56 25.9 vs 35.3, C256->K64 56x56 59.8
+  // vs 86.6, C256->K128 56x56 76.7 vs 93.9, C512->K128 28x28 39.5 vs 41.1.
+  // Clusters of 2-8 slices quantize each tile once but still lose (per step
+  // latency, NOTES.md session 6), e.g. C64->K256 56x56 79.9 vs 63.0,
+  // C1024->K256 14x14 53.2 vs 25.4.
   return runs && pointwise_fused_slices(shape.c, shape.k) == 1;
 }
 #endif  // Q4CONV_HAVE_SM90

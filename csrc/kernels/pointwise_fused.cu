@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "../quant.h"
 #include "quantize_kernels.h"
@@ -83,22 +84,79 @@ __host__ __device__ constexpr int code_buffers() {
   return sizeof(T) == 4 ? 4 : kMaxCodeBuffers;
 }
 
-// Named barrier ids (0 is __syncthreads): codes of buffer b full / empty.
-constexpr int kFullBarrier = 1, kEmptyBarrier = kFullBarrier + kMaxCodeBuffers;
-constexpr int kQuantBarrier = kEmptyBarrier + kMaxCodeBuffers, kMmaBarrier = kQuantBarrier + 1;
-static_assert(kMmaBarrier < 16, "16 named barriers per block");
+// Named barrier ids (0 is __syncthreads) for the roles' one-off set-up.
+constexpr int kQuantBarrier = 1, kMmaBarrier = 2;
 
 __device__ __forceinline__ void named_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
-__device__ __forceinline__ void named_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+
+// Cluster and mbarrier primitives (sm_90). Addresses are 32-bit shared
+// addresses: shared::cta for the block's own barriers, shared::cluster (from
+// map_rank) for a peer block's memory.
+__device__ __forceinline__ uint32_t map_rank(uint32_t smem_addr, int rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(smem_addr), "r"(rank));
+  return out;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile(
+      "barrier.cluster.arrive.release.aligned;\n"
+      "barrier.cluster.wait.acquire.aligned;\n" ::
+          : "memory");
+}
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Arrive on the own block's barrier, announcing `bytes` of bulk-copy data.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// Arrive on a barrier of any block of the cluster. Release at block scope,
+// as CUTLASS's consumer release: it orders this thread's reads of its own
+// block's shared memory before the peer's next bulk copy into it, and unlike
+// a cluster-scope release it does not wait for the epilogue's global stores.
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t cluster_bar) {
+  asm volatile("mbarrier.arrive.release.cta.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.b32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// Arrive on the own block's barrier (release at block scope: this thread's
+// shared-memory reads and writes happen before the phase completes).
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Makes this thread's shared-memory writes visible to the bulk-copy engine.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Bulk copy of `bytes` (a multiple of 16) from this block's shared memory
+// into a peer's (cluster address); completes as bytes on the peer's barrier.
+__device__ __forceinline__ void bulk_copy_to_peer(uint32_t cluster_dst, uint32_t src, int bytes,
+                                                  uint32_t cluster_bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, "
+      "[%3];\n" ::"r"(cluster_dst),
+      "r"(src), "r"(bytes), "r"(cluster_bar)
+      : "memory");
 }
 
-// Ring depth: as many tiles as fit ring_bytes, at most 8.
-template <typename T, int BM>
+// Ring depth for tiles of `rows` rows: as many as fit ring_bytes, at most 8.
+template <typename T, int Rows>
 __host__ __device__ constexpr int ring_stages() {
-  constexpr int fit = ring_bytes<T>() / (BM * kStepK * int(sizeof(T)));
+  constexpr int fit = ring_bytes<T>() / (Rows * kStepK * int(sizeof(T)));
   return fit > 8 ? 8 : fit;
 }
 
@@ -112,12 +170,18 @@ __host__ __device__ constexpr int staging_words() {
 
 // Shared memory: input ring, code buffers, epilogue staging, the slice's
 // epilogue alpha and bias (2 x BN floats), the activation shift bias_a
-// (kMaxChannels floats), then the weight slice (BN * C bytes).
+// (kMaxChannels floats), the full / empty mbarriers of the code buffers (128
+// bytes), then the weight slice (BN * C bytes).
+constexpr int kBarrierBytes = 128;
+static_assert(2 * kMaxCodeBuffers * 8 <= kBarrierBytes, "mbarrier space");
 template <typename T, int BM, int BN>
 __host__ __device__ constexpr int fixed_smem_bytes() {
-  return ring_stages<T, BM>() * BM * kStepK * int(sizeof(T)) + code_buffers<T>() * BM * kCodePitch +
-         Roles::kMmaWarps * staging_words<BN>() * 4 + 2 * BN * 4 + kMaxChannels * 4;
+  return ring_bytes<T>() + code_buffers<T>() * BM * kCodePitch +
+         Roles::kMmaWarps * staging_words<BN>() * 4 + 2 * BN * 4 + kMaxChannels * 4 + kBarrierBytes;
 }
+
+// Largest cluster: the K / BN slices of a row block run as one cluster.
+constexpr int kMaxClusterSlices = 8;
 
 // Weight rows are 64 bytes (4 chunks of 16) without padding; chunk `part` of
 // row `row` is stored at chunk part ^ ((row >> 1) & 3), so the 8 rows of an
@@ -135,7 +199,7 @@ struct Params {
   int bits;
   int64_t m;  // rows = pixels
   int c, k;
-  int splits;  // output-channel slices (= k / BN): blocks b, b + 1, ... share rows
+  int splits;  // output-channel slices (= k / BN) = blocks per cluster, which share rows
   EpilogueArgs epi;
 };
 
@@ -291,36 +355,74 @@ __device__ __forceinline__ void store_tile(const Params& p, const int (&acc)[kMT
   }
 }
 
-// The quantizer warps' side: tile j of this block's step sequence (row block
-// j / steps_k, channels (j % steps_k) * 64 ...) is copied by the same
-// threads that quantize it, so each thread waits only for its own copies
-// (cp.async.wait_group) and the ring needs no barrier at all. Thread q (of
-// kQuantThreads) owns units q + i * kQuantThreads of a tile: row
-// q / kUnitsPerRow + i * kRowsPerPass, 16 bytes at column my_col.
-template <typename T, int BM>
+// The quantizer warps' side. Step j of the cluster's sequence is row block
+// j / steps_k, channels (j % steps_k) * 64 ...; of its [BM x 64] tile this
+// block (cluster rank `rank` of S) copies and quantizes rows rank * BM / S
+// ... + BM / S - 1 into code buffer j % kBuffers, and each warp copies its
+// rows into the same buffer of every other block of the cluster (bulk
+// copies, completing on the peer's full barrier), so each input element is
+// read and quantized once however many slices K takes. (Writing
+// the codes to the peers directly, 8 bytes per st.async, measured 2-20x
+// slower: every store completes on the same remote barrier.) The same
+// threads copy and quantize a unit, so each thread waits only for its own
+// copies (cp.async.wait_group) and the ring needs no barrier. Thread q (of
+// kActive) owns units q + i * kActive of its rows: row q / kUnitsPerRow +
+// i * kRowsPerPass, 16 bytes at column my_col.
+template <typename T, int BM, int S>
 struct QuantizerRole {
-  static constexpr int kQuantThreads = Roles::kQuantThreads;
   static constexpr int kEl = Unit<T>::kElems;  // elements per 16-byte unit
   static constexpr int kUnitsPerRow = kStepK / kEl;
-  static constexpr int kRowsPerPass = kQuantThreads / kUnitsPerRow;
-  static constexpr int kTileUnits = BM * kUnitsPerRow;
-  static constexpr int kUnits = kTileUnits / kQuantThreads;  // per thread and tile
-  static constexpr int kGroup = 16 / kEl;  // units per quantize_values_fast call: 16 values
-  static constexpr int kStages = ring_stages<T, BM>();
-  static constexpr int kTileBytes = BM * kStepK * int(sizeof(T));
+  static constexpr int kRowsMine = BM / S;  // this block's rows of each tile
+  // Units per quantize_values_fast call: 16 values. Each active thread gets
+  // at least one such group per tile: with the small tiles of large clusters
+  // fewer threads work (fewer warps pay the per-step overhead).
+  static constexpr int kGroup = 16 / kEl;
+  static constexpr int kFullPass = Roles::kQuantThreads / kUnitsPerRow;
+  static constexpr int kWarpRows = 32 / kUnitsPerRow;  // rows of one warp's pass
+  static constexpr int kGroupPass = kRowsMine / kGroup > kWarpRows ? kRowsMine / kGroup : kWarpRows;
+  static constexpr int kRowsPerPass = kGroupPass < kFullPass ? kGroupPass : kFullPass;
+  static constexpr int kActive = kRowsPerPass * kUnitsPerRow;  // threads with units
+  static constexpr int kUnits = kRowsMine / kRowsPerPass;      // per thread and tile
+  static constexpr int kTileBytes = kRowsMine * kStepK * int(sizeof(T));
+  static constexpr int kStages = ring_stages<T, kRowsMine>();
   static constexpr int kBuffers = code_buffers<T>();
-  static_assert(kQuantThreads % kUnitsPerRow == 0, "a thread's units must share their channels");
-  static_assert(kTileUnits % kQuantThreads == 0 && kUnits % kGroup == 0, "whole units, groups");
+  static constexpr int kPeerBytes = kRowsMine * kCodePitch;  // this block's rows of a buffer
+  static_assert(BM % S == 0 && kRowsMine % kRowsPerPass == 0, "whole passes");
+  static_assert(kUnits % kGroup == 0, "whole groups");
+  static_assert(kActive % 32 == 0 && kPeerBytes % 16 == 0, "whole warps, bulk-copy sizes");
   static_assert(kStages >= 3, "the ring needs at least three tiles");
+  using CodeWord = typename std::conditional<kEl == 8, uint2, uint32_t>::type;
+
+  // Each warp sends its own rows of `buffer` (kRowsPerWarp rows per pass,
+  // contiguous in the buffer) to every peer: lane l < (S - 1) * kUnits
+  // copies pass l % kUnits to the (l / kUnits)-th other rank. No barrier
+  // between the quantizer warps (one sending warp per block measured slower:
+  // the others' rows gated every step).
+  static constexpr int kWarpBytes = kWarpRows * kCodePitch;
+  static_assert((S - 1) * kUnits <= 32 && kWarpBytes % 16 == 0, "one copy per lane");
+  static __device__ __forceinline__ void send_to_peers(int q, int rank, uint32_t buffer_addr,
+                                                       uint32_t full) {
+    const int lane = q % 32, warp = q / 32;
+    if (lane >= (S - 1) * kUnits) return;
+    const int peer = lane / kUnits, pass = lane % kUnits;
+    const int r = peer < rank ? peer : peer + 1;
+    const uint32_t rows =
+        buffer_addr + (rank * kRowsMine + pass * kRowsPerPass + warp * kWarpRows) * kCodePitch;
+    bulk_copy_to_peer(map_rank(rows, r), rows, kWarpBytes, map_rank(full, r));
+  }
 
   static __device__ __forceinline__ void run(const Params& p, int8_t* smem, int8_t* codes_base,
-                                             const float* bias_smem, int64_t first_rb,
+                                             uint32_t full_base, uint32_t empty_base,
+                                             const float* bias_smem, int rank, int64_t first_rb,
                                              int64_t rb_stride, int total_steps) {
     const int q = threadIdx.x, c = p.c, steps_k = c / kStepK;
-    const int my_row = q / kUnitsPerRow, my_col = (q % kUnitsPerRow) * kEl;
+    if (q >= kActive) return;  // large clusters: fewer quantizer warps
+    const int my_row = rank * kRowsMine + q / kUnitsPerRow, my_col = (q % kUnitsPerRow) * kEl;
     const T* x_thread = static_cast<const T*>(p.x) + int64_t(my_row) * c + my_col;
     const int64_t pass_stride = int64_t(kRowsPerPass) * c;
     const uint32_t ring_thread = __cvta_generic_to_shared(smem) + q * 16;
+    int8_t* codes_thread = codes_base + my_row * kCodePitch + my_col;
+    const uint32_t codes_addr = __cvta_generic_to_shared(codes_base);
 
     // Running source pointer and rows left below this thread's first row, so
     // a step costs a few adds (units past the last pixel copy zeros from x).
@@ -336,7 +438,7 @@ struct QuantizerRole {
 #pragma unroll
         for (int i = 0; i < kUnits; ++i) {
           const bool valid = i * kRowsPerPass < rows_left;
-          cp_async16(slot + i * kQuantThreads * 16, valid ? issue_src + i * pass_stride : x_base,
+          cp_async16(slot + i * kActive * 16, valid ? issue_src + i * pass_stride : x_base,
                      valid ? 16 : 0);
         }
         issue_src += kStepK;
@@ -359,10 +461,10 @@ struct QuantizerRole {
       issue_tile();
       cp_async_wait<kStages - 1>();  // this thread's part of tile j has landed
       const int buffer = j % kBuffers;
-      // Wait until the MMA warps are done with the codes of step j - kBuffers.
-      if (j >= kBuffers) named_sync(kEmptyBarrier + buffer, kThreads);
+      // Wait until every block's MMA warps are done with step j - kBuffers.
+      if (j >= kBuffers) mbar_wait(empty_base + buffer * 8, (j / kBuffers - 1) & 1);
       const int8_t* tile = smem + (j % kStages) * kTileBytes + q * 16;
-      int8_t* codes = codes_base + buffer * (BM * kCodePitch) + my_row * kCodePitch + my_col;
+      int8_t* codes = codes_thread + buffer * (BM * kCodePitch);
       float b[kEl];
 #pragma unroll
       for (int v = 0; v < kEl; ++v) b[v] = bias_smem[kc * kStepK + my_col + v];
@@ -372,7 +474,7 @@ struct QuantizerRole {
       uint4 raw[kUnits];
 #pragma unroll
       for (int i = 0; i < kUnits; ++i)
-        raw[i] = *reinterpret_cast<const uint4*>(tile + i * kQuantThreads * 16);
+        raw[i] = *reinterpret_cast<const uint4*>(tile + i * kActive * 16);
 #pragma unroll
       for (int i0 = 0; i0 < kUnits; i0 += kGroup) {
         float f[kGroup * kEl];
@@ -384,19 +486,21 @@ struct QuantizerRole {
         }
         union {
           int8_t q[kGroup * kEl];
-          uint32_t w[kGroup * kEl / 4];
+          CodeWord w[kGroup];
         } out;
         quantize_values_fast(f, scale, inv_scale, p.bits, out.q);
 #pragma unroll
-        for (int g = 0; g < kGroup; ++g) {
-          int8_t* dst = codes + (i0 + g) * kRowsPerPass * kCodePitch;
-          if constexpr (kEl == 8)
-            *reinterpret_cast<uint2*>(dst) = make_uint2(out.w[2 * g], out.w[2 * g + 1]);
-          else
-            *reinterpret_cast<uint32_t*>(dst) = out.w[g];
-        }
+        for (int g = 0; g < kGroup; ++g)
+          *reinterpret_cast<CodeWord*>(codes + (i0 + g) * kRowsPerPass * kCodePitch) = out.w[g];
       }
-      named_arrive(kFullBarrier + buffer, kThreads);
+      // Every thread arrives for its own codes (one arrival per warp after
+      // __syncwarp measured no faster, and racecheck cannot follow it).
+      mbar_arrive(full_base + buffer * 8);
+      if (S > 1) {
+        fence_proxy_async();  // the bulk copies read these codes
+        __syncwarp();
+        send_to_peers(q, rank, codes_addr + buffer * (BM * kCodePitch), full_base + buffer * 8);
+      }
       if (++kc == steps_k) kc = 0;
     }
     cp_async_wait<0>();  // no copy outlives the block (the trailing groups are empty)
@@ -416,12 +520,14 @@ struct MmaRole {
   static constexpr int kNT = kWarpCols / 8;       // n8 tiles per warp (even: ldmatrix pairs)
 
   static __device__ __forceinline__ void run(const Params& p, const int8_t* codes_base,
-                                             uint32_t w_base, const float* epi_alpha,
+                                             uint32_t w_base, uint32_t full_base,
+                                             uint32_t empty_base, const float* epi_alpha,
                                              const float* epi_bias, int* stage, int slice,
                                              int64_t first_rb, int64_t rb_stride, int total_steps) {
     const int t = threadIdx.x - kQuantThreads, lane = t & 31, warp = t >> 5;
     const int steps_k = p.c / kStepK;
     const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;
+    const int peer_bytes = (BM - BM / p.splits) * kCodePitch;  // codes quantized by the peers
     // ldmatrix lane addresses. A (x4 = one m16 x k32 fragment): lanes 0-7
     // rows 0-7 bytes 0-15, 8-15 rows 8-15 bytes 0-15, 16-23 rows 0-7 bytes
     // 16-31, 24-31 rows 8-15 bytes 16-31 (registers a0..a3 of mma.m16n8k32).
@@ -441,7 +547,11 @@ struct MmaRole {
     int64_t row0 = first_rb * BM + warp_m * kWarpRows;
     for (int j = 0; j < total_steps; ++j) {
       const int buffer = j % kBuffers;
-      named_sync(kFullBarrier + buffer, kThreads);
+      // The buffer's codes: this block's quantizer warps arrive, the peers'
+      // rows come as bulk-copy bytes, which one arrival here announces.
+      const uint32_t full = full_base + buffer * 8;
+      if (t == 0) mbar_arrive_expect_tx(full, peer_bytes);
+      mbar_wait(full, (j / kBuffers) & 1);
       const uint32_t a_step = a_lane + buffer * (BM * kCodePitch);
       const uint32_t w_step = w_lane + kc * (BN * kStepK);
 #pragma unroll
@@ -462,8 +572,18 @@ struct MmaRole {
           for (int jn = 0; jn < kNT; ++jn)
             mma_s8(acc[i][jn], a_frag[i], b_frag[jn][0], b_frag[jn][1]);
       }
-      // Buffer free for step j + kBuffers (if the quantizers get there).
-      if (j + kBuffers < total_steps) named_arrive(kEmptyBarrier + buffer, kThreads);
+      // Buffer free for step j + kBuffers (if the quantizers get there):
+      // alone, every thread arrives; in a cluster, one arrival per warp on
+      // every block's empty barrier, lane r to rank r (after __syncwarp, all
+      // of the warp's ldmatrix reads are done).
+      if (j + kBuffers < total_steps) {
+        if (p.splits == 1) {
+          mbar_arrive(empty_base + buffer * 8);
+        } else {
+          __syncwarp();
+          if (lane < p.splits) mbar_arrive_cluster(map_rank(empty_base + buffer * 8, lane));
+        }
+      }
       if (++kc == steps_k) {
         store_tile<OutT>(p, acc, row0, slice * BN + warp_n * kWarpCols, slice * BN, epi_alpha,
                          epi_bias, stage);
@@ -483,18 +603,60 @@ struct MmaRole {
 // The output type is a template parameter too: with a run-time switch the
 // compiler hoists every variant's epilogue addresses out of the main loop and
 // spills them.
+// Quantizer threads with work for clusters of `splits` blocks.
+template <typename T, int BM>
+__device__ __forceinline__ int active_quantizers(int splits) {
+  switch (splits) {
+    case 1:
+      return QuantizerRole<T, BM, 1>::kActive;
+    case 2:
+      return QuantizerRole<T, BM, 2>::kActive;
+    case 4:
+      return QuantizerRole<T, BM, 4>::kActive;
+    default:
+      return QuantizerRole<T, BM, 8>::kActive;
+  }
+}
+
+template <typename T, int BM>
+__device__ __forceinline__ void run_quantizers(const Params& p, int8_t* smem, int8_t* codes_base,
+                                               uint32_t full_base, uint32_t empty_base,
+                                               const float* bias_smem, int rank, int64_t first_rb,
+                                               int64_t rb_stride, int total_steps) {
+  switch (p.splits) {
+#define Q4CONV_QUANTIZERS(S)                                                                  \
+  case S:                                                                                     \
+    QuantizerRole<T, BM, S>::run(p, smem, codes_base, full_base, empty_base, bias_smem, rank, \
+                                 first_rb, rb_stride, total_steps);                           \
+    break;
+    Q4CONV_QUANTIZERS(1)
+    Q4CONV_QUANTIZERS(2)
+    Q4CONV_QUANTIZERS(4)
+    Q4CONV_QUANTIZERS(8)
+#undef Q4CONV_QUANTIZERS
+    default:
+      __trap();  // the host launches clusters of 1, 2, 4 or 8 blocks only
+  }
+}
+
+// The output type is a template parameter too: with a run-time switch the
+// compiler hoists every variant's epilogue addresses out of the main loop and
+// spills them. Launched as clusters of p.splits blocks, one per slice.
 template <typename T, typename OutT, int BM, int BN>
 __global__ void __launch_bounds__(kThreads, 1) pointwise_fused_kernel(const Params p) {
-  constexpr int kRing = ring_stages<T, BM>() * BM * kStepK * int(sizeof(T));
   extern __shared__ __align__(128) int8_t smem[];
-  int8_t* codes_base = smem + kRing;
+  int8_t* codes_base = smem + ring_bytes<T>();
   int* staging = reinterpret_cast<int*>(codes_base + code_buffers<T>() * BM * kCodePitch);
   float* epi_alpha = reinterpret_cast<float*>(staging + Roles::kMmaWarps * staging_words<BN>());
   float* epi_bias = epi_alpha + BN;
   float* bias_smem = epi_bias + BN;
-  int8_t* weights = reinterpret_cast<int8_t*>(bias_smem + kMaxChannels);
+  int8_t* barriers = reinterpret_cast<int8_t*>(bias_smem + kMaxChannels);
+  int8_t* weights = barriers + kBarrierBytes;
+  const uint32_t full_base = __cvta_generic_to_shared(barriers);
+  const uint32_t empty_base = full_base + kMaxCodeBuffers * 8;
 
-  // This block's slice and row blocks first_rb, first_rb + rb_stride, ...
+  // This block's slice (its rank in the cluster) and the cluster's row
+  // blocks first_rb, first_rb + rb_stride, ...
   const int slice = blockIdx.x % p.splits;
   const int64_t first_rb = blockIdx.x / p.splits, rb_stride = gridDim.x / p.splits;
   const int64_t row_blocks = (p.m + BM - 1) / BM;
@@ -503,13 +665,27 @@ __global__ void __launch_bounds__(kThreads, 1) pointwise_fused_kernel(const Para
   const int total_steps = my_row_blocks * (p.c / kStepK);
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  // Full: one arrival per active quantizer thread and one from the MMA
+  // warps (with the peers' bulk-copy bytes); empty: one arrival per MMA
+  // thread, or in a cluster per MMA warp of every block. Every block's
+  // barriers exist before any peer writes to them.
+  if (threadIdx.x == 0) {
+    const int empty_arrivals = p.splits == 1 ? Roles::kMmaThreads : Roles::kMmaWarps * p.splits;
+    for (int b = 0; b < code_buffers<T>(); ++b) {
+      mbar_init(full_base + b * 8, active_quantizers<T, BM>(p.splits) + 1);
+      mbar_init(empty_base + b * 8, empty_arrivals);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  cluster_sync();
   if (threadIdx.x < Roles::kQuantThreads) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Roles::kQuantRegisters));
     // bias_a into shared memory, visible to all quantizer threads.
     for (int i = threadIdx.x; i < p.c; i += Roles::kQuantThreads)
       bias_smem[i] = __ldg(p.bias_a + i);
     named_sync(kQuantBarrier, Roles::kQuantThreads);
-    QuantizerRole<T, BM>::run(p, smem, codes_base, bias_smem, first_rb, rb_stride, total_steps);
+    run_quantizers<T, BM>(p, smem, codes_base, full_base, empty_base, bias_smem, slice, first_rb,
+                          rb_stride, total_steps);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Roles::kMmaRegisters));
     // The weight slice, copied and waited for by the MMA warps only.
@@ -530,9 +706,14 @@ __global__ void __launch_bounds__(kThreads, 1) pointwise_fused_kernel(const Para
     cp_async_wait<0>();
     named_sync(kMmaBarrier, Roles::kMmaThreads);
     int* stage = staging + (t >> 5) * staging_words<BN>();
-    MmaRole<T, OutT, BM, BN>::run(p, codes_base, w_base, epi_alpha, epi_bias, stage, slice,
-                                  first_rb, rb_stride, total_steps);
+    MmaRole<T, OutT, BM, BN>::run(p, codes_base, w_base, full_base, empty_base, epi_alpha, epi_bias,
+                                  stage, slice, first_rb, rb_stride, total_steps);
   }
+  // Every byte and arrival a block receives is awaited by that block, so no
+  // peer's shared memory is touched after this; the cluster still leaves
+  // together, so no block exits while a peer could address its memory.
+  __syncwarp();
+  cluster_sync();
 #else
   // setmaxnreg is sm_90a only, and so is this kernel (dispatch runs it on the
   // sm90 backend alone); other architectures get a trap, not a silent no-op.
@@ -540,42 +721,61 @@ __global__ void __launch_bounds__(kThreads, 1) pointwise_fused_kernel(const Para
 #endif
 }
 
-// Multiprocessor count of the current device (cached: one query per device).
-int sm_count() {
-  static std::atomic<int> cache[kMaxDevices];
+// How many clusters of `slices` blocks of `kernel` fit on the current device
+// at once (cached per device and cluster size: a clusters of 8 needs eight
+// free SMs of one GPC, so it is not the SM count divided by 8).
+int max_active_clusters(const void* kernel, const cudaLaunchConfig_t& config, int slices,
+                        std::atomic<int> (&cache)[kMaxDevices][4]) {
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (device < 0 || device >= kMaxDevices) return 0;
-  int count = cache[device].load(std::memory_order_relaxed);
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return 0;
+  const int index = slices == 1 ? 0 : slices == 2 ? 1 : slices == 4 ? 2 : 3;
+  int count = cache[device][index].load(std::memory_order_relaxed);
   if (count == 0) {
-    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-      return 0;
-    cache[device].store(count, std::memory_order_relaxed);
+    if (cudaOccupancyMaxActiveClusters(&count, kernel, &config) != cudaSuccess) return 0;
+    cache[device][index].store(count, std::memory_order_relaxed);
   }
   return count;
 }
 
 template <typename T, typename OutT, int BM, int BN>
 KernelStatus launch(Params p, cudaStream_t stream) {
+  const void* kernel = reinterpret_cast<const void*>(pointwise_fused_kernel<T, OutT, BM, BN>);
   const int smem = fixed_smem_bytes<T, BM, BN>() + BN * p.c;
   static std::atomic<int> smem_raised[kMaxDevices];
-  const cudaError_t err =
-      raise_smem_limit(reinterpret_cast<const void*>(pointwise_fused_kernel<T, OutT, BM, BN>), smem,
-                       true, smem_raised);
+  const cudaError_t err = raise_smem_limit(kernel, smem, true, smem_raised);
   if (err != cudaSuccess)
     return KernelStatus::failure(std::string("pointwise_fused_conv: ") + cudaGetErrorString(err));
-  // Persistent: one block per SM (~150-200 KB of shared memory each), the
-  // K / BN slices of a row block on neighbouring blocks so that all but the
-  // first find its input in L2.
+  // Persistent: one block per SM (~150-200 KB of shared memory each); the
+  // K / BN slices of a row block form one cluster, which quantizes each
+  // input tile once for all of them.
   p.splits = p.k / BN;
+  cudaLaunchAttribute cluster;
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = unsigned(p.splits);
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(p.splits));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = size_t(smem);
+  config.stream = stream;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  static std::atomic<int> clusters_cache[kMaxDevices][4];
+  const int64_t fit = max_active_clusters(kernel, config, p.splits, clusters_cache);
+  if (fit <= 0)
+    return KernelStatus::failure("pointwise_fused_conv: no cluster of " + std::to_string(p.splits) +
+                                 " blocks fits the device");
   const int64_t row_blocks = (p.m + BM - 1) / BM;
-  const int64_t sms = sm_count();
-  const int64_t per_slice = sms / p.splits > 0 ? sms / p.splits : 1;
-  const int64_t grid_rows = row_blocks < per_slice ? row_blocks : per_slice;
-  const int64_t blocks = grid_rows * p.splits;
-  if (blocks > 0x7fffffff || row_blocks > 0x7fffffff / 2)
+  const int64_t clusters = row_blocks < fit ? row_blocks : fit;
+  if (clusters * p.splits > 0x7fffffff || row_blocks > 0x7fffffff / 2)
     return KernelStatus::failure("pointwise_fused_conv: too many pixels for one launch");
-  pointwise_fused_kernel<T, OutT, BM, BN><<<unsigned(blocks), kThreads, smem, stream>>>(p);
+  config.gridDim = dim3(unsigned(clusters * p.splits));
+  const cudaError_t launched =
+      cudaLaunchKernelEx(&config, pointwise_fused_kernel<T, OutT, BM, BN>, p);
+  if (launched != cudaSuccess)
+    return KernelStatus::failure(std::string("pointwise_fused_conv: launch failed: ") +
+                                 cudaGetErrorString(launched));
   return launch_status("pointwise_fused_conv");
 }
 
@@ -607,13 +807,16 @@ KernelStatus launch_for_type(const Params& p, cudaStream_t stream) {
 
 }  // namespace
 
-bool pointwise_fused_supports(int64_t pixels, int channels, int out_channels) {
-  return pixels > 0 && channels > 0 && channels % kStepK == 0 && channels <= kMaxChannels &&
-         out_channels > 0 && out_channels % 64 == 0;
-}
-
 int pointwise_fused_slices(int channels, int out_channels) {
   return out_channels / (wide_slices(channels, out_channels) ? 128 : 64);
+}
+
+bool pointwise_fused_supports(int64_t pixels, int channels, int out_channels) {
+  if (pixels <= 0 || channels <= 0 || channels % kStepK != 0 || channels > kMaxChannels ||
+      out_channels <= 0 || out_channels % 64 != 0)
+    return false;
+  const int slices = pointwise_fused_slices(channels, out_channels);
+  return slices <= kMaxClusterSlices && (slices & (slices - 1)) == 0;
 }
 
 KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, int channels,
@@ -622,7 +825,8 @@ KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, 
                                   const EpilogueArgs& epilogue, cudaStream_t stream) {
   if (!pointwise_fused_supports(pixels, channels, out_channels))
     return KernelStatus::failure(
-        "pointwise_fused_conv: unsupported shape (needs C % 64 == 0, C <= 1024 and K % 64 == 0)");
+        "pointwise_fused_conv: unsupported shape (needs C % 64 == 0, C <= 1024, K % 64 == 0 "
+        "and 1, 2, 4 or 8 weight slices)");
   if (x == nullptr || weight == nullptr || bias_a == nullptr || scale_a == nullptr ||
       epilogue.alpha == nullptr || epilogue.out == nullptr)
     return KernelStatus::failure("pointwise_fused_conv: null pointer argument");

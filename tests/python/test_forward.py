@@ -156,11 +156,11 @@ def test_few_channel_convolutions(device, backend, case, dtype):
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
 @pytest.mark.parametrize("case", [Case(3, 64, 64, 14, 14, 1, 1), Case(2, 192, 128, 9, 7, 1, 1),
-                                  Case(1, 128, 320, 5, 11, 1, 1)], ids=str)
+                                  Case(1, 128, 256, 5, 11, 1, 1)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_fused_pointwise_kernel(device, backend, case, dtype, monkeypatch):
     """Q4CONV_FUSED_POINTWISE=1 runs every dense 1x1 stride-1 convolution it
-    can take (C, K multiples of 64) through the fused quantize + GEMM kernel
+    can take (C, K multiples of 64, 1, 2, 4 or 8 weight slices) through the fused quantize + GEMM kernel
     (row tails: 588, 126, 55 pixels); =0 never does. Both match the oracle."""
     x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last=True)
     skip_unless_backend_runs(x, case, backend)
@@ -177,13 +177,14 @@ def test_fused_pointwise_kernel(device, backend, case, dtype, monkeypatch):
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
 @pytest.mark.parametrize("case", [
-    Case(1, 1024, 128, 5, 7, 1, 1),    # largest C (64 KB weight slices), 35 pixels < one block
-    Case(2, 1024, 192, 9, 9, 1, 1),    # K = 3 x 64: three 64-wide slices
+    Case(1, 1024, 128, 5, 7, 1, 1),    # largest C (64 KB weight slices): two 64-wide slices, 35 pixels
+    Case(2, 1024, 256, 9, 9, 1, 1),    # a cluster of four 64-wide slices
     Case(3, 512, 256, 11, 13, 1, 1),   # two 128-wide slices, 429 pixels
-    Case(1, 64, 2048, 3, 5, 1, 1),     # 16 slices over 15 pixels
+    Case(1, 64, 1024, 3, 5, 1, 1),     # a cluster of 8 slices over 15 pixels
+    Case(17, 256, 1024, 15, 15, 1, 1), # 8 slices, 30 row blocks: several per cluster
     Case(2, 320, 64, 17, 19, 1, 1),    # C not a power of two (5 channel steps)
     Case(2, 192, 128, 13, 9, 1, 1),    # one 128-wide slice, 234 pixels (row tail)
-    Case(1, 128, 640, 16, 16, 1, 1),   # 256 pixels (exact blocks), 5 slices of 128
+    Case(1, 128, 512, 16, 16, 1, 1),   # 256 pixels (exact blocks), 4 slices of 128
     Case(48, 64, 64, 27, 27, 1, 1),    # 274 row blocks: several per persistent block
 ], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
