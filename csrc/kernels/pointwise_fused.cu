@@ -573,15 +573,17 @@ struct MmaRole {
             mma_s8(acc[i][jn], a_frag[i], b_frag[jn][0], b_frag[jn][1]);
       }
       // Buffer free for step j + kBuffers (if the quantizers get there):
-      // alone, every thread arrives; in a cluster, one arrival per warp on
-      // every block's empty barrier, lane r to rank r (after __syncwarp, all
-      // of the warp's ldmatrix reads are done).
+      // every thread arrives on its own block's empty barrier, and in a
+      // cluster one lane per warp on each peer's (lane r to the r-th other
+      // rank; after __syncwarp, all of the warp's ldmatrix reads are done).
       if (j + kBuffers < total_steps) {
-        if (p.splits == 1) {
-          mbar_arrive(empty_base + buffer * 8);
-        } else {
+        mbar_arrive(empty_base + buffer * 8);
+        if (p.splits > 1) {
           __syncwarp();
-          if (lane < p.splits) mbar_arrive_cluster(map_rank(empty_base + buffer * 8, lane));
+          if (lane < p.splits - 1) {
+            const int peer = lane < slice ? lane : lane + 1;
+            mbar_arrive_cluster(map_rank(empty_base + buffer * 8, peer));
+          }
         }
       }
       if (++kc == steps_k) {
@@ -666,11 +668,11 @@ __global__ void __launch_bounds__(kThreads, 1) pointwise_fused_kernel(const Para
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   // Full: one arrival per active quantizer thread and one from the MMA
-  // warps (with the peers' bulk-copy bytes); empty: one arrival per MMA
-  // thread, or in a cluster per MMA warp of every block. Every block's
-  // barriers exist before any peer writes to them.
+  // warps (with the peers' bulk-copy bytes); empty: one arrival per own MMA
+  // thread and one per MMA warp of each peer. Every block's barriers exist
+  // before any peer writes to them.
   if (threadIdx.x == 0) {
-    const int empty_arrivals = p.splits == 1 ? Roles::kMmaThreads : Roles::kMmaWarps * p.splits;
+    const int empty_arrivals = Roles::kMmaThreads + Roles::kMmaWarps * (p.splits - 1);
     for (int b = 0; b < code_buffers<T>(); ++b) {
       mbar_init(full_base + b * 8, active_quantizers<T, BM>(p.splits) + 1);
       mbar_init(empty_base + b * 8, empty_arrivals);
