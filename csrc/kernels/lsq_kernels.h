@@ -24,10 +24,10 @@ struct Tensor4dOut {
 // the same launch as the activation codes: the backward's two code passes
 // then cost one launch (the step is host bound on small layers).
 struct WeightCodesJob {
-  Tensor4dView w;                   // (K, C, R, S) as N, C, H, W
-  const float* scale_w = nullptr;   // as lsq_weight_codes
+  Tensor4dView w;                  // (K, C, R, S) as N, C, H, W
+  const float* scale_w = nullptr;  // as lsq_weight_codes
   bool per_channel = false, scaled = false;
-  Tensor4dOut out;                  // element type: x's
+  Tensor4dOut out;  // element type: x's
 };
 
 // Activation codes for the backward convolutions:

@@ -22,12 +22,14 @@
 //     each code buffer against the resident weights and, after the last
 //     channel step of a row block, the epilogue of the sm90 EVT (fp32
 //     alpha[k] * acc + bias[k], optional ReLU, convert, NHWC store).
-//   - The roles hand buffers over through named barriers (full / empty per
+//   - The roles hand buffers over through mbarriers (full / empty per
 //     buffer), never a block-wide barrier, and setmaxnreg gives the MMA
 //     warps the registers the quantizers do not need (sm_90a only).
-// With K split into K / BN slices, each input element is read (the later
-// slices mostly from L2: the slices of one row block are neighbouring
-// blocks) and quantized once per slice, so dispatch uses the kernel only
+// With K split into S = K / BN slices (2, 4 or 8), the slices of a row block
+// run as one cluster: each block quantizes 1/S of every tile's rows and
+// bulk-copies its codes into the peers' buffers, so each input element is
+// read and quantized once. On H100 the clusters still lose to pass + GEMM
+// (per-step latency, NOTES.md session 6), so dispatch uses the kernel only
 // where one slice holds all of K.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

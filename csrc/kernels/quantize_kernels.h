@@ -77,10 +77,10 @@ KernelStatus repack_int4(const uint8_t* packed, int64_t rows, int c_in, int chan
 // max(*scale_a, eps), bits), bit-identical to the separate pass, made in
 // shared memory and never written out; weight int8 [out_channels, channels];
 // out = epilogue (NHWC [pixels, out_channels], 16-byte aligned). Needs
-// channels % 64 == 0, channels <= 1024 and out_channels % 64 == 0
-// (pointwise_fused_supports). Each block keeps one slice of 64 or 128 output
-// channels' weights; pointwise_fused_slices says how many slices K takes,
-// i.e. how many times each input element is read and quantized.
+// channels % 64 == 0, channels <= 1024, out_channels % 64 == 0
+// and 1, 2, 4 or 8 weight slices (pointwise_fused_supports). Each block keeps
+// one slice of 64 or 128 output channels' weights; pointwise_fused_slices
+// says how many slices K takes, i.e. how many blocks form a cluster.
 bool pointwise_fused_supports(int64_t pixels, int channels, int out_channels);
 int pointwise_fused_slices(int channels, int out_channels);
 KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, int channels,
