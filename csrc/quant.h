@@ -109,17 +109,34 @@ Q4_HD int8_t quantize_value_fast(float value, float scale, float inv_scale, int 
 // cheap (on GPUs a warp runs the fallback when any of its lanes needs it,
 // and fp16 activations repeat the same few values near a tie thousands of
 // times, so for some scales it is not rare at all).
-template <int kN>
-Q4_HD void quantize_values_fast(const float (&value)[kN], float scale, float inv_scale, int bits,
-                                int8_t (&code)[kN]) {
+//
+// value_at(i) gives value i; it is called again for the fallback, so a caller
+// may compute values on the fly instead of keeping all kN of them live (the
+// fused 1x1 kernel converts them from the raw input twice rather than hold
+// 32 floats in registers).
+template <int kN, typename ValueAt>
+Q4_HD void quantize_values_fast_at(const ValueAt& value_at, float scale, float inv_scale, int bits,
+                                   int8_t (&code)[kN]) {
   bool fast = true;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int i = 0; i < kN; ++i) fast &= fast_code(value[i], inv_scale, bits, code[i]);
+  for (int i = 0; i < kN; ++i) fast &= fast_code(value_at(i), inv_scale, bits, code[i]);
   if (!fast) {
-    for (int i = 0; i < kN; ++i) code[i] = quantize_value_fast(value[i], scale, inv_scale, bits);
+    for (int i = 0; i < kN; ++i) code[i] = quantize_value_fast(value_at(i), scale, inv_scale, bits);
   }
+}
+
+template <int kN>
+struct ArrayValues {
+  const float (&value)[kN];
+  Q4_HD float operator()(int i) const { return value[i]; }
+};
+
+template <int kN>
+Q4_HD void quantize_values_fast(const float (&value)[kN], float scale, float inv_scale, int bits,
+                                int8_t (&code)[kN]) {
+  quantize_values_fast_at<kN>(ArrayValues<kN>{value}, scale, inv_scale, bits, code);
 }
 
 // Activation code: x' = fp32(x) + fp32(bias_a[c]), then quantize_value.

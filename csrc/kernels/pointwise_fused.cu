@@ -237,14 +237,25 @@ struct Unit;
 template <>
 struct Unit<float> {
   static constexpr int kElems = 4;
+  static __device__ __forceinline__ float element(const uint4& u, int e) {
+    return __uint_as_float(e == 0 ? u.x : e == 1 ? u.y : e == 2 ? u.z : u.w);
+  }
   static __device__ __forceinline__ void to_float(const uint4& u, float* f) {
     f[0] = __uint_as_float(u.x), f[1] = __uint_as_float(u.y);
     f[2] = __uint_as_float(u.z), f[3] = __uint_as_float(u.w);
   }
 };
+// Word e / 2 of a unit (constant e after unrolling: a register, no select).
+__device__ __forceinline__ uint32_t unit_word(const uint4& u, int w) {
+  return w == 0 ? u.x : w == 1 ? u.y : w == 2 ? u.z : u.w;
+}
 template <>
 struct Unit<__half> {
   static constexpr int kElems = 8;
+  static __device__ __forceinline__ float element(const uint4& u, int e) {
+    const uint32_t word = unit_word(u, e / 2);
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(e % 2 ? word >> 16 : word)));
+  }
   static __device__ __forceinline__ void to_float(const uint4& u, float* f) {
     const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
@@ -259,6 +270,10 @@ struct Unit<__half> {
 template <>
 struct Unit<__nv_bfloat16> {
   static constexpr int kElems = 8;
+  static __device__ __forceinline__ float element(const uint4& u, int e) {
+    const uint32_t word = unit_word(u, e / 2);
+    return __uint_as_float(e % 2 ? word & 0xffff0000u : word << 16);  // exact, as to_float
+  }
   static __device__ __forceinline__ void to_float(const uint4& u, float* f) {
     const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
@@ -375,9 +390,9 @@ struct QuantizerRole {
   static constexpr int kEl = Unit<T>::kElems;  // elements per 16-byte unit
   static constexpr int kUnitsPerRow = kStepK / kEl;
   static constexpr int kRowsMine = BM / S;  // this block's rows of each tile
-  // Units per quantize_values_fast call: 16 values. Each active thread gets
-  // at least one such group per tile: with the small tiles of large clusters
-  // fewer threads work (fewer warps pay the per-step overhead).
+  // Each active thread quantizes at least kGroup units (16 values) per tile:
+  // with the small tiles of large clusters fewer threads work (fewer warps
+  // pay the per-step overhead).
   static constexpr int kGroup = 16 / kEl;
   static constexpr int kFullPass = Roles::kQuantThreads / kUnitsPerRow;
   static constexpr int kWarpRows = 32 / kUnitsPerRow;  // rows of one warp's pass
@@ -388,9 +403,13 @@ struct QuantizerRole {
   static constexpr int kTileBytes = kRowsMine * kStepK * int(sizeof(T));
   static constexpr int kStages = ring_stages<T, kRowsMine>();
   static constexpr int kBuffers = code_buffers<T>();
+  // Units per quantize_values_fast_at call: the whole step for fp16 (one
+  // chain: C256->K64 56x56 58.9 -> 51.6 us on H100, session 6); groups of 16
+  // values for bf16 and fp32, whose whole-step chains spill at 96 registers.
+  static constexpr int kCallUnits = std::is_same<T, __half>::value ? kUnits : kGroup;
   static constexpr int kPeerBytes = kRowsMine * kCodePitch;  // this block's rows of a buffer
   static_assert(BM % S == 0 && kRowsMine % kRowsPerPass == 0, "whole passes");
-  static_assert(kUnits % kGroup == 0, "whole groups");
+  static_assert(kUnits % kGroup == 0 && kUnits % kCallUnits == 0, "whole groups");
   static_assert(kActive % 32 == 0 && kPeerBytes % 16 == 0, "whole warps, bulk-copy sizes");
   static_assert(kStages >= 3, "the ring needs at least three tiles");
   using CodeWord = typename std::conditional<kEl == 8, uint2, uint32_t>::type;
@@ -470,30 +489,29 @@ struct QuantizerRole {
       float b[kEl];
 #pragma unroll
       for (int v = 0; v < kEl; ++v) b[v] = bias_smem[kc * kStepK + my_col + v];
-      // All of this step's input first (the loads overlap), then groups of
-      // kGroup units through quantize_values_fast. Rows past m quantize
-      // zeros; their outputs are never stored.
+      // All of this step's input first (the loads overlap), then its values
+      // through quantize_values_fast_at, kCallUnits units per call: one
+      // branch-free chain per call the compiler can interleave, the values
+      // converted from the raw units where used (and again on the rare
+      // fallback) rather than held as floats. Rows past m quantize zeros;
+      // their outputs are never stored.
       uint4 raw[kUnits];
 #pragma unroll
       for (int i = 0; i < kUnits; ++i)
         raw[i] = *reinterpret_cast<const uint4*>(tile + i * kActive * 16);
 #pragma unroll
-      for (int i0 = 0; i0 < kUnits; i0 += kGroup) {
-        float f[kGroup * kEl];
-#pragma unroll
-        for (int g = 0; g < kGroup; ++g) {
-          Unit<T>::to_float(raw[i0 + g], f + g * kEl);
-#pragma unroll
-          for (int v = 0; v < kEl; ++v) f[g * kEl + v] += b[v];
-        }
+      for (int i0 = 0; i0 < kUnits; i0 += kCallUnits) {
         union {
-          int8_t q[kGroup * kEl];
-          CodeWord w[kGroup];
+          int8_t q[kCallUnits * kEl];
+          CodeWord w[kCallUnits];
         } out;
-        quantize_values_fast(f, scale, inv_scale, p.bits, out.q);
+        const auto shifted = [&](int v) {
+          return Unit<T>::element(raw[i0 + v / kEl], v % kEl) + b[v % kEl];
+        };
+        quantize_values_fast_at<kCallUnits * kEl>(shifted, scale, inv_scale, p.bits, out.q);
 #pragma unroll
-        for (int g = 0; g < kGroup; ++g)
-          *reinterpret_cast<CodeWord*>(codes + (i0 + g) * kRowsPerPass * kCodePitch) = out.w[g];
+        for (int i = 0; i < kCallUnits; ++i)
+          *reinterpret_cast<CodeWord*>(codes + (i0 + i) * kRowsPerPass * kCodePitch) = out.w[i];
       }
       // Every thread arrives for its own codes (one arrival per warp after
       // __syncwarp measured no faster, and racecheck cannot follow it).
