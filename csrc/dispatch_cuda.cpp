@@ -158,11 +158,11 @@ bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& 
       break;
   }
   // One slice (H100, session 6, same-process A/B in CUDA graphs, fused vs
-  // pass + GEMM in us): C64->K64 56x56 25.9 vs 35.3, C256->K64 56x56 59.8
-  // vs 86.6, C256->K128 56x56 76.7 vs 93.9, C512->K128 28x28 39.5 vs 41.1.
-  // Clusters of 2-8 slices quantize each tile once but still lose (per step
-  // latency, NOTES.md session 6), e.g. C64->K256 56x56 79.9 vs 63.0,
-  // C1024->K256 14x14 53.2 vs 25.4.
+  // pass + GEMM in us): C64->K64 56x56 25.7 vs 35.2, C256->K64 56x56 51.3
+  // vs 86.9, C256->K128 56x56 72.2 vs 94.0, C512->K128 28x28 35.6 vs 41.1.
+  // Clusters of 2-8 slices quantize each tile once but still lose (per-step
+  // latency, NOTES.md session 6), e.g. C64->K256 56x56 81.1 vs 67.4,
+  // C1024->K256 14x14 50.1 vs 25.3.
   return runs && pointwise_fused_slices(shape.c, shape.k) == 1;
 }
 #endif  // Q4CONV_HAVE_SM90
