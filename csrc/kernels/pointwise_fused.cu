@@ -51,10 +51,10 @@ constexpr int kThreads = 512;  // four warpgroups
 
 // The role split: two warpgroups of quantizers stream and quantize the
 // input, two of MMA warps (4 along M x 2 along N) multiply and store; they
-// hand int8 code buffers to each other through named barriers, so neither
-// waits for a block-wide barrier. setmaxnreg moves registers (the 512-thread launch gives each
-// thread 128) from the quantizers, which need few, to the MMA warps'
-// accumulators. (Three quantizer warpgroups and one MMA warpgroup measured
+// hand int8 code buffers to each other through mbarriers, so neither waits
+// for a block-wide barrier. setmaxnreg moves registers (the 512-thread
+// launch gives each thread 128) from the quantizers, which need few, to the
+// MMA warps' accumulators. (Three quantizer warpgroups and one MMA warpgroup measured
 // no faster on H100, session 5: its single MMA warp per scheduler cannot
 // hide its own epilogue.)
 struct Roles {
@@ -414,7 +414,7 @@ struct QuantizerRole {
   static_assert(kStages >= 3, "the ring needs at least three tiles");
   using CodeWord = typename std::conditional<kEl == 8, uint2, uint32_t>::type;
 
-  // Each warp sends its own rows of `buffer` (kRowsPerWarp rows per pass,
+  // Each warp sends its own rows of `buffer` (kWarpRows rows per pass,
   // contiguous in the buffer) to every peer: lane l < (S - 1) * kUnits
   // copies pass l % kUnits to the (l / kUnits)-th other rank. No barrier
   // between the quantizer warps (one sending warp per block measured slower:
