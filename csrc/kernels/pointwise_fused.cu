@@ -37,7 +37,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -140,6 +139,8 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
+// The i-th cluster rank other than `rank` (i < cluster size - 1).
+__device__ __forceinline__ int other_rank(int i, int rank) { return i < rank ? i : i + 1; }
 // Makes this thread's shared-memory writes visible to the bulk-copy engine.
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -231,24 +232,23 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// 16 bytes of input as floats: 8 fp16/bf16 or 4 fp32 values.
+// Word w of a 16-byte unit (constant w after unrolling: a register, no select).
+__device__ __forceinline__ uint32_t unit_word(const uint4& u, int w) {
+  return w == 0 ? u.x : w == 1 ? u.y : w == 2 ? u.z : u.w;
+}
+
+// 16 bytes of input: 8 fp16/bf16 or 4 fp32 values; element e as a float.
+// (Reading them as a device::Pack<T, 16 / sizeof(T)> and converting with
+// device::to_float made the fp32-input kernels spill, session 6.)
 template <typename T>
 struct Unit;
 template <>
 struct Unit<float> {
   static constexpr int kElems = 4;
   static __device__ __forceinline__ float element(const uint4& u, int e) {
-    return __uint_as_float(e == 0 ? u.x : e == 1 ? u.y : e == 2 ? u.z : u.w);
-  }
-  static __device__ __forceinline__ void to_float(const uint4& u, float* f) {
-    f[0] = __uint_as_float(u.x), f[1] = __uint_as_float(u.y);
-    f[2] = __uint_as_float(u.z), f[3] = __uint_as_float(u.w);
+    return __uint_as_float(unit_word(u, e));
   }
 };
-// Word e / 2 of a unit (constant e after unrolling: a register, no select).
-__device__ __forceinline__ uint32_t unit_word(const uint4& u, int w) {
-  return w == 0 ? u.x : w == 1 ? u.y : w == 2 ? u.z : u.w;
-}
 template <>
 struct Unit<__half> {
   static constexpr int kElems = 8;
@@ -256,32 +256,14 @@ struct Unit<__half> {
     const uint32_t word = unit_word(u, e / 2);
     return __half2float(__ushort_as_half(static_cast<unsigned short>(e % 2 ? word >> 16 : word)));
   }
-  static __device__ __forceinline__ void to_float(const uint4& u, float* f) {
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      __half2 h;
-      memcpy(&h, &w[i], 4);
-      const float2 v = __half22float2(h);
-      f[2 * i] = v.x, f[2 * i + 1] = v.y;
-    }
-  }
 };
 template <>
 struct Unit<__nv_bfloat16> {
   static constexpr int kElems = 8;
   static __device__ __forceinline__ float element(const uint4& u, int e) {
+    // bf16 -> fp32 is exact: the bf16 bits are the high half of the fp32.
     const uint32_t word = unit_word(u, e / 2);
-    return __uint_as_float(e % 2 ? word & 0xffff0000u : word << 16);  // exact, as to_float
-  }
-  static __device__ __forceinline__ void to_float(const uint4& u, float* f) {
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      // bf16 -> fp32 is exact: the bf16 bits are the high half of the fp32.
-      f[2 * i] = __uint_as_float(w[i] << 16);
-      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
+    return __uint_as_float(e % 2 ? word & 0xffff0000u : word << 16);
   }
 };
 
@@ -425,8 +407,7 @@ struct QuantizerRole {
                                                        uint32_t full) {
     const int lane = q % 32, warp = q / 32;
     if (lane >= (S - 1) * kUnits) return;
-    const int peer = lane / kUnits, pass = lane % kUnits;
-    const int r = peer < rank ? peer : peer + 1;
+    const int r = other_rank(lane / kUnits, rank), pass = lane % kUnits;
     const uint32_t rows =
         buffer_addr + (rank * kRowsMine + pass * kRowsPerPass + warp * kWarpRows) * kCodePitch;
     bulk_copy_to_peer(map_rank(rows, r), rows, kWarpBytes, map_rank(full, r));
@@ -600,10 +581,8 @@ struct MmaRole {
         mbar_arrive(empty_base + buffer * 8);
         if (p.splits > 1) {
           __syncwarp();
-          if (lane < p.splits - 1) {
-            const int peer = lane < slice ? lane : lane + 1;
-            mbar_arrive_cluster(map_rank(empty_base + buffer * 8, peer));
-          }
+          if (lane < p.splits - 1)
+            mbar_arrive_cluster(map_rank(empty_base + buffer * 8, other_rank(lane, slice)));
         }
       }
       if (++kc == steps_k) {
@@ -622,42 +601,25 @@ struct MmaRole {
   }
 };
 
-// The output type is a template parameter too: with a run-time switch the
-// compiler hoists every variant's epilogue addresses out of the main loop and
-// spills them.
-// Quantizer threads with work for clusters of `splits` blocks.
-template <typename T, int BM>
-__device__ __forceinline__ int active_quantizers(int splits) {
+// Calls f(QuantizerRole<T, BM, S>{}) for the cluster size S = splits (the
+// host launches clusters of 1, 2, 4 or 8 blocks only).
+template <typename T, int BM, typename F>
+__device__ __forceinline__ void with_quantizer_role(int splits, F&& f) {
   switch (splits) {
     case 1:
-      return QuantizerRole<T, BM, 1>::kActive;
+      f(QuantizerRole<T, BM, 1>{});
+      break;
     case 2:
-      return QuantizerRole<T, BM, 2>::kActive;
+      f(QuantizerRole<T, BM, 2>{});
+      break;
     case 4:
-      return QuantizerRole<T, BM, 4>::kActive;
+      f(QuantizerRole<T, BM, 4>{});
+      break;
+    case 8:
+      f(QuantizerRole<T, BM, 8>{});
+      break;
     default:
-      return QuantizerRole<T, BM, 8>::kActive;
-  }
-}
-
-template <typename T, int BM>
-__device__ __forceinline__ void run_quantizers(const Params& p, int8_t* smem, int8_t* codes_base,
-                                               uint32_t full_base, uint32_t empty_base,
-                                               const float* bias_smem, int rank, int64_t first_rb,
-                                               int64_t rb_stride, int total_steps) {
-  switch (p.splits) {
-#define Q4CONV_QUANTIZERS(S)                                                                  \
-  case S:                                                                                     \
-    QuantizerRole<T, BM, S>::run(p, smem, codes_base, full_base, empty_base, bias_smem, rank, \
-                                 first_rb, rb_stride, total_steps);                           \
-    break;
-    Q4CONV_QUANTIZERS(1)
-    Q4CONV_QUANTIZERS(2)
-    Q4CONV_QUANTIZERS(4)
-    Q4CONV_QUANTIZERS(8)
-#undef Q4CONV_QUANTIZERS
-    default:
-      __trap();  // the host launches clusters of 1, 2, 4 or 8 blocks only
+      __trap();
   }
 }
 
@@ -692,9 +654,11 @@ __global__ void __launch_bounds__(kThreads, 1) pointwise_fused_kernel(const Para
   // thread and one per MMA warp of each peer. Every block's barriers exist
   // before any peer writes to them.
   if (threadIdx.x == 0) {
+    int quantizers = 0;  // active quantizer threads
+    with_quantizer_role<T, BM>(p.splits, [&](auto role) { quantizers = decltype(role)::kActive; });
     const int empty_arrivals = Roles::kMmaThreads + Roles::kMmaWarps * (p.splits - 1);
     for (int b = 0; b < code_buffers<T>(); ++b) {
-      mbar_init(full_base + b * 8, active_quantizers<T, BM>(p.splits) + 1);
+      mbar_init(full_base + b * 8, quantizers + 1);
       mbar_init(empty_base + b * 8, empty_arrivals);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -706,8 +670,10 @@ __global__ void __launch_bounds__(kThreads, 1) pointwise_fused_kernel(const Para
     for (int i = threadIdx.x; i < p.c; i += Roles::kQuantThreads)
       bias_smem[i] = __ldg(p.bias_a + i);
     named_sync(kQuantBarrier, Roles::kQuantThreads);
-    run_quantizers<T, BM>(p, smem, codes_base, full_base, empty_base, bias_smem, slice, first_rb,
+    with_quantizer_role<T, BM>(p.splits, [&](auto role) {
+      decltype(role)::run(p, smem, codes_base, full_base, empty_base, bias_smem, slice, first_rb,
                           rb_stride, total_steps);
+    });
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Roles::kMmaRegisters));
     // The weight slice, copied and waited for by the MMA warps only.
