@@ -129,10 +129,10 @@ KernelGeometry kernel_geometry(Backend backend, const KernelInput& in, int64_t o
 
 #ifdef Q4CONV_HAVE_SM90  // pointwise_fused.cu is built with the sm90 kernels (sm_90a)
 // Dense channels_last 1x1 stride-1 convolutions on sm90 can quantize inside
-// an int8 mma.sync GEMM (pointwise_fused.cu: persistent blocks keep a slice
-// of the weights in shared memory; the slices of K run as one cluster that
-// reads and quantizes each input tile once and never writes the codes out)
-// instead of in a separate pass. Q4CONV_FUSED_POINTWISE=1 uses it wherever it
+// an int8 mma.sync GEMM (pointwise_fused.cu: persistent blocks keep all of
+// K's weights in shared memory, or one slice of them with the slices of K run
+// as one cluster that reads and quantizes each input tile once; the codes
+// never leave shared memory) instead of in a separate pass. Q4CONV_FUSED_POINTWISE=1 uses it wherever it
 // can run, =0 never (A/B timing and tests).
 enum class FusedMode { kRule, kAlways, kNever };
 
@@ -148,7 +148,8 @@ bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& 
   const bool runs =
       backend == Backend::kSm90Int8 && is_pointwise_gemm(shape) && shape.c == x.size(1) &&
       x.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(x.data_ptr()) &&
-      pointwise_fused_supports(int64_t(shape.n) * shape.h * shape.w, shape.c, shape.k);
+      pointwise_fused_supports(kernel_in_type(x.scalar_type(), "x"),
+                               int64_t(shape.n) * shape.h * shape.w, shape.c, shape.k);
   switch (fused_pointwise_mode()) {
     case FusedMode::kAlways:
       return runs;
@@ -163,7 +164,7 @@ bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& 
   // Clusters of 2-8 slices quantize each tile once but still lose (per-step
   // latency, NOTES.md session 6), e.g. C64->K256 56x56 81.1 vs 67.4,
   // C1024->K256 14x14 50.1 vs 25.3.
-  return runs && pointwise_fused_slices(shape.c, shape.k) == 1;
+  return runs && pointwise_fused_cluster(kernel_in_type(x.scalar_type(), "x"), shape.c, shape.k) == 1;
 }
 #endif  // Q4CONV_HAVE_SM90
 

@@ -37,6 +37,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -171,17 +172,18 @@ __host__ __device__ constexpr int staging_words() {
   return 8 * (BN / Roles::kWarpsN + 8);
 }
 
-// Shared memory: input ring, code buffers, epilogue staging, the slice's
-// epilogue alpha and bias (2 x BN floats), the activation shift bias_a
-// (kMaxChannels floats), the full / empty mbarriers of the code buffers (128
-// bytes), then the weight slice (BN * C bytes).
+// Shared memory: input ring, code buffers, epilogue staging, the activation
+// shift bias_a (kMaxChannels floats), the full / empty mbarriers of the code
+// buffers (128 bytes), then the block's weights (its BN * passes output
+// channels x C bytes) and their epilogue alpha and bias (2 floats each).
 constexpr int kBarrierBytes = 128;
 static_assert(2 * kMaxCodeBuffers * 8 <= kBarrierBytes, "mbarrier space");
 template <typename T, int BM, int BN>
 __host__ __device__ constexpr int fixed_smem_bytes() {
   return ring_bytes<T>() + code_buffers<T>() * BM * kCodePitch +
-         Roles::kMmaWarps * staging_words<BN>() * 4 + 2 * BN * 4 + kMaxChannels * 4 + kBarrierBytes;
+         Roles::kMmaWarps * staging_words<BN>() * 4 + kMaxChannels * 4 + kBarrierBytes;
 }
+constexpr int smem_bytes_per_channel(int channels) { return channels + 2 * 4; }
 
 // Largest cluster: the K / BN slices of a row block run as one cluster.
 constexpr int kMaxClusterSlices = 8;
@@ -202,7 +204,8 @@ struct Params {
   int bits;
   int64_t m;  // rows = pixels
   int c, k;
-  int splits;  // output-channel slices (= k / BN) = blocks per cluster, which share rows
+  int splits;  // output-channel slices = blocks per cluster, which share rows
+  int passes;  // BN-wide passes of one block over its codes (1 where splits > 1)
   EpilogueArgs epi;
 };
 
@@ -267,88 +270,108 @@ struct Unit<__nv_bfloat16> {
   }
 };
 
+// Output conversion: two fp32 values as the 32-bit word of two 16-bit
+// outputs (one cvt.rn.f16x2 / bf16x2), or four fp32 values per 16 bytes.
+// The epilogue builds its 16-byte stores from these words explicitly: through
+// a union of OutT elements the compiler split them into 4-byte stores
+// (session 7: 4x the store instructions, L1 wavefronts the limit).
 template <typename T>
 struct OutCvt;
 template <>
 struct OutCvt<float> {
-  static __device__ __forceinline__ void store2(float* dst, float a, float b) {
-    *reinterpret_cast<float2*>(dst) = make_float2(a, b);
+  static constexpr int kChannels = 4;  // per 16-byte chunk
+  static __device__ __forceinline__ uint4 chunk(const float (&v)[4]) {
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
+                      __float_as_uint(v[3]));
+  }
+};
+template <typename Half2, Half2 (*kConvert)(float, float)>
+struct OutCvt16 {
+  static constexpr int kChannels = 8;
+  static __device__ __forceinline__ uint32_t word(float a, float b) {
+    const Half2 pair = kConvert(a, b);
+    uint32_t bits;
+    memcpy(&bits, &pair, 4);
+    return bits;
+  }
+  static __device__ __forceinline__ uint4 chunk(const float (&v)[8]) {
+    return make_uint4(word(v[0], v[1]), word(v[2], v[3]), word(v[4], v[5]), word(v[6], v[7]));
   }
 };
 template <>
-struct OutCvt<__half> {
-  static __device__ __forceinline__ void store2(__half* dst, float a, float b) {
-    *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(a, b);
-  }
-};
+struct OutCvt<__half> : OutCvt16<__half2, __floats2half2_rn> {};
 template <>
-struct OutCvt<__nv_bfloat16> {
-  static __device__ __forceinline__ void store2(__nv_bfloat16* dst, float a, float b) {
-    *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
-  }
-};
+struct OutCvt<__nv_bfloat16> : OutCvt16<__nv_bfloat162, __floats2bfloat162_rn> {};
+
+// Word offset of the staged accumulator (row, col) in a warp's staging
+// buffer: rows padded to kPitch words (8 mod 32: the 64-bit fragment stores
+// of 4 rows by 4 lanes hit distinct banks), and odd rows with column bit 2
+// flipped, so the 16-byte reads of two rows by four lanes (chunks q * 8
+// words apart) fall on distinct banks too.
+template <int kPitch>
+__device__ __forceinline__ int stage_offset(int row, int col) {
+  return row * kPitch + (col ^ ((row & 1) << 2));
+}
 
 // out[m, n] = act(alpha[n] * acc + bias[n]) for this warp's accumulators of
 // the column block starting at n0 (as the sm90 EVT: fp32 FMA, then convert).
 // Each 8-row half of an m16 tile goes through the warp's staging buffer as
-// int32 fragments; then lane (r, q) = (lane / 4, lane % 4) takes row r,
-// channels q * kCPL ... + kCPL - 1 (the same channels for every row, so its
-// alpha and bias are 2 or 4 vector loads from the block's shared copies
-// epi_alpha / epi_bias, indexed from the slice's first channel slice_n0), and
-// 4 lanes store a row's whole 32- or 64-byte segment: L2 sees full sectors.
+// int32 fragments; then lane (r, q) = (lane / 4, lane % 4) takes row r and
+// 16-byte output chunks q, q + 4, ... of the warp's columns (alpha and bias
+// from the block's shared copies epi_alpha / epi_bias, indexed from the
+// block's first channel block_n0), so the four lanes of a row store 64
+// contiguous bytes per instruction: L2 sees whole sectors.
 template <typename OutT, int kMT, int kNT>
 __device__ __forceinline__ void store_tile(const Params& p, const int (&acc)[kMT][kNT][4],
-                                           int64_t row0, int n0, int slice_n0,
+                                           int64_t row0, int n0, int block_n0,
                                            const float* epi_alpha, const float* epi_bias,
                                            int* stage) {
   constexpr int kCols = kNT * 8;
   constexpr int kPitch = kCols + 8;  // words
-  constexpr int kCPL = kCols / 4;    // channels per lane: 8 or 4
+  constexpr int kChunkChannels = OutCvt<OutT>::kChannels;
+  constexpr int kLaneChunks = kCols / kChunkChannels / 4;
+  static_assert(kLaneChunks >= 1, "whole chunks per lane");
   const int lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-  const int r = lane >> 2, n = n0 + (lane & 3) * kCPL;
+  const int r = lane >> 2, q = lane & 3;
   const float lower = p.epi.relu ? 0.0f : -INFINITY;
-  OutT* out = static_cast<OutT*>(p.epi.out) + n;
+  const float* alpha = epi_alpha + (n0 - block_n0);
+  const float* bias = epi_bias + (n0 - block_n0);
+  OutT* out = static_cast<OutT*>(p.epi.out) + n0;
 #pragma unroll
   for (int i = 0; i < kMT; ++i) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
 #pragma unroll
       for (int j = 0; j < kNT; ++j)
-        *reinterpret_cast<int2*>(stage + g * kPitch + j * 8 + t4 * 2) =
+        *reinterpret_cast<int2*>(stage + stage_offset<kPitch>(g, j * 8 + t4 * 2)) =
             make_int2(acc[i][j][2 * half], acc[i][j][2 * half + 1]);
       __syncwarp();
-      // Four channels at a time (staged accumulators, alpha and bias as one
-      // 16-byte shared load each), so the converted row stays the only
-      // large live value next to the accumulators.
-      union {
-        OutT o[kCPL];
-        uint4 u[(kCPL * sizeof(OutT) + 15) / 16];
-        uint2 h;
-      } res;
-      const int* acc_row = stage + r * kPitch + (lane & 3) * kCPL;
-      const float* alpha = epi_alpha + (n - slice_n0);
-      const float* bias = epi_bias + (n - slice_n0);
+      // One chunk at a time (staged accumulators, alpha and bias as 16-byte
+      // shared loads), so the converted chunks stay the only large live
+      // values next to the accumulators.
+      uint4 chunks[kLaneChunks];
 #pragma unroll
-      for (int c = 0; c < kCPL; c += 4) {
-        const int4 v = *reinterpret_cast<const int4*>(acc_row + c);
-        const float4 al = *reinterpret_cast<const float4*>(alpha + c);
-        const float4 bi = *reinterpret_cast<const float4*>(bias + c);
-        OutCvt<OutT>::store2(res.o + c, fmaxf(al.x * float(v.x) + bi.x, lower),
-                             fmaxf(al.y * float(v.y) + bi.y, lower));
-        OutCvt<OutT>::store2(res.o + c + 2, fmaxf(al.z * float(v.z) + bi.z, lower),
-                             fmaxf(al.w * float(v.w) + bi.w, lower));
+      for (int c = 0; c < kLaneChunks; ++c) {
+        const int col0 = (q + 4 * c) * kChunkChannels;
+        float v[kChunkChannels];
+#pragma unroll
+        for (int w = 0; w < kChunkChannels; w += 4) {
+          const int4 a = *reinterpret_cast<const int4*>(stage + stage_offset<kPitch>(r, col0 + w));
+          const float4 al = *reinterpret_cast<const float4*>(alpha + col0 + w);
+          const float4 bi = *reinterpret_cast<const float4*>(bias + col0 + w);
+          v[w] = fmaxf(al.x * float(a.x) + bi.x, lower);
+          v[w + 1] = fmaxf(al.y * float(a.y) + bi.y, lower);
+          v[w + 2] = fmaxf(al.z * float(a.z) + bi.z, lower);
+          v[w + 3] = fmaxf(al.w * float(a.w) + bi.w, lower);
+        }
+        chunks[c] = OutCvt<OutT>::chunk(v);
       }
       __syncwarp();  // the next half's fragments overwrite the buffer
       const int64_t m = row0 + i * 16 + half * 8 + r;
       if (m < p.m) {
-        OutT* dst = out + m * p.k;
-        if constexpr (kCPL * sizeof(OutT) == 8) {
-          *reinterpret_cast<uint2*>(dst) = res.h;
-        } else {
+        uint4* dst = reinterpret_cast<uint4*>(out + m * p.k);
 #pragma unroll
-          for (int c = 0; c < int(kCPL * sizeof(OutT)) / 16; ++c)
-            reinterpret_cast<uint4*>(dst)[c] = res.u[c];
-        }
+        for (int c = 0; c < kLaneChunks; ++c) dst[q + 4 * c] = chunks[c];
       }
     }
   }
@@ -509,7 +532,10 @@ struct QuantizerRole {
 };
 
 // The MMA warps' side: warp (warp_m, warp_n) of 4 x 2 owns rows warp_m *
-// BM / 4 ... and output channels warp_n * BN / 2 ... of every row block.
+// BM / 4 ... and output channels warp_n * BN / 2 ... of every row block's
+// BN-wide pass. With p.passes > 1 (one block holds all of K) the warps hold a
+// row block's code buffers for p.passes passes over them, one BN-wide group
+// of output channels each, and release them after the last.
 template <typename T, typename OutT, int BM, int BN>
 struct MmaRole {
   static constexpr int kQuantThreads = Roles::kQuantThreads;
@@ -519,6 +545,28 @@ struct MmaRole {
   static constexpr int kWarpCols = BN / kWarpsN;  // 32 or 64
   static constexpr int kMT = kWarpRows / 16;      // m16 tiles per warp
   static constexpr int kNT = kWarpCols / 8;       // n8 tiles per warp (even: ldmatrix pairs)
+  using Acc = int[kMT][kNT][4];
+
+  // acc += codes [kWarpRows x 64] (a_step) x weights [64 x kWarpCols] (w_step).
+  static __device__ __forceinline__ void multiply_step(Acc& acc, uint32_t a_step, uint32_t w_step) {
+#pragma unroll
+    for (int kk = 0; kk < kStepK; kk += 32) {
+      uint32_t a_frag[kMT][4], b_frag[kNT][2];
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) ldmatrix_x4(a_frag[i], a_step + i * 16 * kCodePitch + kk);
+#pragma unroll
+      for (int jn = 0; jn < kNT; jn += 2) {
+        uint32_t r[4];
+        ldmatrix_x4(r, (w_step + jn * 8 * kStepK) ^ (kk / 16 << 4));
+        b_frag[jn][0] = r[0], b_frag[jn][1] = r[1];
+        b_frag[jn + 1][0] = r[2], b_frag[jn + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int i = 0; i < kMT; ++i)
+#pragma unroll
+        for (int jn = 0; jn < kNT; ++jn) mma_s8(acc[i][jn], a_frag[i], b_frag[jn][0], b_frag[jn][1]);
+    }
+  }
 
   static __device__ __forceinline__ void run(const Params& p, const int8_t* codes_base,
                                              uint32_t w_base, uint32_t full_base,
@@ -529,6 +577,7 @@ struct MmaRole {
     const int steps_k = p.c / kStepK;
     const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;
     const int peer_bytes = (BM - BM / p.splits) * kCodePitch;  // codes quantized by the peers
+    const int block_n0 = slice * BN * p.passes;                // this block's first channel
     // ldmatrix lane addresses. A (x4 = one m16 x k32 fragment): lanes 0-7
     // rows 0-7 bytes 0-15, 8-15 rows 8-15 bytes 0-15, 16-23 rows 0-7 bytes
     // 16-31, 24-31 rows 8-15 bytes 16-31 (registers a0..a3 of mma.m16n8k32).
@@ -540,63 +589,51 @@ struct MmaRole {
     // 8-15. Rows w_row + 8 j share (row >> 1) & 3, and the k half kk / 32
     // flips bit 1 of the logical chunk (w_part is 0 or 1), so the swizzled
     // address is w_lane + j * 8 rows, with chunk bit 1 flipped for kk = 32.
+    // Pass `pass`, step kc of the weights is block (pass * steps_k + kc).
     const int w_row = warp_n * kWarpCols + (lane & 7) + (lane >> 4) * 8;
     const uint32_t w_lane = w_base + w_offset(w_row, (lane >> 3) & 1);
 
-    int acc[kMT][kNT][4] = {};
-    int kc = 0;
+    Acc acc = {};
     int64_t row0 = first_rb * BM + warp_m * kWarpRows;
-    for (int j = 0; j < total_steps; ++j) {
-      const int buffer = j % kBuffers;
-      // The buffer's codes: this block's quantizer warps arrive, the peers'
-      // rows come as bulk-copy bytes, which one arrival here announces.
-      const uint32_t full = full_base + buffer * 8;
-      if (t == 0) mbar_arrive_expect_tx(full, peer_bytes);
-      mbar_wait(full, (j / kBuffers) & 1);
-      const uint32_t a_step = a_lane + buffer * (BM * kCodePitch);
-      const uint32_t w_step = w_lane + kc * (BN * kStepK);
-#pragma unroll
-      for (int kk = 0; kk < kStepK; kk += 32) {
-        uint32_t a_frag[kMT][4], b_frag[kNT][2];
-#pragma unroll
-        for (int i = 0; i < kMT; ++i) ldmatrix_x4(a_frag[i], a_step + i * 16 * kCodePitch + kk);
-#pragma unroll
-        for (int jn = 0; jn < kNT; jn += 2) {
-          uint32_t r[4];
-          ldmatrix_x4(r, (w_step + jn * 8 * kStepK) ^ (kk / 16 << 4));
-          b_frag[jn][0] = r[0], b_frag[jn][1] = r[1];
-          b_frag[jn + 1][0] = r[2], b_frag[jn + 1][1] = r[3];
+    for (int j0 = 0; j0 < total_steps; j0 += steps_k) {  // one row block
+      for (int pass = 0; pass < p.passes; ++pass) {
+        const bool last_pass = pass + 1 == p.passes;
+        for (int kc = 0; kc < steps_k; ++kc) {
+          const int j = j0 + kc, buffer = j % kBuffers;
+          // The buffer's codes: this block's quantizer warps arrive, the
+          // peers' rows come as bulk-copy bytes, which one arrival here
+          // announces. Later passes reuse the buffers they hold.
+          if (pass == 0) {
+            const uint32_t full = full_base + buffer * 8;
+            if (t == 0) mbar_arrive_expect_tx(full, peer_bytes);
+            mbar_wait(full, (j / kBuffers) & 1);
+          }
+          multiply_step(acc, a_lane + buffer * (BM * kCodePitch),
+                        w_lane + (pass * steps_k + kc) * (BN * kStepK));
+          // Buffer free for step j + kBuffers (if the quantizers get there)
+          // after the last pass: every thread arrives on its own block's
+          // empty barrier, and in a cluster one lane per warp on each peer's
+          // (lane r to the r-th other rank; after __syncwarp, all of the
+          // warp's ldmatrix reads are done).
+          if (last_pass && j + kBuffers < total_steps) {
+            mbar_arrive(empty_base + buffer * 8);
+            if (p.splits > 1) {
+              __syncwarp();
+              if (lane < p.splits - 1)
+                mbar_arrive_cluster(map_rank(empty_base + buffer * 8, other_rank(lane, slice)));
+            }
+          }
         }
-#pragma unroll
-        for (int i = 0; i < kMT; ++i)
-#pragma unroll
-          for (int jn = 0; jn < kNT; ++jn)
-            mma_s8(acc[i][jn], a_frag[i], b_frag[jn][0], b_frag[jn][1]);
-      }
-      // Buffer free for step j + kBuffers (if the quantizers get there):
-      // every thread arrives on its own block's empty barrier, and in a
-      // cluster one lane per warp on each peer's (lane r to the r-th other
-      // rank; after __syncwarp, all of the warp's ldmatrix reads are done).
-      if (j + kBuffers < total_steps) {
-        mbar_arrive(empty_base + buffer * 8);
-        if (p.splits > 1) {
-          __syncwarp();
-          if (lane < p.splits - 1)
-            mbar_arrive_cluster(map_rank(empty_base + buffer * 8, other_rank(lane, slice)));
-        }
-      }
-      if (++kc == steps_k) {
-        store_tile<OutT>(p, acc, row0, slice * BN + warp_n * kWarpCols, slice * BN, epi_alpha,
-                         epi_bias, stage);
+        store_tile<OutT>(p, acc, row0, block_n0 + pass * BN + warp_n * kWarpCols, block_n0,
+                         epi_alpha, epi_bias, stage);
 #pragma unroll
         for (int i = 0; i < kMT; ++i)
 #pragma unroll
           for (int jn = 0; jn < kNT; ++jn)
 #pragma unroll
             for (int v = 0; v < 4; ++v) acc[i][jn][v] = 0;
-        kc = 0;
-        row0 += rb_stride * BM;
       }
+      row0 += rb_stride * BM;
     }
   }
 };
@@ -631,11 +668,12 @@ __global__ void __launch_bounds__(kThreads, 1) pointwise_fused_kernel(const Para
   extern __shared__ __align__(128) int8_t smem[];
   int8_t* codes_base = smem + ring_bytes<T>();
   int* staging = reinterpret_cast<int*>(codes_base + code_buffers<T>() * BM * kCodePitch);
-  float* epi_alpha = reinterpret_cast<float*>(staging + Roles::kMmaWarps * staging_words<BN>());
-  float* epi_bias = epi_alpha + BN;
-  float* bias_smem = epi_bias + BN;
+  float* bias_smem = reinterpret_cast<float*>(staging + Roles::kMmaWarps * staging_words<BN>());
   int8_t* barriers = reinterpret_cast<int8_t*>(bias_smem + kMaxChannels);
   int8_t* weights = barriers + kBarrierBytes;
+  const int block_n = BN * p.passes;  // this block's output channels
+  float* epi_alpha = reinterpret_cast<float*>(weights + block_n * p.c);
+  float* epi_bias = epi_alpha + block_n;
   const uint32_t full_base = __cvta_generic_to_shared(barriers);
   const uint32_t empty_base = full_base + kMaxCodeBuffers * 8;
 
@@ -676,20 +714,22 @@ __global__ void __launch_bounds__(kThreads, 1) pointwise_fused_kernel(const Para
     });
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Roles::kMmaRegisters));
-    // The weight slice, copied and waited for by the MMA warps only.
+    // The block's weights, copied and waited for by the MMA warps only:
+    // [pass][channel step][BN rows of 64 bytes], swizzled (w_offset).
     const int t = threadIdx.x - Roles::kQuantThreads, c = p.c, units_per_row = c / 16;
     const uint32_t w_base = __cvta_generic_to_shared(weights);
-    const int8_t* src = p.weight + int64_t(slice) * BN * c;
-    for (int u = t; u < BN * units_per_row; u += Roles::kMmaThreads) {
+    const int8_t* src = p.weight + int64_t(slice) * block_n * c;
+    for (int u = t; u < block_n * units_per_row; u += Roles::kMmaThreads) {
       const int n = u / units_per_row, rem = u - n * units_per_row;
-      cp_async16(w_base + (rem >> 2) * (BN * kStepK) + w_offset(n, rem & 3),
+      const int pass = n / BN, row = n - pass * BN;
+      cp_async16(w_base + (pass * (c / kStepK) + (rem >> 2)) * (BN * kStepK) + w_offset(row, rem & 3),
                  src + int64_t(n) * c + rem * 16);
     }
     cp_async_commit();
-    // The slice's epilogue scales and bias (zeros without a bias).
-    for (int n = t; n < BN; n += Roles::kMmaThreads) {
-      epi_alpha[n] = p.epi.alpha[slice * BN + n];
-      epi_bias[n] = p.epi.bias != nullptr ? p.epi.bias[slice * BN + n] : 0.0f;
+    // The block's epilogue scales and bias (zeros without a bias).
+    for (int n = t; n < block_n; n += Roles::kMmaThreads) {
+      epi_alpha[n] = p.epi.alpha[slice * block_n + n];
+      epi_bias[n] = p.epi.bias != nullptr ? p.epi.bias[slice * block_n + n] : 0.0f;
     }
     cp_async_wait<0>();
     named_sync(kMmaBarrier, Roles::kMmaThreads);
@@ -728,15 +768,14 @@ int max_active_clusters(const void* kernel, const cudaLaunchConfig_t& config, in
 template <typename T, typename OutT, int BM, int BN>
 KernelStatus launch(Params p, cudaStream_t stream) {
   const void* kernel = reinterpret_cast<const void*>(pointwise_fused_kernel<T, OutT, BM, BN>);
-  const int smem = fixed_smem_bytes<T, BM, BN>() + BN * p.c;
+  const int smem = fixed_smem_bytes<T, BM, BN>() + BN * p.passes * smem_bytes_per_channel(p.c);
   static std::atomic<int> smem_raised[kMaxDevices];
   const cudaError_t err = raise_smem_limit(kernel, smem, true, smem_raised);
   if (err != cudaSuccess)
     return KernelStatus::failure(std::string("pointwise_fused_conv: ") + cudaGetErrorString(err));
-  // Persistent: one block per SM (~150-200 KB of shared memory each); the
-  // K / BN slices of a row block form one cluster, which quantizes each
-  // input tile once for all of them.
-  p.splits = p.k / BN;
+  // Persistent: one block per SM (~150-225 KB of shared memory each); with
+  // several slices, the slices of a row block form one cluster, which
+  // quantizes each input tile once for all of them.
   cudaLaunchAttribute cluster;
   cluster.id = cudaLaunchAttributeClusterDimension;
   cluster.val.clusterDim.x = unsigned(p.splits);
@@ -773,11 +812,46 @@ bool wide_slices(int channels, int out_channels) {
   return out_channels % 128 == 0 && 128 * channels <= kMaxWeightBytes;
 }
 
+// Largest opt-in shared memory per block on sm_90 (H100, H200).
+constexpr int kMaxSmemBytes = 227 * 1024;
+
+// How a launch covers K with BN-wide slices (BN = 128 where wide_slices,
+// else 64): one block per row block making K / BN passes over its codes
+// where it can hold all of K's weights, its shared memory fits and a row
+// block's codes leave as many code buffers free for the quantizers to run
+// ahead; otherwise clusters of K / BN blocks, one slice each.
+struct FusedPlan {
+  bool wide;
+  int passes, splits;
+};
+template <typename T>
+FusedPlan fused_plan_for(int channels, int out_channels) {
+  const bool wide = wide_slices(channels, out_channels);
+  const int slices = out_channels / (wide ? 128 : 64);
+  const int fixed = wide ? fixed_smem_bytes<T, 128, 128>() : fixed_smem_bytes<T, 128, 64>();
+  const bool one_block = slices > 1 && out_channels * channels <= kMaxWeightBytes &&
+                         2 * (channels / kStepK) <= code_buffers<T>() &&
+                         fixed + out_channels * smem_bytes_per_channel(channels) <= kMaxSmemBytes;
+  return one_block ? FusedPlan{wide, slices, 1} : FusedPlan{wide, 1, slices};
+}
+FusedPlan fused_plan(InType x_type, int channels, int out_channels) {
+  switch (x_type) {
+    case InType::kFloat32:
+      return fused_plan_for<float>(channels, out_channels);
+    case InType::kFloat16:
+      return fused_plan_for<__half>(channels, out_channels);
+    case InType::kBFloat16:
+      break;
+  }
+  return fused_plan_for<__nv_bfloat16>(channels, out_channels);
+}
+
 // 128-row blocks (64-row blocks measured 6-25% slower on H100, session 5).
 template <typename T, typename OutT>
-KernelStatus launch_for_types(const Params& p, cudaStream_t stream) {
-  return wide_slices(p.c, p.k) ? launch<T, OutT, 128, 128>(p, stream)
-                               : launch<T, OutT, 128, 64>(p, stream);
+KernelStatus launch_for_types(Params p, cudaStream_t stream) {
+  const FusedPlan plan = fused_plan_for<T>(p.c, p.k);
+  p.passes = plan.passes, p.splits = plan.splits;
+  return plan.wide ? launch<T, OutT, 128, 128>(p, stream) : launch<T, OutT, 128, 64>(p, stream);
 }
 
 template <typename T>
@@ -795,26 +869,26 @@ KernelStatus launch_for_type(const Params& p, cudaStream_t stream) {
 
 }  // namespace
 
-int pointwise_fused_slices(int channels, int out_channels) {
-  return out_channels / (wide_slices(channels, out_channels) ? 128 : 64);
+int pointwise_fused_cluster(InType x_type, int channels, int out_channels) {
+  return fused_plan(x_type, channels, out_channels).splits;
 }
 
-bool pointwise_fused_supports(int64_t pixels, int channels, int out_channels) {
+bool pointwise_fused_supports(InType x_type, int64_t pixels, int channels, int out_channels) {
   if (pixels <= 0 || channels <= 0 || channels % kStepK != 0 || channels > kMaxChannels ||
       out_channels <= 0 || out_channels % 64 != 0)
     return false;
-  const int slices = pointwise_fused_slices(channels, out_channels);
-  return slices <= kMaxClusterSlices && (slices & (slices - 1)) == 0;
+  const int splits = pointwise_fused_cluster(x_type, channels, out_channels);
+  return splits <= kMaxClusterSlices && (splits & (splits - 1)) == 0;
 }
 
 KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, int channels,
                                   const float* bias_a, const float* scale_a, float eps, int bits,
                                   const int8_t* weight, int out_channels,
                                   const EpilogueArgs& epilogue, cudaStream_t stream) {
-  if (!pointwise_fused_supports(pixels, channels, out_channels))
+  if (!pointwise_fused_supports(x_type, pixels, channels, out_channels))
     return KernelStatus::failure(
         "pointwise_fused_conv: unsupported shape (needs C % 64 == 0, C <= 1024, K % 64 == 0 "
-        "and 1, 2, 4 or 8 weight slices)");
+        "and one block or a cluster of 2, 4 or 8 for K)");
   if (x == nullptr || weight == nullptr || bias_a == nullptr || scale_a == nullptr ||
       epilogue.alpha == nullptr || epilogue.out == nullptr)
     return KernelStatus::failure("pointwise_fused_conv: null pointer argument");

@@ -77,12 +77,14 @@ KernelStatus repack_int4(const uint8_t* packed, int64_t rows, int c_in, int chan
 // max(*scale_a, eps), bits), bit-identical to the separate pass, made in
 // shared memory and never written out; weight int8 [out_channels, channels];
 // out = epilogue (NHWC [pixels, out_channels], 16-byte aligned). Needs
-// channels % 64 == 0, channels <= 1024, out_channels % 64 == 0
-// and 1, 2, 4 or 8 weight slices (pointwise_fused_supports). Each block keeps
-// one slice of 64 or 128 output channels' weights; pointwise_fused_slices
-// says how many slices K takes, i.e. how many blocks form a cluster.
-bool pointwise_fused_supports(int64_t pixels, int channels, int out_channels);
-int pointwise_fused_slices(int channels, int out_channels);
+// channels % 64 == 0, channels <= 1024, out_channels % 64 == 0, and K
+// covered by one block or a cluster of 2, 4 or 8 (pointwise_fused_supports).
+// A block keeps the weights of all K output channels (where they and a row
+// block's codes fit) or of one 64- or 128-channel slice of them;
+// pointwise_fused_cluster says how many blocks form a cluster (1: one block
+// holds all of K).
+bool pointwise_fused_supports(InType x_type, int64_t pixels, int channels, int out_channels);
+int pointwise_fused_cluster(InType x_type, int channels, int out_channels);
 KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, int channels,
                                   const float* bias_a, const float* scale_a, float eps, int bits,
                                   const int8_t* weight, int out_channels,

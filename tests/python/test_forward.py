@@ -181,11 +181,13 @@ def test_fused_pointwise_kernel(device, backend, case, dtype, monkeypatch):
     Case(1, 1024, 128, 5, 7, 1, 1),    # largest C (64 KB weight slices): two 64-wide slices, 35 pixels
     Case(2, 1024, 256, 9, 9, 1, 1),    # a cluster of four 64-wide slices
     Case(3, 512, 256, 11, 13, 1, 1),   # two 128-wide slices, 429 pixels
-    Case(1, 64, 1024, 3, 5, 1, 1),     # a cluster of 8 slices over 15 pixels
+    Case(1, 64, 1024, 3, 5, 1, 1),     # 15 pixels; 8 passes of one block (fp16, bf16), a cluster of 8 (fp32)
+    Case(3, 64, 256, 23, 17, 1, 1),    # two 128-wide passes over each row block, row tail
+    Case(2, 128, 320, 9, 11, 1, 1),    # five 64-wide passes over two channel steps
     Case(17, 256, 1024, 15, 15, 1, 1), # 8 slices, 30 row blocks: several per cluster
     Case(2, 320, 64, 17, 19, 1, 1),    # C not a power of two (5 channel steps)
     Case(2, 192, 128, 13, 9, 1, 1),    # one 128-wide slice, 234 pixels (row tail)
-    Case(1, 128, 512, 16, 16, 1, 1),   # 256 pixels (exact blocks), 4 slices of 128
+    Case(1, 128, 512, 16, 16, 1, 1),   # 256 pixels (exact blocks), 4 passes of 128 (64 KB of weights)
     Case(48, 64, 64, 27, 27, 1, 1),    # 274 row blocks: several per persistent block
 ], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -193,8 +195,9 @@ def test_fused_pointwise_kernel(device, backend, case, dtype, monkeypatch):
 def test_fused_pointwise_equals_unfused(device, backend, case, dtype, relu, monkeypatch):
     """The fused kernel's codes are the separate pass's, bit for bit: without
     an output bias (alpha * acc is then one rounding on both paths) its output
-    equals the pass + GEMM output exactly, with 64- and 128-wide weight slices
-    and one or many of them, including NaN, +-Inf and exact rounding ties."""
+    equals the pass + GEMM output exactly, with 64- and 128-wide weight slices,
+    one block for all of K (one or several passes) or clusters of blocks,
+    including NaN, +-Inf and exact rounding ties."""
     x, bias_a, scale_a, weight, scale_w, _ = make_inputs(case, device, dtype, channels_last=True,
                                                          per_channel=True, seed=case.c + case.k)
     skip_unless_backend_runs(x, case, backend)
@@ -210,9 +213,35 @@ def test_fused_pointwise_equals_unfused(device, backend, case, dtype, relu, monk
     monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", "0")
     reference = ops.conv_packed(*args)
     monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", "1")
-    y = ops.conv_packed(*args)
+    y, kernels = run_with_kernel_names(lambda: ops.conv_packed(*args))
+    assert any("pointwise_fused_kernel" in name for name in kernels), "the fused kernel did not run"
     assert torch.isfinite(y).all()
     assert torch.equal(y, reference)
+
+
+def run_with_kernel_names(fn):
+    """fn()'s result and the names of the CUDA kernels it launched."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        result = fn()
+        torch.cuda.synchronize()
+    return result, [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
+@pytest.mark.parametrize("c,k,fused", [(64, 64, True), (64, 256, True), (128, 512, True), (256, 128, True),
+                                       (1024, 256, False), (256, 1024, False)])
+def test_fused_pointwise_dispatch_rule(device, backend, c, k, fused, monkeypatch):
+    """Without Q4CONV_FUSED_POINTWISE, fp16 1x1 layers run the fused kernel
+    where one block holds all of K's weights (one slice or several passes),
+    and pass + GEMM where K would need a cluster."""
+    monkeypatch.delenv("Q4CONV_FUSED_POINTWISE", raising=False)
+    case = Case(2, c, k, 8, 8, 1, 1)
+    x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, torch.float16, channels_last=True)
+    skip_unless_backend_runs(x, case, backend)
+    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
+    _, kernels = run_with_kernel_names(
+        lambda: ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend))
+    assert any("pointwise_fused_kernel" in name for name in kernels) == fused, kernels
 
 
 @pytest.mark.parametrize("device", DEVICES)
