@@ -123,15 +123,20 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint32_t cluster_bar) {
   asm volatile("mbarrier.arrive.release.cta.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar)
                : "memory");
 }
+// Waits for the phase of `parity` to complete. The suspend-time hint (as
+// CUTLASS's ClusterBarrier::wait) lets the hardware park the thread until
+// the phase completes instead of returning at once: idle warps then do not
+// poll the barrier through the LSU pipe.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  constexpr uint32_t kSuspendHintNs = 0x989680;
   uint32_t done;
   do {
     asm volatile(
         "{\n.reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n"
         "selp.b32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
-        : "r"(bar), "r"(parity)
+        : "r"(bar), "r"(parity), "r"(kSuspendHintNs)
         : "memory");
   } while (!done);
 }
@@ -271,10 +276,10 @@ struct Unit<__nv_bfloat16> {
 };
 
 // Output conversion: two fp32 values as the 32-bit word of two 16-bit
-// outputs (one cvt.rn.f16x2 / bf16x2), or four fp32 values per 16 bytes.
-// The epilogue builds its 16-byte stores from these words explicitly: through
-// a union of OutT elements the compiler split them into 4-byte stores
-// (session 7: 4x the store instructions, L1 wavefronts the limit).
+// outputs (one cvt.rn.f16x2 / bf16x2), or four fp32 values as 16 bytes. The
+// epilogues build their stores from these words explicitly: through a union
+// of OutT elements the compiler had split the 16-byte stores into 4-byte
+// ones (session 7: 4x the store instructions, L1 wavefronts the limit).
 template <typename T>
 struct OutCvt;
 template <>
@@ -287,15 +292,11 @@ struct OutCvt<float> {
 };
 template <typename Half2, Half2 (*kConvert)(float, float)>
 struct OutCvt16 {
-  static constexpr int kChannels = 8;
   static __device__ __forceinline__ uint32_t word(float a, float b) {
     const Half2 pair = kConvert(a, b);
     uint32_t bits;
     memcpy(&bits, &pair, 4);
     return bits;
-  }
-  static __device__ __forceinline__ uint4 chunk(const float (&v)[8]) {
-    return make_uint4(word(v[0], v[1]), word(v[2], v[3]), word(v[4], v[5]), word(v[6], v[7]));
   }
 };
 template <>
@@ -314,18 +315,18 @@ __device__ __forceinline__ int stage_offset(int row, int col) {
 }
 
 // out[m, n] = act(alpha[n] * acc + bias[n]) for this warp's accumulators of
-// the column block starting at n0 (as the sm90 EVT: fp32 FMA, then convert).
-// Each 8-row half of an m16 tile goes through the warp's staging buffer as
-// int32 fragments; then lane (r, q) = (lane / 4, lane % 4) takes row r and
-// 16-byte output chunks q, q + 4, ... of the warp's columns (alpha and bias
-// from the block's shared copies epi_alpha / epi_bias, indexed from the
-// block's first channel block_n0), so the four lanes of a row store 64
-// contiguous bytes per instruction: L2 sees whole sectors.
+// the column block starting at n0 (as the sm90 EVT: fp32 FMA, then convert),
+// fp32 outputs. Each 8-row half of an m16 tile goes through the warp's
+// staging buffer as int32 fragments; then lane (r, q) = (lane / 4, lane % 4)
+// takes row r and 16-byte output chunks q, q + 4, ... of the warp's columns
+// (alpha and bias from the block's shared copies epi_alpha / epi_bias,
+// indexed from the block's first channel block_n0), so the four lanes of a
+// row store 64 contiguous bytes per instruction: L2 sees whole sectors.
 template <typename OutT, int kMT, int kNT>
-__device__ __forceinline__ void store_tile(const Params& p, const int (&acc)[kMT][kNT][4],
-                                           int64_t row0, int n0, int block_n0,
-                                           const float* epi_alpha, const float* epi_bias,
-                                           int* stage) {
+__device__ __forceinline__ void store_tile_fp32(const Params& p, const int (&acc)[kMT][kNT][4],
+                                                int64_t row0, int n0, int block_n0,
+                                                const float* epi_alpha, const float* epi_bias,
+                                                int* stage) {
   constexpr int kCols = kNT * 8;
   constexpr int kPitch = kCols + 8;  // words
   constexpr int kChunkChannels = OutCvt<OutT>::kChannels;
@@ -375,6 +376,94 @@ __device__ __forceinline__ void store_tile(const Params& p, const int (&acc)[kMT
       }
     }
   }
+}
+
+__device__ __forceinline__ void stmatrix_x4(uint32_t smem, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(smem),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a warp's 16-bit
+// staging tile [16 rows x kRowChunks chunks], XOR-swizzled so that the 8
+// rows of one stmatrix matrix (same chunk) and the 8 chunks read by a
+// quarter warp (one row of 8 chunks, or two rows of 4) fall on distinct
+// 16-byte bank groups.
+template <int kRowChunks>
+__device__ __forceinline__ uint32_t stage16_offset(int row, int chunk) {
+  static_assert(kRowChunks == 8 || kRowChunks == 4, "64- or 32-column warp tiles");
+  return kRowChunks == 8 ? row * 128 + ((chunk ^ (row & 7)) << 4)
+                         : row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4);
+}
+
+// The same epilogue for fp16 / bf16 outputs, without an int32 round trip:
+// each lane converts its own accumulator fragments (alpha and bias of its
+// two columns per n8 tile, loaded once), stmatrix writes them as 16-bit 8x8
+// matrices into the warp's staging tile, and lanes read back 16-byte chunks
+// of whole rows: each store instruction writes 4 rows x 128 bytes (or 8 x
+// 64). Half the shared-memory traffic of the fp32 path, whose staging
+// reads and writes made L1 the busiest unit (ncu, session 7).
+template <typename OutT, int kMT, int kNT>
+__device__ __forceinline__ void store_tile_16bit(const Params& p, const int (&acc)[kMT][kNT][4],
+                                                 int64_t row0, int n0, int block_n0,
+                                                 const float* epi_alpha, const float* epi_bias,
+                                                 int* stage) {
+  constexpr int kRowChunks = kNT;  // one 16-byte chunk (8 channels) per n8 tile
+  constexpr int kRowsPerStore = 32 / kRowChunks;
+  static_assert(kNT % 2 == 0, "stmatrix x4 covers two n8 tiles");
+  const int lane = threadIdx.x & 31, t4 = lane & 3;
+  const float lower = p.epi.relu ? 0.0f : -INFINITY;
+  float2 alpha[kNT], bias[kNT];
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+    const int col = n0 - block_n0 + j * 8 + t4 * 2;
+    alpha[j] = *reinterpret_cast<const float2*>(epi_alpha + col);
+    bias[j] = *reinterpret_cast<const float2*>(epi_bias + col);
+  }
+  const auto word = [&](const int (&d)[4], int j, int hi) {
+    return OutCvt<OutT>::word(fmaxf(alpha[j].x * float(d[2 * hi]) + bias[j].x, lower),
+                              fmaxf(alpha[j].y * float(d[2 * hi + 1]) + bias[j].y, lower));
+  };
+  // stmatrix: lanes 8 mi ... 8 mi + 7 address rows of matrix mi = (n8 tile
+  // j + mi / 2, rows (mi % 2) * 8 ...): registers {tile j rows 0-7, rows
+  // 8-15, tile j + 1 rows 0-7, rows 8-15}.
+  const uint32_t stage_addr = __cvta_generic_to_shared(stage);
+  const int st_row = ((lane >> 3) & 1) * 8 + (lane & 7), st_tile = lane >> 4;
+  const int rd_row = lane / kRowChunks, rd_chunk = lane % kRowChunks;
+  OutT* out = static_cast<OutT*>(p.epi.out) + n0 + rd_chunk * 8;
+#pragma unroll
+  for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+    for (int j = 0; j < kNT; j += 2) {
+      const uint32_t words[4] = {word(acc[i][j], j, 0), word(acc[i][j], j, 1),
+                                 word(acc[i][j + 1], j + 1, 0), word(acc[i][j + 1], j + 1, 1)};
+      stmatrix_x4(stage_addr + stage16_offset<kRowChunks>(st_row, j + st_tile), words);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < 16 / kRowsPerStore; ++k) {
+      const int row = rd_row + k * kRowsPerStore;
+      uint4 chunk;
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(chunk.x), "=r"(chunk.y), "=r"(chunk.z), "=r"(chunk.w)
+                   : "r"(stage_addr + stage16_offset<kRowChunks>(row, rd_chunk))
+                   : "memory");
+      const int64_t m = row0 + i * 16 + row;
+      if (m < p.m) *reinterpret_cast<uint4*>(out + m * p.k) = chunk;
+    }
+    __syncwarp();  // the next tile's stmatrix overwrites the buffer
+  }
+}
+
+template <typename OutT, int kMT, int kNT>
+__device__ __forceinline__ void store_tile(const Params& p, const int (&acc)[kMT][kNT][4],
+                                           int64_t row0, int n0, int block_n0,
+                                           const float* epi_alpha, const float* epi_bias,
+                                           int* stage) {
+  if constexpr (sizeof(OutT) == 2)
+    store_tile_16bit<OutT>(p, acc, row0, n0, block_n0, epi_alpha, epi_bias, stage);
+  else
+    store_tile_fp32<OutT>(p, acc, row0, n0, block_n0, epi_alpha, epi_bias, stage);
 }
 
 // The quantizer warps' side. Step j of the cluster's sequence is row block
