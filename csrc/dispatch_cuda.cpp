@@ -132,8 +132,8 @@ KernelGeometry kernel_geometry(Backend backend, const KernelInput& in, int64_t o
 // an int8 mma.sync GEMM (pointwise_fused.cu: persistent blocks keep all of
 // K's weights in shared memory, or one slice of them with the slices of K run
 // as one cluster that reads and quantizes each input tile once; the codes
-// never leave shared memory) instead of in a separate pass. Q4CONV_FUSED_POINTWISE=1 uses it wherever it
-// can run, =0 never (A/B timing and tests).
+// never leave shared memory) instead of in a separate pass. Q4CONV_FUSED_POINTWISE=1 uses it
+// wherever it can run, =0 never (A/B timing and tests).
 enum class FusedMode { kRule, kAlways, kNever };
 
 FusedMode fused_pointwise_mode() {
@@ -158,13 +158,16 @@ bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& 
     case FusedMode::kRule:
       break;
   }
-  // One slice (H100, session 6, same-process A/B in CUDA graphs, fused vs
-  // pass + GEMM in us): C64->K64 56x56 25.7 vs 35.2, C256->K64 56x56 51.3
-  // vs 86.9, C256->K128 56x56 72.2 vs 94.0, C512->K128 28x28 35.6 vs 41.1.
-  // Clusters of 2-8 slices quantize each tile once but still lose (per-step
-  // latency, NOTES.md session 6), e.g. C64->K256 56x56 81.1 vs 67.4,
-  // C1024->K256 14x14 50.1 vs 25.3.
-  return runs && pointwise_fused_cluster(kernel_in_type(x.scalar_type(), "x"), shape.c, shape.k) == 1;
+  // One block for all of K, one slice or two passes (H100, session 7, CUDA
+  // graphs, fused vs pass + GEMM in us): C64->K64 56x56 25.9 vs 35.3,
+  // C256->K64 56x56 52.1 vs 86.9, C256->K128 56x56 64.4 vs 93.9, C512->K128
+  // 28x28 32.5 vs 41.1, C64->K256 56x56 (two passes) 53.1 vs 62.8. Four
+  // passes lose (C128->K512 28x28 35.4 vs 32.7: three row blocks per SM, the
+  // MMA warps do everything), and so do clusters (per-step latency, NOTES.md
+  // session 6: C1024->K256 14x14 50.0 vs 25.4).
+  const PointwiseFusedLayout layout =
+      pointwise_fused_layout(kernel_in_type(x.scalar_type(), "x"), shape.c, shape.k);
+  return runs && layout.cluster == 1 && layout.passes <= 2;
 }
 #endif  // Q4CONV_HAVE_SM90
 

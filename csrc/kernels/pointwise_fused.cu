@@ -123,20 +123,15 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint32_t cluster_bar) {
   asm volatile("mbarrier.arrive.release.cta.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar)
                : "memory");
 }
-// Waits for the phase of `parity` to complete. The suspend-time hint (as
-// CUTLASS's ClusterBarrier::wait) lets the hardware park the thread until
-// the phase completes instead of returning at once: idle warps then do not
-// poll the barrier through the LSU pipe.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  constexpr uint32_t kSuspendHintNs = 0x989680;
   uint32_t done;
   do {
     asm volatile(
         "{\n.reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
         "selp.b32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
-        : "r"(bar), "r"(parity), "r"(kSuspendHintNs)
+        : "r"(bar), "r"(parity)
         : "memory");
   } while (!done);
 }
@@ -275,6 +270,15 @@ struct Unit<__nv_bfloat16> {
   }
 };
 
+// 16-byte global store, as one instruction: built from separately computed
+// words, a uint4 assignment through an OutT pointer compiled to four 4-byte
+// stores (session 7).
+__device__ __forceinline__ void store_global16(void* dst, const uint4& v) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
 // Output conversion: two fp32 values as the 32-bit word of two 16-bit
 // outputs (one cvt.rn.f16x2 / bf16x2), or four fp32 values as 16 bytes. The
 // epilogues build their stores from these words explicitly: through a union
@@ -292,11 +296,15 @@ struct OutCvt<float> {
 };
 template <typename Half2, Half2 (*kConvert)(float, float)>
 struct OutCvt16 {
+  static constexpr int kChannels = 8;
   static __device__ __forceinline__ uint32_t word(float a, float b) {
     const Half2 pair = kConvert(a, b);
     uint32_t bits;
     memcpy(&bits, &pair, 4);
     return bits;
+  }
+  static __device__ __forceinline__ uint4 chunk(const float (&v)[8]) {
+    return make_uint4(word(v[0], v[1]), word(v[2], v[3]), word(v[4], v[5]), word(v[6], v[7]));
   }
 };
 template <>
@@ -315,18 +323,18 @@ __device__ __forceinline__ int stage_offset(int row, int col) {
 }
 
 // out[m, n] = act(alpha[n] * acc + bias[n]) for this warp's accumulators of
-// the column block starting at n0 (as the sm90 EVT: fp32 FMA, then convert),
-// fp32 outputs. Each 8-row half of an m16 tile goes through the warp's
-// staging buffer as int32 fragments; then lane (r, q) = (lane / 4, lane % 4)
+// the column block starting at n0 (as the sm90 EVT: fp32 FMA, then convert).
+// Each 8-row half of an m16 tile goes through the warp's staging buffer as
+// int32 fragments; then lane (r, q) = (lane / 4, lane % 4)
 // takes row r and 16-byte output chunks q, q + 4, ... of the warp's columns
 // (alpha and bias from the block's shared copies epi_alpha / epi_bias,
 // indexed from the block's first channel block_n0), so the four lanes of a
 // row store 64 contiguous bytes per instruction: L2 sees whole sectors.
 template <typename OutT, int kMT, int kNT>
-__device__ __forceinline__ void store_tile_fp32(const Params& p, const int (&acc)[kMT][kNT][4],
-                                                int64_t row0, int n0, int block_n0,
-                                                const float* epi_alpha, const float* epi_bias,
-                                                int* stage) {
+__device__ __forceinline__ void store_tile_staged32(const Params& p, const int (&acc)[kMT][kNT][4],
+                                                    int64_t row0, int n0, int block_n0,
+                                                    const float* epi_alpha, const float* epi_bias,
+                                                    int* stage) {
   constexpr int kCols = kNT * 8;
   constexpr int kPitch = kCols + 8;  // words
   constexpr int kChunkChannels = OutCvt<OutT>::kChannels;
@@ -370,9 +378,10 @@ __device__ __forceinline__ void store_tile_fp32(const Params& p, const int (&acc
       __syncwarp();  // the next half's fragments overwrite the buffer
       const int64_t m = row0 + i * 16 + half * 8 + r;
       if (m < p.m) {
-        uint4* dst = reinterpret_cast<uint4*>(out + m * p.k);
+        OutT* dst = out + m * p.k;
 #pragma unroll
-        for (int c = 0; c < kLaneChunks; ++c) dst[q + 4 * c] = chunks[c];
+        for (int c = 0; c < kLaneChunks; ++c)
+          store_global16(dst + (q + 4 * c) * kChunkChannels, chunks[c]);
       }
     }
   }
@@ -396,13 +405,17 @@ __device__ __forceinline__ uint32_t stage16_offset(int row, int chunk) {
                          : row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4);
 }
 
-// The same epilogue for fp16 / bf16 outputs, without an int32 round trip:
+// The same epilogue for fp16 / bf16 outputs of 64-column warp tiles, without
+// an int32 round trip:
 // each lane converts its own accumulator fragments (alpha and bias of its
 // two columns per n8 tile, loaded once), stmatrix writes them as 16-bit 8x8
 // matrices into the warp's staging tile, and lanes read back 16-byte chunks
 // of whole rows: each store instruction writes 4 rows x 128 bytes (or 8 x
-// 64). Half the shared-memory traffic of the fp32 path, whose staging
-// reads and writes made L1 the busiest unit (ncu, session 7).
+// 64). Half the shared-memory traffic of the int32 staging, whose reads and
+// writes made L1 the busiest unit (ncu, session 7). H100, session 7, fused
+// kernel in us: C64->K256 56x56 (two 128-wide passes) 60.8 -> 53.1, C512->K128
+// 28x28 33.4 -> 32.5; but C64->K64 25.9 -> 27.5 with 32-column warp tiles,
+// which keep the int32 staging.
 template <typename OutT, int kMT, int kNT>
 __device__ __forceinline__ void store_tile_16bit(const Params& p, const int (&acc)[kMT][kNT][4],
                                                  int64_t row0, int n0, int block_n0,
@@ -420,7 +433,7 @@ __device__ __forceinline__ void store_tile_16bit(const Params& p, const int (&ac
     alpha[j] = *reinterpret_cast<const float2*>(epi_alpha + col);
     bias[j] = *reinterpret_cast<const float2*>(epi_bias + col);
   }
-  const auto word = [&](const int (&d)[4], int j, int hi) {
+  const auto word = [&](const int(&d)[4], int j, int hi) {
     return OutCvt<OutT>::word(fmaxf(alpha[j].x * float(d[2 * hi]) + bias[j].x, lower),
                               fmaxf(alpha[j].y * float(d[2 * hi + 1]) + bias[j].y, lower));
   };
@@ -449,7 +462,7 @@ __device__ __forceinline__ void store_tile_16bit(const Params& p, const int (&ac
                    : "r"(stage_addr + stage16_offset<kRowChunks>(row, rd_chunk))
                    : "memory");
       const int64_t m = row0 + i * 16 + row;
-      if (m < p.m) *reinterpret_cast<uint4*>(out + m * p.k) = chunk;
+      if (m < p.m) store_global16(out + m * p.k, chunk);
     }
     __syncwarp();  // the next tile's stmatrix overwrites the buffer
   }
@@ -460,10 +473,10 @@ __device__ __forceinline__ void store_tile(const Params& p, const int (&acc)[kMT
                                            int64_t row0, int n0, int block_n0,
                                            const float* epi_alpha, const float* epi_bias,
                                            int* stage) {
-  if constexpr (sizeof(OutT) == 2)
+  if constexpr (sizeof(OutT) == 2 && kNT == 8)
     store_tile_16bit<OutT>(p, acc, row0, n0, block_n0, epi_alpha, epi_bias, stage);
   else
-    store_tile_fp32<OutT>(p, acc, row0, n0, block_n0, epi_alpha, epi_bias, stage);
+    store_tile_staged32<OutT>(p, acc, row0, n0, block_n0, epi_alpha, epi_bias, stage);
 }
 
 // The quantizer warps' side. Step j of the cluster's sequence is row block
@@ -653,7 +666,8 @@ struct MmaRole {
 #pragma unroll
       for (int i = 0; i < kMT; ++i)
 #pragma unroll
-        for (int jn = 0; jn < kNT; ++jn) mma_s8(acc[i][jn], a_frag[i], b_frag[jn][0], b_frag[jn][1]);
+        for (int jn = 0; jn < kNT; ++jn)
+          mma_s8(acc[i][jn], a_frag[i], b_frag[jn][0], b_frag[jn][1]);
     }
   }
 
@@ -811,8 +825,9 @@ __global__ void __launch_bounds__(kThreads, 1) pointwise_fused_kernel(const Para
     for (int u = t; u < block_n * units_per_row; u += Roles::kMmaThreads) {
       const int n = u / units_per_row, rem = u - n * units_per_row;
       const int pass = n / BN, row = n - pass * BN;
-      cp_async16(w_base + (pass * (c / kStepK) + (rem >> 2)) * (BN * kStepK) + w_offset(row, rem & 3),
-                 src + int64_t(n) * c + rem * 16);
+      cp_async16(
+          w_base + (pass * (c / kStepK) + (rem >> 2)) * (BN * kStepK) + w_offset(row, rem & 3),
+          src + int64_t(n) * c + rem * 16);
     }
     cp_async_commit();
     // The block's epilogue scales and bias (zeros without a bias).
@@ -958,15 +973,16 @@ KernelStatus launch_for_type(const Params& p, cudaStream_t stream) {
 
 }  // namespace
 
-int pointwise_fused_cluster(InType x_type, int channels, int out_channels) {
-  return fused_plan(x_type, channels, out_channels).splits;
+PointwiseFusedLayout pointwise_fused_layout(InType x_type, int channels, int out_channels) {
+  const FusedPlan plan = fused_plan(x_type, channels, out_channels);
+  return {plan.passes, plan.splits};
 }
 
 bool pointwise_fused_supports(InType x_type, int64_t pixels, int channels, int out_channels) {
   if (pixels <= 0 || channels <= 0 || channels % kStepK != 0 || channels > kMaxChannels ||
       out_channels <= 0 || out_channels % 64 != 0)
     return false;
-  const int splits = pointwise_fused_cluster(x_type, channels, out_channels);
+  const int splits = fused_plan(x_type, channels, out_channels).splits;
   return splits <= kMaxClusterSlices && (splits & (splits - 1)) == 0;
 }
 

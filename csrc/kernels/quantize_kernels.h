@@ -81,10 +81,13 @@ KernelStatus repack_int4(const uint8_t* packed, int64_t rows, int c_in, int chan
 // covered by one block or a cluster of 2, 4 or 8 (pointwise_fused_supports).
 // A block keeps the weights of all K output channels (where they and a row
 // block's codes fit) or of one 64- or 128-channel slice of them;
-// pointwise_fused_cluster says how many blocks form a cluster (1: one block
-// holds all of K).
+// pointwise_fused_layout says which: one block making `passes` passes over
+// its codes (cluster == 1), or clusters of `cluster` blocks (passes == 1).
+struct PointwiseFusedLayout {
+  int passes, cluster;
+};
 bool pointwise_fused_supports(InType x_type, int64_t pixels, int channels, int out_channels);
-int pointwise_fused_cluster(InType x_type, int channels, int out_channels);
+PointwiseFusedLayout pointwise_fused_layout(InType x_type, int channels, int out_channels);
 KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, int channels,
                                   const float* bias_a, const float* scale_a, float eps, int bits,
                                   const int8_t* weight, int out_channels,
