@@ -158,16 +158,17 @@ bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& 
     case FusedMode::kRule:
       break;
   }
-  // One block for all of K, one slice or two passes (H100, session 7, CUDA
-  // graphs, fused vs pass + GEMM in us): C64->K64 56x56 25.9 vs 35.3,
-  // C256->K64 56x56 52.1 vs 86.9, C256->K128 56x56 64.4 vs 93.9, C512->K128
-  // 28x28 32.5 vs 41.1, C64->K256 56x56 (two passes) 53.1 vs 62.8. Four
-  // passes lose (C128->K512 28x28 35.4 vs 32.7: three row blocks per SM, the
-  // MMA warps do everything), and so do clusters (per-step latency, NOTES.md
-  // session 6: C1024->K256 14x14 50.0 vs 25.4).
+  // H100, session 7, CUDA graphs, fused vs pass + GEMM in us. One block for
+  // all of K with one slice or two passes: C64->K64 56x56 25.2 vs 35.2,
+  // C256->K64 56x56 51.7 vs 87.0, C256->K128 56x56 61.2 vs 93.8, C512->K128
+  // 28x28 31.9 vs 41.1, C64->K256 56x56 (two passes) 48.7 vs 63.3. Four
+  // passes only tie (C128->K512 28x28 32.0 vs 32.2: three row blocks per
+  // SM). Clusters of two win (C512->K256 28x28 45.7 vs 48.5); larger ones
+  // lose (per-step latency, NOTES.md session 6: C1024->K256 14x14, four
+  // slices, 48.3 vs 25.2).
   const PointwiseFusedLayout layout =
       pointwise_fused_layout(kernel_in_type(x.scalar_type(), "x"), shape.c, shape.k);
-  return runs && layout.cluster == 1 && layout.passes <= 2;
+  return runs && (layout.cluster == 1 ? layout.passes <= 2 : layout.cluster == 2);
 }
 #endif  // Q4CONV_HAVE_SM90
 
