@@ -9,10 +9,10 @@
 // Persistent, weight-stationary, warp-specialized blocks (session 5;
 // sessions 2-3 had A-stationary blocks whose load and compute phases did not
 // overlap). One 512-thread block per SM:
-//   - The block owns one slice of BN (64 or 128) output channels and keeps
-//     that slice's int8 weights [BN x C] in shared memory for its whole life
-//     (<= 64 KB). It walks its row blocks (128 pixel rows each,
-//     grid-strided) in steps of 64 input channels.
+//   - The block keeps int8 weights in shared memory for its whole life (<=
+//     64 KB): all of K, or one slice of BN (64 or 128) output channels. It
+//     walks its row blocks (128 pixel rows each, grid-strided) in steps of
+//     64 input channels.
 //   - Quantizer warps (two warpgroups) copy each step's fp16/bf16/fp32 input
 //     tile [128 x 64] through a cp.async ring (64-96 KB in flight per SM),
 //     each thread waiting only for its own copies, and quantize it (quant.h
@@ -21,16 +21,18 @@
 //   - MMA warps (two warpgroups) run the mma.sync m16n8k32 s8 products of
 //     each code buffer against the resident weights and, after the last
 //     channel step of a row block, the epilogue of the sm90 EVT (fp32
-//     alpha[k] * acc + bias[k], optional ReLU, convert, NHWC store).
+//     alpha[k] * acc + bias[k], optional ReLU, convert, NHWC store). Where
+//     the block holds all of K in K / BN > 1 slices, they hold the row
+//     block's code buffers for one BN-wide pass per slice.
 //   - The roles hand buffers over through mbarriers (full / empty per
 //     buffer), never a block-wide barrier, and setmaxnreg gives the MMA
 //     warps the registers the quantizers do not need (sm_90a only).
-// With K split into S = K / BN slices (2, 4 or 8), the slices of a row block
-// run as one cluster: each block quantizes 1/S of every tile's rows and
-// bulk-copies its codes into the peers' buffers, so each input element is
-// read and quantized once. On H100 the clusters still lose to pass + GEMM
-// (per-step latency, NOTES.md session 6), so dispatch uses the kernel only
-// where one slice holds all of K.
+// Where one block cannot hold all of K, the S = K / BN slices (2, 4 or 8)
+// of a row block run as one cluster: each block quantizes 1/S of every
+// tile's rows and bulk-copies its codes into the peers' buffers, so each
+// input element is read and quantized once. On H100 clusters of more than
+// two blocks lose to pass + GEMM (per-step latency, NOTES.md session 6), and
+// so do four or more passes (session 7); dispatch_cuda.cpp has the rule.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
