@@ -327,11 +327,11 @@ __device__ __forceinline__ int stage_offset(int row, int col) {
 // out[m, n] = act(alpha[n] * acc + bias[n]) for this warp's accumulators of
 // the column block starting at n0 (as the sm90 EVT: fp32 FMA, then convert).
 // Each 8-row half of an m16 tile goes through the warp's staging buffer as
-// int32 fragments; then lane (r, q) = (lane / 4, lane % 4)
-// takes row r and 16-byte output chunks q, q + 4, ... of the warp's columns
-// (alpha and bias from the block's shared copies epi_alpha / epi_bias,
-// indexed from the block's first channel block_n0), so the four lanes of a
-// row store 64 contiguous bytes per instruction: L2 sees whole sectors.
+// int32 fragments; then lane (r, q) = (lane / 4, lane % 4) takes row r and
+// 16-byte output chunks q, q + 4, ... of the warp's columns (alpha and bias
+// from the block's shared copies epi_alpha / epi_bias, indexed from the
+// block's first channel block_n0), so the four lanes of a row store 64
+// contiguous bytes per instruction: L2 sees whole sectors.
 template <typename OutT, int kMT, int kNT>
 __device__ __forceinline__ void store_tile_staged32(const Params& p, const int (&acc)[kMT][kNT][4],
                                                     int64_t row0, int n0, int block_n0,
@@ -395,37 +395,32 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t smem, const uint32_t (&r)[4
                : "memory");
 }
 
-// Byte offset of 16-byte chunk `chunk` of row `row` in a warp's 16-bit
-// staging tile [16 rows x kRowChunks chunks], XOR-swizzled so that the 8
-// rows of one stmatrix matrix (same chunk) and the 8 chunks read by a
-// quarter warp (one row of 8 chunks, or two rows of 4) fall on distinct
-// 16-byte bank groups.
-template <int kRowChunks>
+// Byte offset of 16-byte chunk `chunk` (0-7) of row `row` in a warp's 16-bit
+// staging tile [16 rows x 128 bytes], XOR-swizzled so that the 8 rows of one
+// stmatrix matrix (same chunk) and the 8 chunks of one row (read by a
+// quarter warp) fall on distinct 16-byte bank groups.
 __device__ __forceinline__ uint32_t stage16_offset(int row, int chunk) {
-  static_assert(kRowChunks == 8 || kRowChunks == 4, "64- or 32-column warp tiles");
-  return kRowChunks == 8 ? row * 128 + ((chunk ^ (row & 7)) << 4)
-                         : row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4);
+  return row * 128 + ((chunk ^ (row & 7)) << 4);
 }
 
-// The same epilogue for fp16 / bf16 outputs of 64-column warp tiles, without
-// an int32 round trip:
-// each lane converts its own accumulator fragments (alpha and bias of its
-// two columns per n8 tile, loaded once), stmatrix writes them as 16-bit 8x8
-// matrices into the warp's staging tile, and lanes read back 16-byte chunks
-// of whole rows: each store instruction writes 4 rows x 128 bytes (or 8 x
-// 64). Half the shared-memory traffic of the int32 staging, whose reads and
-// writes made L1 the busiest unit (ncu, session 7). H100, session 7, fused
-// kernel in us: C64->K256 56x56 (two 128-wide passes) 60.8 -> 53.1, C512->K128
-// 28x28 33.4 -> 32.5; but C64->K64 25.9 -> 27.5 with 32-column warp tiles,
-// which keep the int32 staging.
+// The same epilogue for fp16 / bf16 outputs of 64-column warp tiles (BN =
+// 128), without an int32 round trip: each lane converts its own accumulator
+// fragments (alpha and bias of its two columns per n8 tile, loaded once),
+// stmatrix writes them as 16-bit 8x8 matrices into the warp's staging tile,
+// and lanes read back 16-byte chunks of whole rows: each store instruction
+// writes 4 rows x 128 bytes. Half the shared-memory traffic of the int32
+// staging, whose reads and writes made L1 the busiest unit (ncu, session 7):
+// C64->K256 56x56 (two passes) 60.8 -> 53.1 us on H100. 32-column tiles (BN
+// = 64) keep the int32 staging (C64->K64 25.9 against 27.5, NOTES.md).
 template <typename OutT, int kMT, int kNT>
 __device__ __forceinline__ void store_tile_16bit(const Params& p, const int (&acc)[kMT][kNT][4],
                                                  int64_t row0, int n0, int block_n0,
                                                  const float* epi_alpha, const float* epi_bias,
                                                  int* stage) {
-  constexpr int kRowChunks = kNT;  // one 16-byte chunk (8 channels) per n8 tile
-  constexpr int kRowsPerStore = 32 / kRowChunks;
-  static_assert(kNT % 2 == 0, "stmatrix x4 covers two n8 tiles");
+  static_assert(kNT == 8, "64-column warp tiles: one 16-byte chunk (8 channels) per n8 tile");
+  static_assert(16 * kNT * 16 <= staging_words<Roles::kWarpsN * kNT * 8>() * 4,
+                "16 rows of 16-byte chunks fit the warp's staging buffer");
+  constexpr int kRowsPerStore = 32 / kNT;
   const int lane = threadIdx.x & 31, t4 = lane & 3;
   const float lower = p.epi.relu ? 0.0f : -INFINITY;
   float2 alpha[kNT], bias[kNT];
@@ -444,7 +439,7 @@ __device__ __forceinline__ void store_tile_16bit(const Params& p, const int (&ac
   // 8-15, tile j + 1 rows 0-7, rows 8-15}.
   const uint32_t stage_addr = __cvta_generic_to_shared(stage);
   const int st_row = ((lane >> 3) & 1) * 8 + (lane & 7), st_tile = lane >> 4;
-  const int rd_row = lane / kRowChunks, rd_chunk = lane % kRowChunks;
+  const int rd_row = lane / kNT, rd_chunk = lane % kNT;
   OutT* out = static_cast<OutT*>(p.epi.out) + n0 + rd_chunk * 8;
 #pragma unroll
   for (int i = 0; i < kMT; ++i) {
@@ -452,7 +447,7 @@ __device__ __forceinline__ void store_tile_16bit(const Params& p, const int (&ac
     for (int j = 0; j < kNT; j += 2) {
       const uint32_t words[4] = {word(acc[i][j], j, 0), word(acc[i][j], j, 1),
                                  word(acc[i][j + 1], j + 1, 0), word(acc[i][j + 1], j + 1, 1)};
-      stmatrix_x4(stage_addr + stage16_offset<kRowChunks>(st_row, j + st_tile), words);
+      stmatrix_x4(stage_addr + stage16_offset(st_row, j + st_tile), words);
     }
     __syncwarp();
 #pragma unroll
@@ -461,7 +456,7 @@ __device__ __forceinline__ void store_tile_16bit(const Params& p, const int (&ac
       uint4 chunk;
       asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
                    : "=r"(chunk.x), "=r"(chunk.y), "=r"(chunk.z), "=r"(chunk.w)
-                   : "r"(stage_addr + stage16_offset<kRowChunks>(row, rd_chunk))
+                   : "r"(stage_addr + stage16_offset(row, rd_chunk))
                    : "memory");
       const int64_t m = row0 + i * 16 + row;
       if (m < p.m) store_global16(out + m * p.k, chunk);
