@@ -296,23 +296,39 @@ struct OutCvt<float> {
                       __float_as_uint(v[3]));
   }
 };
-template <typename Half2, Half2 (*kConvert)(float, float)>
-struct OutCvt16 {
+// The bits of a pair of 16-bit values (__half2 / __nv_bfloat162).
+template <typename Pair>
+__device__ __forceinline__ uint32_t pair_bits(const Pair& pair) {
+  uint32_t bits;
+  memcpy(&bits, &pair, 4);
+  return bits;
+}
+// Eight 16-bit outputs as one 16-byte chunk, from Cvt::word of pairs.
+template <typename Cvt>
+__device__ __forceinline__ uint4 chunk_of_pairs(const float (&v)[8]) {
+  return make_uint4(Cvt::word(v[0], v[1]), Cvt::word(v[2], v[3]), Cvt::word(v[4], v[5]),
+                    Cvt::word(v[6], v[7]));
+}
+template <>
+struct OutCvt<__half> {
   static constexpr int kChannels = 8;
   static __device__ __forceinline__ uint32_t word(float a, float b) {
-    const Half2 pair = kConvert(a, b);
-    uint32_t bits;
-    memcpy(&bits, &pair, 4);
-    return bits;
+    return pair_bits(__floats2half2_rn(a, b));
   }
   static __device__ __forceinline__ uint4 chunk(const float (&v)[8]) {
-    return make_uint4(word(v[0], v[1]), word(v[2], v[3]), word(v[4], v[5]), word(v[6], v[7]));
+    return chunk_of_pairs<OutCvt>(v);
   }
 };
 template <>
-struct OutCvt<__half> : OutCvt16<__half2, __floats2half2_rn> {};
-template <>
-struct OutCvt<__nv_bfloat16> : OutCvt16<__nv_bfloat162, __floats2bfloat162_rn> {};
+struct OutCvt<__nv_bfloat16> {
+  static constexpr int kChannels = 8;
+  static __device__ __forceinline__ uint32_t word(float a, float b) {
+    return pair_bits(__floats2bfloat162_rn(a, b));
+  }
+  static __device__ __forceinline__ uint4 chunk(const float (&v)[8]) {
+    return chunk_of_pairs<OutCvt>(v);
+  }
+};
 
 // Word offset of the staged accumulator (row, col) in a warp's staging
 // buffer: rows padded to kPitch words (8 mod 32: the 64-bit fragment stores
@@ -921,38 +937,26 @@ constexpr int kMaxSmemBytes = 227 * 1024;
 // where it can hold all of K's weights, its shared memory fits and a row
 // block's codes leave as many code buffers free for the quantizers to run
 // ahead; otherwise clusters of K / BN blocks, one slice each.
-struct FusedPlan {
-  bool wide;
-  int passes, splits;
-};
 template <typename T>
-FusedPlan fused_plan_for(int channels, int out_channels) {
+PointwiseFusedLayout fused_layout_for(int channels, int out_channels) {
   const bool wide = wide_slices(channels, out_channels);
   const int slices = out_channels / (wide ? 128 : 64);
-  const int fixed = wide ? fixed_smem_bytes<T, 128, 128>() : fixed_smem_bytes<T, 128, 64>();
-  const bool one_block = slices > 1 && out_channels * channels <= kMaxWeightBytes &&
-                         2 * (channels / kStepK) <= code_buffers<T>() &&
-                         fixed + out_channels * smem_bytes_per_channel(channels) <= kMaxSmemBytes;
-  return one_block ? FusedPlan{wide, slices, 1} : FusedPlan{wide, 1, slices};
-}
-FusedPlan fused_plan(InType x_type, int channels, int out_channels) {
-  switch (x_type) {
-    case InType::kFloat32:
-      return fused_plan_for<float>(channels, out_channels);
-    case InType::kFloat16:
-      return fused_plan_for<__half>(channels, out_channels);
-    case InType::kBFloat16:
-      break;
-  }
-  return fused_plan_for<__nv_bfloat16>(channels, out_channels);
+  const int64_t fixed = wide ? fixed_smem_bytes<T, 128, 128>() : fixed_smem_bytes<T, 128, 64>();
+  const int64_t weight_bytes = int64_t(out_channels) * channels;
+  const bool one_block =
+      slices > 1 && weight_bytes <= kMaxWeightBytes &&
+      2 * (channels / kStepK) <= code_buffers<T>() &&
+      fixed + int64_t(out_channels) * smem_bytes_per_channel(channels) <= kMaxSmemBytes;
+  return one_block ? PointwiseFusedLayout{slices, 1} : PointwiseFusedLayout{1, slices};
 }
 
 // 128-row blocks (64-row blocks measured 6-25% slower on H100, session 5).
 template <typename T, typename OutT>
 KernelStatus launch_for_types(Params p, cudaStream_t stream) {
-  const FusedPlan plan = fused_plan_for<T>(p.c, p.k);
-  p.passes = plan.passes, p.splits = plan.splits;
-  return plan.wide ? launch<T, OutT, 128, 128>(p, stream) : launch<T, OutT, 128, 64>(p, stream);
+  const PointwiseFusedLayout layout = fused_layout_for<T>(p.c, p.k);
+  p.passes = layout.passes, p.splits = layout.cluster;
+  return wide_slices(p.c, p.k) ? launch<T, OutT, 128, 128>(p, stream)
+                               : launch<T, OutT, 128, 64>(p, stream);
 }
 
 template <typename T>
@@ -971,16 +975,23 @@ KernelStatus launch_for_type(const Params& p, cudaStream_t stream) {
 }  // namespace
 
 PointwiseFusedLayout pointwise_fused_layout(InType x_type, int channels, int out_channels) {
-  const FusedPlan plan = fused_plan(x_type, channels, out_channels);
-  return {plan.passes, plan.splits};
+  switch (x_type) {
+    case InType::kFloat32:
+      return fused_layout_for<float>(channels, out_channels);
+    case InType::kFloat16:
+      return fused_layout_for<__half>(channels, out_channels);
+    case InType::kBFloat16:
+      break;
+  }
+  return fused_layout_for<__nv_bfloat16>(channels, out_channels);
 }
 
 bool pointwise_fused_supports(InType x_type, int64_t pixels, int channels, int out_channels) {
   if (pixels <= 0 || channels <= 0 || channels % kStepK != 0 || channels > kMaxChannels ||
       out_channels <= 0 || out_channels % 64 != 0)
     return false;
-  const int splits = fused_plan(x_type, channels, out_channels).splits;
-  return splits <= kMaxClusterSlices && (splits & (splits - 1)) == 0;
+  const int cluster = pointwise_fused_layout(x_type, channels, out_channels).cluster;
+  return cluster <= kMaxClusterSlices && (cluster & (cluster - 1)) == 0;
 }
 
 KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, int channels,
