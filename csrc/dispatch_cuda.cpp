@@ -132,8 +132,9 @@ KernelGeometry kernel_geometry(Backend backend, const KernelInput& in, int64_t o
 // an int8 mma.sync GEMM (pointwise_fused.cu: persistent blocks keep all of
 // K's weights in shared memory, or one slice of them with the slices of K run
 // as one cluster that reads and quantizes each input tile once; the codes
-// never leave shared memory) instead of in a separate pass. Q4CONV_FUSED_POINTWISE=1 uses it
-// wherever it can run, =0 never (A/B timing and tests).
+// never leave shared memory) instead of in a separate pass.
+// Q4CONV_FUSED_POINTWISE=1 uses it wherever it can run, =0 never (A/B timing
+// and tests).
 enum class FusedMode { kRule, kAlways, kNever };
 
 FusedMode fused_pointwise_mode() {
@@ -145,11 +146,11 @@ FusedMode fused_pointwise_mode() {
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
 bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& shape) {
+  const InType x_type = kernel_in_type(x.scalar_type(), "x");
   const bool runs =
       backend == Backend::kSm90Int8 && is_pointwise_gemm(shape) && shape.c == x.size(1) &&
       x.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(x.data_ptr()) &&
-      pointwise_fused_supports(kernel_in_type(x.scalar_type(), "x"),
-                               int64_t(shape.n) * shape.h * shape.w, shape.c, shape.k);
+      pointwise_fused_supports(x_type, int64_t(shape.n) * shape.h * shape.w, shape.c, shape.k);
   switch (fused_pointwise_mode()) {
     case FusedMode::kAlways:
       return runs;
@@ -166,8 +167,7 @@ bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& 
   // SM). Clusters of two win (C512->K256 28x28 45.7 vs 48.5); larger ones
   // lose (per-step latency, NOTES.md session 6: C1024->K256 14x14, four
   // slices, 48.3 vs 25.2).
-  const PointwiseFusedLayout layout =
-      pointwise_fused_layout(kernel_in_type(x.scalar_type(), "x"), shape.c, shape.k);
+  const PointwiseFusedLayout layout = pointwise_fused_layout(x_type, shape.c, shape.k);
   return runs && (layout.cluster == 1 ? layout.passes <= 2 : layout.cluster == 2);
 }
 #endif  // Q4CONV_HAVE_SM90

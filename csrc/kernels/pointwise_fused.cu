@@ -72,7 +72,7 @@ struct Roles {
 constexpr int kStepK = 64;                  // input channels per pipeline step
 constexpr int kCodePitch = kStepK + 16;     // int8 code rows: 80 bytes, ldmatrix conflict-free
 constexpr int kMaxCodeBuffers = 6;          // code buffers between the two roles
-constexpr int kMaxWeightBytes = 64 * 1024;  // one block's resident weight slice
+constexpr int kMaxWeightBytes = 64 * 1024;  // one block's resident weights
 constexpr int kMaxChannels = kMaxWeightBytes / 64;
 
 // Input ring (64 KB of fp16/bf16 tiles or 96 KB of fp32 tiles in flight per
@@ -358,8 +358,8 @@ __device__ __forceinline__ void store_tile_staged32(const Params& p, const int (
   constexpr int kChunkChannels = OutCvt<OutT>::kChannels;
   constexpr int kLaneChunks = kCols / kChunkChannels / 4;
   static_assert(kLaneChunks >= 1, "whole chunks per lane");
-  const int lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-  const int r = lane >> 2, q = lane & 3;
+  // (r, q): the lane's fragment row and column pair, then its output row and chunks.
+  const int lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
   const float lower = p.epi.relu ? 0.0f : -INFINITY;
   const float* alpha = epi_alpha + (n0 - block_n0);
   const float* bias = epi_bias + (n0 - block_n0);
@@ -370,7 +370,7 @@ __device__ __forceinline__ void store_tile_staged32(const Params& p, const int (
     for (int half = 0; half < 2; ++half) {
 #pragma unroll
       for (int j = 0; j < kNT; ++j)
-        *reinterpret_cast<int2*>(stage + stage_offset<kPitch>(g, j * 8 + t4 * 2)) =
+        *reinterpret_cast<int2*>(stage + stage_offset<kPitch>(r, j * 8 + q * 2)) =
             make_int2(acc[i][j][2 * half], acc[i][j][2 * half + 1]);
       __syncwarp();
       // One chunk at a time (staged accumulators, alpha and bias as 16-byte

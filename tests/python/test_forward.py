@@ -160,9 +160,10 @@ def test_few_channel_convolutions(device, backend, case, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_fused_pointwise_kernel(device, backend, case, dtype, monkeypatch):
     """Q4CONV_FUSED_POINTWISE=1 runs every dense 1x1 stride-1 convolution it
-    can take (C, K multiples of 64, 1, 2, 4 or 8 weight slices) through the
-    fused quantize + GEMM kernel (row tails: 588, 126, 55 pixels); =0 never
-    does. Both match the oracle."""
+    can take (C, K multiples of 64; K in one block, as one slice or passes,
+    or in a cluster of 2, 4 or 8 slices) through the fused quantize + GEMM
+    kernel (row tails: 588, 126, 55 pixels); =0 never does. Both match the
+    oracle."""
     x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last=True)
     skip_unless_backend_runs(x, case, backend)
     qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
