@@ -55,8 +55,11 @@ def main(argv=None) -> int:
                         help="NAME=v1,v2,...: time q4conv once per value of this environment variable")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--only", default="",
+                        help="comma-separated substrings of shape names (e.g. 'C3 ,3x3 s2'); default all but the stem")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    only = [o for o in args.only.split(",") if o]
 
     torch.backends.cudnn.benchmark = True
     env_name, _, env_values = args.env.partition("=")
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
     lines.append("|" + "---|" * len(head))
     print("\n".join(lines), flush=True)
     for shape in bench.make_shapes("resnet50", args.batch):
-        if not shape.main or shape.c < 16:
+        if not shape.main or (only and not any(o in shape.name for o in only)) or (not only and shape.c < 16):
             continue
         q4, cudnn, xs = bench.eval_pair(shape)
         cudnn_us = bench.time_graph_ms(cudnn, xs, args.repeats) * 1e3

@@ -142,7 +142,9 @@ def test_strided_pointwise_equals_subsampled_input(device, backend, case, dtype,
 @pytest.mark.parametrize("device,backend", device_backend_params())
 @pytest.mark.parametrize("case", [Case(2, 3, 64, 32, 30, 7, 7, (2, 2), (3, 3)),       # ResNet stem, 160 cols
                                   Case(1, 15, 16, 12, 9, 7, 7, (1, 2), (2, 3), (1, 2)),  # 736 cols, 55 rows/block
-                                  Case(3, 5, 8, 70, 3, 3, 1, (1, 1), (1, 0))],            # 630 GEMM rows: a 54-row tail block
+                                  Case(3, 5, 8, 70, 3, 3, 1, (1, 1), (1, 0)),             # 630 GEMM rows: a 54-row tail block
+                                  Case(2, 3, 16, 9, 150, 3, 3, (1, 2), (1, 1)),           # 75 output pixels per row
+                                  Case(1, 5, 8, 4, 6010, 3, 3, (1, 1), (1, 0), (1, 3000))],  # taps 3000 pixels apart
                          ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_few_channel_convolutions(device, backend, case, dtype):
