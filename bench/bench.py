@@ -101,6 +101,14 @@ class Shape:
         return max(self.ops() / INT8_PEAK_OPS, self.bytes() / HBM_BYTES_PER_S) * 1e3
 
 
+def name_filter(spec: str) -> Callable[[Shape], bool]:
+    """Shape predicate of a comma-separated list of name substrings (a
+    script's --only): a shape matches if its name contains any of them; an
+    empty list matches every shape."""
+    parts = [part for part in spec.split(",") if part]
+    return lambda shape: not parts or any(part in shape.name for part in parts)
+
+
 def make_shapes(which: str, batch: int) -> List[Shape]:
     base = RESNET50 if which == "resnet50" else QUICK
     shapes = [Shape(batch, *s, main=True) for s in base]

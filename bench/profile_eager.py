@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    only = [o for o in args.only.split(",") if o]
+    wanted = bench.name_filter(args.only)
 
     lines: List[str] = [f"card: {torch.cuda.get_device_name()}", "",
                         "| shape | buffers | q4 eager us | q4 eager, one buffer us | cudnn eager us | q4 graph us "
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     print("\n".join(lines), flush=True)
     details: List[str] = []
     for shape in bench.make_shapes("resnet50", args.batch):
-        if not shape.main or (only and not any(o in shape.name for o in only)):
+        if not shape.main or not wanted(shape):
             continue
         q4, cudnn, xs = bench.eval_pair(shape)
         rotation = itertools.cycle(xs)

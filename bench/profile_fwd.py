@@ -59,7 +59,7 @@ def main(argv=None) -> int:
                         help="comma-separated substrings of shape names (e.g. 'C3 ,3x3 s2'); default all but the stem")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    only = [o for o in args.only.split(",") if o]
+    wanted = bench.name_filter(args.only)
 
     torch.backends.cudnn.benchmark = True
     env_name, _, env_values = args.env.partition("=")
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     lines.append("|" + "---|" * len(head))
     print("\n".join(lines), flush=True)
     for shape in bench.make_shapes("resnet50", args.batch):
-        if not shape.main or (only and not any(o in shape.name for o in only)) or (not only and shape.c < 16):
+        if not shape.main or not wanted(shape) or (not args.only.strip(",") and shape.c < 16):
             continue
         q4, cudnn, xs = bench.eval_pair(shape)
         cudnn_us = bench.time_graph_ms(cudnn, xs, args.repeats) * 1e3
