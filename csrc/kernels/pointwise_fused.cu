@@ -341,13 +341,12 @@ __device__ __forceinline__ int stage_offset(int row, int col) {
 }
 
 // out[m, n] = act(alpha[n] * acc + bias[n]) for this warp's accumulators of
-// the column block starting at n0 (as the sm90 EVT: fp32 FMA, then convert).
-// Each 8-row half of an m16 tile goes through the warp's staging buffer as
-// int32 fragments; then lane (r, q) = (lane / 4, lane % 4) takes row r and
-// 16-byte output chunks q, q + 4, ... of the warp's columns (alpha and bias
-// from the block's shared copies epi_alpha / epi_bias, indexed from the
-// block's first channel block_n0), so the four lanes of a row store 64
-// contiguous bytes per instruction: L2 sees whole sectors.
+// the column block starting at n0 (as the sm90 EVT: fp32 FMA, then convert),
+// for fp32 outputs (16-bit outputs: store_tile_16bit). Each 8-row half of an m16 tile goes through
+// the warp's staging buffer as int32 fragments; then lane (r, q) = (lane / 4, lane % 4) takes row r
+// and 16-byte output chunks q, q + 4, ... of the warp's columns (alpha and bias from the block's
+// shared copies epi_alpha / epi_bias, indexed from the block's first channel block_n0), so the four
+// lanes of a row store 64 contiguous bytes per instruction: L2 sees whole sectors.
 template <typename OutT, int kMT, int kNT>
 __device__ __forceinline__ void store_tile_staged32(const Params& p, const int (&acc)[kMT][kNT][4],
                                                     int64_t row0, int n0, int block_n0,
@@ -411,29 +410,37 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t smem, const uint32_t (&r)[4
                : "memory");
 }
 
-// Byte offset of 16-byte chunk `chunk` (0-7) of row `row` in a warp's 16-bit
-// staging tile [16 rows x 128 bytes], XOR-swizzled so that the 8 rows of one
-// stmatrix matrix (same chunk) and the 8 chunks of one row (read by a
-// quarter warp) fall on distinct 16-byte bank groups.
+// Byte offset of 16-byte chunk `chunk` (0 to kChunks - 1) of row `row` in a
+// warp's 16-bit staging tile [16 rows x kChunks * 16 bytes], XOR-swizzled so
+// that the 8 rows of one stmatrix matrix (same chunk) fall on distinct
+// 16-byte bank groups, and so do the chunks one read instruction takes.
+// 64-byte rows (kChunks = 4) put two rows in one 128-byte bank line, so the
+// chunk flips with row / 2; a read of 8 whole rows is then 512 contiguous
+// bytes.
+template <int kChunks>
 __device__ __forceinline__ uint32_t stage16_offset(int row, int chunk) {
-  return row * 128 + ((chunk ^ (row & 7)) << 4);
+  static_assert(kChunks == 8 || kChunks == 4, "128- or 64-byte rows");
+  if constexpr (kChunks == 8) return row * 128 + ((chunk ^ (row & 7)) << 4);
+  return row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4);
 }
 
-// The same epilogue for fp16 / bf16 outputs of 64-column warp tiles (BN =
-// 128), without an int32 round trip: each lane converts its own accumulator
-// fragments (alpha and bias of its two columns per n8 tile, loaded once),
-// stmatrix writes them as 16-bit 8x8 matrices into the warp's staging tile,
-// and lanes read back 16-byte chunks of whole rows: each store instruction
-// writes 4 rows x 128 bytes. Half the shared-memory traffic of the int32
-// staging, whose reads and writes made L1 the busiest unit (ncu, session 7):
-// C64->K256 56x56 (two passes) 60.8 -> 53.1 us on H100. 32-column tiles (BN
-// = 64) keep the int32 staging (C64->K64 25.9 against 27.5, NOTES.md).
+// The same epilogue for fp16 / bf16 outputs, without an int32 round trip:
+// each lane converts its own accumulator fragments (alpha and bias of its two
+// columns per n8 tile, loaded once), stmatrix writes them as 16-bit 8x8
+// matrices into the warp's staging tile, and lanes read back 16-byte chunks
+// of whole rows: each store instruction writes 4 rows x 128 bytes (64-column
+// warp tiles, BN = 128) or 8 rows x 64 bytes (32-column, BN = 64). Half the
+// shared-memory traffic of the int32 staging, whose reads and writes made L1
+// the busiest unit (ncu, session 7). H100, CUDA graphs: C64->K256 56x56 (two
+// passes) 60.8 -> 53.1 us (session 7); C64->K64 56x56 25.6 -> 23.1 and
+// C256->K64 56x56 51.9 -> 49.9 (session 9, 32-column tiles).
 template <typename OutT, int kMT, int kNT>
 __device__ __forceinline__ void store_tile_16bit(const Params& p, const int (&acc)[kMT][kNT][4],
                                                  int64_t row0, int n0, int block_n0,
                                                  const float* epi_alpha, const float* epi_bias,
                                                  int* stage) {
-  static_assert(kNT == 8, "64-column warp tiles: one 16-byte chunk (8 channels) per n8 tile");
+  static_assert(kNT == 8 || kNT == 4,
+                "32- or 64-column warp tiles: one 16-byte chunk (8 channels) per n8 tile");
   static_assert(16 * kNT * 16 <= staging_words<Roles::kWarpsN * kNT * 8>() * 4,
                 "16 rows of 16-byte chunks fit the warp's staging buffer");
   constexpr int kRowsPerStore = 32 / kNT;
@@ -463,7 +470,7 @@ __device__ __forceinline__ void store_tile_16bit(const Params& p, const int (&ac
     for (int j = 0; j < kNT; j += 2) {
       const uint32_t words[4] = {word(acc[i][j], j, 0), word(acc[i][j], j, 1),
                                  word(acc[i][j + 1], j + 1, 0), word(acc[i][j + 1], j + 1, 1)};
-      stmatrix_x4(stage_addr + stage16_offset(st_row, j + st_tile), words);
+      stmatrix_x4(stage_addr + stage16_offset<kNT>(st_row, j + st_tile), words);
     }
     __syncwarp();
 #pragma unroll
@@ -472,7 +479,7 @@ __device__ __forceinline__ void store_tile_16bit(const Params& p, const int (&ac
       uint4 chunk;
       asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
                    : "=r"(chunk.x), "=r"(chunk.y), "=r"(chunk.z), "=r"(chunk.w)
-                   : "r"(stage_addr + stage16_offset(row, rd_chunk))
+                   : "r"(stage_addr + stage16_offset<kNT>(row, rd_chunk))
                    : "memory");
       const int64_t m = row0 + i * 16 + row;
       if (m < p.m) store_global16(out + m * p.k, chunk);
@@ -486,7 +493,7 @@ __device__ __forceinline__ void store_tile(const Params& p, const int (&acc)[kMT
                                            int64_t row0, int n0, int block_n0,
                                            const float* epi_alpha, const float* epi_bias,
                                            int* stage) {
-  if constexpr (sizeof(OutT) == 2 && kNT == 8)
+  if constexpr (sizeof(OutT) == 2)
     store_tile_16bit<OutT>(p, acc, row0, n0, block_n0, epi_alpha, epi_bias, stage);
   else
     store_tile_staged32<OutT>(p, acc, row0, n0, block_n0, epi_alpha, epi_bias, stage);
