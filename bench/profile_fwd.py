@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
                         help="NAME=v1,v2,...: time q4conv once per value of this environment variable")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds over the switch values (median of the round medians)")
     parser.add_argument("--only", default="",
                         help="comma-separated substrings of shape names (e.g. 'C3 ,3x3 s2'); default all but the stem")
     parser.add_argument("--out", type=Path, default=None)
@@ -79,11 +82,15 @@ def main(argv=None) -> int:
         # moves 3): what this card's DRAM allows an elementwise pass.
         copy_us = bench.time_graph_ms(lambda x: x.clone(memory_format=torch.preserve_format), xs,
                                       args.repeats) * 1e3
-        q4_us = []
-        for chunk in chunks:
-            os.environ[env_name] = chunk
-            q4_us.append(bench.time_graph_ms(q4, xs, args.repeats) * 1e3)
+        # Every value once per round, rounds interleaved: a slow spell of the
+        # card does not spoil one value's whole measurement.
+        rounds: List[List[float]] = [[] for _ in chunks]
+        for _ in range(args.rounds):
+            for i, chunk in enumerate(chunks):
+                os.environ[env_name] = chunk
+                rounds[i].append(bench.time_graph_ms(q4, xs, args.repeats) * 1e3)
         os.environ.pop(env_name, None)
+        q4_us = [statistics.median(r) for r in rounds]
         parts = kernel_breakdown(q4, xs[0])
         x_bytes = shape.n * shape.c * shape.h * shape.h * 2
         desc = []

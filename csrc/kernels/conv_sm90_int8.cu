@@ -9,10 +9,14 @@
 //  * 1x1 stride-1 convolutions are GEMMs on the NHWC tensors and use the
 //    persistent GEMM kernels (pingpong / cooperative, two consumer warp
 //    groups, epilogue overlapped), 1.3-1.7x faster than the conv kernel;
-//  * the CUTLASS 3.x conv kernel is the non-persistent warp-specialized one
-//    (one producer warp group, one consumer warp group); the accumulators of
-//    a 128x256 tile (256 int32 per thread) do not fit the registers, so the
-//    largest usable tile is 128x128;
+//  * CUTLASS builds sm90 convs only on the non-persistent warp-specialized
+//    kernel (one producer warp group, one consumer warp group); the
+//    accumulators of a 128x256 tile (256 int32 per thread) do not fit the
+//    registers, so the largest usable tile is 128x128. Where a layer has at
+//    least a wave of 128x128 tiles, its im2col mainloop runs on the
+//    persistent pingpong GEMM kernel instead (PersistentConvMainloop in
+//    conv_sm90_int8.cuh, file conv_sm90_int8_c128x128x128pp.cu): 1.32-1.40x
+//    the TOPS on the C128 / C256 3x3 layers;
 //  * the reduction tile must not exceed C: the im2col TMA walks (C, S, R) and
 //    a 128-deep tile on C == 64 loads half zeros, so C == 64 uses TK = 64;
 //  * small N*P*Q (14x14 and 7x7 layers) leaves too few 128x128 tiles for 132
@@ -30,8 +34,9 @@ namespace sm90 {
 
 namespace {
 const Entry* const kTable[] = {
-    &kCfg128x128x128,     &kCfg128x128x128_e128, &kCfg128x64x128_2cta,   &kCfg128x64x64_2cta_e64,
-    &kCfg64x128x128_2cta, &kCfg64x128x64_2cta,   &kGemm256x128x128_coop, &kGemm128x128x128_pp,
+    &kCfg128x128x128,        &kCfg128x128x128_e128, &kCfg128x64x128_2cta,
+    &kCfg128x64x64_2cta_e64, &kCfg64x128x128_2cta,  &kCfg64x128x64_2cta,
+    &kGemm256x128x128_coop,  &kGemm128x128x128_pp,  &kConv128x128x128_pp,
 };
 constexpr int kNum = sizeof(kTable) / sizeof(kTable[0]);
 
@@ -51,7 +56,13 @@ const Entry* preferred(const ConvShape& s) {
     return &kGemm128x128x128_pp;
   }
   if (small_c) return &kCfg64x128x64_2cta;
-  if (red >= 4096) return &kCfg128x128x128;       // 7x7 3x3: long reduction
+  if (red >= 4096) return &kCfg128x128x128;  // 7x7 3x3: long reduction
+  // At least a wave of 128x128 tiles: the persistent pingpong conv (H100,
+  // session 9: 1.32-1.40x the TOPS of the non-persistent 128x128 kernel on
+  // the C128 / C256 3x3 layers; C512 3x3 7x7 gained 1.05-1.15x in the
+  // kernel but not in the layer, so it keeps the kernel above).
+  const long long tiles = (1LL * s.n * s.p * s.q + 127) / 128 * ((s.k + 127) / 128);
+  if (tiles >= 128) return &kConv128x128x128_pp;
   if (red >= 1152) return &kCfg128x128x128_e128;  // 3x3 layers
   return &kCfg64x128x128_2cta;                    // 1x1 stride 2 etc.
 }

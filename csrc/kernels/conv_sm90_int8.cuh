@@ -44,6 +44,8 @@ extern const Entry kCfg64x128x64_2cta;
 // 1x1 stride-1 convolutions as persistent GEMMs (conv_sm90_int8_g*.cu)
 extern const Entry kGemm256x128x128_coop;
 extern const Entry kGemm128x128x128_pp;
+// Filtered convolutions on the persistent pingpong kernel (conv_sm90_int8_c*.cu)
+extern const Entry kConv128x128x128_pp;
 
 // Table and choice (conv_sm90_int8.cu).
 int num_configs();
@@ -235,6 +237,41 @@ struct EpilogueFusion {
   }
 };
 
+using ConvProblem = cutlass::conv::ConvProblemShape<cutlass::conv::Operator::kFprop, 2>;
+
+// The CUTLASS problem of a ConvShape; false when the geometry does not map
+// (the caller's p/q must equal what symmetric padding gives).
+inline bool make_conv_problem(const ConvShape& s, ConvProblem& out) {
+  int eff_r = (s.r - 1) * s.dil_h + 1, eff_s = (s.s - 1) * s.dil_w + 1;
+  if (s.stride_h <= 0 || s.stride_w <= 0 || s.dil_h <= 0 || s.dil_w <= 0) return false;
+  // upper padding: the least that still yields the caller's p, q
+  int up_h = (s.p - 1) * s.stride_h + eff_r - s.h - s.pad_h;
+  int up_w = (s.q - 1) * s.stride_w + eff_s - s.w - s.pad_w;
+  if (up_h < 0) up_h = 0;
+  if (up_w < 0) up_w = 0;
+  if ((s.h + s.pad_h + up_h - eff_r) / s.stride_h + 1 != s.p) return false;
+  if ((s.w + s.pad_w + up_w - eff_s) / s.stride_w + 1 != s.q) return false;
+  out = ConvProblem(cutlass::conv::Mode::kCrossCorrelation, {s.n, s.h, s.w, s.c},
+                    {s.k, s.r, s.s, s.c}, {s.pad_h, s.pad_w}, {up_h, up_w},
+                    {s.stride_h, s.stride_w}, {s.dil_h, s.dil_w}, 1);
+  return true;
+}
+
+// Shape limits every conv configuration shares: positive extents, 16-channel
+// codes, 16-byte output rows (TMA store of D), 32-bit problem and TMA indices.
+inline bool conv_basic_ok(const ConvShape& s, int align_out) {
+  if (s.n <= 0 || s.h <= 0 || s.w <= 0 || s.c <= 0 || s.k <= 0 || s.r <= 0 || s.s <= 0 ||
+      s.p <= 0 || s.q <= 0)
+    return false;
+  if (s.c % kSm90ChannelAlign != 0) return false;
+  if (s.k % align_out != 0) return false;
+  long long act = 1LL * s.n * s.h * s.w * s.c, out = 1LL * s.n * s.p * s.q * s.k;
+  long long flt = 1LL * s.k * s.r * s.s * s.c;
+  if (act >= (1LL << 31) || out >= (1LL << 31) || flt >= (1LL << 31)) return false;
+  if (1LL * s.n * s.p * s.q >= (1LL << 31)) return false;
+  return true;
+}
+
 // TM x TN x TK tile, cluster CM x 1, MinBlocks CTAs per SM, Stages pipeline
 // stages (0 = as many as fit once the epilogue is carved out), epilogue
 // subtile 64 x EpiN (0 = CUTLASS's choice, 64x32 for this schedule).
@@ -279,7 +316,7 @@ struct Kernel {
       ClusterShape, StageCountType,
       cutlass::conv::KernelImplicitTmaWarpSpecializedSm90>::CollectiveOp;
 
-  using ProblemShape = cutlass::conv::ConvProblemShape<cutlass::conv::Operator::kFprop, 2>;
+  using ProblemShape = ConvProblem;
   using BaseKernel =
       cutlass::conv::kernel::ConvUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
   using ConvKernel =
@@ -288,22 +325,8 @@ struct Kernel {
   using Arguments = typename Conv::Arguments;
   using StrideD = typename ConvKernel::StrideD;
 
-  // Builds the CUTLASS problem; false when the geometry does not map (the
-  // caller's p/q must equal what symmetric padding gives).
   static bool make_problem(const ConvShape& s, ProblemShape& out) {
-    int eff_r = (s.r - 1) * s.dil_h + 1, eff_s = (s.s - 1) * s.dil_w + 1;
-    if (s.stride_h <= 0 || s.stride_w <= 0 || s.dil_h <= 0 || s.dil_w <= 0) return false;
-    // upper padding: the least that still yields the caller's p, q
-    int up_h = (s.p - 1) * s.stride_h + eff_r - s.h - s.pad_h;
-    int up_w = (s.q - 1) * s.stride_w + eff_s - s.w - s.pad_w;
-    if (up_h < 0) up_h = 0;
-    if (up_w < 0) up_w = 0;
-    if ((s.h + s.pad_h + up_h - eff_r) / s.stride_h + 1 != s.p) return false;
-    if ((s.w + s.pad_w + up_w - eff_s) / s.stride_w + 1 != s.q) return false;
-    out = ProblemShape(cutlass::conv::Mode::kCrossCorrelation, {s.n, s.h, s.w, s.c},
-                       {s.k, s.r, s.s, s.c}, {s.pad_h, s.pad_w}, {up_h, up_w},
-                       {s.stride_h, s.stride_w}, {s.dil_h, s.dil_w}, 1);
-    return true;
+    return make_conv_problem(s, out);
   }
 
   static Arguments make_args(const ProblemShape& ps, const ConvShape& s, const void* act,
@@ -320,19 +343,7 @@ struct Kernel {
     return args;
   }
 
-  static bool basic_ok(const ConvShape& s) {
-    if (s.n <= 0 || s.h <= 0 || s.w <= 0 || s.c <= 0 || s.k <= 0 || s.r <= 0 || s.s <= 0 ||
-        s.p <= 0 || s.q <= 0)
-      return false;
-    if (s.c % kSm90ChannelAlign != 0) return false;
-    if (s.k % kAlignOut != 0) return false;  // 16-byte rows for the TMA store of D
-    // 32-bit index limits of the problem shape and of the TMA boxes
-    long long act = 1LL * s.n * s.h * s.w * s.c, out = 1LL * s.n * s.p * s.q * s.k;
-    long long flt = 1LL * s.k * s.r * s.s * s.c;
-    if (act >= (1LL << 31) || out >= (1LL << 31) || flt >= (1LL << 31)) return false;
-    if (1LL * s.n * s.p * s.q >= (1LL << 31)) return false;
-    return true;
-  }
+  static bool basic_ok(const ConvShape& s) { return conv_basic_ok(s, kAlignOut); }
 
   static bool supports(const ConvShape& s) {
     if (!basic_ok(s)) return false;
@@ -444,6 +455,16 @@ struct OutTypeDispatch {
 };
 
 #ifdef Q4CONV_SM90_GEMM
+// SM count of a device, for the persistent kernels' grid (queried once).
+inline int cached_sm_count(int device) {
+  static int cached[64] = {0};
+  if (device < 0 || device >= 64)
+    return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+  if (cached[device] == 0)
+    cached[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+  return cached[device];
+}
+
 // 1x1, stride-1, unpadded convolutions are plain GEMMs on the NHWC tensors:
 // D[n*h*w, k] = A[n*h*w, c] * W[k, c]^T. For those the persistent GEMM
 // kernels apply (the conv kernel has no persistent schedule on sm90): two
@@ -496,15 +517,6 @@ struct GemmKernel {
     return true;
   }
 
-  static int sm_count(int device) {
-    static int cached[64] = {0};
-    if (device < 0 || device >= 64)
-      return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
-    if (cached[device] == 0)
-      cached[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
-    return cached[device];
-  }
-
   static Arguments make_args(const ConvShape& s, const void* act, const void* wt,
                              const EpilogueArgs* e) {
     int m = s.n * s.h * s.w, n = s.k, k = s.c;
@@ -521,7 +533,7 @@ struct GemmKernel {
     int dev = 0;
     cudaGetDevice(&dev);
     hw.device_id = dev;
-    hw.sm_count = sm_count(dev);
+    hw.sm_count = cached_sm_count(dev);
     Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
                    {m, n, k, 1},
                    {static_cast<const int8_t*>(act), sa, static_cast<const int8_t*>(wt), sb},
@@ -565,6 +577,182 @@ using GemmConfigFns = OutTypeDispatch<GemmKernels<TM, TN, TK, Schedule>, 1>;
 
 #define Q4CONV_SM90_DEFINE_GEMM_CONFIG(VAR, NAME, TM, TN, TK, SCHED) \
   Q4CONV_SM90_DEFINE_ENTRY(VAR, NAME, TM, TN, TK, GemmConfigFns<TM, TN, TK, SCHED>)
+
+// Convolutions with filters (3x3 ...) on CUTLASS's persistent pingpong GEMM
+// kernel, with the conv collective's im2col TMA mainloop: CUTLASS 4.2 builds
+// sm90 convs only on the non-persistent, one-consumer kernel (its conv
+// dispatch policy static_asserts the persistent schedules out), which leaves
+// each CTA's epilogue exposed and tiles in waves. The pingpong kernel takes a
+// GEMM problem, so this mainloop adapter
+//   - keeps the conv problem in its Arguments (the TMA descriptors are built
+//     from it) and gives the kernel the collective's own linearized MNKL
+//     shape, the one the non-persistent kernel uses too;
+//   - names the pingpong schedule in its DispatchPolicy (GemmUniversal picks
+//     the kernel by it) and GEMM-form strides for the kernel's rank checks
+//     (the collective's own code keeps using its conv strides);
+//   - adds a unit batch mode to the tiled B tensor (the kernel reads the
+//     batch extent from its mode 4; the conv collective's tensors have none)
+//     and drops it again before the collective's load.
+template <class Base>
+struct PersistentConvMainloop : Base {
+  struct DispatchPolicy : Base::DispatchPolicy {
+    using Schedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+  };
+  // (M, N, K, L) as the collective linearizes it (M = N*P*Q, K = (C, S, R)),
+  // with a run-time L as the GEMM epilogue's TMA types expect.
+  using LinearShape = decltype(Base::get_problem_shape_MNKL(ConvProblem{}));
+  using ProblemShapeMNKL =
+      cute::tuple<int, int, cute::remove_cvref_t<decltype(cute::get<2>(LinearShape{}))>, int>;
+  static ProblemShapeMNKL problem_shape_mnkl(ConvProblem const& problem) {
+    const auto linear = Base::get_problem_shape_MNKL(problem);
+    return {int(cute::get<0>(linear)), int(cute::get<1>(linear)), cute::get<2>(linear), 1};
+  }
+  using StrideA = cute::Stride<int64_t, cute::_1, int64_t>;
+  using StrideB = cute::Stride<int64_t, cute::_1, int64_t>;
+  static constexpr int NumProducerThreadEvents = 1;
+  struct Arguments {
+    typename Base::Arguments conv{};
+    ConvProblem problem{};
+  };
+  using Params = typename Base::Params;
+
+  template <class Shape>
+  static Params to_underlying_arguments(Shape const&, Arguments const& args, void* workspace) {
+    return Base::to_underlying_arguments(args.problem, args.conv, workspace);
+  }
+  template <class Shape>
+  static bool can_implement(Shape const&, Arguments const& args) {
+    return Base::can_implement(args.problem, args.conv);
+  }
+
+  // B's tiled TMA tensor (BLK_N, BLK_K, n, k) with a unit mode appended.
+  template <class T>
+  static CUTLASS_DEVICE auto with_unit_mode(T const& t) {
+    return cute::make_tensor(
+        t.data(),
+        cute::append(t.layout(), cute::make_layout(cute::_1{}, cute::stride<2>(t.layout()))));
+  }
+  template <class T>
+  static CUTLASS_DEVICE auto without_unit_mode(T const& t) {
+    return cute::make_tensor(t.data(), cute::take<0, 4>(t.layout()));
+  }
+
+  template <class ProblemShape>
+  CUTLASS_DEVICE auto load_init(ProblemShape const& shape, Params const& params) {
+    auto inputs = Base::load_init(shape, params);
+    return cute::make_tuple(cute::get<0>(inputs), with_unit_mode(cute::get<1>(inputs)));
+  }
+
+  template <class TensorA, class TensorB, class KTileIterator, class BlockCoord>
+  CUTLASS_DEVICE void load(Params const& params, typename Base::MainloopPipeline pipeline,
+                           typename Base::PipelineState state,
+                           cute::tuple<TensorA, TensorB> const& inputs, BlockCoord const& blk_coord,
+                           KTileIterator k_tile_iter, int k_tile_count, int thread_idx,
+                           uint32_t block_rank_in_cluster,
+                           typename Base::TensorStorage& shared_tensors) {
+    Base::load(params, pipeline, state,
+               cute::make_tuple(cute::get<0>(inputs), without_unit_mode(cute::get<1>(inputs))),
+               blk_coord, k_tile_iter, k_tile_count, thread_idx, block_rank_in_cluster,
+               shared_tensors);
+  }
+};
+
+template <int TM, int TN, int TK, OutType OT>
+struct PersistentConvKernel {
+  // The persistent GEMM kernel waits for its producer grid (the activation
+  // pass) itself: launched with programmatic dependent launch.
+  static constexpr bool kProgrammaticLaunch = true;
+  using ElementOut = typename OutElement<OT>::type;
+  static constexpr int kAlignOut = 128 / cutlass::sizeof_bits<ElementOut>::value;
+  using TileShape = cute::Shape<cute::Int<TM>, cute::Int<TN>, cute::Shape<cute::Int<TK>>>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using Fusion = typename EpilogueFusion<TileShape, ElementOut>::type;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float, void,
+      cutlass::layout::RowMajor, kAlignOut, ElementOut, cutlass::layout::RowMajor, kAlignOut,
+      cutlass::epilogue::TmaWarpSpecialized, Fusion>::CollectiveOp;
+
+  // The pingpong kernel's own storage (pipelines, order barrier, scheduler)
+  // besides the epilogue's, carved out before the stages are counted.
+  static constexpr int kCarveout =
+      static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage)) + 1024;
+  using ConvMainloop = typename cutlass::conv::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::conv::Operator::kFprop, int8_t,
+      cutlass::layout::TensorNHWC, 16, int8_t, cutlass::layout::TensorNHWC, 16, int32_t, TileShape,
+      ClusterShape, cutlass::conv::collective::StageCountAutoCarveout<kCarveout>,
+      cutlass::conv::KernelImplicitTmaWarpSpecializedSm90>::CollectiveOp;
+  using CollectiveMainloop = PersistentConvMainloop<ConvMainloop>;
+  using ProblemShape = typename CollectiveMainloop::ProblemShapeMNKL;
+  using OpKernel =
+      cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Op = cutlass::gemm::device::GemmUniversalAdapter<OpKernel>;
+  using Arguments = typename Op::Arguments;
+  static_assert(OpKernel::SharedStorageSize <= 232448, "fits the opt-in shared memory");
+
+  static bool basic_ok(const ConvShape& s) {
+    // 1x1 stride-1 convolutions have their own GEMM configurations.
+    return conv_basic_ok(s, kAlignOut) && !is_pointwise_gemm(s);
+  }
+
+  static bool make_args(const ConvShape& s, const void* act, const void* wt, const EpilogueArgs* e,
+                        Arguments& args) {
+    ConvProblem problem;
+    if (!make_conv_problem(s, problem)) return false;
+    using StrideD = typename OpKernel::StrideD;
+    StrideD sd{};
+    cute::get<0>(sd) = static_cast<int64_t>(s.k);
+    cutlass::KernelHardwareInfo hw;
+    int dev = 0;
+    cudaGetDevice(&dev);
+    hw.device_id = dev;
+    hw.sm_count = cached_sm_count(dev);
+    typename CollectiveMainloop::Arguments mainloop;
+    mainloop.conv = {static_cast<const int8_t*>(act), static_cast<const int8_t*>(wt)};
+    mainloop.problem = problem;
+    args = Arguments{cutlass::gemm::GemmUniversalMode::kGemm,
+                     CollectiveMainloop::problem_shape_mnkl(problem),
+                     mainloop,
+                     {{}, nullptr, sd, e ? static_cast<ElementOut*>(e->out) : nullptr, sd},
+                     hw};
+    EpilogueFusion<TileShape, ElementOut>::set(args.epilogue.thread, e);
+    return true;
+  }
+
+  static bool supports(const ConvShape& s) {
+    Arguments args;
+    if (!basic_ok(s) || !make_args(s, nullptr, nullptr, nullptr, args)) return false;
+    return Op::can_implement(args) == cutlass::Status::kSuccess;
+  }
+  static size_t workspace(const ConvShape& s) {
+    Arguments args;
+    if (!basic_ok(s) || !make_args(s, nullptr, nullptr, nullptr, args)) return 0;
+    return Op::get_workspace_size(args);
+  }
+  static bool build_args(const ConvShape& s, const void* act, const void* wt, const EpilogueArgs& e,
+                         Arguments& args, std::string& why) {
+    if (make_args(s, act, wt, &e, args)) return true;
+    why = "p/q do not match the padding";
+    return false;
+  }
+  static KernelStatus run(const ConvShape& s, const void* act, const void* wt,
+                          const EpilogueArgs& e, void* workspace, cudaStream_t stream) {
+    if (!basic_ok(s))
+      return KernelStatus::failure("sm90_int8_conv: unsupported shape for the persistent conv");
+    return cached_run<PersistentConvKernel, Op, OpKernel>(s, act, wt, e, workspace, stream);
+  }
+  static int smem_bytes() { return static_cast<int>(OpKernel::SharedStorageSize); }
+};
+
+template <int TM, int TN, int TK>
+struct PersistentConvKernels {
+  template <OutType OT>
+  using K = PersistentConvKernel<TM, TN, TK, OT>;
+};
+#define Q4CONV_SM90_DEFINE_PERSISTENT_CONV_CONFIG(VAR, NAME, TM, TN, TK) \
+  Q4CONV_SM90_DEFINE_ENTRY(VAR, NAME, TM, TN, TK,                        \
+                           OutTypeDispatch<PersistentConvKernels<TM, TN, TK>, 1>)
 
 #endif  // Q4CONV_SM90_GEMM
 

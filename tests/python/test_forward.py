@@ -223,6 +223,28 @@ def test_fused_pointwise_equals_unfused(device, backend, case, dtype, relu, monk
     assert torch.equal(y, reference)
 
 
+@pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
+@pytest.mark.parametrize("case", [
+    Case(4, 128, 128, 64, 64, 3, 3, (1, 1), (1, 1)),            # 128 tiles of 128x128: the smallest that takes it
+    Case(18, 144, 136, 48, 40, 3, 3, (2, 2), (1, 1)),           # C and K tails, stride 2, non-square
+    Case(2, 256, 128, 96, 96, 3, 3, (1, 1), (2, 2), (2, 2)),    # dilation 2
+], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_persistent_conv_kernel(device, backend, case, dtype):
+    """Filtered convolutions with C >= 128 and at least 128 output tiles of
+    128x128 run CUTLASS's persistent pingpong kernel with the im2col conv
+    mainloop (conv_sm90_int8.cuh, PersistentConvMainloop) and match the
+    oracle."""
+    x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last=True)
+    skip_unless_backend_runs(x, case, backend)
+    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
+    args = (x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend)
+    y, kernels = run_with_kernel_names(lambda: ops.conv_packed(*args))
+    if kernels is not None:
+        assert any("PersistentConvMainloop" in name for name in kernels), "the persistent conv kernel did not run"
+    check_against_oracle(y, x, bias_a, scale_a, weight, scale_w, bias, case)
+
+
 def fused_kernel_ran(kernel_names) -> bool:
     """Whether the fused 1x1 kernel is among the launched kernels' names."""
     return any("pointwise_fused_kernel" in name for name in kernel_names)
