@@ -281,11 +281,12 @@ __device__ __forceinline__ void store_global16(void* dst, const uint4& v) {
                : "memory");
 }
 
-// Output conversion: two fp32 values as the 32-bit word of two 16-bit
-// outputs (one cvt.rn.f16x2 / bf16x2), or four fp32 values as 16 bytes. The
-// epilogues build their stores from these words explicitly: through a union
-// of OutT elements the compiler had split the 16-byte stores into 4-byte
-// ones (session 7: 4x the store instructions, L1 wavefronts the limit).
+// Output conversion: four fp32 values as 16 bytes (fp32 outputs, the int32
+// staging epilogue), or two fp32 values as the 32-bit word of two 16-bit
+// outputs (one cvt.rn.f16x2 / bf16x2; the stmatrix epilogue). The epilogues
+// build their stores from these words explicitly: through a union of OutT
+// elements the compiler had split the 16-byte stores into 4-byte ones
+// (session 7: 4x the store instructions, L1 wavefronts the limit).
 template <typename T>
 struct OutCvt;
 template <>
@@ -303,30 +304,16 @@ __device__ __forceinline__ uint32_t pair_bits(const Pair& pair) {
   memcpy(&bits, &pair, 4);
   return bits;
 }
-// Eight 16-bit outputs as one 16-byte chunk, from Cvt::word of pairs.
-template <typename Cvt>
-__device__ __forceinline__ uint4 chunk_of_pairs(const float (&v)[8]) {
-  return make_uint4(Cvt::word(v[0], v[1]), Cvt::word(v[2], v[3]), Cvt::word(v[4], v[5]),
-                    Cvt::word(v[6], v[7]));
-}
 template <>
 struct OutCvt<__half> {
-  static constexpr int kChannels = 8;
   static __device__ __forceinline__ uint32_t word(float a, float b) {
     return pair_bits(__floats2half2_rn(a, b));
-  }
-  static __device__ __forceinline__ uint4 chunk(const float (&v)[8]) {
-    return chunk_of_pairs<OutCvt>(v);
   }
 };
 template <>
 struct OutCvt<__nv_bfloat16> {
-  static constexpr int kChannels = 8;
   static __device__ __forceinline__ uint32_t word(float a, float b) {
     return pair_bits(__floats2bfloat162_rn(a, b));
-  }
-  static __device__ __forceinline__ uint4 chunk(const float (&v)[8]) {
-    return chunk_of_pairs<OutCvt>(v);
   }
 };
 
