@@ -106,20 +106,52 @@ ConvShape im2col_gemm_shape(const ConvShape& conv, int64_t cols) {
   return gemm;
 }
 
+// Few channels with the filter columns packed into channels (pack_taps_int8):
+// the R x 1 convolution over [N, H, Q, round_up(S*C, 16)] that `conv` (whose
+// c is the real C) becomes.
+ConvShape packed_taps_shape(const ConvShape& conv) {
+  ConvShape packed = conv;
+  packed.w = conv.q;
+  packed.c = static_cast<int>(round_up(int64_t(conv.s) * conv.c, 16));
+  packed.s = 1;
+  packed.pad_w = 0;
+  packed.stride_w = 1;
+  packed.dil_w = 1;
+  return packed;
+}
+
 // What the backend's kernel runs for this convolution: its geometry (the
-// GEMM's for im2col), the convolution's own geometry on the stored codes
-// (the same unless im2col) and the stored channel count of the codes.
+// GEMM's for im2col, the R x 1 convolution's for packed filter columns), the
+// convolution's own geometry on the stored codes (the same otherwise) and the
+// stored channel count of the codes.
 struct KernelGeometry {
   ConvShape shape;
   ConvShape conv;
   int64_t c_pad;
+  bool packed_taps = false;
 };
 
+// Few channels: packed filter columns where the sm90 kernels take that
+// convolution (the rows are read R times from L2 by the kernel instead of
+// written and read as an im2col matrix: the stem's 128 MB of rows become 51
+// MB), else the im2col GEMM. Q4CONV_PACKED_TAPS=0 always takes the im2col
+// GEMM (A/B timing and tests).
+bool packed_taps_enabled() {
+  const char* env = std::getenv("Q4CONV_PACKED_TAPS");
+  return env == nullptr || std::string(env) != "0";
+}
+
 KernelGeometry kernel_geometry(Backend backend, const KernelInput& in, int64_t out_channels,
-                               int64_t r, int64_t s) {
+                               int64_t r, int64_t s, OutType out) {
   const int64_t channels = in.x.size(1);
   if (uses_im2col(backend, channels)) {
     const ConvShape conv = make_shape(in.x, out_channels, r, s, in.params, channels);
+#ifdef Q4CONV_HAVE_SM90
+    const ConvShape packed = packed_taps_shape(conv);
+    if (packed_taps_enabled() && sm90_int8_supports(packed, out))
+      return {packed, conv, channels, true};
+#endif
+    (void)out;
     return {im2col_gemm_shape(conv, im2col_cols(channels, r, s)), conv, channels};
   }
   const int64_t c_pad = round_up(channels, channel_align(backend));
@@ -253,8 +285,12 @@ bool cuda_backend_supports(Backend backend, const at::Tensor& x, int64_t out_cha
                            int64_t s, const ConvParams& params, at::ScalarType out_dtype) {
   const auto* props = at::cuda::getDeviceProperties(x.device().index());
   const KernelInput in = kernel_input(x, r, s, params);
-  const ConvShape shape = kernel_geometry(backend, in, out_channels, r, s).shape;
-  if (uses_im2col(backend, x.size(1)) && im2col_rows_per_block(shape.c) == 0) return false;
+  const KernelGeometry geometry =
+      kernel_geometry(backend, in, out_channels, r, s, out_type(out_dtype));
+  const ConvShape& shape = geometry.shape;
+  if (uses_im2col(backend, x.size(1)) && !geometry.packed_taps &&
+      im2col_rows_per_block(shape.c) == 0)
+    return false;
   switch (backend) {
     case Backend::kSm90Int8:
 #ifdef Q4CONV_HAVE_SM90
@@ -288,6 +324,18 @@ at::Tensor im2col_rows(const at::Tensor& krsc) {
 
 at::Tensor im2col_weight(const at::Tensor& qweight, int64_t in_channels) {
   return im2col_rows(cuda_unpack_krsc(qweight, in_channels, in_channels, false));
+}
+
+// The im2col weight rows [K, 1, 1, cols] (what kernel_weight caches) as the
+// packed-columns convolution reads them: [K, R, 1, round_up(S*C, 16)]. Made
+// per call (a copy of K*R*S*C bytes): the layout the layer caches does not
+// depend on x, whose geometry picks the path.
+at::Tensor packed_taps_weight(const at::Tensor& im2col_rows, const ConvShape& conv) {
+  const int64_t k_out = im2col_rows.size(0), row = int64_t(conv.s) * conv.c;
+  const int64_t cols = round_up(row, 16);
+  const at::Tensor taps =
+      im2col_rows.reshape({k_out, -1}).narrow(1, 0, conv.r * row).reshape({k_out, conv.r, row});
+  return at::constant_pad_nd(taps, {0, cols - row}).reshape({k_out, conv.r, 1, cols}).contiguous();
 }
 
 }  // namespace
@@ -440,8 +488,10 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
   const bool packed = backend == Backend::kSm80Int4;
   const auto [k_out, r, s] = krs;
   const KernelInput in = kernel_input(x, r, s, params);
-  const KernelGeometry geometry = kernel_geometry(backend, in, k_out, r, s);
-  const at::Tensor& wgt = kernel_weight;
+  const KernelGeometry geometry =
+      kernel_geometry(backend, in, k_out, r, s, out_type(x.scalar_type()));
+  const at::Tensor wgt =
+      geometry.packed_taps ? packed_taps_weight(kernel_weight, geometry.conv) : kernel_weight;
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) bias_f = fp32_dense(*bias);
   const ConvShape& shape = geometry.shape;
@@ -475,7 +525,13 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
     quantize_activation_into(in.x, bias_q, scale_q, params.eps, params.bits, geometry.c_pad, packed,
                              act);
   }
-  if (uses_im2col(backend, x.size(1))) {
+  if (geometry.packed_taps) {
+    at::Tensor packed = at::empty({shape.n, shape.h, shape.w, shape.c}, act.options());
+    check_status(pack_taps_int8(geometry.conv, act.data_ptr<int8_t>(), shape.c,
+                                packed.data_ptr<int8_t>(), stream),
+                 "packing filter columns");
+    act = packed;
+  } else if (uses_im2col(backend, x.size(1))) {
     at::Tensor rows = at::empty({int64_t(shape.n) * shape.p * shape.q, shape.c}, act.options());
     check_status(im2col_int8(geometry.conv, act.data_ptr<int8_t>(), shape.c,
                              rows.data_ptr<int8_t>(), stream),

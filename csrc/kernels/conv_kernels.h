@@ -110,6 +110,14 @@ KernelStatus sm90_int8_conv(const ConvShape& shape, const void* act, const void*
 // columns >= R*S*C are zero. act: int8 NHWC [n, h, w, c] with c = shape.c.
 // cols must be a multiple of 16 with im2col_rows_per_block(cols) > 0.
 int im2col_rows_per_block(int cols);
+// Few channels, filter columns packed into channels: out [n, h, q, cols]
+// holds at column s * C + c the code act[n, y, q * stride_w - pad_w + s *
+// dil_w, c] (zero outside the row; columns >= S*C zero), so the convolution
+// runs as an R x 1 one (stride_h, pad_h, dil_h) over C = cols channels.
+// shape: the convolution's geometry on act (c = C < 16); cols a multiple of
+// 16 and >= S*C.
+KernelStatus pack_taps_int8(const ConvShape& shape, const int8_t* act, int cols, int8_t* out,
+                            cudaStream_t stream);
 KernelStatus im2col_int8(const ConvShape& shape, const int8_t* act, int cols, int8_t* out,
                          cudaStream_t stream);
 

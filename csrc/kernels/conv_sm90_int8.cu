@@ -34,9 +34,9 @@ namespace sm90 {
 
 namespace {
 const Entry* const kTable[] = {
-    &kCfg128x128x128,        &kCfg128x128x128_e128, &kCfg128x64x128_2cta,
-    &kCfg128x64x64_2cta_e64, &kCfg64x128x128_2cta,  &kCfg64x128x64_2cta,
-    &kGemm256x128x128_coop,  &kGemm128x128x128_pp,  &kConv128x128x128_pp,
+    &kCfg128x128x128,     &kCfg128x128x128_e128,   &kCfg128x64x128_2cta,   &kCfg128x64x64_2cta_e64,
+    &kCfg64x128x128_2cta, &kCfg64x128x64_2cta,     &kGemm256x128x128_coop, &kGemm128x128x128_pp,
+    &kConv128x128x128_pp, &kCfg128x64x32_2cta_e64,
 };
 constexpr int kNum = sizeof(kTable) / sizeof(kTable[0]);
 
@@ -48,6 +48,10 @@ const Entry* preferred(const ConvShape& s) {
   bool small_c = s.c < 128;  // C == 64 (or 16, 32, 48, 80, ...): 64-deep tiles
   bool gemm = is_pointwise_gemm(s);
   // K <= 64: 128x64 conv tiles, two CTAs per SM (beat the GEMMs there too)
+  // (C <= 32, e.g. the stem with its filter columns packed into 32
+  // channels: 32-deep tiles. H100, stem: 187 us against 264 with the 64-deep
+  // tiles and 424 on the persistent pingpong kernel, NOTES.md session 9.)
+  if (s.k <= 64 && s.c <= 32 && !gemm) return &kCfg128x64x32_2cta_e64;
   if (s.k <= 64) return small_c ? &kCfg128x64x64_2cta_e64 : &kCfg128x64x128_2cta;
   if (gemm) {
     // output-bound (short reduction, wide output): 256x128 cooperative;

@@ -41,6 +41,7 @@ extern const Entry kCfg128x64x128_2cta;
 extern const Entry kCfg128x64x64_2cta_e64;
 extern const Entry kCfg64x128x128_2cta;
 extern const Entry kCfg64x128x64_2cta;
+extern const Entry kCfg128x64x32_2cta_e64;
 // 1x1 stride-1 convolutions as persistent GEMMs (conv_sm90_int8_g*.cu)
 extern const Entry kGemm256x128x128_coop;
 extern const Entry kGemm128x128x128_pp;

@@ -1,11 +1,17 @@
-// im2col of int8 activation codes (interface: conv_kernels.h). No torch here.
+// Layouts of int8 activation codes for convolutions with few input channels
+// (the RGB stem, C = 3), interface: conv_kernels.h. No torch here.
 //
-// Used for convolutions with few input channels (the RGB stem, C = 3): the
-// implicit-GEMM kernels would pad C to 16 and load one tap at a time, so the
-// stem ran at a tenth of cuDNN's speed. Laid out as a GEMM operand instead,
-// the 7x7x3 = 147 taps of a pixel become one row of 160 columns, and the sm90
-// GEMM runs the convolution as a 1x1 one.
+// The implicit-GEMM kernels would pad C to 16 and load one tap at a time, so
+// the stem ran at a tenth of cuDNN's speed. Two layouts avoid that:
+//   - filter columns packed into channels (pack_taps_int8, the default where
+//     the sm90 kernels take the result): the 7 x 3 codes a filter row reads
+//     become 32 channels of one pixel, and the convolution an R x 1 one whose
+//     kernel reads each packed row R times from L2 (51 MB for the stem);
+//   - im2col (im2col_int8): the 7x7x3 = 147 taps of a pixel become one row
+//     of 160 columns, and the sm90 GEMM runs the convolution as a 1x1 one
+//     (128 MB of rows for the stem).
 //
+// im2col:
 // A block builds `rows` consecutive GEMM rows in shared memory (zero-filled,
 // so padding taps and tail columns stay zero), then writes them out with
 // 16-byte stores: the block's rows are contiguous in the output. Threads map
@@ -96,7 +102,60 @@ KernelStatus with_channels(int c, F&& f) {
   }
 }
 
+// Filter columns packed into channels: out[n, y, q, (s, c)] = act[n, y,
+// q * stride_w - pad_w + s * dil_w, c] (zero outside the row and past S * C
+// columns), so a convolution with few channels becomes an R x 1 one over
+// [N, H, Q, cols] with the implicit-GEMM kernels, which read the rows R times
+// from L2 instead of a materialized [N*P*Q, R*S*C] im2col matrix. One thread
+// per (n, y, q) builds its cols bytes 16 at a time in registers.
+template <int kC>
+__global__ void __launch_bounds__(256)
+    pack_taps_int8_kernel(const int8_t* __restrict__ act, ConvShape g, int cols, int64_t total,
+                          int8_t* __restrict__ out) {
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= total) return;
+  const int64_t row = t / g.q;  // n * H + y
+  const int q = static_cast<int>(t - row * g.q);
+  const int8_t* src = act + row * g.w * kC;
+  const int w0 = q * g.stride_w - g.pad_w, taps = g.s * kC;
+  uint4* dst = reinterpret_cast<uint4*>(out + t * cols);
+  for (int chunk = 0; chunk < cols / 16; ++chunk) {
+    uint32_t words[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int b = 0; b < 16; ++b) {
+      const int j = chunk * 16 + b;
+      const int s = j / kC, c = j - s * kC;
+      const int w = w0 + s * g.dil_w;
+      const uint32_t code =
+          j < taps && w >= 0 && w < g.w ? static_cast<uint8_t>(src[w * kC + c]) : 0u;
+      words[b / 4] |= code << (8 * (b % 4));
+    }
+    dst[chunk] = make_uint4(words[0], words[1], words[2], words[3]);
+  }
+}
+
 }  // namespace
+
+KernelStatus pack_taps_int8(const ConvShape& shape, const int8_t* act, int cols, int8_t* out,
+                            cudaStream_t stream) {
+  const int64_t taps_cols = int64_t(shape.s) * shape.c;
+  if (cols <= 0 || cols % 16 != 0 || cols < taps_cols)
+    return KernelStatus::failure(
+        "pack_taps_int8: invalid argument 'cols': " + std::to_string(cols) +
+        " (must be a multiple of 16, >= S*C = " + std::to_string(taps_cols) + ")");
+  const int64_t total = int64_t(shape.n) * shape.h * shape.q;
+  if (total == 0) return KernelStatus::success();
+  if (act == nullptr || out == nullptr)
+    return KernelStatus::failure("pack_taps_int8: invalid argument 'act'/'out': null pointer");
+  const int64_t blocks = (total + 255) / 256;
+  if (blocks > INT32_MAX) return KernelStatus::failure("pack_taps_int8: too many rows");
+  const auto launch = [&](auto channels) {
+    pack_taps_int8_kernel<decltype(channels)::value>
+        <<<static_cast<unsigned>(blocks), 256, 0, stream>>>(act, shape, cols, total, out);
+    return launch_status("pack_taps_int8");
+  };
+  return with_channels(shape.c, launch);
+}
 
 int im2col_rows_per_block(int cols) {
   if (cols <= 0 || cols % 16 != 0) return 0;

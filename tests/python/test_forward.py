@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import oracle
+import q4conv
 from conftest import CASES, Case, device_backend_params, make_inputs, skip_unless_backend_runs, DEVICES
 
 ops = torch.ops.q4conv
@@ -147,12 +148,22 @@ def test_strided_pointwise_equals_subsampled_input(device, backend, case, dtype,
                                   Case(1, 5, 8, 4, 6010, 3, 3, (1, 1), (1, 0), (1, 3000))],  # taps 3000 pixels apart
                          ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_few_channel_convolutions(device, backend, case, dtype):
-    """C < 16: on sm90 an im2col matrix of the codes through the GEMM."""
+@pytest.mark.parametrize("packed", ["1", "0"], ids=["packed_taps", "im2col"])
+def test_few_channel_convolutions(device, backend, case, dtype, packed, monkeypatch):
+    """C < 16: on sm90 the filter columns packed into channels and an R x 1
+    convolution (Q4CONV_PACKED_TAPS unset or 1; the packing kernel must run),
+    or an im2col matrix of the codes through the GEMM (=0)."""
+    monkeypatch.setenv("Q4CONV_PACKED_TAPS", packed)
     x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last=True)
     skip_unless_backend_runs(x, case, backend)
     qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
-    y = ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend)
+    args = (x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend)
+    y, kernels = run_with_kernel_names(lambda: ops.conv_packed(*args))
+    if kernels is not None and device == "cuda" and q4conv.selected_backend(
+            x, case.k, (case.r, case.s), case.stride, case.padding, case.dilation, backend) == "sm90_int8":
+        packed_ran = any("pack_taps_int8_kernel" in name for name in kernels)
+        im2col_ran = any("im2col_int8_kernel" in name for name in kernels)
+        assert (packed_ran, im2col_ran) == ((True, False) if packed == "1" else (False, True))
     check_against_oracle(y, x, bias_a, scale_a, weight, scale_w, bias, case)
 
 
