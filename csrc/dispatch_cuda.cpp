@@ -526,11 +526,11 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
                              act);
   }
   if (geometry.packed_taps) {
-    at::Tensor packed = at::empty({shape.n, shape.h, shape.w, shape.c}, act.options());
+    at::Tensor packed_rows = at::empty({shape.n, shape.h, shape.w, shape.c}, act.options());
     check_status(pack_taps_int8(geometry.conv, act.data_ptr<int8_t>(), shape.c,
-                                packed.data_ptr<int8_t>(), stream),
+                                packed_rows.data_ptr<int8_t>(), stream),
                  "packing filter columns");
-    act = packed;
+    act = packed_rows;
   } else if (uses_im2col(backend, x.size(1))) {
     at::Tensor rows = at::empty({int64_t(shape.n) * shape.p * shape.q, shape.c}, act.options());
     check_status(im2col_int8(geometry.conv, act.data_ptr<int8_t>(), shape.c,
