@@ -456,14 +456,22 @@ struct OutTypeDispatch {
 };
 
 #ifdef Q4CONV_SM90_GEMM
-// SM count of a device, for the persistent kernels' grid (queried once).
-inline int cached_sm_count(int device) {
+// The current device and its SM count (queried once per device), which size
+// the persistent kernels' grid.
+inline cutlass::KernelHardwareInfo current_hw_info() {
   static int cached[64] = {0};
-  if (device < 0 || device >= 64)
-    return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
-  if (cached[device] == 0)
-    cached[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
-  return cached[device];
+  cutlass::KernelHardwareInfo hw;
+  int device = 0;
+  cudaGetDevice(&device);
+  hw.device_id = device;
+  if (device < 0 || device >= 64) {
+    hw.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+  } else {
+    if (cached[device] == 0)
+      cached[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+    hw.sm_count = cached[device];
+  }
+  return hw;
 }
 
 // 1x1, stride-1, unpadded convolutions are plain GEMMs on the NHWC tensors:
@@ -530,11 +538,7 @@ struct GemmKernel {
     cute::get<0>(sb) = static_cast<int64_t>(k);
     StrideD sd{};
     cute::get<0>(sd) = static_cast<int64_t>(n);
-    cutlass::KernelHardwareInfo hw;
-    int dev = 0;
-    cudaGetDevice(&dev);
-    hw.device_id = dev;
-    hw.sm_count = cached_sm_count(dev);
+    const cutlass::KernelHardwareInfo hw = current_hw_info();
     Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
                    {m, n, k, 1},
                    {static_cast<const int8_t*>(act), sa, static_cast<const int8_t*>(wt), sb},
@@ -704,11 +708,7 @@ struct PersistentConvKernel {
     using StrideD = typename OpKernel::StrideD;
     StrideD sd{};
     cute::get<0>(sd) = static_cast<int64_t>(s.k);
-    cutlass::KernelHardwareInfo hw;
-    int dev = 0;
-    cudaGetDevice(&dev);
-    hw.device_id = dev;
-    hw.sm_count = cached_sm_count(dev);
+    const cutlass::KernelHardwareInfo hw = current_hw_info();
     typename CollectiveMainloop::Arguments mainloop;
     mainloop.conv = {static_cast<const int8_t*>(act), static_cast<const int8_t*>(wt)};
     mainloop.problem = problem;

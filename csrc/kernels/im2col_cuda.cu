@@ -108,8 +108,10 @@ KernelStatus with_channels(int c, F&& f) {
 // [N, H, Q, cols] with the implicit-GEMM kernels, which read the rows R times
 // from L2 instead of a materialized [N*P*Q, R*S*C] im2col matrix. One thread
 // per (n, y, q) builds its cols bytes 16 at a time in registers.
+constexpr int kPackThreads = 256;
+
 template <int kC>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(kPackThreads)
     pack_taps_int8_kernel(const int8_t* __restrict__ act, ConvShape g, int cols, int64_t total,
                           int8_t* __restrict__ out) {
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -147,11 +149,11 @@ KernelStatus pack_taps_int8(const ConvShape& shape, const int8_t* act, int cols,
   if (total == 0) return KernelStatus::success();
   if (act == nullptr || out == nullptr)
     return KernelStatus::failure("pack_taps_int8: invalid argument 'act'/'out': null pointer");
-  const int64_t blocks = (total + 255) / 256;
+  const int64_t blocks = (total + kPackThreads - 1) / kPackThreads;
   if (blocks > INT32_MAX) return KernelStatus::failure("pack_taps_int8: too many rows");
   const auto launch = [&](auto channels) {
     pack_taps_int8_kernel<decltype(channels)::value>
-        <<<static_cast<unsigned>(blocks), 256, 0, stream>>>(act, shape, cols, total, out);
+        <<<static_cast<unsigned>(blocks), kPackThreads, 0, stream>>>(act, shape, cols, total, out);
     return launch_status("pack_taps_int8");
   };
   return with_channels(shape.c, launch);

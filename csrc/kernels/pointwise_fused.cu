@@ -44,6 +44,7 @@
 #include <type_traits>
 
 #include "../quant.h"
+#include "device_common.cuh"
 #include "quantize_kernels.h"
 
 namespace q4conv {
@@ -329,11 +330,13 @@ __device__ __forceinline__ int stage_offset(int row, int col) {
 
 // out[m, n] = act(alpha[n] * acc + bias[n]) for this warp's accumulators of
 // the column block starting at n0 (as the sm90 EVT: fp32 FMA, then convert),
-// for fp32 outputs (16-bit outputs: store_tile_16bit). Each 8-row half of an m16 tile goes through
-// the warp's staging buffer as int32 fragments; then lane (r, q) = (lane / 4, lane % 4) takes row r
-// and 16-byte output chunks q, q + 4, ... of the warp's columns (alpha and bias from the block's
-// shared copies epi_alpha / epi_bias, indexed from the block's first channel block_n0), so the four
-// lanes of a row store 64 contiguous bytes per instruction: L2 sees whole sectors.
+// for fp32 outputs (16-bit outputs: store_tile_16bit). Each 8-row half of an
+// m16 tile goes through the warp's staging buffer as int32 fragments; then
+// lane (r, q) = (lane / 4, lane % 4) takes row r and 16-byte output chunks q,
+// q + 4, ... of the warp's columns (alpha and bias from the block's shared
+// copies epi_alpha / epi_bias, indexed from the block's first channel
+// block_n0), so the four lanes of a row store 64 contiguous bytes per
+// instruction: L2 sees whole sectors.
 template <typename OutT, int kMT, int kNT>
 __device__ __forceinline__ void store_tile_staged32(const Params& p, const int (&acc)[kMT][kNT][4],
                                                     int64_t row0, int n0, int block_n0,
@@ -1007,15 +1010,9 @@ KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, 
   Params p{};
   p.x = x, p.weight = weight, p.bias_a = bias_a, p.scale_a = scale_a, p.eps = eps, p.bits = bits;
   p.m = pixels, p.c = channels, p.k = out_channels, p.epi = epilogue;
-  switch (x_type) {
-    case InType::kFloat32:
-      return launch_for_type<float>(p, stream);
-    case InType::kFloat16:
-      return launch_for_type<__half>(p, stream);
-    case InType::kBFloat16:
-      return launch_for_type<__nv_bfloat16>(p, stream);
-  }
-  return KernelStatus::failure("pointwise_fused_conv: unknown input type");
+  return device::with_type(x_type, [&](auto* type) {
+    return launch_for_type<std::remove_pointer_t<decltype(type)>>(p, stream);
+  });
 }
 
 }  // namespace q4conv
