@@ -106,22 +106,8 @@ ConvShape im2col_gemm_shape(const ConvShape& conv, int64_t cols) {
   return gemm;
 }
 
-// Few channels with the filter columns packed into channels (pack_taps_int8):
-// the R x 1 convolution over [N, H, Q, round_up(S*C, 16)] that `conv` (whose
-// c is the real C) becomes.
-ConvShape packed_taps_shape(const ConvShape& conv) {
-  ConvShape packed = conv;
-  packed.w = conv.q;
-  packed.c = static_cast<int>(round_up(int64_t(conv.s) * conv.c, 16));
-  packed.s = 1;
-  packed.pad_w = 0;
-  packed.stride_w = 1;
-  packed.dil_w = 1;
-  return packed;
-}
-
 // What the backend's kernel runs for this convolution: its geometry (the
-// GEMM's for im2col, the R x 1 convolution's for packed filter columns), the
+// GEMM's for im2col, the R' x 1 convolution's for packed filter taps), the
 // convolution's own geometry on the stored codes (the same otherwise) and the
 // stored channel count of the codes.
 struct KernelGeometry {
@@ -131,11 +117,11 @@ struct KernelGeometry {
   bool packed_taps = false;
 };
 
-// Few channels: packed filter columns where the sm90 kernels take that
-// convolution (the rows are read R times from L2 by the kernel instead of
-// written and read as an im2col matrix: the stem's 128 MB of rows become 51
-// MB), else the im2col GEMM. Q4CONV_PACKED_TAPS=0 always takes the im2col
-// GEMM (A/B timing and tests).
+// Few channels: packed filter taps (conv_kernels.h TapPacking) where the
+// sm90 kernels take that convolution (the packed rows are read R' times
+// from L2 by the kernel instead of written and read as an im2col matrix:
+// the stem's 128 MB of im2col rows become 53 MB), else the im2col GEMM.
+// Q4CONV_PACKED_TAPS=0 always takes the im2col GEMM (A/B timing and tests).
 bool packed_taps_enabled() {
   const char* env = std::getenv("Q4CONV_PACKED_TAPS");
   return env == nullptr || std::string(env) != "0";
@@ -147,8 +133,10 @@ KernelGeometry kernel_geometry(Backend backend, const KernelInput& in, int64_t o
   if (uses_im2col(backend, channels)) {
     const ConvShape conv = make_shape(in.x, out_channels, r, s, in.params, channels);
 #ifdef Q4CONV_HAVE_SM90
-    const ConvShape packed = packed_taps_shape(conv);
-    if (packed_taps_enabled() && sm90_int8_supports(packed, out))
+    const TapPacking taps = tap_packing(conv);
+    const ConvShape packed = packed_taps_shape(conv, taps);
+    if (packed_taps_enabled() && taps.cols <= kMaxPackedChannels && pack_taps_fits(conv, taps) &&
+        sm90_int8_supports(packed, out))
       return {packed, conv, channels, true};
 #endif
     (void)out;
@@ -327,15 +315,19 @@ at::Tensor im2col_weight(const at::Tensor& qweight, int64_t in_channels) {
 }
 
 // The im2col weight rows [K, 1, 1, cols] (what kernel_weight caches) as the
-// packed-columns convolution reads them: [K, R, 1, round_up(S*C, 16)]. Made
-// per call (a copy of K*R*S*C bytes): the layout the layer caches does not
-// depend on x, whose geometry picks the path.
+// packed-taps convolution reads them: [K, taps, 1, cols], channel i * slot +
+// s * C + c of tap t holding filter row t * group + i (zero past R and in
+// each slot's tail). Made per call (a copy of K*R*S*C bytes): the layout the
+// layer caches does not depend on x, whose geometry picks the path.
 at::Tensor packed_taps_weight(const at::Tensor& im2col_rows, const ConvShape& conv) {
+  const TapPacking t = tap_packing(conv);
   const int64_t k_out = im2col_rows.size(0), row = int64_t(conv.s) * conv.c;
-  const int64_t cols = round_up(row, 16);
-  const at::Tensor taps =
+  const at::Tensor filter_rows =
       im2col_rows.reshape({k_out, -1}).narrow(1, 0, conv.r * row).reshape({k_out, conv.r, row});
-  return at::constant_pad_nd(taps, {0, cols - row}).reshape({k_out, conv.r, 1, cols}).contiguous();
+  const int64_t padded_rows = int64_t(t.taps) * t.group;
+  return at::constant_pad_nd(filter_rows, {0, t.slot - row, 0, padded_rows - conv.r})
+      .reshape({k_out, t.taps, 1, t.cols})
+      .contiguous();
 }
 
 }  // namespace
@@ -517,26 +509,30 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
     return out.permute({0, 3, 1, 2});
   }
 #endif
-  at::Tensor act = at::empty(
-      {in.x.size(0), in.x.size(2), in.x.size(3), packed ? geometry.c_pad / 2 : geometry.c_pad},
-      x.options().dtype(packed ? at::kByte : at::kChar));
-  {
-    Q4CONV_HOST_SPAN("q4conv::quantize_launch");
-    quantize_activation_into(in.x, bias_q, scale_q, params.eps, params.bits, geometry.c_pad, packed,
-                             act);
-  }
+  at::Tensor act;
   if (geometry.packed_taps) {
-    at::Tensor packed_rows = at::empty({shape.n, shape.h, shape.w, shape.c}, act.options());
-    check_status(pack_taps_int8(geometry.conv, act.data_ptr<int8_t>(), shape.c,
-                                packed_rows.data_ptr<int8_t>(), stream),
-                 "packing filter columns");
-    act = packed_rows;
-  } else if (uses_im2col(backend, x.size(1))) {
-    at::Tensor rows = at::empty({int64_t(shape.n) * shape.p * shape.q, shape.c}, act.options());
-    check_status(im2col_int8(geometry.conv, act.data_ptr<int8_t>(), shape.c,
-                             rows.data_ptr<int8_t>(), stream),
-                 "im2col");
-    act = rows;
+    act = at::empty({shape.n, shape.h, shape.w, shape.c}, x.options().dtype(at::kChar));
+    check_status(pack_taps_quantize(kernel_view(in.x, "x"), bias_q.data_ptr<float>(),
+                                    scale_q.data_ptr<float>(), static_cast<float>(params.eps),
+                                    static_cast<int>(params.bits), geometry.conv,
+                                    act.data_ptr<int8_t>(), stream),
+                 "packing filter taps");
+  } else {
+    act = at::empty(
+        {in.x.size(0), in.x.size(2), in.x.size(3), packed ? geometry.c_pad / 2 : geometry.c_pad},
+        x.options().dtype(packed ? at::kByte : at::kChar));
+    {
+      Q4CONV_HOST_SPAN("q4conv::quantize_launch");
+      quantize_activation_into(in.x, bias_q, scale_q, params.eps, params.bits, geometry.c_pad,
+                               packed, act);
+    }
+    if (uses_im2col(backend, x.size(1))) {
+      at::Tensor rows = at::empty({int64_t(shape.n) * shape.p * shape.q, shape.c}, act.options());
+      check_status(im2col_int8(geometry.conv, act.data_ptr<int8_t>(), shape.c,
+                               rows.data_ptr<int8_t>(), stream),
+                   "im2col");
+      act = rows;
+    }
   }
   const int64_t workspace_size = workspace_bytes(backend, shape, epilogue.out_type);
   at::Tensor workspace;

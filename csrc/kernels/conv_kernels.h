@@ -110,14 +110,70 @@ KernelStatus sm90_int8_conv(const ConvShape& shape, const void* act, const void*
 // columns >= R*S*C are zero. act: int8 NHWC [n, h, w, c] with c = shape.c.
 // cols must be a multiple of 16 with im2col_rows_per_block(cols) > 0.
 int im2col_rows_per_block(int cols);
-// Few channels, filter columns packed into channels: out [n, h, q, cols]
-// holds at column s * C + c the code act[n, y, q * stride_w - pad_w + s *
-// dil_w, c] (zero outside the row; columns >= S*C zero), so the convolution
-// runs as an R x 1 one (stride_h, pad_h, dil_h) over C = cols channels.
-// shape: the convolution's geometry on act (c = C < 16); cols a multiple of
-// 16 and >= S*C.
-KernelStatus pack_taps_int8(const ConvShape& shape, const int8_t* act, int cols, int8_t* out,
-                            cudaStream_t stream);
+// Few channels, filter taps packed into channels (pack_taps_quantize in
+// quantize_kernels.h): packed row j of image n holds, for each output column
+// q, the codes of `group` input rows y = j * group + i - pad_h (i < group)
+// and S filter columns, at channel i * slot + s * C + c the code of x[n, c,
+// y, q * stride_w - pad_w + s * dil_w] (zero outside the image and in each
+// slot's tail). The convolution then runs as a `taps` x 1 one over
+// [N, rows, Q, cols] (packed_taps_shape) on the implicit-GEMM kernels, which
+// read each packed row `taps` times from L2 instead of a materialized
+// [N*P*Q, R*S*C] im2col matrix.
+//   - group = stride_h where dil_h == 1 and stride_h * slot <= 64: the
+//     packed convolution has stride 1 and taps = ceil(R / stride_h) (the
+//     stem: 2 rows x 7 columns x 3 channels in 64 channels, a 4 x 1
+//     convolution: 64-byte rows for the kernel's TMA, 4 reduction steps of 64
+//     instead of 7 of 32);
+//   - group = 1 otherwise: taps = R with the convolution's stride_h, dil_h.
+// Padding rows are packed as zero codes, so the packed convolution has no
+// padding.
+struct TapPacking {
+  int group = 1;  // input rows per packed row
+  int slot = 0;   // channels per input row: round_up(S * C, 16)
+  int cols = 0;   // channels of a packed pixel: group * slot
+  int taps = 0;   // filter height of the packed convolution
+  int rows = 0;   // packed rows per image
+};
+
+// Packed pixels hold at most kMaxPackedChannels; rows are grouped only
+// where the group fits kMaxGroupedChannels (the 64-deep tiles of the sm90
+// kernels).
+constexpr int kMaxPackedChannels = 128;
+constexpr int kMaxGroupedChannels = 64;
+
+inline TapPacking tap_packing(const ConvShape& g) {
+  TapPacking t;
+  t.slot = (g.s * g.c + 15) / 16 * 16;
+  const bool grouped =
+      g.dil_h == 1 && g.stride_h > 1 && int64_t(g.stride_h) * t.slot <= kMaxGroupedChannels;
+  t.group = grouped ? g.stride_h : 1;
+  t.cols = t.group * t.slot;
+  t.taps = grouped ? (g.r + t.group - 1) / t.group : g.r;
+  t.rows = grouped ? g.p + t.taps - 1 : g.h + 2 * g.pad_h;
+  return t;
+}
+
+// pack_taps_quantize keeps a block's input window (group rows x the columns
+// its packed pixels read x C) in shared memory: true where the window of one
+// output column fits (im2col_cuda.cu).
+constexpr int kPackWindowBytes = 32 * 1024;
+bool pack_taps_fits(const ConvShape& conv, const TapPacking& t);
+
+// The `taps` x 1 convolution over the packed rows that `conv` (geometry on
+// x, c = the real C) becomes.
+inline ConvShape packed_taps_shape(const ConvShape& conv, const TapPacking& t) {
+  ConvShape packed = conv;
+  packed.h = t.rows;
+  packed.w = conv.q;
+  packed.c = t.cols;
+  packed.r = t.taps;
+  packed.s = 1;
+  packed.pad_h = packed.pad_w = 0;
+  packed.stride_w = packed.dil_w = 1;
+  if (t.group > 1) packed.stride_h = packed.dil_h = 1;
+  return packed;
+}
+
 KernelStatus im2col_int8(const ConvShape& shape, const int8_t* act, int cols, int8_t* out,
                          cudaStream_t stream);
 

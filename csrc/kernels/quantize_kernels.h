@@ -34,6 +34,15 @@ KernelStatus quantize_activation_int4_nhwc(const Tensor4dView& x, const float* b
                                            const float* scale_a, float eps, int bits, int c_pad,
                                            uint8_t* out, cudaStream_t stream);
 
+// Few input channels: the activation codes (as quantize_activation_int8_nhwc
+// makes them) written straight in the packed-taps layout of conv_kernels.h
+// (TapPacking): out int8 [N, t.rows, Q, t.cols] with t = tap_packing(conv);
+// conv is the convolution's geometry on x (c = C). Each input value is read
+// and quantized once per block; no NHWC codes tensor is written.
+KernelStatus pack_taps_quantize(const Tensor4dView& x, const float* bias_a, const float* scale_a,
+                                float eps, int bits, const ConvShape& conv, int8_t* out,
+                                cudaStream_t stream);
+
 // Optional by-product of a weight quantization launch: the epilogue scales
 // alpha[k] = max(*scale_a, eps) * max(scale_w[per_channel ? k : 0], eps),
 // fp32 [K] (what output_alpha_fp32 computes), written by the same launch so a

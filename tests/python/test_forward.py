@@ -141,20 +141,28 @@ def test_strided_pointwise_equals_subsampled_input(device, backend, case, dtype,
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
-@pytest.mark.parametrize("case", [Case(2, 3, 64, 32, 30, 7, 7, (2, 2), (3, 3)),       # ResNet stem, 160 cols
-                                  Case(1, 15, 16, 12, 9, 7, 7, (1, 2), (2, 3), (1, 2)),  # 736 cols, 55 rows/block
+@pytest.mark.parametrize("case", [Case(2, 3, 64, 32, 30, 7, 7, (2, 2), (3, 3)),       # ResNet stem: 2 rows x 7 x 3 in 64 channels, 4 taps
+                                  Case(1, 15, 16, 12, 9, 7, 7, (1, 2), (2, 3), (1, 2)),  # 112 packed channels; im2col: 736 cols
                                   Case(3, 5, 8, 70, 3, 3, 1, (1, 1), (1, 0)),             # 630 GEMM rows: a 54-row tail block
                                   Case(2, 3, 16, 9, 150, 3, 3, (1, 2), (1, 1)),           # 75 output pixels per row
-                                  Case(1, 5, 8, 4, 6010, 3, 3, (1, 1), (1, 0), (1, 3000))],  # taps 3000 pixels apart
+                                  Case(1, 5, 8, 4, 6010, 3, 3, (1, 1), (1, 0), (1, 3000)),  # taps 3000 pixels apart
+                                  Case(2, 2, 8, 17, 12, 5, 3, (3, 1), (2, 1)),            # 3 rows per packed pixel, 2 taps
+                                  Case(2, 3, 16, 15, 13, 3, 3, (2, 2), (1, 1)),           # 2 rows, 2 taps (the 2nd half empty)
+                                  Case(1, 3, 8, 12, 10, 3, 3, (2, 2), (1, 1), (2, 1)),    # dilated rows: one row per packed pixel
+                                  Case(2, 3, 32, 20, 32, 7, 7, (2, 2), (3, 3)),           # stem, 16-byte aligned rows (vector loads)
+                                  Case(1, 3, 8, 6, 288, 3, 3, (2, 2), (1, 1))],           # aligned rows, 144 columns: 2 blocks per row
                          ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("packed", ["1", "0"], ids=["packed_taps", "im2col"])
-def test_few_channel_convolutions(device, backend, case, dtype, packed, monkeypatch):
-    """C < 16: on sm90 the filter columns packed into channels and an R x 1
-    convolution (Q4CONV_PACKED_TAPS unset or 1; the packing kernel must run),
-    or an im2col matrix of the codes through the GEMM (=0)."""
+def test_few_channel_convolutions(device, backend, case, dtype, channels_last, packed, monkeypatch):
+    """C < 16: on sm90 the input quantized straight into packed filter taps
+    (rows and columns of the filter in the channels of one pixel) and a short
+    R' x 1 convolution (Q4CONV_PACKED_TAPS unset or 1; the packing kernel must
+    run and the separate quantization pass must not), or an im2col matrix of
+    the codes through the GEMM (=0)."""
     monkeypatch.setenv("Q4CONV_PACKED_TAPS", packed)
-    x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last=True)
+    x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last=channels_last)
     skip_unless_backend_runs(x, case, backend)
     qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
     args = (x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend)
@@ -164,9 +172,11 @@ def test_few_channel_convolutions(device, backend, case, dtype, packed, monkeypa
         y, kernels = run_with_kernel_names(lambda: ops.conv_packed(*args))
     if kernels is not None and q4conv.selected_backend(
             x, case.k, (case.r, case.s), case.stride, case.padding, case.dilation, backend) == "sm90_int8":
-        packed_ran = any("pack_taps_int8_kernel" in name for name in kernels)
+        packed_ran = any("pack_taps_quantize_kernel" in name for name in kernels)
         im2col_ran = any("im2col_int8_kernel" in name for name in kernels)
-        assert (packed_ran, im2col_ran) == ((True, False) if packed == "1" else (False, True))
+        pass_ran = any("quantize_" in name and "pack_taps" not in name for name in kernels)
+        expected = (True, False, False) if packed == "1" else (False, True, True)
+        assert (packed_ran, im2col_ran, pass_ran) == expected, kernels
     check_against_oracle(y, x, bias_a, scale_a, weight, scale_w, bias, case)
 
 
