@@ -210,16 +210,21 @@ __device__ void quantize_window_any(const PackArgs& a, const PackBlock& blk, flo
 // bound: 118 us on H100, SM throughput 82%.)
 template <typename T, int kThreads>
 __device__ void quantize_window_rows(const PackArgs& a, const PackBlock& blk, float s, float inv,
-                                     int8_t* window_codes) {
+                                     const float* bias, int8_t* window_codes) {
   constexpr int kV = 16 / sizeof(T);
   const ConvShape& g = a.g;
   const int row_elements = a.window * g.c, row_len = g.w * g.c, shift = blk.x0 * g.c;
   const int lo = max(shift, 0), hi = min(shift + row_elements, row_len);
-  // Padding: columns outside the image, rows outside it.
-  for (int e = threadIdx.x; e < a.t.group * row_elements; e += kThreads) {
-    const int i = a.row_elements.divide(e), in_row = e - i * row_elements;
+  // Padding: whole rows outside the image, and the columns left and right of
+  // it (the window elements below lo - shift and from hi - shift on).
+  for (int i = 0; i < a.t.group; ++i) {
     const int y = blk.j * a.t.group + i - g.pad_h;
-    if (y < 0 || y >= g.h || in_row + shift < lo || in_row + shift >= hi) window_codes[e] = 0;
+    int8_t* row_codes = window_codes + i * row_elements;
+    const bool row_inside = y >= 0 && y < g.h;
+    const int left = row_inside ? lo - shift : row_elements;
+    const int right = row_inside ? row_elements - (hi - shift) : 0;
+    for (int e = threadIdx.x; e < left + right; e += kThreads)
+      row_codes[e < left ? e : e - left + (hi - shift)] = 0;
   }
   const int v_lo = lo / kV, vectors = (hi + kV - 1) / kV - v_lo;
   const T* __restrict__ image = static_cast<const T*>(a.x.data) + blk.n * a.x.stride[0];
@@ -234,7 +239,7 @@ __device__ void quantize_window_rows(const PackArgs& a, const PackBlock& blk, fl
     for (int k = 0; k < kV; ++k) {
       const int e = v * kV + k;
       if (e >= lo && e < hi)
-        row_codes[e] = quantize_value_fast(device::to_float(pack.e[k]) + a.bias_a[c], s, inv, a.bits);
+        row_codes[e] = quantize_value_fast(device::to_float(pack.e[k]) + bias[c], s, inv, a.bits);
       c = c + 1 == g.c ? 0 : c + 1;
     }
   }
@@ -307,12 +312,16 @@ __global__ void __launch_bounds__(kChunks* kPackPixelsPerRound)
     pack_taps_quantize_kernel(PackArgs a) {
   constexpr int kThreads = kChunks * kPackPixelsPerRound;
   extern __shared__ __align__(16) int8_t window_codes[];  // [group][window][C] + slack
+  __shared__ float bias[kMaxIm2colChannels];  // bias_a, read once per element
   const PackBlock blk = pack_block(a);
   const float s = effective_scale(*a.scale_a, a.eps), inv = 1.0f / s;
-  if constexpr (kRows)
-    quantize_window_rows<T, kThreads>(a, blk, s, inv, window_codes);
-  else
+  if constexpr (kRows) {
+    if (threadIdx.x < a.g.c) bias[threadIdx.x] = a.bias_a[threadIdx.x];
+    __syncthreads();
+    quantize_window_rows<T, kThreads>(a, blk, s, inv, bias, window_codes);
+  } else {
     quantize_window_any<T, kThreads>(a, blk, s, inv, window_codes);
+  }
   __syncthreads();
   if (a.g.dil_w == 1)
     pack_chunks_contiguous<kChunks>(a, blk, window_codes);
@@ -341,7 +350,7 @@ KernelStatus pack_taps_quantize(const Tensor4dView& x, const float* bias_a, cons
                                 cudaStream_t stream) {
   const char* fn = "pack_taps_quantize";
   const TapPacking t = tap_packing(conv);
-  if (conv.c < 1 || t.cols > kMaxPackedChannels)
+  if (conv.c < 1 || conv.c > kMaxIm2colChannels || t.cols > kMaxPackedChannels)
     return device::invalid(fn, "conv", "C = " + std::to_string(conv.c) + ", S = " +
                                            std::to_string(conv.s) + " pack into " +
                                            std::to_string(t.cols) + " channels (at most " +
