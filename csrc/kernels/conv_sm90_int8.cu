@@ -48,9 +48,11 @@ const Entry* preferred(const ConvShape& s) {
   bool small_c = s.c < 128;  // C == 64 (or 16, 32, 48, 80, ...): 64-deep tiles
   bool gemm = is_pointwise_gemm(s);
   // K <= 64: 128x64 conv tiles, two CTAs per SM (beat the GEMMs there too)
-  // (C <= 32, e.g. the stem with its filter columns packed into 32
-  // channels: 32-deep tiles. H100, stem: 187 us against 264 with the 64-deep
-  // tiles and 424 on the persistent pingpong kernel, NOTES.md session 9.)
+  // (C <= 32, few-channel convolutions with their filter taps packed into
+  // 16 or 32 channels: 32-deep tiles. H100, the stem packed into 32
+  // channels: 187 us against 264 with the 64-deep tiles and 424 on the
+  // persistent pingpong kernel, NOTES.md session 9. Since session 10 the
+  // stem packs two rows into 64 channels and takes the 128x64x64 tiles.)
   if (s.k <= 64 && s.c <= 32 && !gemm) return &kCfg128x64x32_2cta_e64;
   if (s.k <= 64) return small_c ? &kCfg128x64x64_2cta_e64 : &kCfg128x64x128_2cta;
   if (gemm) {

@@ -171,7 +171,10 @@ __device__ __forceinline__ PackBlock pack_block(const PackArgs& a) {
 
 // Phase 1, any strides: the window's codes, flat index e = (i * window +
 // column) * C + c, kPackElementsPerThread elements per thread and round with
-// every load issued before the first value is used.
+// every load issued before the first value is used. Values are quantized in
+// groups (quantize_values_fast: one branch to the exact division per group;
+// per value, the compiler evaluated the division's fast path for every
+// element, a reciprocal and ~15 instructions).
 template <typename T, int kThreads>
 __device__ void quantize_window_any(const PackArgs& a, const PackBlock& blk, float s, float inv,
                                     int8_t* window_codes) {
@@ -193,11 +196,12 @@ __device__ void quantize_window_any(const PackArgs& a, const PackBlock& blk, flo
                                  a.bias_a[c]
                            : 0.0f;
     }
+    int8_t code[kPackElementsPerThread];
+    quantize_values_fast(value, s, inv, a.bits, code);
 #pragma unroll
     for (int k = 0; k < kPackElementsPerThread; ++k) {
       const int e = base + k * kThreads + threadIdx.x;
-      if (e < elements)
-        window_codes[e] = inside[k] ? quantize_value_fast(value[k], s, inv, a.bits) : int8_t(0);
+      if (e < elements) window_codes[e] = inside[k] ? code[k] : int8_t(0);
     }
   }
 }
@@ -234,13 +238,19 @@ __device__ void quantize_window_rows(const PackArgs& a, const PackBlock& blk, fl
     if (y < 0 || y >= g.h) continue;
     const device::Pack<T, kV> pack = device::load_pack<T, kV>(image + y * a.x.stride[2] + v * kV);
     int8_t* row_codes = window_codes + i * row_elements - shift;
+    float value[kV];
     int c = (v * kV) % g.c;
 #pragma unroll
     for (int k = 0; k < kV; ++k) {
-      const int e = v * kV + k;
-      if (e >= lo && e < hi)
-        row_codes[e] = quantize_value_fast(device::to_float(pack.e[k]) + bias[c], s, inv, a.bits);
+      value[k] = device::to_float(pack.e[k]) + bias[c];
       c = c + 1 == g.c ? 0 : c + 1;
+    }
+    int8_t code[kV];
+    quantize_values_fast(value, s, inv, a.bits, code);
+#pragma unroll
+    for (int k = 0; k < kV; ++k) {
+      const int e = v * kV + k;
+      if (e >= lo && e < hi) row_codes[e] = code[k];
     }
   }
 }
