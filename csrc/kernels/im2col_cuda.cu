@@ -98,9 +98,9 @@ __global__ void __launch_bounds__(kTapThreads* kRowThreads)
 template <int kMax, int V = 1, typename F>
 KernelStatus with_count(int value, const char* fn, F&& f) {
   if constexpr (V > kMax) {
-    return KernelStatus::failure(std::string(fn) + ": invalid argument 'shape': " +
-                                 std::to_string(value) + " is outside [1, " +
-                                 std::to_string(kMax) + "]");
+    return KernelStatus::failure(std::string(fn) +
+                                 ": invalid argument 'shape': " + std::to_string(value) +
+                                 " is outside [1, " + std::to_string(kMax) + "]");
   } else {
     if (value == V) return f(std::integral_constant<int, V>{});
     return with_count<kMax, V + 1>(value, fn, std::forward<F>(f));
@@ -142,7 +142,7 @@ struct PackArgs {
   TapPacking t;
   int q_blocks, q_block, window;
   SmallDivisor row_elements, channels;  // window * C, C
-  int8_t* out;  // [N, t.rows, Q, t.cols]
+  int8_t* out;                          // [N, t.rows, Q, t.cols]
 };
 
 // Input columns the packed pixels q0 .. q0 + q_block - 1 read.
@@ -191,10 +191,11 @@ __device__ void quantize_window_any(const PackArgs& a, const PackBlock& blk, flo
       const int column = a.channels.divide(in_row), c = in_row - column * g.c;
       const int y = blk.j * a.t.group + i - g.pad_h, x = blk.x0 + column;
       inside[k] = e < elements && y >= 0 && y < g.h && x >= 0 && x < g.w;
-      value[k] = inside[k] ? device::to_float(image[y * a.x.stride[2] + x * a.x.stride[3] +
-                                                    c * a.x.stride[1]]) +
-                                 a.bias_a[c]
-                           : 0.0f;
+      value[k] =
+          inside[k]
+              ? device::to_float(image[y * a.x.stride[2] + x * a.x.stride[3] + c * a.x.stride[1]]) +
+                    a.bias_a[c]
+              : 0.0f;
     }
     int8_t code[kPackElementsPerThread];
     quantize_values_fast(value, s, inv, a.bits, code);
@@ -322,7 +323,7 @@ __global__ void __launch_bounds__(kChunks* kPackPixelsPerRound)
     pack_taps_quantize_kernel(PackArgs a) {
   constexpr int kThreads = kChunks * kPackPixelsPerRound;
   extern __shared__ __align__(16) int8_t window_codes[];  // [group][window][C] + slack
-  __shared__ float bias[kMaxIm2colChannels];  // bias_a, read once per element
+  __shared__ float bias[kMaxIm2colChannels];              // bias_a, read once per element
   const PackBlock blk = pack_block(a);
   const float s = effective_scale(*a.scale_a, a.eps), inv = 1.0f / s;
   if constexpr (kRows) {
@@ -361,13 +362,14 @@ KernelStatus pack_taps_quantize(const Tensor4dView& x, const float* bias_a, cons
   const char* fn = "pack_taps_quantize";
   const TapPacking t = tap_packing(conv);
   if (conv.c < 1 || conv.c > kMaxIm2colChannels || t.cols > kMaxPackedChannels)
-    return device::invalid(fn, "conv", "C = " + std::to_string(conv.c) + ", S = " +
-                                           std::to_string(conv.s) + " pack into " +
-                                           std::to_string(t.cols) + " channels (at most " +
-                                           std::to_string(kMaxPackedChannels) + ")");
+    return device::invalid(fn, "conv",
+                           "C = " + std::to_string(conv.c) + ", S = " + std::to_string(conv.s) +
+                               " pack into " + std::to_string(t.cols) + " channels (at most " +
+                               std::to_string(kMaxPackedChannels) + ")");
   if (!pack_taps_fits(conv, t))
-    return device::invalid(fn, "conv", "one output column's input window exceeds " +
-                                           std::to_string(kPackWindowBytes) + " bytes");
+    return device::invalid(
+        fn, "conv",
+        "one output column's input window exceeds " + std::to_string(kPackWindowBytes) + " bytes");
   const int64_t rows = int64_t(conv.n) * t.rows;
   if (rows == 0 || conv.q == 0) return KernelStatus::success();
   if (x.data == nullptr || bias_a == nullptr || scale_a == nullptr || out == nullptr)
@@ -377,8 +379,19 @@ KernelStatus pack_taps_quantize(const Tensor4dView& x, const float* bias_a, cons
     q_block /= 2;
   const int window = pack_window(conv, q_block);
   const int q_blocks = (conv.q + q_block - 1) / q_block;
-  const PackArgs a{x,        bias_a, scale_a, eps, bits, conv, t, q_blocks, q_block, window,
-                   SmallDivisor(window * conv.c), SmallDivisor(conv.c), out};
+  const PackArgs a{x,
+                   bias_a,
+                   scale_a,
+                   eps,
+                   bits,
+                   conv,
+                   t,
+                   q_blocks,
+                   q_block,
+                   window,
+                   SmallDivisor(window * conv.c),
+                   SmallDivisor(conv.c),
+                   out};
   const int64_t blocks = rows * a.q_blocks;
   if (blocks > INT32_MAX) return device::invalid(fn, "conv", "too many packed rows");
   const size_t smem = size_t(a.window) * t.group * conv.c + kPackSlackBytes;
