@@ -141,6 +141,7 @@ struct PackArgs {
   ConvShape g;  // the convolution on x, c = C
   TapPacking t;
   int q_blocks, q_block, window;
+  int row_stride;                       // shared bytes per window row (see PackBlock::align)
   SmallDivisor row_elements, channels;  // window * C, C
   int8_t* out;                          // [N, t.rows, Q, t.cols]
 };
@@ -152,9 +153,13 @@ int pack_window(const ConvShape& g, int q_block) {
 
 // Where a block's packed pixels start: packed row (n * rows + j), image n,
 // the window's first input column x0 and the block's first output column q0.
+// Window row i, element w (= column * C + c) lives at shared byte i *
+// row_stride + align + w, with align = x0 * C mod 8: input elements whose row
+// index is a multiple of 8 then land on 8-byte boundaries, so the vector path
+// stores 8 codes at once.
 struct PackBlock {
   int64_t packed_row, n;
-  int j, q0, columns, x0;
+  int j, q0, columns, x0, align;
 };
 
 __device__ __forceinline__ PackBlock pack_block(const PackArgs& a) {
@@ -166,6 +171,7 @@ __device__ __forceinline__ PackBlock pack_block(const PackArgs& a) {
   b.q0 = q_block_index * a.q_block;
   b.columns = min(a.q_block, a.g.q - b.q0);
   b.x0 = b.q0 * a.g.stride_w - a.g.pad_w;
+  b.align = (b.x0 * a.g.c) & 7;
   return b;
 }
 
@@ -202,7 +208,10 @@ __device__ void quantize_window_any(const PackArgs& a, const PackBlock& blk, flo
 #pragma unroll
     for (int k = 0; k < kPackElementsPerThread; ++k) {
       const int e = base + k * kThreads + threadIdx.x;
-      if (e < elements) window_codes[e] = inside[k] ? code[k] : int8_t(0);
+      if (e < elements) {
+        const int i = a.row_elements.divide(e), in_row = e - i * row_elements;
+        window_codes[i * a.row_stride + blk.align + in_row] = inside[k] ? code[k] : int8_t(0);
+      }
     }
   }
 }
@@ -224,7 +233,7 @@ __device__ void quantize_window_rows(const PackArgs& a, const PackBlock& blk, fl
   // it (the window elements below lo - shift and from hi - shift on).
   for (int i = 0; i < a.t.group; ++i) {
     const int y = blk.j * a.t.group + i - g.pad_h;
-    int8_t* row_codes = window_codes + i * row_elements;
+    int8_t* row_codes = window_codes + i * a.row_stride + blk.align;
     const bool row_inside = y >= 0 && y < g.h;
     const int left = row_inside ? lo - shift : row_elements;
     const int right = row_inside ? row_elements - (hi - shift) : 0;
@@ -238,7 +247,7 @@ __device__ void quantize_window_rows(const PackArgs& a, const PackBlock& blk, fl
     const int y = blk.j * a.t.group + i - g.pad_h;
     if (y < 0 || y >= g.h) continue;
     const device::Pack<T, kV> pack = device::load_pack<T, kV>(image + y * a.x.stride[2] + v * kV);
-    int8_t* row_codes = window_codes + i * row_elements - shift;
+    int8_t* row_codes = window_codes + i * a.row_stride + blk.align - shift;
     float value[kV];
     int c = (v * kV) % g.c;
 #pragma unroll
@@ -248,10 +257,23 @@ __device__ void quantize_window_rows(const PackArgs& a, const PackBlock& blk, fl
     }
     int8_t code[kV];
     quantize_values_fast(value, s, inv, a.bits, code);
+    if (v * kV >= lo && v * kV + kV <= hi) {  // the whole vector: one aligned store
+      uint32_t word[kV / 4];
 #pragma unroll
-    for (int k = 0; k < kV; ++k) {
-      const int e = v * kV + k;
-      if (e >= lo && e < hi) row_codes[e] = code[k];
+      for (int k = 0; k < kV; ++k) {
+        const uint32_t byte = static_cast<uint8_t>(code[k]);
+        word[k / 4] = (k % 4 == 0 ? 0u : word[k / 4]) | byte << (8 * (k % 4));
+      }
+      if constexpr (kV == 8)
+        *reinterpret_cast<uint2*>(row_codes + v * kV) = make_uint2(word[0], word[1]);
+      else
+        *reinterpret_cast<uint32_t*>(row_codes + v * kV) = word[0];
+    } else {
+#pragma unroll
+      for (int k = 0; k < kV; ++k) {
+        const int e = v * kV + k;
+        if (e >= lo && e < hi) row_codes[e] = code[k];
+      }
     }
   }
 }
@@ -273,7 +295,7 @@ __device__ void pack_chunks_contiguous(const PackArgs& a, const PackBlock& blk,
     const int bytes = min(max(valid - 4 * k, 0), 4);
     mask[k] = bytes == 4 ? 0xFFFFFFFFu : (1u << (8 * bytes)) - 1u;
   }
-  const int run0 = i * a.window * g.c + offset;
+  const int run0 = i * a.row_stride + blk.align + offset;
   uint4* out = reinterpret_cast<uint4*>(a.out + (blk.packed_row * g.q + blk.q0) * a.t.cols) + chunk;
   for (int pixel = threadIdx.x / kChunks; pixel < blk.columns; pixel += kPackPixelsPerRound) {
     uint32_t word[4] = {0, 0, 0, 0};
@@ -303,11 +325,11 @@ __device__ void pack_chunks_bytes(const PackArgs& a, const PackBlock& blk,
     const int column = chunk * 16 + b;
     const int i = column / a.t.slot, within = column - i * a.t.slot;
     const int tap = within / g.c, c = within - tap * g.c;
-    source[b] = tap < g.s ? (i * a.window + tap * g.dil_w) * g.c + c : -1;
+    source[b] = tap < g.s ? i * a.row_stride + tap * g.dil_w * g.c + c : -1;
   }
   uint4* out = reinterpret_cast<uint4*>(a.out + (blk.packed_row * g.q + blk.q0) * a.t.cols) + chunk;
   for (int pixel = threadIdx.x / kChunks; pixel < blk.columns; pixel += kPackPixelsPerRound) {
-    const int8_t* codes = window_codes + pixel * g.stride_w * g.c;
+    const int8_t* codes = window_codes + blk.align + pixel * g.stride_w * g.c;
     uint32_t words[4] = {0, 0, 0, 0};
 #pragma unroll
     for (int b = 0; b < 16; ++b) {
@@ -322,7 +344,7 @@ template <typename T, int kChunks, bool kRows>
 __global__ void __launch_bounds__(kChunks* kPackPixelsPerRound)
     pack_taps_quantize_kernel(PackArgs a) {
   constexpr int kThreads = kChunks * kPackPixelsPerRound;
-  extern __shared__ __align__(16) int8_t window_codes[];  // [group][window][C] + slack
+  extern __shared__ __align__(16) int8_t window_codes[];  // [group][row_stride] + slack
   __shared__ float bias[kMaxIm2colChannels];              // bias_a, read once per element
   const PackBlock blk = pack_block(a);
   const float s = effective_scale(*a.scale_a, a.eps), inv = 1.0f / s;
@@ -389,12 +411,13 @@ KernelStatus pack_taps_quantize(const Tensor4dView& x, const float* bias_a, cons
                    q_blocks,
                    q_block,
                    window,
+                   (window * conv.c + 7 + 15) / 16 * 16,  // align + a window row, 16-byte rows
                    SmallDivisor(window * conv.c),
                    SmallDivisor(conv.c),
                    out};
   const int64_t blocks = rows * a.q_blocks;
   if (blocks > INT32_MAX) return device::invalid(fn, "conv", "too many packed rows");
-  const size_t smem = size_t(a.window) * t.group * conv.c + kPackSlackBytes;
+  const size_t smem = size_t(a.row_stride) * t.group + kPackSlackBytes;
   const auto launch = [&](auto chunks) {
     constexpr int kChunks = decltype(chunks)::value;
     return device::with_type(x.type, [&](auto* type) {
