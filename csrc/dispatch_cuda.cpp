@@ -472,12 +472,50 @@ KernelStatus run_kernel(Backend backend, const ConvShape& shape, const void* act
 
 }  // namespace
 
+namespace {
+
+// The activation codes the backend's kernel reads: packed filter taps
+// (quantized straight from x), or the quantization pass's NHWC codes and, for
+// few channels without packed taps, their im2col rows.
+at::Tensor kernel_activation(Backend backend, const KernelInput& in, const KernelGeometry& geometry,
+                             const at::Tensor& bias_q, const at::Tensor& scale_q,
+                             cudaStream_t stream) {
+  const ConvShape& shape = geometry.shape;
+  const ConvParams& params = in.params;
+  if (geometry.packed_taps) {
+    at::Tensor rows =
+        at::empty({shape.n, shape.h, shape.w, shape.c}, in.x.options().dtype(at::kChar));
+    check_status(pack_taps_quantize(kernel_view(in.x, "x"), bias_q.data_ptr<float>(),
+                                    scale_q.data_ptr<float>(), static_cast<float>(params.eps),
+                                    static_cast<int>(params.bits), geometry.conv,
+                                    rows.data_ptr<int8_t>(), stream),
+                 "packing filter taps");
+    return rows;
+  }
+  const bool packed = backend == Backend::kSm80Int4;
+  at::Tensor act = at::empty(
+      {in.x.size(0), in.x.size(2), in.x.size(3), packed ? geometry.c_pad / 2 : geometry.c_pad},
+      in.x.options().dtype(packed ? at::kByte : at::kChar));
+  {
+    Q4CONV_HOST_SPAN("q4conv::quantize_launch");
+    quantize_activation_into(in.x, bias_q, scale_q, params.eps, params.bits, geometry.c_pad, packed,
+                             act);
+  }
+  if (!uses_im2col(backend, in.x.size(1))) return act;
+  at::Tensor rows = at::empty({int64_t(shape.n) * shape.p * shape.q, shape.c}, act.options());
+  check_status(
+      im2col_int8(geometry.conv, act.data_ptr<int8_t>(), shape.c, rows.data_ptr<int8_t>(), stream),
+      "im2col");
+  return rows;
+}
+
+}  // namespace
+
 at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bias_a,
                      const at::Tensor& scale_a, const at::Tensor& kernel_weight,
                      const std::array<int64_t, 3>& krs, const at::Tensor& alpha,
                      const std::optional<at::Tensor>& bias, const ConvParams& params) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const bool packed = backend == Backend::kSm80Int4;
   const auto [k_out, r, s] = krs;
   const KernelInput in = kernel_input(x, r, s, params);
   const KernelGeometry geometry =
@@ -509,31 +547,7 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
     return out.permute({0, 3, 1, 2});
   }
 #endif
-  at::Tensor act;
-  if (geometry.packed_taps) {
-    act = at::empty({shape.n, shape.h, shape.w, shape.c}, x.options().dtype(at::kChar));
-    check_status(pack_taps_quantize(kernel_view(in.x, "x"), bias_q.data_ptr<float>(),
-                                    scale_q.data_ptr<float>(), static_cast<float>(params.eps),
-                                    static_cast<int>(params.bits), geometry.conv,
-                                    act.data_ptr<int8_t>(), stream),
-                 "packing filter taps");
-  } else {
-    act = at::empty(
-        {in.x.size(0), in.x.size(2), in.x.size(3), packed ? geometry.c_pad / 2 : geometry.c_pad},
-        x.options().dtype(packed ? at::kByte : at::kChar));
-    {
-      Q4CONV_HOST_SPAN("q4conv::quantize_launch");
-      quantize_activation_into(in.x, bias_q, scale_q, params.eps, params.bits, geometry.c_pad,
-                               packed, act);
-    }
-    if (uses_im2col(backend, x.size(1))) {
-      at::Tensor rows = at::empty({int64_t(shape.n) * shape.p * shape.q, shape.c}, act.options());
-      check_status(im2col_int8(geometry.conv, act.data_ptr<int8_t>(), shape.c,
-                               rows.data_ptr<int8_t>(), stream),
-                   "im2col");
-      act = rows;
-    }
-  }
+  const at::Tensor act = kernel_activation(backend, in, geometry, bias_q, scale_q, stream);
   const int64_t workspace_size = workspace_bytes(backend, shape, epilogue.out_type);
   at::Tensor workspace;
   if (workspace_size > 0) workspace = at::empty({workspace_size}, x.options().dtype(at::kByte));

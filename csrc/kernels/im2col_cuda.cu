@@ -228,7 +228,10 @@ __device__ void quantize_window_rows(const PackArgs& a, const PackBlock& blk, fl
   constexpr int kV = 16 / sizeof(T);
   const ConvShape& g = a.g;
   const int row_elements = a.window * g.c, row_len = g.w * g.c, shift = blk.x0 * g.c;
-  const int lo = max(shift, 0), hi = min(shift + row_elements, row_len);
+  // The input row's elements in the window: [lo, hi), empty (lo == hi) where
+  // the window lies wholly in the padding (a column block of a wide padding).
+  const int lo = min(max(shift, 0), shift + row_elements);
+  const int hi = max(min(shift + row_elements, row_len), lo);
   // Padding: whole rows outside the image, and the columns left and right of
   // it (the window elements below lo - shift and from hi - shift on).
   for (int i = 0; i < a.t.group; ++i) {
@@ -240,7 +243,7 @@ __device__ void quantize_window_rows(const PackArgs& a, const PackBlock& blk, fl
     for (int e = threadIdx.x; e < left + right; e += kThreads)
       row_codes[e < left ? e : e - left + (hi - shift)] = 0;
   }
-  const int v_lo = lo / kV, vectors = (hi + kV - 1) / kV - v_lo;
+  const int v_lo = lo / kV, vectors = hi > lo ? (hi + kV - 1) / kV - v_lo : 0;
   const T* __restrict__ image = static_cast<const T*>(a.x.data) + blk.n * a.x.stride[0];
   for (int t = threadIdx.x; t < a.t.group * vectors; t += kThreads) {
     const int i = t / vectors, v = v_lo + t - i * vectors;

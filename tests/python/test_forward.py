@@ -150,7 +150,8 @@ def test_strided_pointwise_equals_subsampled_input(device, backend, case, dtype,
                                   Case(2, 3, 16, 15, 13, 3, 3, (2, 2), (1, 1)),           # 2 rows, 2 taps (the 2nd half empty)
                                   Case(1, 3, 8, 12, 10, 3, 3, (2, 2), (1, 1), (2, 1)),    # dilated rows: one row per packed pixel
                                   Case(2, 3, 32, 20, 32, 7, 7, (2, 2), (3, 3)),           # stem, 16-byte aligned rows (vector loads)
-                                  Case(1, 3, 8, 6, 288, 3, 3, (2, 2), (1, 1))],           # aligned rows, 144 columns: 2 blocks per row
+                                  Case(1, 3, 8, 6, 288, 3, 3, (2, 2), (1, 1)),            # aligned rows, 144 columns: 2 blocks per row
+                                  Case(1, 3, 8, 4, 16, 1, 1, (1, 1), (0, 130))],          # column blocks wholly in the padding
                          ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
