@@ -509,6 +509,22 @@ at::Tensor kernel_activation(Backend backend, const KernelInput& in, const Kerne
   return rows;
 }
 
+// The kernels' NHWC result as the logical (N, K, P, Q) tensor: a
+// channels_last view, or for an x whose suggested format is NCHW an NCHW copy
+// made by nhwc_to_nchw (ATen's strided copy of the stem's 103 MB fp16 output
+// took 399 us on H100, three times the convolution).
+at::Tensor layer_output(const at::Tensor& nhwc, const at::Tensor& x, cudaStream_t stream) {
+  const at::Tensor view = nhwc.permute({0, 3, 1, 2});
+  if (x.suggest_memory_format() != at::MemoryFormat::Contiguous || view.is_contiguous())
+    return view;
+  at::Tensor out = at::empty(view.sizes(), nhwc.options());
+  const int64_t pixels = nhwc.size(1) * nhwc.size(2);
+  check_status(nhwc_to_nchw(nhwc.data_ptr(), static_cast<int>(nhwc.element_size()), nhwc.size(0),
+                            pixels, nhwc.size(3), out.data_ptr(), stream),
+               "NCHW output");
+  return out;
+}
+
 }  // namespace
 
 at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bias_a,
@@ -544,7 +560,7 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
                                       static_cast<float>(params.eps), static_cast<int>(params.bits),
                                       wgt.data_ptr<int8_t>(), shape.k, epilogue, stream),
                  "sm90_int8 fused pointwise convolution");
-    return out.permute({0, 3, 1, 2});
+    return layer_output(out, x, stream);
   }
 #endif
   const at::Tensor act = kernel_activation(backend, in, geometry, bias_q, scale_q, stream);
@@ -557,8 +573,7 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
                             workspace.defined() ? workspace.data_ptr() : nullptr, stream),
                  backend_name(backend));
   }
-  // NHWC memory seen as the logical (N, K, P, Q) tensor.
-  return out.permute({0, 3, 1, 2});
+  return layer_output(out, x, stream);
 }
 
 }  // namespace q4conv

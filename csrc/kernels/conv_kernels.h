@@ -177,4 +177,10 @@ inline ConvShape packed_taps_shape(const ConvShape& conv, const TapPacking& t) {
 KernelStatus im2col_int8(const ConvShape& shape, const int8_t* act, int cols, int8_t* out,
                          cudaStream_t stream);
 
+// ---- output layout (layout_cuda.cu) ------------------------------------------
+// out [images, channels, pixels] = in [images, pixels, channels] (NHWC -> NCHW
+// of a convolution's output); element_bytes 2 (fp16 / bf16) or 4 (fp32).
+KernelStatus nhwc_to_nchw(const void* in, int element_bytes, int64_t images, int64_t pixels,
+                          int64_t channels, void* out, cudaStream_t stream);
+
 }  // namespace q4conv
