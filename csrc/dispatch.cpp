@@ -132,7 +132,7 @@ Backend choose_backend(const at::Tensor& x, int64_t out_channels, int64_t r, int
   }
   // sm_90: int8 tensor cores on 4-bit values (native int4 MMA is emulated
   // there); inputs with few channels (the RGB stem) go through packed filter
-  // columns or an im2col GEMM (dispatch_cuda.cpp). sm_80/86/89: the native
+  // taps or an im2col GEMM (dispatch_cuda.cpp). sm_80/86/89: the native
   // int4 kernel, except for very few input channels, which would be mostly
   // zero padding in its 32-channel tiles (the exact fallback is faster
   // there). Anything else: fallback.

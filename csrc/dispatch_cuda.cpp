@@ -470,10 +470,6 @@ KernelStatus run_kernel(Backend backend, const ConvShape& shape, const void* act
   return KernelStatus::failure("backend not built");
 }
 
-}  // namespace
-
-namespace {
-
 // The activation codes the backend's kernel reads: packed filter taps
 // (quantized straight from x), or the quantization pass's NHWC codes and, for
 // few channels without packed taps, their im2col rows.

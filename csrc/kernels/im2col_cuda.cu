@@ -151,6 +151,11 @@ int pack_window(const ConvShape& g, int q_block) {
   return (q_block - 1) * g.stride_w + (g.s - 1) * g.dil_w + 1;
 }
 
+// Shared bytes of the codes that window holds: group rows x columns x C.
+int64_t pack_window_bytes(const ConvShape& g, const TapPacking& t, int q_block) {
+  return int64_t(pack_window(g, q_block)) * t.group * g.c;
+}
+
 // Where a block's packed pixels start: packed row (n * rows + j), image n,
 // the window's first input column x0 and the block's first output column q0.
 // Window row i, element w (= column * C + c) lives at shared byte i *
@@ -378,7 +383,7 @@ bool dense_aligned_rows(const Tensor4dView& x, size_t element_bytes) {
 }  // namespace
 
 bool pack_taps_fits(const ConvShape& conv, const TapPacking& t) {
-  return int64_t(pack_window(conv, 1)) * t.group * conv.c <= kPackWindowBytes;
+  return pack_window_bytes(conv, t, 1) <= kPackWindowBytes;
 }
 
 KernelStatus pack_taps_quantize(const Tensor4dView& x, const float* bias_a, const float* scale_a,
@@ -400,8 +405,7 @@ KernelStatus pack_taps_quantize(const Tensor4dView& x, const float* bias_a, cons
   if (x.data == nullptr || bias_a == nullptr || scale_a == nullptr || out == nullptr)
     return device::invalid(fn, "x/bias_a/scale_a/out", "null pointer");
   int q_block = conv.q < kPackMaxColumns ? conv.q : kPackMaxColumns;
-  while (q_block > 1 && int64_t(pack_window(conv, q_block)) * t.group * conv.c > kPackWindowBytes)
-    q_block /= 2;
+  while (q_block > 1 && pack_window_bytes(conv, t, q_block) > kPackWindowBytes) q_block /= 2;
   const int window = pack_window(conv, q_block);
   const int q_blocks = (conv.q + q_block - 1) / q_block;
   const PackArgs a{x,
