@@ -190,6 +190,27 @@ bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& 
   const PointwiseFusedLayout layout = pointwise_fused_layout(x_type, shape.c, shape.k);
   return runs && (layout.cluster == 1 ? layout.passes <= 2 : layout.cluster == 2);
 }
+
+// The same layers through TMA + int8 wgmma with the quantization in the
+// consumer warpgroups (pointwise_wgmma.cu): only with
+// Q4CONV_WGMMA_POINTWISE=1 (A/B timing and tests). It is slower than the
+// default paths on every ResNet-50 1x1 layer (H100, session 11, CUDA graphs,
+// us, wgmma vs default: C1024->K256 14x14 30.4 vs 26.1, C2048->K512 7x7 26.9
+// vs 19.8, C512->K256 28x28 56.0 vs 46.4, C512->K128 28x28 32.2 vs 32.0;
+// NOTES.md session 11).
+bool wgmma_pointwise_requested() {
+  const char* env = std::getenv("Q4CONV_WGMMA_POINTWISE");
+  return env != nullptr && std::string(env) == "1";
+}
+
+bool use_wgmma_pointwise(Backend backend, const at::Tensor& x, const ConvShape& shape) {
+  if (!wgmma_pointwise_requested() || backend != Backend::kSm90Int8 || !is_pointwise_gemm(shape) ||
+      shape.c != x.size(1) || !x.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+      !aligned16(x.data_ptr()))
+    return false;
+  return pointwise_wgmma_supports(kernel_in_type(x.scalar_type(), "x"),
+                                  int64_t(shape.n) * shape.h * shape.w, shape.c, shape.k);
+}
 #endif  // Q4CONV_HAVE_SM90
 
 }  // namespace
@@ -549,6 +570,15 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor bias_q = fp32_dense(bias_a), scale_q = fp32_dense(scale_a);
 #ifdef Q4CONV_HAVE_SM90
+  if (use_wgmma_pointwise(backend, in.x, shape)) {
+    check_status(pointwise_wgmma_conv(in.x.data_ptr(), kernel_in_type(in.x.scalar_type(), "x"),
+                                      int64_t(shape.n) * shape.h * shape.w, shape.c,
+                                      bias_q.data_ptr<float>(), scale_q.data_ptr<float>(),
+                                      static_cast<float>(params.eps), static_cast<int>(params.bits),
+                                      wgt.data_ptr<int8_t>(), shape.k, epilogue, stream),
+                 "sm90_int8 wgmma pointwise convolution");
+    return layer_output(out, x, stream);
+  }
   if (use_fused_pointwise(backend, in.x, shape)) {
     check_status(pointwise_fused_conv(in.x.data_ptr(), kernel_in_type(in.x.scalar_type(), "x"),
                                       int64_t(shape.n) * shape.h * shape.w, shape.c,

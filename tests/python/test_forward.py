@@ -195,6 +195,7 @@ def test_fused_pointwise_kernel(device, backend, case, dtype, monkeypatch):
     skip_unless_backend_runs(x, case, backend)
     qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
     args = (x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), True, backend)
+    monkeypatch.setenv("Q4CONV_WGMMA_POINTWISE", "0")
     for switch in ("1", "0"):
         monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", switch)
         y = ops.conv_packed(*args)
@@ -238,6 +239,7 @@ def test_fused_pointwise_equals_unfused(device, backend, case, dtype, relu, monk
     flat[-1, -4:] = torch.tensor([0.625, -0.625, 100.0, -100.0], dtype=dtype, device=device)
     qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
     args = (x, bias_a, scale_a, qweight, scale_w, None, *conv_args(case), relu, backend)
+    monkeypatch.setenv("Q4CONV_WGMMA_POINTWISE", "0")
     monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", "0")
     reference = ops.conv_packed(*args)
     monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", "1")
@@ -270,6 +272,73 @@ def test_persistent_conv_kernel(device, backend, case, dtype):
     check_against_oracle(y, x, bias_a, scale_a, weight, scale_w, bias, case)
 
 
+WGMMA_CASES = [
+    Case(3, 64, 128, 14, 14, 1, 1),     # one k tile, one 128-wide slice, row tail (588 pixels)
+    Case(2, 192, 256, 9, 7, 1, 1),      # three k tiles, one 256-wide slice, 126 pixels
+    Case(1, 1024, 256, 14, 14, 1, 1),   # 16 k tiles: the ring wraps four times
+    Case(2, 2048, 512, 7, 7, 1, 1),     # the largest C, two 256-wide slices
+    Case(1, 128, 384, 5, 11, 1, 1),     # three 128-wide slices, 55 pixels (one partial row block)
+    Case(5, 320, 128, 13, 13, 1, 1),    # C not a power of two (5 k tiles), 845 pixels
+]
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
+@pytest.mark.parametrize("case", WGMMA_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_wgmma_pointwise_kernel(device, backend, case, dtype, bias, monkeypatch):
+    """Q4CONV_WGMMA_POINTWISE=1 runs dense fp16 / bf16 1x1 stride-1
+    convolutions with C % 64 == 0 and K % 128 == 0 through the wgmma kernel
+    that quantizes in registers (fp32 inputs take the other paths); the
+    result matches the oracle either way."""
+    x, bias_a, scale_a, weight, scale_w, out_bias = make_inputs(case, device, dtype, channels_last=True,
+                                                                bias=bias, per_channel=True)
+    skip_unless_backend_runs(x, case, backend)
+    monkeypatch.setenv("Q4CONV_WGMMA_POINTWISE", "1")
+    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
+    args = (x, bias_a, scale_a, qweight, scale_w, out_bias, *conv_args(case), False, backend)
+    y, kernels = run_with_kernel_names(lambda: ops.conv_packed(*args))
+    if kernels is not None:
+        assert wgmma_kernel_ran(kernels) == (dtype != torch.float32), kernels
+    check_against_oracle(y, x, bias_a, scale_a, weight, scale_w, out_bias, case)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
+@pytest.mark.parametrize("case", WGMMA_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("out_dtype_relu", [False, True], ids=["linear", "relu"])
+def test_wgmma_pointwise_equals_unfused(device, backend, case, dtype, out_dtype_relu, monkeypatch):
+    """The wgmma kernel's codes are the separate pass's, bit for bit: without
+    an output bias its output equals the pass + GEMM output exactly,
+    including NaN, +-Inf and exact rounding ties, with and without ReLU."""
+    x, bias_a, scale_a, weight, scale_w, _ = make_inputs(case, device, dtype, channels_last=True,
+                                                         per_channel=True, seed=case.c + case.k)
+    skip_unless_backend_runs(x, case, backend)
+    scale_a = torch.tensor(0.25, device=device)
+    bias_a = bias_a.float().mul(8).round().div(8)
+    flat = x.permute(0, 2, 3, 1).reshape(-1, case.c)
+    flat[0, :8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.125, -0.125, 0.375, 1.875, -2.125],
+                               dtype=dtype, device=device) - bias_a[:8].to(dtype)
+    flat[-1, -4:] = torch.tensor([0.625, -0.625, 100.0, -100.0], dtype=dtype, device=device)
+    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
+    args = (x, bias_a, scale_a, qweight, scale_w, None, *conv_args(case), out_dtype_relu, backend)
+    monkeypatch.setenv("Q4CONV_WGMMA_POINTWISE", "0")
+    monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", "0")
+    reference = ops.conv_packed(*args)
+    monkeypatch.setenv("Q4CONV_WGMMA_POINTWISE", "1")
+    y, kernels = run_with_kernel_names(lambda: ops.conv_packed(*args))
+    if kernels is not None:
+        assert wgmma_kernel_ran(kernels), kernels
+    assert torch.isfinite(y).all()
+    assert torch.equal(y, reference)
+
+
+def wgmma_kernel_ran(kernel_names) -> bool:
+    """Whether the wgmma 1x1 kernel is among the launched kernels' names."""
+    return any("pointwise_wgmma_kernel" in name for name in kernel_names)
+
+
 def fused_kernel_ran(kernel_names) -> bool:
     """Whether the fused 1x1 kernel is among the launched kernels' names."""
     return any("pointwise_fused_kernel" in name for name in kernel_names)
@@ -293,8 +362,9 @@ def test_fused_pointwise_dispatch_rule(device, backend, c, k, fused, monkeypatch
     """Without Q4CONV_FUSED_POINTWISE, fp16 1x1 layers run the fused kernel
     where one block holds all of K's weights in one slice or two passes or
     where K takes a cluster of two, and pass + GEMM where K needs more passes
-    or a larger cluster."""
+    or a larger cluster; never the wgmma 1x1 kernel (opt-in only)."""
     monkeypatch.delenv("Q4CONV_FUSED_POINTWISE", raising=False)
+    monkeypatch.delenv("Q4CONV_WGMMA_POINTWISE", raising=False)
     case = Case(2, c, k, 8, 8, 1, 1)
     x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, torch.float16, channels_last=True)
     skip_unless_backend_runs(x, case, backend)
@@ -304,6 +374,7 @@ def test_fused_pointwise_dispatch_rule(device, backend, c, k, fused, monkeypatch
     if kernels is None:
         pytest.skip("the profiler records no CUDA kernels here (CUPTI unavailable)")
     assert fused_kernel_ran(kernels) == fused, kernels
+    assert not wgmma_kernel_ran(kernels), "the wgmma 1x1 kernel runs only on request"
 
 
 @pytest.mark.parametrize("device", DEVICES)
