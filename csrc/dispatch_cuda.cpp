@@ -192,24 +192,33 @@ bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& 
 }
 
 // The same layers through TMA + int8 wgmma with the quantization in the
-// consumer warpgroups (pointwise_wgmma.cu): only with
-// Q4CONV_WGMMA_POINTWISE=1 (A/B timing and tests). It is slower than the
-// default paths on every ResNet-50 1x1 layer (H100, session 11, CUDA graphs,
-// us, wgmma vs default: C1024->K256 14x14 30.4 vs 26.1, C2048->K512 7x7 26.9
-// vs 19.8, C512->K256 28x28 56.0 vs 46.4, C512->K128 28x28 32.2 vs 32.0;
-// NOTES.md session 11).
-bool wgmma_pointwise_requested() {
+// CTA's warpgroups (pointwise_wgmma.cu). Q4CONV_WGMMA_POINTWISE=1 uses it
+// wherever it can run, =0 never; the rule takes it where K is one 256-wide
+// slice (each input value quantized once), C >= 512 and the 64-pixel row
+// blocks fill a wave. H100, session 11, CUDA graphs, us, wgmma vs the
+// default before: C1024->K256 14x14 22.6 vs 27.3 (pass + GEMM), C512->K256
+// 28x28 41.1 vs 46.1 (fused, cluster of two). Two 256-wide slices tie or
+// lose (each slice re-reads and re-quantizes the input: C1024->K512 14x14
+// 32.5 vs 33.2, C128->K512 28x28 39.7 vs 33.5), and so do layers with fewer
+// row blocks than SMs' worth (C2048->K512 7x7: 98 CTAs, 24.2 vs 20.8).
+FusedMode wgmma_pointwise_mode() {
   const char* env = std::getenv("Q4CONV_WGMMA_POINTWISE");
-  return env != nullptr && std::string(env) == "1";
+  if (env == nullptr) return FusedMode::kRule;
+  return std::string(env) == "0" ? FusedMode::kNever : FusedMode::kAlways;
 }
 
 bool use_wgmma_pointwise(Backend backend, const at::Tensor& x, const ConvShape& shape) {
-  if (!wgmma_pointwise_requested() || backend != Backend::kSm90Int8 || !is_pointwise_gemm(shape) ||
+  const FusedMode mode = wgmma_pointwise_mode();
+  if (mode == FusedMode::kNever || backend != Backend::kSm90Int8 || !is_pointwise_gemm(shape) ||
       shape.c != x.size(1) || !x.is_contiguous(at::MemoryFormat::ChannelsLast) ||
       !aligned16(x.data_ptr()))
     return false;
-  return pointwise_wgmma_supports(kernel_in_type(x.scalar_type(), "x"),
-                                  int64_t(shape.n) * shape.h * shape.w, shape.c, shape.k);
+  const int64_t pixels = int64_t(shape.n) * shape.h * shape.w;
+  if (!pointwise_wgmma_supports(kernel_in_type(x.scalar_type(), "x"), pixels, shape.c, shape.k))
+    return false;
+  constexpr int64_t kRowBlock = 64, kWave = 132;  // pixels per CTA; H100 SMs
+  return mode == FusedMode::kAlways ||
+         (shape.k == 256 && shape.c >= 512 && pixels >= kWave * kRowBlock);
 }
 #endif  // Q4CONV_HAVE_SM90
 

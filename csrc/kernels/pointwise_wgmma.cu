@@ -6,17 +6,17 @@
 // that the GEMM then reads again), and the mma.sync fused kernel
 // (pointwise_fused.cu) cannot hold their weights. Here the codes live only
 // in shared memory:
-//   - a producer warp streams fp16 / bf16 input tiles [64 pixels x 64
-//     channels] and int8 weight tiles [BN x 64] into shared memory with TMA
-//     (128- and 64-byte swizzles, a ring of full / empty mbarriers);
-//   - one consumer warpgroup quantizes each input tile (bias_a added, quant.h's
-//     quantize_values_fast, so the codes equal the separate pass's bit for
-//     bit) into one of two code tiles in the wgmma's K-major layout, and
-//     multiplies it with the weight tile by wgmma m64nBNk32 from shared
-//     memory while it quantizes the next tile. (Register-sourced wgmma would
-//     skip the code tile, but ptxas serializes every wgmma whose register
-//     operands come out of the quantization's fallback branch, C7513: 2-3x
-//     slower, measured.)
+//   - one thread streams fp16 / bf16 input tiles [BM pixels x 64 channels]
+//     and int8 weight tiles [BN x 64] into shared memory with TMA (128- and
+//     64-byte swizzles, a ring of full / empty mbarriers);
+//   - the CTA's warpgroups (BN / 128 of them) quantize each input tile
+//     (bias_a added, quant.h's arithmetic, so the codes equal the separate
+//     pass's bit for bit) into one of two code tiles in the wgmma's K-major
+//     layout, then multiply it with their 128 channels of the weight tile by
+//     wgmma m64n128k32 from shared memory while they quantize the next tile.
+//     (Register-sourced wgmma would skip the code tile, but ptxas serializes
+//     every wgmma whose register operands come out of the quantization's
+//     fallback branch, C7513: 2-3x slower, measured.)
 //   - the epilogue out = act(alpha[n] * acc + bias[n]) goes through a padded
 //     shared-memory tile and leaves as whole 16-byte row pieces.
 // Each input tile is read once per BN-wide slice of K (BN = 256 where K %
@@ -40,22 +40,27 @@ using namespace cute;
 using device::from_float;
 using device::to_float;
 
-constexpr int kBM = 64;             // pixels per CTA
 constexpr int kBK = 64;             // channels per pipeline stage
 constexpr int kBNPerGroup = 128;    // output channels per consumer warpgroup
 constexpr int kMaxChannels = 2048;  // bias_a kept in shared memory
 
-// A CTA has kGroups consumer warpgroups (BN = 128 * kGroups output channels,
-// all multiplying the same code tiles) and one TMA producer warp.
+// A CTA has kGroups consumer warpgroups side by side along N (128 output
+// channels each; all multiply the same code tiles): a 64 x 128 (kGroups = 1)
+// or 64 x 256 (kGroups = 2) output tile. A 128 x 256 tile (two warpgroups
+// along M as well, one CTA per SM) measured slower than 64 x 256 on every
+// 1x1 layer with K % 256 == 0 (NOTES.md, session 11).
 template <int kGroups>
 struct Shape_ {
+  static constexpr int kBM = 64;
   static constexpr int kBN = kBNPerGroup * kGroups;
   static constexpr int kConsumers = 128 * kGroups;
-  static constexpr int kThreads = kConsumers + 32;
-  // Ring depth: 4 stages of 24 KB for BN = 256 (two CTAs per SM), 3 of 16 KB
-  // for BN = 128 (three CTAs per SM).
-  static constexpr int kStages = kGroups == 2 ? 4 : 3;
-  static constexpr int kMaxRegisters = kGroups == 2 ? 112 : 128;
+  static constexpr int kThreads = kConsumers;
+  // Ring depth: 4 stages of 24 KB (64 x 256: two CTAs per SM), 3 of 16 KB
+  // (64 x 128: three CTAs per SM).
+  static constexpr int kStages = kGroups == 1 ? 3 : 4;
+  // Registers: 128 (64 accumulators) fit two 256-thread or three 128-thread
+  // CTAs per SM.
+  static constexpr int kMaxRegisters = 128;
   // Quantization: kPerRow threads per pixel, kCols channels each.
   static constexpr int kPerRow = kConsumers / kBM;
   static constexpr int kCols = kBK / kPerRow;
@@ -81,12 +86,12 @@ template <typename T, int kGroups>
 struct Layouts {
   using S = Shape_<kGroups>;
   using In = typename CuteType<T>::type;
-  using SmemA =
-      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<In>{}, Shape<_64, _64, Int<S::kStages>>{}));
+  using SmemA = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<In>{},
+                                       Shape<Int<S::kBM>, _64, Int<S::kStages>>{}));
   using SmemB = decltype(tile_to_shape(GMMA::Layout_K_SW64_Atom<int8_t>{},
                                        Shape<Int<S::kBN>, _64, Int<S::kStages>>{}));
   using SmemCodes =
-      decltype(tile_to_shape(GMMA::Layout_K_SW64_Atom<int8_t>{}, Shape<_64, _64, _2>{}));
+      decltype(tile_to_shape(GMMA::Layout_K_SW64_Atom<int8_t>{}, Shape<Int<S::kBM>, _64, _2>{}));
   using TiledMma = decltype(make_tiled_mma(SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN{},
                                            Layout<Shape<_1, Int<kGroups>, _1>>{}));
 };
@@ -164,7 +169,7 @@ __device__ __forceinline__ void quantize16(const char* lo, const char* hi, const
       make_uint4(pack_codes(q), pack_codes(q + 4), pack_codes(q + 8), pack_codes(q + 12));
 }
 
-// Named barrier 1 over the consumer warpgroups (the producer warp has left).
+// Named barrier 1 over the CTA's warpgroups.
 template <int kConsumers>
 __device__ __forceinline__ void consumers_sync() {
   asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumers) : "memory");
@@ -180,7 +185,7 @@ __global__ void __launch_bounds__(Shape_<kGroups>::kThreads)
   using S = Shape_<kGroups>;
   using L = Layouts<T, kGroups>;
   using Storage = SharedStorage<T, kGroups>;
-  constexpr int kStages = S::kStages, kBN = S::kBN, kConsumers = S::kConsumers;
+  constexpr int kStages = S::kStages, kBM = S::kBM, kBN = S::kBN, kConsumers = S::kConsumers;
   extern __shared__ __align__(1024) char smem_raw[];
   Storage& smem = *reinterpret_cast<Storage*>(smem_raw);
   const int thread = threadIdx.x, warp = thread / 32, lane = thread % 32;
@@ -204,29 +209,28 @@ __global__ void __launch_bounds__(Shape_<kGroups>::kThreads)
   Tensor sCodes =
       make_tensor(make_smem_ptr(smem.codes.data()), typename L::SmemCodes{});  // (64, 64, 2)
 
-  if (warp == kConsumers / 32) {
-    // Producer: one lane streams the k tiles of this CTA's input rows and
-    // weight slice through the ring.
-    if (lane == 0) {
-      Tensor mA = tma_a.get_tma_tensor(make_shape(p.m, p.c));
-      Tensor mB = tma_b.get_tma_tensor(make_shape(p.k, p.c));
-      Tensor gA = local_tile(mA, Shape<_64, _64>{}, make_coord(m_block, _));       // (64,64,k)
-      Tensor gB = local_tile(mB, Shape<Int<kBN>, _64>{}, make_coord(n_block, _));  // (BN,64,k)
-      auto [tAgA, tAsA] = tma_partition(tma_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
-                                        group_modes<0, 2>(gA));
-      auto [tBgB, tBsB] = tma_partition(tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB),
-                                        group_modes<0, 2>(gB));
-      constexpr int kTxBytes = kBM * kBK * int(sizeof(T)) + kBN * kBK;
-      for (int kt = 0; kt < k_tiles; ++kt) {
-        const int s = kt % kStages;
-        if (kt >= kStages) EmptyBarrier::wait(&smem.empty[s], ((kt / kStages) - 1) & 1);
-        FullBarrier::arrive_and_expect_tx(&smem.full[s], kTxBytes);
-        copy(tma_a.with(smem.full[s]), tAgA(_, kt), tAsA(_, s));
-        copy(tma_b.with(smem.full[s]), tBgB(_, kt), tBsB(_, s));
-      }
-    }
-    return;
-  }
+  // Thread 0 streams the k tiles of this CTA's input rows and weight slice
+  // through the ring: the first kStages here, tile kt + kStages - 1 once
+  // every warp has released tile kt - 1 (in the loop). (A producer warp of
+  // its own measured slower: 30.4 vs 22.6 us on C1024->K256 14x14; its CTA
+  // of 9 warps fit only 112 registers per thread, with spills.)
+  Tensor mA = tma_a.get_tma_tensor(make_shape(p.m, p.c));
+  Tensor mB = tma_b.get_tma_tensor(make_shape(p.k, p.c));
+  Tensor gA = local_tile(mA, Shape<Int<kBM>, _64>{}, make_coord(m_block, _));  // (BM,64,k)
+  Tensor gB = local_tile(mB, Shape<Int<kBN>, _64>{}, make_coord(n_block, _));  // (BN,64,k)
+  auto [tAgA, tAsA] =
+      tma_partition(tma_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA), group_modes<0, 2>(gA));
+  auto [tBgB, tBsB] =
+      tma_partition(tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
+  const auto load_tile = [&](int kt) {
+    constexpr int kTxBytes = kBM * kBK * int(sizeof(T)) + kBN * kBK;
+    const int s = kt % kStages;
+    FullBarrier::arrive_and_expect_tx(&smem.full[s], kTxBytes);
+    copy(tma_a.with(smem.full[s]), tAgA(_, kt), tAsA(_, s));
+    copy(tma_b.with(smem.full[s]), tBgB(_, kt), tBsB(_, s));
+  };
+  if (thread == 0)
+    for (int kt = 0; kt < kStages && kt < k_tiles; ++kt) load_tile(kt);
 
   // Consumers. Thread t quantizes pixel t / kPerRow, channels (t % kPerRow) *
   // kCols ... of each input tile, 16 at a time: 16-byte chunks in and out
@@ -250,7 +254,7 @@ __global__ void __launch_bounds__(Shape_<kGroups>::kThreads)
   ThrMMA thr_mma = mma.get_thread_slice(thread);
   Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(sCodes));  // (V, 1, 2, 2) descriptors
   Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(sB));      // (V, 1, 2, S) descriptors
-  Tensor accum = partition_fragment_C(mma, Shape<_64, Int<kBN>>{});    // this thread's 64x128 part
+  Tensor accum = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});  // this thread's 64x128
   clear(accum);
   mma.accumulate_ = GMMA::ScaleOut::One;
 
@@ -283,14 +287,20 @@ __global__ void __launch_bounds__(Shape_<kGroups>::kThreads)
     warpgroup_wait<1>();
     if (kt > 0) {
       __syncwarp();
-      if (lane == 0) EmptyBarrier::arrive(&smem.empty[(kt - 1) % kStages]);
+      const int freed = (kt - 1) % kStages;
+      if (lane == 0) EmptyBarrier::arrive(&smem.empty[freed]);
+      if (thread == 0 && kt - 1 + kStages < k_tiles) {
+        EmptyBarrier::wait(&smem.empty[freed], ((kt - 1) / kStages) & 1);
+        load_tile(kt - 1 + kStages);
+      }
     }
   }
   warpgroup_wait<0>();
   warpgroup_fence_operand(accum);
 
-  // Epilogue: every consumer is past its last read of the ring, so the
-  // input / weight tiles become the staging tile. Accumulator i of a thread
+  // Epilogue: every consumer is past its last read of the ring and the code
+  // tiles, so the input / weight / code tiles (contiguous) become the
+  // staging tile. Accumulator i of a thread
   // is (row 16 w + lane / 4 + 8 ((i / 2) % 2), column 128 g + 8 (i / 4) +
   // 2 (lane % 4) + i % 2) of the CTA tile (GMMA::CLayout_64x128; g = the
   // thread's warpgroup, w = its warp there).
@@ -340,43 +350,48 @@ KernelStatus launch(const Params& p, const void* x, const int8_t* weight, cudaSt
   Tensor mA = make_tensor(make_gmem_ptr(static_cast<const In*>(x)), make_shape(p.m, p.c),
                           make_stride(p.c, _1{}));
   Tensor mB = make_tensor(make_gmem_ptr(weight), make_shape(p.k, p.c), make_stride(p.c, _1{}));
-  auto tma_a = make_tma_atom(SM90_TMA_LOAD{}, mA, typename L::SmemA{}(_, _, 0), Shape<_64, _64>{});
+  auto tma_a =
+      make_tma_atom(SM90_TMA_LOAD{}, mA, typename L::SmemA{}(_, _, 0), Shape<Int<S::kBM>, _64>{});
   auto tma_b =
       make_tma_atom(SM90_TMA_LOAD{}, mB, typename L::SmemB{}(_, _, 0), Shape<Int<S::kBN>, _64>{});
   const auto kernel = pointwise_wgmma_kernel<T, OutT, kGroups, decltype(tma_a), decltype(tma_b)>;
   constexpr int kSmem = int(sizeof(Storage));
-  static_assert(
-      staging_pitch<OutT, S::kBN>() * kBM <= int(sizeof(Storage::a)) + int(sizeof(Storage::b)),
-      "the epilogue tile fits the ring");
+  static_assert(staging_pitch<OutT, S::kBN>() * S::kBM <=
+                    int(sizeof(Storage::a)) + int(sizeof(Storage::b)) + int(sizeof(Storage::codes)),
+                "the epilogue tile fits the ring");
   static std::atomic<int> raised[kMaxDevices];
   cudaError_t err = raise_smem_limit(reinterpret_cast<const void*>(kernel), kSmem, true, raised);
   if (err != cudaSuccess)
     return KernelStatus::failure(std::string("pointwise_wgmma_conv: shared memory limit: ") +
                                  cudaGetErrorString(err));
-  const dim3 grid(p.k / S::kBN, (p.m + kBM - 1) / kBM);
+  const dim3 grid(p.k / S::kBN, (p.m + S::kBM - 1) / S::kBM);
   kernel<<<grid, S::kThreads, kSmem, stream>>>(p, tma_a, tma_b);
   return launch_status("pointwise_wgmma_conv");
 }
 
 // Consumer warpgroups per CTA: two (BN = 256) where K % 256 == 0, else one.
+// Consumer warpgroups per CTA: two (64 x 256 tiles) where K % 256 == 0.
 int groups_for(int out_channels) { return out_channels % 256 == 0 ? 2 : 1; }
+
+template <typename T, int kGroups>
+KernelStatus launch_for_groups(const Params& p, const void* x, const int8_t* weight,
+                               cudaStream_t stream) {
+  switch (p.epi.out_type) {
+    case OutType::kFloat32:
+      return launch<T, float, kGroups>(p, x, weight, stream);
+    case OutType::kFloat16:
+      return launch<T, __half, kGroups>(p, x, weight, stream);
+    case OutType::kBFloat16:
+      return launch<T, __nv_bfloat16, kGroups>(p, x, weight, stream);
+  }
+  return KernelStatus::failure("pointwise_wgmma_conv: unknown output type");
+}
 
 template <typename T>
 KernelStatus launch_for_out(const Params& p, const void* x, const int8_t* weight,
                             cudaStream_t stream) {
-  const bool two = groups_for(p.k) == 2;
-  switch (p.epi.out_type) {
-    case OutType::kFloat32:
-      return two ? launch<T, float, 2>(p, x, weight, stream)
-                 : launch<T, float, 1>(p, x, weight, stream);
-    case OutType::kFloat16:
-      return two ? launch<T, __half, 2>(p, x, weight, stream)
-                 : launch<T, __half, 1>(p, x, weight, stream);
-    case OutType::kBFloat16:
-      return two ? launch<T, __nv_bfloat16, 2>(p, x, weight, stream)
-                 : launch<T, __nv_bfloat16, 1>(p, x, weight, stream);
-  }
-  return KernelStatus::failure("pointwise_wgmma_conv: unknown output type");
+  return groups_for(p.k) == 2 ? launch_for_groups<T, 2>(p, x, weight, stream)
+                              : launch_for_groups<T, 1>(p, x, weight, stream);
 }
 
 }  // namespace

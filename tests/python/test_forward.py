@@ -279,6 +279,7 @@ WGMMA_CASES = [
     Case(2, 2048, 512, 7, 7, 1, 1),     # the largest C, two 256-wide slices
     Case(1, 128, 384, 5, 11, 1, 1),     # three 128-wide slices, 55 pixels (one partial row block)
     Case(5, 320, 128, 13, 13, 1, 1),    # C not a power of two (5 k tiles), 845 pixels
+    Case(3, 128, 512, 56, 56, 1, 1),    # 9408 pixels: 147 row blocks, two 256-wide slices
 ]
 
 
@@ -332,6 +333,32 @@ def test_wgmma_pointwise_equals_unfused(device, backend, case, dtype, out_dtype_
         assert wgmma_kernel_ran(kernels), kernels
     assert torch.isfinite(y).all()
     assert torch.equal(y, reference)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
+@pytest.mark.parametrize("n,c,k,h,dtype,wgmma", [
+    (3, 512, 256, 56, torch.float16, True),    # K one 256-wide slice, C >= 512, 147 row blocks
+    (3, 1024, 256, 56, torch.bfloat16, True),
+    (3, 512, 256, 56, torch.float32, False),   # fp32 input: not supported
+    (3, 512, 512, 56, torch.float16, False),   # two slices re-read the input
+    (3, 256, 256, 56, torch.float16, False),   # C < 512
+    (2, 512, 256, 64, torch.float16, False),   # 128 row blocks: less than a wave of 132
+])
+def test_wgmma_pointwise_dispatch_rule(device, backend, n, c, k, h, dtype, wgmma, monkeypatch):
+    """Without Q4CONV_WGMMA_POINTWISE, dense 1x1 layers run the wgmma kernel
+    exactly where K is one 256-wide slice, C >= 512 and the 64-pixel row
+    blocks fill a wave of 132 SMs."""
+    monkeypatch.delenv("Q4CONV_WGMMA_POINTWISE", raising=False)
+    monkeypatch.delenv("Q4CONV_FUSED_POINTWISE", raising=False)
+    case = Case(n, c, k, h, h, 1, 1)
+    x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last=True)
+    skip_unless_backend_runs(x, case, backend)
+    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
+    _, kernels = run_with_kernel_names(
+        lambda: ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend))
+    if kernels is None:
+        pytest.skip("the profiler records no CUDA kernels here (CUPTI unavailable)")
+    assert wgmma_kernel_ran(kernels) == wgmma, kernels
 
 
 def wgmma_kernel_ran(kernel_names) -> bool:
