@@ -139,11 +139,16 @@ __device__ __forceinline__ uint32_t pack_codes(const int8_t* q) {
 }
 
 // 16 consecutive channels of one pixel: two 16-byte input chunks plus
-// bias_a, quantized into one 16-byte code chunk. fast_code for all 16 and one
-// test; a group with a near-tie, NaN or Inf takes quantize_value (the exact
-// division) for all 16, so the codes equal the separate pass's bit for bit.
-// (quant.h's quantize_values_fast redoes only the failed values, which makes
-// the compiler keep a per-value flag mask: two more instructions per value.)
+// bias_a, quantized into one 16-byte code chunk, bit for bit the separate
+// pass's codes. fast_code for all 16 and one test; in a group that fails it,
+// only the values that fail fast_code take quantize_value (the exact
+// division). fp16 inputs repeat a few values thousands of times, so for some
+// scales a near-tie value is common: redoing all 16 values of a failed group
+// made this kernel's time a lottery over scale_a (C1024->K256 14x14: 22.6 and
+// 28.2 us in two processes). The fallback's inverse scale goes through an
+// opaque move so that the compiler recomputes fast_code there instead of
+// keeping a per-value flag mask from the fast path (quant.h's
+// quantize_values_fast: two more instructions per value, and spills here).
 template <typename T>
 __device__ __forceinline__ void quantize16(const char* lo, const char* hi, const float* bias,
                                            float scale, float inv_scale, int bits, char* codes) {
@@ -163,7 +168,9 @@ __device__ __forceinline__ void quantize16(const char* lo, const char* hi, const
 #pragma unroll
   for (int i = 0; i < 16; ++i) fast &= fast_code(v[i], inv_scale, bits, q[i]);
   if (!fast) {
-    for (int i = 0; i < 16; ++i) q[i] = quantize_value(v[i], scale, bits);
+    float inv_again;
+    asm volatile("mov.b32 %0, %1;" : "=f"(inv_again) : "f"(inv_scale));
+    for (int i = 0; i < 16; ++i) q[i] = quantize_value_fast(v[i], scale, inv_again, bits);
   }
   *reinterpret_cast<uint4*>(codes) =
       make_uint4(pack_codes(q), pack_codes(q + 4), pack_codes(q + 8), pack_codes(q + 12));
