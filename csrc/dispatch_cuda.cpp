@@ -195,9 +195,9 @@ bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& 
 // CTA's warpgroups (pointwise_wgmma.cu). Q4CONV_WGMMA_POINTWISE=1 uses it
 // wherever it can run, =0 never; the rule takes it where K is one 256-wide
 // slice (each input value quantized once), C >= 512 and the 64-pixel row
-// blocks fill a wave. H100, session 11, CUDA graphs, us, wgmma vs the
-// default before: C1024->K256 14x14 22.6 vs 27.3 (pass + GEMM), C512->K256
-// 28x28 41.1 vs 46.1 (fused, cluster of two). Two 256-wide slices tie or
+// blocks fill a wave. H100, session 11, CUDA graphs, 5 rounds, us, wgmma vs
+// the default before: C1024->K256 14x14 24.6 vs 27.9 (pass + GEMM),
+// C512->K256 28x28 41.7 vs 46.3 (fused, cluster of two). Two 256-wide slices tie or
 // lose (each slice re-reads and re-quantizes the input: C1024->K512 14x14
 // 32.5 vs 33.2, C128->K512 28x28 39.7 vs 33.5), and so do layers with fewer
 // row blocks than SMs' worth (C2048->K512 7x7: 98 CTAs, 24.2 vs 20.8).
