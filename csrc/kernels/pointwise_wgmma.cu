@@ -50,7 +50,7 @@ constexpr int kMaxChannels = 2048;  // bias_a kept in shared memory
 // along M as well, one CTA per SM) measured slower than 64 x 256 on every
 // 1x1 layer with K % 256 == 0 (NOTES.md, session 11).
 template <int kGroups>
-struct Shape_ {
+struct CtaShape {
   static constexpr int kBM = 64;
   static constexpr int kBN = kBNPerGroup * kGroups;
   static constexpr int kConsumers = 128 * kGroups;
@@ -84,7 +84,7 @@ struct CuteType<__nv_bfloat16> {
 // one wgmma m64n128k32 atom per consumer warpgroup, side by side along N.
 template <typename T, int kGroups>
 struct Layouts {
-  using S = Shape_<kGroups>;
+  using S = CtaShape<kGroups>;
   using In = typename CuteType<T>::type;
   using SmemA = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<In>{},
                                        Shape<Int<S::kBM>, _64, Int<S::kStages>>{}));
@@ -103,8 +103,8 @@ struct alignas(1024) SharedStorage {
   cute::array_aligned<int8_t, cosize_v<typename L::SmemB>, 1024> b;
   cute::array_aligned<int8_t, cosize_v<typename L::SmemCodes>, 1024> codes;
   float bias_a[kMaxChannels];
-  uint64_t full[Shape_<kGroups>::kStages];
-  uint64_t empty[Shape_<kGroups>::kStages];
+  uint64_t full[CtaShape<kGroups>::kStages];
+  uint64_t empty[CtaShape<kGroups>::kStages];
 };
 
 struct Params {
@@ -185,11 +185,11 @@ __device__ __forceinline__ void consumers_sync() {
 // Registers: ptxas's own bound for two 288-thread CTAs per SM is 96 (with
 // spills); 112 still fits two (9 warps x 32 x 112 x 2 <= 64 K).
 template <typename T, typename OutT, int kGroups, class TmaA, class TmaB>
-__global__ void __launch_bounds__(Shape_<kGroups>::kThreads)
-    __maxnreg__(Shape_<kGroups>::kMaxRegisters)
+__global__ void __launch_bounds__(CtaShape<kGroups>::kThreads)
+    __maxnreg__(CtaShape<kGroups>::kMaxRegisters)
         pointwise_wgmma_kernel(const Params p, CUTLASS_GRID_CONSTANT const TmaA tma_a,
                                CUTLASS_GRID_CONSTANT const TmaB tma_b) {
-  using S = Shape_<kGroups>;
+  using S = CtaShape<kGroups>;
   using L = Layouts<T, kGroups>;
   using Storage = SharedStorage<T, kGroups>;
   constexpr int kStages = S::kStages, kBM = S::kBM, kBN = S::kBN, kConsumers = S::kConsumers;
@@ -350,7 +350,7 @@ __global__ void __launch_bounds__(Shape_<kGroups>::kThreads)
 
 template <typename T, typename OutT, int kGroups>
 KernelStatus launch(const Params& p, const void* x, const int8_t* weight, cudaStream_t stream) {
-  using S = Shape_<kGroups>;
+  using S = CtaShape<kGroups>;
   using L = Layouts<T, kGroups>;
   using In = typename L::In;
   using Storage = SharedStorage<T, kGroups>;
