@@ -579,22 +579,18 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor bias_q = fp32_dense(bias_a), scale_q = fp32_dense(scale_a);
 #ifdef Q4CONV_HAVE_SM90
-  if (use_wgmma_pointwise(backend, in.x, shape)) {
-    check_status(pointwise_wgmma_conv(in.x.data_ptr(), kernel_in_type(in.x.scalar_type(), "x"),
-                                      int64_t(shape.n) * shape.h * shape.w, shape.c,
-                                      bias_q.data_ptr<float>(), scale_q.data_ptr<float>(),
-                                      static_cast<float>(params.eps), static_cast<int>(params.bits),
-                                      wgt.data_ptr<int8_t>(), shape.k, epilogue, stream),
-                 "sm90_int8 wgmma pointwise convolution");
-    return layer_output(out, x, stream);
-  }
-  if (use_fused_pointwise(backend, in.x, shape)) {
-    check_status(pointwise_fused_conv(in.x.data_ptr(), kernel_in_type(in.x.scalar_type(), "x"),
-                                      int64_t(shape.n) * shape.h * shape.w, shape.c,
-                                      bias_q.data_ptr<float>(), scale_q.data_ptr<float>(),
-                                      static_cast<float>(params.eps), static_cast<int>(params.bits),
-                                      wgt.data_ptr<int8_t>(), shape.k, epilogue, stream),
-                 "sm90_int8 fused pointwise convolution");
+  // The fused 1x1 kernels (same arguments): quantization inside the GEMM.
+  const auto fused = use_wgmma_pointwise(backend, in.x, shape)   ? &pointwise_wgmma_conv
+                     : use_fused_pointwise(backend, in.x, shape) ? &pointwise_fused_conv
+                                                                 : nullptr;
+  if (fused != nullptr) {
+    check_status(
+        fused(in.x.data_ptr(), kernel_in_type(in.x.scalar_type(), "x"),
+              int64_t(shape.n) * shape.h * shape.w, shape.c, bias_q.data_ptr<float>(),
+              scale_q.data_ptr<float>(), static_cast<float>(params.eps),
+              static_cast<int>(params.bits), wgt.data_ptr<int8_t>(), shape.k, epilogue, stream),
+        fused == &pointwise_wgmma_conv ? "sm90_int8 wgmma pointwise convolution"
+                                       : "sm90_int8 fused pointwise convolution");
     return layer_output(out, x, stream);
   }
 #endif

@@ -205,6 +205,37 @@ def test_fused_pointwise_kernel(device, backend, case, dtype, monkeypatch):
         assert ((y.double().cpu() - relu_ref).abs() <= bound).all(), f"switch {switch}"
 
 
+def tie_inputs(case: Case, device: str, dtype: torch.dtype):
+    """Channels_last inputs (x, bias_a, scale_a, weight, scale_w) for the
+    fused kernels' bit-exactness tests: x' / s = j + 0.5 exactly for some
+    values (s a power of two, bias_a multiples of 1/8 so x + bias_a is exact),
+    NaN, +-Inf and values beyond the code range."""
+    x, bias_a, _, weight, scale_w, _ = make_inputs(case, device, dtype, channels_last=True,
+                                                   per_channel=True, seed=case.c + case.k)
+    scale_a = torch.tensor(0.25, device=device)
+    bias_a = bias_a.float().mul(8).round().div(8)
+    flat = x.permute(0, 2, 3, 1).reshape(-1, case.c)  # a view of x
+    flat[0, :8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.125, -0.125, 0.375, 1.875, -2.125],
+                               dtype=dtype, device=device) - bias_a[:8].to(dtype)
+    flat[-1, -4:] = torch.tensor([0.625, -0.625, 100.0, -100.0], dtype=dtype, device=device)
+    return x, bias_a, scale_a, weight, scale_w
+
+
+def check_equals_unfused(args, switch: str, ran, monkeypatch) -> None:
+    """conv_packed(*args) with the fused kernel that `switch`=1 selects (ran:
+    whether its name is among the launched kernels) equals the pass + GEMM
+    result (both fused kernels off) bit for bit."""
+    monkeypatch.setenv("Q4CONV_WGMMA_POINTWISE", "0")
+    monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", "0")
+    reference = ops.conv_packed(*args)
+    monkeypatch.setenv(switch, "1")
+    y, kernels = run_with_kernel_names(lambda: ops.conv_packed(*args))
+    if kernels is not None:
+        assert ran(kernels), kernels
+    assert torch.isfinite(y).all()
+    assert torch.equal(y, reference)
+
+
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
 @pytest.mark.parametrize("case", [
     Case(1, 1024, 128, 5, 7, 1, 1),    # largest C (64 KB weight slices): two 64-wide slices, 35 pixels
@@ -227,27 +258,11 @@ def test_fused_pointwise_equals_unfused(device, backend, case, dtype, relu, monk
     equals the pass + GEMM output exactly, with 64- and 128-wide weight slices,
     one block for all of K (one or several passes) or clusters of blocks,
     including NaN, +-Inf and exact rounding ties."""
-    x, bias_a, scale_a, weight, scale_w, _ = make_inputs(case, device, dtype, channels_last=True,
-                                                         per_channel=True, seed=case.c + case.k)
+    x, bias_a, scale_a, weight, scale_w = tie_inputs(case, device, dtype)
     skip_unless_backend_runs(x, case, backend)
-    # Ties: x' / s = j + 0.5 exactly (s a power of two), and special values.
-    scale_a = torch.tensor(0.25, device=device)
-    bias_a = bias_a.float().mul(8).round().div(8)  # multiples of 1/8: x + bias_a exact for the ties
-    flat = x.permute(0, 2, 3, 1).reshape(-1, case.c)
-    flat[0, :8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.125, -0.125, 0.375, 1.875, -2.125],
-                               dtype=dtype, device=device) - bias_a[:8].to(dtype)
-    flat[-1, -4:] = torch.tensor([0.625, -0.625, 100.0, -100.0], dtype=dtype, device=device)
     qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
     args = (x, bias_a, scale_a, qweight, scale_w, None, *conv_args(case), relu, backend)
-    monkeypatch.setenv("Q4CONV_WGMMA_POINTWISE", "0")
-    monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", "0")
-    reference = ops.conv_packed(*args)
-    monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", "1")
-    y, kernels = run_with_kernel_names(lambda: ops.conv_packed(*args))
-    if kernels is not None:
-        assert fused_kernel_ran(kernels), "the fused kernel did not run"
-    assert torch.isfinite(y).all()
-    assert torch.equal(y, reference)
+    check_equals_unfused(args, "Q4CONV_FUSED_POINTWISE", fused_kernel_ran, monkeypatch)
 
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
@@ -308,31 +323,16 @@ def test_wgmma_pointwise_kernel(device, backend, case, dtype, bias, monkeypatch)
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
 @pytest.mark.parametrize("case", WGMMA_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("out_dtype_relu", [False, True], ids=["linear", "relu"])
-def test_wgmma_pointwise_equals_unfused(device, backend, case, dtype, out_dtype_relu, monkeypatch):
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+def test_wgmma_pointwise_equals_unfused(device, backend, case, dtype, relu, monkeypatch):
     """The wgmma kernel's codes are the separate pass's, bit for bit: without
     an output bias its output equals the pass + GEMM output exactly,
     including NaN, +-Inf and exact rounding ties, with and without ReLU."""
-    x, bias_a, scale_a, weight, scale_w, _ = make_inputs(case, device, dtype, channels_last=True,
-                                                         per_channel=True, seed=case.c + case.k)
+    x, bias_a, scale_a, weight, scale_w = tie_inputs(case, device, dtype)
     skip_unless_backend_runs(x, case, backend)
-    scale_a = torch.tensor(0.25, device=device)
-    bias_a = bias_a.float().mul(8).round().div(8)
-    flat = x.permute(0, 2, 3, 1).reshape(-1, case.c)
-    flat[0, :8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.125, -0.125, 0.375, 1.875, -2.125],
-                               dtype=dtype, device=device) - bias_a[:8].to(dtype)
-    flat[-1, -4:] = torch.tensor([0.625, -0.625, 100.0, -100.0], dtype=dtype, device=device)
     qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
-    args = (x, bias_a, scale_a, qweight, scale_w, None, *conv_args(case), out_dtype_relu, backend)
-    monkeypatch.setenv("Q4CONV_WGMMA_POINTWISE", "0")
-    monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", "0")
-    reference = ops.conv_packed(*args)
-    monkeypatch.setenv("Q4CONV_WGMMA_POINTWISE", "1")
-    y, kernels = run_with_kernel_names(lambda: ops.conv_packed(*args))
-    if kernels is not None:
-        assert wgmma_kernel_ran(kernels), kernels
-    assert torch.isfinite(y).all()
-    assert torch.equal(y, reference)
+    args = (x, bias_a, scale_a, qweight, scale_w, None, *conv_args(case), relu, backend)
+    check_equals_unfused(args, "Q4CONV_WGMMA_POINTWISE", wgmma_kernel_ran, monkeypatch)
 
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
