@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(CtaShape<kGroups>::kThreads)
   // through the ring: the first kStages here, tile kt + kStages - 1 once
   // every warp has released tile kt - 1 (in the loop). (A producer warp of
   // its own measured slower: 30.4 vs 22.6 us on C1024->K256 14x14; its CTA
-  // of 9 warps fit only 112 registers per thread, with spills.)
+  // of 9 warps fit only 112 registers per thread and used local memory.)
   Tensor mA = tma_a.get_tma_tensor(make_shape(p.m, p.c));
   Tensor mB = tma_b.get_tma_tensor(make_shape(p.k, p.c));
   Tensor gA = local_tile(mA, Shape<Int<kBM>, _64>{}, make_coord(m_block, _));  // (BM,64,k)
