@@ -157,21 +157,29 @@ KernelGeometry kernel_geometry(Backend backend, const KernelInput& in, int64_t o
 // and tests).
 enum class FusedMode { kRule, kAlways, kNever };
 
-FusedMode fused_pointwise_mode() {
-  const char* env = std::getenv("Q4CONV_FUSED_POINTWISE");
+// A fused kernel's switch: unset = its measured rule, "0" = never, else
+// wherever it can run.
+FusedMode fused_mode(const char* switch_name) {
+  const char* env = std::getenv(switch_name);
   if (env == nullptr) return FusedMode::kRule;
   return std::string(env) == "0" ? FusedMode::kNever : FusedMode::kAlways;
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
+// What both fused 1x1 kernels read: a dense channels_last x, 16-byte aligned,
+// of a 1x1 stride-1 convolution without padded channels, on the sm90 backend.
+bool dense_pointwise_input(Backend backend, const at::Tensor& x, const ConvShape& shape) {
+  return backend == Backend::kSm90Int8 && is_pointwise_gemm(shape) && shape.c == x.size(1) &&
+         x.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(x.data_ptr());
+}
+
 bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& shape) {
   const InType x_type = kernel_in_type(x.scalar_type(), "x");
   const bool runs =
-      backend == Backend::kSm90Int8 && is_pointwise_gemm(shape) && shape.c == x.size(1) &&
-      x.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(x.data_ptr()) &&
+      dense_pointwise_input(backend, x, shape) &&
       pointwise_fused_supports(x_type, int64_t(shape.n) * shape.h * shape.w, shape.c, shape.k);
-  switch (fused_pointwise_mode()) {
+  switch (fused_mode("Q4CONV_FUSED_POINTWISE")) {
     case FusedMode::kAlways:
       return runs;
     case FusedMode::kNever:
@@ -197,22 +205,15 @@ bool use_fused_pointwise(Backend backend, const at::Tensor& x, const ConvShape& 
 // slice (each input value quantized once), C >= 512 and the 64-pixel row
 // blocks fill a wave. H100, session 11, CUDA graphs, 5 rounds, us, wgmma vs
 // the default before: C1024->K256 14x14 24.6 vs 27.9 (pass + GEMM),
-// C512->K256 28x28 41.7 vs 46.3 (fused, cluster of two). Two 256-wide slices tie or
-// lose (each slice re-reads and re-quantizes the input: C1024->K512 14x14
-// 32.5 vs 33.2, C128->K512 28x28 39.7 vs 33.5), and so do layers with fewer
-// row blocks than SMs' worth (C2048->K512 7x7: 98 CTAs, 24.2 vs 20.8).
-FusedMode wgmma_pointwise_mode() {
-  const char* env = std::getenv("Q4CONV_WGMMA_POINTWISE");
-  if (env == nullptr) return FusedMode::kRule;
-  return std::string(env) == "0" ? FusedMode::kNever : FusedMode::kAlways;
-}
-
+// C512->K256 28x28 41.7 vs 46.3 (fused, cluster of two). Two 256-wide
+// slices tie or lose (each slice re-reads and re-quantizes the input,
+// against the default path measured in another run:
+// C1024->K512 14x14 32.5 vs 32.2, C128->K512 28x28 39.7 vs 32.4), and so do
+// layers with fewer row blocks than SMs' worth (C2048->K512 7x7: 98 CTAs,
+// 24.2 vs 22.5).
 bool use_wgmma_pointwise(Backend backend, const at::Tensor& x, const ConvShape& shape) {
-  const FusedMode mode = wgmma_pointwise_mode();
-  if (mode == FusedMode::kNever || backend != Backend::kSm90Int8 || !is_pointwise_gemm(shape) ||
-      shape.c != x.size(1) || !x.is_contiguous(at::MemoryFormat::ChannelsLast) ||
-      !aligned16(x.data_ptr()))
-    return false;
+  const FusedMode mode = fused_mode("Q4CONV_WGMMA_POINTWISE");
+  if (mode == FusedMode::kNever || !dense_pointwise_input(backend, x, shape)) return false;
   const int64_t pixels = int64_t(shape.n) * shape.h * shape.w;
   if (!pointwise_wgmma_supports(kernel_in_type(x.scalar_type(), "x"), pixels, shape.c, shape.k))
     return false;

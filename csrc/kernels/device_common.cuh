@@ -234,6 +234,22 @@ inline KernelStatus invalid(const char* fn, const char* arg, const std::string& 
   return KernelStatus::failure(std::string(fn) + ": invalid argument '" + arg + "': " + why);
 }
 
+// The pointer arguments of the fused 1x1 kernels (pointwise_fused.cu,
+// pointwise_wgmma.cu): all set, and x, weight and out 16-byte aligned (both
+// load and store whole 16-byte pieces).
+inline KernelStatus check_pointwise_pointers(const char* fn, const void* x, const int8_t* weight,
+                                             const float* bias_a, const float* scale_a,
+                                             const EpilogueArgs& epilogue) {
+  if (x == nullptr || weight == nullptr || bias_a == nullptr || scale_a == nullptr ||
+      epilogue.alpha == nullptr || epilogue.out == nullptr)
+    return KernelStatus::failure(std::string(fn) + ": null pointer argument");
+  if (((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(weight) |
+        reinterpret_cast<uintptr_t>(epilogue.out)) &
+       15) != 0)
+    return KernelStatus::failure(std::string(fn) + ": x, weight and out must be 16-byte aligned");
+  return KernelStatus::success();
+}
+
 // The kernel arguments of a WeightCodesJob (lsq_kernels.h).
 inline WeightCodesArgs weight_codes_args(const WeightCodesJob& job, float eps, int bits) {
   WeightCodesArgs args{job.w.data,  job.out.data,    {},         {},  {},

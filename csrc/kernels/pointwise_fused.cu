@@ -999,14 +999,9 @@ KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, 
     return KernelStatus::failure(
         "pointwise_fused_conv: unsupported shape (needs C % 64 == 0, C <= 1024, K % 64 == 0 "
         "and one block or a cluster of 2, 4 or 8 for K)");
-  if (x == nullptr || weight == nullptr || bias_a == nullptr || scale_a == nullptr ||
-      epilogue.alpha == nullptr || epilogue.out == nullptr)
-    return KernelStatus::failure("pointwise_fused_conv: null pointer argument");
-  if (((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(weight)) & 15) != 0)
-    return KernelStatus::failure("pointwise_fused_conv: x and weight must be 16-byte aligned");
-  // Outputs are stored as 16-byte pieces of rows.
-  if ((reinterpret_cast<uintptr_t>(epilogue.out) & 15) != 0)
-    return KernelStatus::failure("pointwise_fused_conv: out must be 16-byte aligned");
+  const KernelStatus pointers = device::check_pointwise_pointers("pointwise_fused_conv", x, weight,
+                                                                 bias_a, scale_a, epilogue);
+  if (!pointers.ok) return pointers;
   Params p{};
   p.x = x, p.weight = weight, p.bias_a = bias_a, p.scale_a = scale_a, p.eps = eps, p.bits = bits;
   p.m = pixels, p.c = channels, p.k = out_channels, p.epi = epilogue;

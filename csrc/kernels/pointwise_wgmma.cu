@@ -53,16 +53,16 @@ template <int kGroups>
 struct CtaShape {
   static constexpr int kBM = 64;
   static constexpr int kBN = kBNPerGroup * kGroups;
-  static constexpr int kConsumers = 128 * kGroups;
-  static constexpr int kThreads = kConsumers;
+  static constexpr int kThreads = 128 * kGroups;
+  // Registers: 128 (64 accumulators) fit two 256-thread or three 128-thread
+  // CTAs per SM; ptxas's own bound from a minimum-blocks launch bound is
+  // lower (96 for the earlier 288-thread CTA, with local memory).
+  static constexpr int kMaxRegisters = 128;
   // Ring depth: 4 stages of 24 KB (64 x 256: two CTAs per SM), 3 of 16 KB
   // (64 x 128: three CTAs per SM).
   static constexpr int kStages = kGroups == 1 ? 3 : 4;
-  // Registers: 128 (64 accumulators) fit two 256-thread or three 128-thread
-  // CTAs per SM.
-  static constexpr int kMaxRegisters = 128;
   // Quantization: kPerRow threads per pixel, kCols channels each.
-  static constexpr int kPerRow = kConsumers / kBM;
+  static constexpr int kPerRow = kThreads / kBM;
   static constexpr int kCols = kBK / kPerRow;
 };
 
@@ -176,14 +176,6 @@ __device__ __forceinline__ void quantize16(const char* lo, const char* hi, const
       make_uint4(pack_codes(q), pack_codes(q + 4), pack_codes(q + 8), pack_codes(q + 12));
 }
 
-// Named barrier 1 over the CTA's warpgroups.
-template <int kConsumers>
-__device__ __forceinline__ void consumers_sync() {
-  asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumers) : "memory");
-}
-
-// Registers: ptxas's own bound for two 288-thread CTAs per SM is 96 (with
-// spills); 112 still fits two (9 warps x 32 x 112 x 2 <= 64 K).
 template <typename T, typename OutT, int kGroups, class TmaA, class TmaB>
 __global__ void __launch_bounds__(CtaShape<kGroups>::kThreads)
     __maxnreg__(CtaShape<kGroups>::kMaxRegisters)
@@ -192,7 +184,7 @@ __global__ void __launch_bounds__(CtaShape<kGroups>::kThreads)
   using S = CtaShape<kGroups>;
   using L = Layouts<T, kGroups>;
   using Storage = SharedStorage<T, kGroups>;
-  constexpr int kStages = S::kStages, kBM = S::kBM, kBN = S::kBN, kConsumers = S::kConsumers;
+  constexpr int kStages = S::kStages, kBM = S::kBM, kBN = S::kBN, kThreads = S::kThreads;
   extern __shared__ __align__(1024) char smem_raw[];
   Storage& smem = *reinterpret_cast<Storage*>(smem_raw);
   const int thread = threadIdx.x, warp = thread / 32, lane = thread % 32;
@@ -204,11 +196,11 @@ __global__ void __launch_bounds__(CtaShape<kGroups>::kThreads)
   if (thread == 0) {
     for (int s = 0; s < kStages; ++s) {
       FullBarrier::init(&smem.full[s], 1);
-      EmptyBarrier::init(&smem.empty[s], kConsumers / 32);
+      EmptyBarrier::init(&smem.empty[s], kThreads / 32);
     }
     cutlass::arch::fence_barrier_init();
   }
-  for (int i = thread; i < p.c; i += S::kThreads) smem.bias_a[i] = __ldg(p.bias_a + i);
+  for (int i = thread; i < p.c; i += kThreads) smem.bias_a[i] = __ldg(p.bias_a + i);
   __syncthreads();
 
   Tensor sA = make_tensor(make_smem_ptr(smem.a.data()), typename L::SmemA{});  // (64, 64, S)
@@ -225,22 +217,23 @@ __global__ void __launch_bounds__(CtaShape<kGroups>::kThreads)
   Tensor mB = tma_b.get_tma_tensor(make_shape(p.k, p.c));
   Tensor gA = local_tile(mA, Shape<Int<kBM>, _64>{}, make_coord(m_block, _));  // (BM,64,k)
   Tensor gB = local_tile(mB, Shape<Int<kBN>, _64>{}, make_coord(n_block, _));  // (BN,64,k)
-  auto [tAgA, tAsA] =
+  // (global k tiles, ring stages) of each operand.
+  const auto tma_tiles_a =
       tma_partition(tma_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA), group_modes<0, 2>(gA));
-  auto [tBgB, tBsB] =
+  const auto tma_tiles_b =
       tma_partition(tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
   const auto load_tile = [&](int kt) {
     constexpr int kTxBytes = kBM * kBK * int(sizeof(T)) + kBN * kBK;
     const int s = kt % kStages;
     FullBarrier::arrive_and_expect_tx(&smem.full[s], kTxBytes);
-    copy(tma_a.with(smem.full[s]), tAgA(_, kt), tAsA(_, s));
-    copy(tma_b.with(smem.full[s]), tBgB(_, kt), tBsB(_, s));
+    copy(tma_a.with(smem.full[s]), get<0>(tma_tiles_a)(_, kt), get<1>(tma_tiles_a)(_, s));
+    copy(tma_b.with(smem.full[s]), get<0>(tma_tiles_b)(_, kt), get<1>(tma_tiles_b)(_, s));
   };
   if (thread == 0)
     for (int kt = 0; kt < kStages && kt < k_tiles; ++kt) load_tile(kt);
 
-  // Consumers. Thread t quantizes pixel t / kPerRow, channels (t % kPerRow) *
-  // kCols ... of each input tile, 16 at a time: 16-byte chunks in and out
+  // Thread t quantizes pixel t / kPerRow, channels (t % kPerRow) * kCols ...
+  // of each input tile, 16 at a time: 16-byte chunks in and out
   // (conflict-free for both swizzles).
   const int my_row = thread / S::kPerRow, my_col = (thread % S::kPerRow) * S::kCols;
   constexpr int kCalls = S::kCols / 16;
@@ -280,10 +273,10 @@ __global__ void __launch_bounds__(CtaShape<kGroups>::kThreads)
     for (int i = 0; i < kCalls; ++i)
       quantize16<T>(tile + in_offset[2 * i], tile + in_offset[2 * i + 1], bias + 16 * i, scale,
                     inv_scale, p.bits, codes + code_offset[i]);
-    // The wgmma reads the codes through the async proxy, after every
-    // consumer has written its part.
+    // The wgmma reads the codes through the async proxy, after every thread
+    // has written its part.
     cutlass::arch::fence_view_async_shared();
-    consumers_sync<kConsumers>();
+    __syncthreads();
     warpgroup_arrive();
 #pragma unroll
     for (int kb = 0; kb < 2; ++kb)
@@ -305,13 +298,13 @@ __global__ void __launch_bounds__(CtaShape<kGroups>::kThreads)
   warpgroup_wait<0>();
   warpgroup_fence_operand(accum);
 
-  // Epilogue: every consumer is past its last read of the ring and the code
+  // Epilogue: every thread is past its last read of the ring and the code
   // tiles, so the input / weight / code tiles (contiguous) become the
-  // staging tile. Accumulator i of a thread
-  // is (row 16 w + lane / 4 + 8 ((i / 2) % 2), column 128 g + 8 (i / 4) +
-  // 2 (lane % 4) + i % 2) of the CTA tile (GMMA::CLayout_64x128; g = the
-  // thread's warpgroup, w = its warp there).
-  consumers_sync<kConsumers>();
+  // staging tile. Accumulator i of a thread is (row 16 w + lane / 4 + 8 ((i
+  // / 2) % 2), column 128 g + 8 (i / 4) + 2 (lane % 4) + i % 2) of the CTA
+  // tile (GMMA::CLayout_64x128; g = the thread's warpgroup, w = its warp
+  // there).
+  __syncthreads();
   constexpr int kPitch = staging_pitch<OutT, kBN>();
   char* staging = reinterpret_cast<char*>(smem.a.data());
   const float lower = p.epi.relu ? 0.0f : -INFINITY;
@@ -333,10 +326,10 @@ __global__ void __launch_bounds__(CtaShape<kGroups>::kThreads)
       store_pair<OutT>(staging + (row0 + 8 * h) * kPitch + col * int(sizeof(OutT)), v0, v1);
     }
   }
-  consumers_sync<kConsumers>();
+  __syncthreads();
   constexpr int kChunks = kBN * int(sizeof(OutT)) / 16;  // 16-byte pieces per row
   OutT* out = static_cast<OutT*>(p.epi.out);
-  for (int i = thread; i < kBM * kChunks; i += kConsumers) {
+  for (int i = thread; i < kBM * kChunks; i += kThreads) {
     const int row = i / kChunks, chunk = i % kChunks;
     const int64_t m = int64_t(m_block) * kBM + row;
     if (m >= p.m) break;  // rows grow with i
@@ -417,13 +410,9 @@ KernelStatus pointwise_wgmma_conv(const void* x, InType x_type, int64_t pixels, 
     return KernelStatus::failure(
         "pointwise_wgmma_conv: unsupported input (needs fp16 / bf16 x, C % 64 == 0, C <= 2048, "
         "K % 128 == 0)");
-  if (x == nullptr || weight == nullptr || bias_a == nullptr || scale_a == nullptr ||
-      epilogue.alpha == nullptr || epilogue.out == nullptr)
-    return KernelStatus::failure("pointwise_wgmma_conv: null pointer argument");
-  if (((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(weight) |
-        reinterpret_cast<uintptr_t>(epilogue.out)) &
-       15) != 0)
-    return KernelStatus::failure("pointwise_wgmma_conv: x, weight and out must be 16-byte aligned");
+  const KernelStatus pointers = device::check_pointwise_pointers("pointwise_wgmma_conv", x, weight,
+                                                                 bias_a, scale_a, epilogue);
+  if (!pointers.ok) return pointers;
   Params p;
   p.m = int(pixels), p.c = channels, p.k = out_channels;
   p.bias_a = bias_a, p.scale_a = scale_a, p.eps = eps, p.bits = bits, p.epi = epilogue;

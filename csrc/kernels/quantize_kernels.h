@@ -104,14 +104,13 @@ KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, 
 
 // Fused quantization + int8 wgmma GEMM for a dense 1x1 stride-1 convolution
 // (pointwise_wgmma.cu, sm_90a): same arguments, codes and epilogue as
-// pointwise_fused_conv. A TMA producer warp streams [64 pixels x 64
-// channels] input tiles and [BN x 64] weight tiles; the consumer warpgroups
-// quantize each input tile into a shared-memory code tile and multiply it by
-// wgmma, BN = 256 (two warpgroups) where K % 256 == 0, else 128, one CTA per
-// (64 pixels, BN channels). Needs fp16 / bf16 x, channels % 64 == 0,
-// channels <= 2048, out_channels % 128 == 0. Experimental: dispatch uses it
-// only on request (Q4CONV_WGMMA_POINTWISE=1); it measured slower than the
-// default paths (NOTES.md, session 11).
+// pointwise_fused_conv. One thread streams [64 pixels x 64 channels] input
+// tiles and [BN x 64] weight tiles with TMA; the CTA's warpgroups quantize
+// each input tile into a shared-memory code tile and multiply it by wgmma,
+// BN = 256 (two warpgroups) where K % 256 == 0, else 128, one CTA per (64
+// pixels, BN channels). Needs fp16 / bf16 x, channels % 64 == 0, channels <=
+// 2048, out_channels % 128 == 0. Dispatch (dispatch_cuda.cpp) takes it where
+// it measured faster: K = 256, C >= 512, a wave of row blocks.
 bool pointwise_wgmma_supports(InType x_type, int64_t pixels, int channels, int out_channels);
 KernelStatus pointwise_wgmma_conv(const void* x, InType x_type, int64_t pixels, int channels,
                                   const float* bias_a, const float* scale_a, float eps, int bits,
