@@ -22,8 +22,6 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-std::vector<int64_t> to_vector(at::IntArrayRef values) { return values.vec(); }
-
 // LSQ / LSQ+ training convolution: gradients for x, bias_a, scale_a,
 // weight, scale_w and bias from conv_train_backward. Only the inputs are
 // saved (references): backward recomputes the codes, so a layer keeps no
@@ -44,29 +42,44 @@ class ConvTrainFunction : public torch::autograd::Function<ConvTrainFunction> {
                   backend);
     }
     ctx->save_for_backward({x, bias_a, scale_a, weight, scale_w});
+    // Everything else in two saved_data entries (each entry is a hashed
+    // string key and a boxed value, on every training step). The op above
+    // checked that stride, padding and dilation hold two values each.
     const bool has_bias = bias.has_value() && bias->defined();
-    ctx->saved_data["has_bias"] = has_bias;
-    ctx->saved_data["bias_dtype"] = has_bias ? bias->scalar_type() : at::kFloat;
-    ctx->saved_data["stride"] = to_vector(stride);
-    ctx->saved_data["padding"] = to_vector(padding);
-    ctx->saved_data["dilation"] = to_vector(dilation);
+    ctx->saved_data["conv"] = std::vector<int64_t>{
+        stride[0],  stride[1],   padding[0],
+        padding[1], dilation[0], dilation[1],
+        bits,       has_bias,    static_cast<int64_t>(has_bias ? bias->scalar_type() : at::kFloat)};
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["bits"] = bits;
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const auto stride = ctx->saved_data["stride"].toIntVector();
-    const auto padding = ctx->saved_data["padding"].toIntVector();
-    const auto dilation = ctx->saved_data["dilation"].toIntVector();
+    const std::vector<int64_t> conv = ctx->saved_data["conv"].toIntVector();
+    const at::IntArrayRef stride(conv.data(), 2), padding(conv.data() + 2, 2),
+        dilation(conv.data() + 4, 2);
+    const int64_t bits = conv[6];
+    const bool has_bias = conv[7] != 0;
     static const auto op = find_op<decltype(conv_train_backward)>("q4conv::conv_train_backward");
-    auto [dx, dweight, dbias_a, dscale_a, dscale_w, dbias] = op.call(
-        grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], has_bias, stride,
-        padding, dilation, ctx->saved_data["eps"].toDouble(), ctx->saved_data["bits"].toInt());
+    const auto call = [&] {
+      return op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], has_bias,
+                     stride, padding, dilation, ctx->saved_data["eps"].toDouble(), bits);
+    };
+    // The op has no autograd formula. Without create_graph (grad mode off)
+    // skip the autograd keys' boxed fallback; with it, keep the fallback,
+    // which warns when a double backward goes through these gradients.
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads;
+    if (at::GradMode::is_enabled()) {
+      grads = call();
+    } else {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      grads = call();
+    }
+    auto& [dx, dweight, dbias_a, dscale_a, dscale_w, dbias] = grads;
     at::Tensor dbias_out;
-    if (has_bias) dbias_out = dbias.to(ctx->saved_data["bias_dtype"].toScalarType());
+    const auto bias_dtype = static_cast<at::ScalarType>(conv[8]);
+    if (has_bias) dbias_out = dbias.scalar_type() == bias_dtype ? dbias : dbias.to(bias_dtype);
     // One entry per forward argument; the non-tensor ones get none.
     return {dx,           dbias_a,      dscale_a,     dweight,      dscale_w,     dbias_out,
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};

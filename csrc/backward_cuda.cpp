@@ -118,13 +118,15 @@ LsqBackward cuda_lsq_backward(const at::Tensor& grad_act, const at::Tensor& x,
               "grad_act must have x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
               grad_act.sizes(), " ", grad_act.scalar_type());
   check_on_device(grad_act, x, "grad_act");
-  at::Tensor multiplier;
+  // One value, so any fp32 tensor is read right through its data pointer
+  // (no reshape / contiguous dispatcher calls).
+  const float* multiplier = nullptr;
   if (grad_scale.has_value()) {
     TORCH_CHECK(grad_scale->numel() == 1 && grad_scale->scalar_type() == at::kFloat,
                 "grad_scale must be one float32 value, got ", grad_scale->numel(), " values of ",
                 grad_scale->scalar_type());
     check_on_device(*grad_scale, x, "grad_scale");
-    multiplier = grad_scale->reshape({1}).contiguous();
+    multiplier = grad_scale->data_ptr<float>();
   }
 
   at::Tensor dx = empty_like_x(x);
@@ -134,7 +136,7 @@ LsqBackward cuda_lsq_backward(const at::Tensor& grad_act, const at::Tensor& x,
   args.dx = lsq_out(dx);
   args.bias_a = bias.data_ptr<float>();
   args.scale_a = scale.data_ptr<float>();
-  args.grad_scale = multiplier.defined() ? multiplier.data_ptr<float>() : nullptr;
+  args.grad_scale = multiplier;
   args.eps = static_cast<float>(eps);
   args.bits = static_cast<int>(bits);
 

@@ -536,20 +536,19 @@ at::Tensor kernel_activation(Backend backend, const KernelInput& in, const Kerne
   return rows;
 }
 
-// The kernels' NHWC result as the logical (N, K, P, Q) tensor: a
-// channels_last view, or for an x whose suggested format is NCHW an NCHW copy
-// made by nhwc_to_nchw (ATen's strided copy of the stem's 103 MB fp16 output
-// took 399 us on H100, three times the convolution).
-at::Tensor layer_output(const at::Tensor& nhwc, const at::Tensor& x, cudaStream_t stream) {
-  const at::Tensor view = nhwc.permute({0, 3, 1, 2});
-  if (x.suggest_memory_format() != at::MemoryFormat::Contiguous || view.is_contiguous())
-    return view;
-  at::Tensor out = at::empty(view.sizes(), nhwc.options());
-  const int64_t pixels = nhwc.size(1) * nhwc.size(2);
-  check_status(nhwc_to_nchw(nhwc.data_ptr(), static_cast<int>(nhwc.element_size()), nhwc.size(0),
-                            pixels, nhwc.size(3), out.data_ptr(), stream),
+// The kernels' NHWC result as the logical (N, K, P, Q) tensor: `out` itself
+// (allocated channels_last, so no permute call), or for an x whose suggested
+// format is NCHW an NCHW copy made by nhwc_to_nchw (ATen's strided copy of
+// the stem's 103 MB fp16 output took 399 us on H100, three times the
+// convolution).
+at::Tensor layer_output(const at::Tensor& out, const at::Tensor& x, cudaStream_t stream) {
+  if (x.suggest_memory_format() != at::MemoryFormat::Contiguous || out.is_contiguous()) return out;
+  at::Tensor nchw = at::empty(out.sizes(), out.options());
+  const int64_t pixels = out.size(2) * out.size(3);
+  check_status(nhwc_to_nchw(out.data_ptr(), static_cast<int>(out.element_size()), out.size(0),
+                            pixels, out.size(1), nchw.data_ptr(), stream),
                "NCHW output");
-  return out;
+  return nchw;
 }
 
 }  // namespace
@@ -568,7 +567,10 @@ at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bia
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) bias_f = fp32_dense(*bias);
   const ConvShape& shape = geometry.shape;
-  at::Tensor out = at::empty({shape.n, shape.p, shape.q, shape.k}, x.options());
+  // NHWC memory, (N, K, P, Q) sizes: what the kernels write, already the
+  // layer's channels_last result.
+  at::Tensor out = at::empty({shape.n, shape.k, shape.p, shape.q},
+                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
 
   EpilogueArgs epilogue;
   epilogue.alpha = alpha.data_ptr<float>();

@@ -369,8 +369,7 @@ KernelStatus launch(const Params& p, const void* x, const int8_t* weight, cudaSt
   return launch_status("pointwise_wgmma_conv");
 }
 
-// Consumer warpgroups per CTA: two (BN = 256) where K % 256 == 0, else one.
-// Consumer warpgroups per CTA: two (64 x 256 tiles) where K % 256 == 0.
+// Consumer warpgroups per CTA: two (64 x 256 tiles) where K % 256 == 0, else one.
 int groups_for(int out_channels) { return out_channels % 256 == 0 ? 2 : 1; }
 
 template <typename T, int kGroups>

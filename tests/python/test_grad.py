@@ -199,3 +199,21 @@ def test_gradient_masks_and_uninitialised_scale(device):
     outside = ((x.detach() + bias_a.view(1, -1, 1, 1)) / 1e-5).abs() > 8
     assert outside.any()
     assert (x.grad[outside] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_with_create_graph_match(device):
+    """The backward runs the gradient op below the autograd keys only with
+    grad mode off: with create_graph=True (grad mode on) it takes the other
+    branch, and the first-order gradients must be the same."""
+    case = GRAD_CASES[12]
+    inputs = make_inputs(case, device, torch.float32, bias=True, seed=11)
+    results = []
+    for create_graph in (False, True):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        y = ops.conv_train(*leaves, list(case.stride), list(case.padding), list(case.dilation), EPS, 4, "auto")
+        grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(device)
+        results.append(torch.autograd.grad(y, leaves, grad_out, create_graph=create_graph))
+    for plain, with_graph in zip(*results):
+        assert plain.dtype == with_graph.dtype and plain.shape == with_graph.shape
+        assert torch.equal(plain, with_graph)
