@@ -3,7 +3,11 @@
 // partial-sum workspaces on PyTorch's allocator and launches on the current
 // stream. No host sync: the scales stay on the device, and every sum runs in
 // a fixed order (deterministic).
+#include <array>
+#include <vector>
+
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda_views.h"
@@ -109,9 +113,11 @@ LsqWeightBackward weight_backward_args(const at::Tensor& grad_wgt, const at::Ten
 // grad_act: d loss / d (codes times s_a), x's sizes and dtype; grad_scale:
 // the raw per-tensor s_w (fp32, one value) that multiplies it, if any;
 // grad_wgt: d loss / d (weight codes) from the weight-gradient convolution.
-LsqBackward cuda_lsq_backward(const at::Tensor& grad_act, const at::Tensor& x,
-                              const at::Tensor& bias, const at::Tensor& scale,
-                              const std::optional<at::Tensor>& grad_scale,
+// dx: where the activation gradient goes (x's sizes and dtype, any strides);
+// the result's dx is `dx_full`, the tensor it is part of.
+LsqBackward cuda_lsq_backward(const at::Tensor& grad_act, const at::Tensor& x, at::Tensor& dx,
+                              const at::Tensor& dx_full, const at::Tensor& bias,
+                              const at::Tensor& scale, const std::optional<at::Tensor>& grad_scale,
                               const at::Tensor& grad_wgt, const at::Tensor& weight,
                               const at::Tensor& s_w, double eps, int64_t bits) {
   TORCH_CHECK(grad_act.sizes() == x.sizes() && grad_act.scalar_type() == x.scalar_type(),
@@ -129,7 +135,6 @@ LsqBackward cuda_lsq_backward(const at::Tensor& grad_act, const at::Tensor& x,
     multiplier = grad_scale->data_ptr<float>();
   }
 
-  at::Tensor dx = empty_like_x(x);
   LsqActBackward args;
   args.x = kernel_view(x, "x");
   args.grad = kernel_view(grad_act, "grad_act");
@@ -142,7 +147,7 @@ LsqBackward cuda_lsq_backward(const at::Tensor& grad_act, const at::Tensor& x,
 
   const LsqWorkspace ws = lsq_activation_backward_workspace(args);
   LsqBackward out;
-  out.dx = dx;
+  out.dx = dx_full;
   out.dweight =
       at::empty(weight.sizes(), weight.options().memory_format(weight.suggest_memory_format()));
   out.bias_rows = ws.bias_rows;
@@ -201,6 +206,52 @@ ScaleGrads finish_scale_grads(const LsqBackward& act, int64_t out_channels, cons
   return grads;
 }
 
+// What the backward convolutions and the LSQ kernels run on. A 1x1
+// convolution without padding reads only x's stride grid: the other pixels get
+// no gradient (dx = 0) and add nothing to d bias_a or d scale_a (each of
+// their terms is a zero gradient times a finite factor: NaN and +-Inf inputs
+// count as clipped, with a finite code). So for strides > 1 the backward runs on the grid
+// pixels as a stride-1 convolution, as the forward does, and dx is zero
+// around them: 1 / (stride_h * stride_w) of the codes, LSQ and dgrad bytes.
+// Only where x's channels are adjacent (channels_last): the LSQ kernels then
+// read the grid with vector loads.
+struct BackwardInput {
+  at::Tensor x;        // x, or the view of its stride grid
+  at::Tensor dx;       // where the kernels write dx (dx_full or its grid)
+  at::Tensor dx_full;  // the gradient returned
+  std::array<int64_t, 2> stride, padding, dilation;
+};
+
+BackwardInput backward_input(const at::Tensor& x, const at::Tensor& weight,
+                             const ConvParams& params, cudaStream_t stream) {
+  const bool strided = params.stride[0] > 1 || params.stride[1] > 1;
+  const bool pointwise = weight.size(2) == 1 && weight.size(3) == 1 && params.padding[0] == 0 &&
+                         params.padding[1] == 0;
+  BackwardInput in;
+  in.dx_full = empty_like_x(x);
+  if (!(strided && pointwise && x.size(1) > 1 && x.stride(1) == 1)) {
+    in.x = x;
+    in.dx = in.dx_full;
+    in.stride = {params.stride[0], params.stride[1]};
+    in.padding = {params.padding[0], params.padding[1]};
+    in.dilation = {params.dilation[0], params.dilation[1]};
+    return in;
+  }
+  const int64_t sh = params.stride[0], sw = params.stride[1];
+  const std::vector<int64_t> grid{x.size(0), x.size(1), (x.size(2) - 1) / sh + 1,
+                                  (x.size(3) - 1) / sw + 1};
+  in.x = x.as_strided(grid, {x.stride(0), x.stride(1), x.stride(2) * sh, x.stride(3) * sw},
+                      x.storage_offset());
+  const at::Tensor& d = in.dx_full;  // dense: one memset clears it
+  C10_CUDA_CHECK(cudaMemsetAsync(d.data_ptr(), 0, d.numel() * d.element_size(), stream));
+  in.dx = d.as_strided(grid, {d.stride(0), d.stride(1), d.stride(2) * sh, d.stride(3) * sw},
+                       d.storage_offset());
+  in.stride = {1, 1};
+  in.padding = {0, 0};
+  in.dilation = {1, 1};
+  return in;
+}
+
 }  // namespace
 
 bool cuda_train_backward_supports(const at::Tensor& x, const at::Tensor& weight) {
@@ -231,14 +282,15 @@ cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
   // did: they run on the codes in x's dtype (fp16 / bf16 tensor cores for
   // half inputs, like an fp16 Conv2d), the scales applied around them.
   const at::ScalarType compute = x.scalar_type();
-  const auto [act_codes, wgt_codes] = backward_codes(x, bias_f, s_a, weight, s_w, eps, bits);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  BackwardInput in = backward_input(x, weight, params, stream);
+  const auto [act_codes, wgt_codes] = backward_codes(in.x, bias_f, s_a, weight, s_w, eps, bits);
   std::optional<at::IntArrayRef> bias_sizes;
   const std::vector<int64_t> bias_shape{k_out};
   if (has_bias) bias_sizes = bias_shape;
   const auto [grad_act, grad_wgt, grad_bias] = at::convolution_backward(
-      as_type(grad_out, compute), act_codes, wgt_codes, bias_sizes,
-      {params.stride[0], params.stride[1]}, {params.padding[0], params.padding[1]},
-      {params.dilation[0], params.dilation[1]}, false, {0, 0}, 1, {true, true, has_bias});
+      as_type(grad_out, compute), act_codes, wgt_codes, bias_sizes, in.stride, in.padding,
+      in.dilation, false, {0, 0}, 1, {true, true, has_bias});
 
   // A per-tensor s_w multiplies grad_act inside the kernel; a per-channel
   // one is already in the weight codes.
@@ -247,7 +299,8 @@ cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
   LsqBackward act;
   {
     Q4CONV_HOST_SPAN("q4conv::backward_lsq");
-    act = cuda_lsq_backward(grad_act, x, bias_f, s_a, grad_scale, grad_wgt, weight, s_w, eps, bits);
+    act = cuda_lsq_backward(grad_act, in.x, in.dx, in.dx_full, bias_f, s_a, grad_scale, grad_wgt,
+                            weight, s_w, eps, bits);
   }
 
   const ScaleGrads scales =

@@ -12,11 +12,16 @@
 //     (inner = H*W or 1); each thread converts V consecutive elements with one
 //     vector load and store (16 bytes when the pointers allow) and walks the
 //     channel from the first element instead of dividing per element.
+//   codes, channels contiguous (channels_last, pixels at any strides, e.g. the
+//     stride grid of a strided 1x1 convolution): a thread converts V
+//     channels of one pixel, its offsets from the pixel's (n, h, w).
 //   codes, strided: one thread per element, offsets from the strides.
-//   backward, dense channels_last (C > 1): the tensor is a [pixels, C] matrix;
+//   backward, channels_last (C > 1): the tensor is a [pixels, C] matrix;
 //     a block of 256 threads is bdx channel groups (V channels each) x bdy
 //     pixel rows, each thread keeps V per-channel sums in registers over its
 //     rows; the block then sums its columns in shared memory in a fixed order.
+//     Dense, or channels contiguous with each tensor's pixels at its own
+//     strides (offsets from the pixel's (n, h, w)).
 //   backward, NCHW planes (dense with vectors, or any strides with V = 1): one
 //     warp per chunk of kChunk elements of one (n, c) plane, reduced with a
 //     fixed shuffle tree.
@@ -29,6 +34,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <numeric>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -159,6 +165,62 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Where the pixels of a channels-contiguous tensor are: element (n, c, h, w)
+// is at n * n_stride + h * h_stride + w * w_stride + c.
+struct PixelStrides {
+  int64_t n = 0, h = 0, w = 0;
+};
+
+// Pixel `pix` of an (N, H, W) grid (row-major) in a tensor with these
+// strides. 32-bit division (the host keeps these paths to fewer than 2^31
+// elements): the codes kernel divides for every 16 bytes.
+__device__ __forceinline__ int64_t pixel_offset(const PixelStrides& st, uint32_t pix,
+                                                uint32_t h_size, uint32_t w_size) {
+  const uint32_t hw = h_size * w_size;
+  const uint32_t n = pix / hw;
+  const uint32_t rest = pix - n * hw;
+  const uint32_t h = rest / w_size;
+  return n * st.n + h * st.h + int64_t(rest - h * w_size) * st.w;
+}
+
+struct PixelGrid {
+  uint32_t pixels, channels, h, w;  // pixels = N * H * W; pixels * C < 2^31
+  PixelStrides x, out;
+};
+
+// Channels-contiguous x and out (C % V == 0, every pixel stride a multiple of
+// V): thread i converts channels [(i % (C / V)) * V, + V) of pixel i / (C /
+// V). Blocks [act_blocks, gridDim.x) write the weight codes, as above.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+    codes_pixels_kernel(const T* __restrict__ x, T* __restrict__ out, PixelGrid g, ActParams p,
+                        unsigned act_blocks, device::WeightCodesArgs weights) {
+  if (blockIdx.x >= act_blocks) {
+    device::weight_codes_range<float, T>(
+        weights, int64_t(blockIdx.x - act_blocks) * blockDim.x + threadIdx.x,
+        int64_t(gridDim.x - act_blocks) * blockDim.x);
+    return;
+  }
+  const ActScale s = act_scale(p.scale, p.eps, p.bits);
+  const uint32_t groups = g.channels / V;
+  const uint32_t total = g.pixels * groups;
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += act_blocks * blockDim.x) {
+    const uint32_t pix = i / groups;
+    const uint32_t c = (i - pix * groups) * V;
+    const Pack<T, V> in = load_pack<T, V>(x + pixel_offset(g.x, pix, g.h, g.w) + c);
+    float shifted[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) shifted[j] = to_float(in.e[j]) + p.bias[c + j];
+    int8_t q[V];
+    quantize_values_fast(shifted, s.s, s.inv, p.bits, q);
+    Pack<T, V> codes;
+#pragma unroll
+    for (int j = 0; j < V; ++j) codes.e[j] = from_float<T>(static_cast<float>(q[j]));
+    store_pack<T, V>(out + pixel_offset(g.out, pix, g.h, g.w) + c, codes);
+  }
+}
+
 // ---- backward: channels_last ----------------------------------------------------
 struct PostParams {
   ActParams act;
@@ -175,12 +237,15 @@ __device__ __forceinline__ float grad_multiplier(const PostParams& p) {
 struct ClGeometry {
   int64_t pixels, channels;
   int rows_per_thread;
+  // kPixelStrided: the (H, W) of the pixel grid and each tensor's pixel strides.
+  int64_t h = 1, w = 1;
+  PixelStrides x, grad, dx;
 };
 
 // Blocks with blockIdx.x >= act_blocks_x run the fp32 weights' backward
 // (`weights`, riding on this launch): output channel
 // (blockIdx.x - act_blocks_x) * gridDim.y + blockIdx.y each.
-template <typename T, int V>
+template <typename T, int V, bool kPixelStrided>
 __global__ void __launch_bounds__(kThreads)
     backward_cl_kernel(const T* __restrict__ x, const T* __restrict__ grad, T* __restrict__ dx,
                        ClGeometry geo, PostParams p, float* __restrict__ bias_partials,
@@ -213,9 +278,15 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < geo.rows_per_thread; ++k) {
       const int64_t pix = int64_t(blockIdx.x) * chunk + ty + int64_t(k) * blockDim.y;
       if (pix >= geo.pixels) break;
-      const int64_t at = pix * geo.channels + c0;
+      int64_t at = pix * geo.channels + c0, at_grad = at, at_dx = at;
+      if constexpr (kPixelStrided) {
+        const auto p32 = uint32_t(pix), h32 = uint32_t(geo.h), w32 = uint32_t(geo.w);
+        at = pixel_offset(geo.x, p32, h32, w32) + c0;
+        at_grad = pixel_offset(geo.grad, p32, h32, w32) + c0;
+        at_dx = pixel_offset(geo.dx, p32, h32, w32) + c0;
+      }
       const Pack<T, V> xv = load_pack<T, V>(x + at);
-      const Pack<T, V> gv = load_pack<T, V>(grad + at);
+      const Pack<T, V> gv = load_pack<T, V>(grad + at_grad);
       Pack<T, V> out;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
@@ -225,7 +296,7 @@ __global__ void __launch_bounds__(kThreads)
         acc[j] += t.dvalue;
         residual += t.residual;
       }
-      store_pack<T, V>(dx + at, out);
+      store_pack<T, V>(dx + at_dx, out);
     }
   }
 #pragma unroll
@@ -333,6 +404,24 @@ bool dense_nhwc(const int64_t (&size)[4], const int64_t (&stride)[4]) {
   return dense_as(size, stride, expect);
 }
 
+// The pixel-strided paths index pixels and (pixel, vector) pairs in 32 bits.
+constexpr int64_t kMaxPixelStridedElements = int64_t(1) << 31;
+
+// Channels adjacent (stride 1, C > 1) and pixels at any strides.
+bool channels_contiguous(const int64_t (&size)[4], const int64_t (&stride)[4]) {
+  return size[1] > 1 && stride[1] == 1;
+}
+
+PixelStrides pixel_strides(const int64_t (&stride)[4]) { return {stride[0], stride[2], stride[3]}; }
+
+// What every pixel offset of these strides is a multiple of, with C: the
+// vector width must divide it (strides of size-1 dims do not matter).
+int64_t pixel_alignment(const int64_t (&size)[4], const int64_t (&stride)[4], int64_t of) {
+  for (int d : {0, 2, 3})
+    if (size[d] > 1) of = std::gcd(of, stride[d]);
+  return of;
+}
+
 bool aligned(const void* ptr, size_t bytes) {
   return (reinterpret_cast<uintptr_t>(ptr) % bytes) == 0;
 }
@@ -408,8 +497,40 @@ KernelStatus launch_codes_dense(const Tensor4dView& x, T* out, int64_t inner, co
   });
 }
 
+template <typename T>
+KernelStatus launch_codes_pixels(const Tensor4dView& x, const Tensor4dOut& out, const ActParams& p,
+                                 const device::WeightCodesArgs* weights, cudaStream_t stream) {
+  const T* in = static_cast<const T*>(x.data);
+  T* o = static_cast<T*>(out.data);
+  const int64_t c = x.size[1];
+  const PixelGrid g{uint32_t(x.size[0] * x.size[2] * x.size[3]),
+                    uint32_t(c),
+                    uint32_t(x.size[2]),
+                    uint32_t(x.size[3]),
+                    pixel_strides(x.stride),
+                    pixel_strides(out.stride)};
+  device::WeightCodesArgs w{};
+  int64_t weight_blocks = 0;
+  if (weights != nullptr) {
+    w = *weights;
+    const int64_t total = w.size[0] * w.size[1] * w.size[2] * w.size[3];
+    weight_blocks = std::min(ceil_div(total, int64_t(kThreads)), kMaxWeightBlocks);
+  }
+  const int64_t multiple =
+      pixel_alignment(x.size, out.stride, pixel_alignment(x.size, x.stride, c));
+  return with_vec<T>(pick_vec(x.type, multiple, in, o, o), [&](auto vec) {
+    constexpr int V = decltype(vec)::value;
+    const int64_t blocks =
+        std::min(ceil_div(int64_t(g.pixels) * (c / V), int64_t(kThreads)), kMaxBlocks);
+    codes_pixels_kernel<T, V>
+        <<<static_cast<unsigned>(blocks + weight_blocks), kThreads, 0, stream>>>(
+            in, o, g, p, static_cast<unsigned>(blocks), w);
+    return launch_status("lsq_activation_codes");
+  });
+}
+
 // Launches the activation codes; `weights` (fp32 weight codes) ride along on
-// the dense paths, which return true in `carried`.
+// the dense and channels-contiguous paths, which return true in `carried`.
 template <typename T>
 KernelStatus launch_codes(const Tensor4dView& x, const Tensor4dOut& out, const ActParams& p,
                           const device::WeightCodesArgs* weights, bool& carried,
@@ -426,6 +547,11 @@ KernelStatus launch_codes(const Tensor4dView& x, const Tensor4dOut& out, const A
       return launch_codes_dense<T, uint32_t>(x, o, inner, p, weights, stream);
     return launch_codes_dense<T, int64_t>(x, o, inner, p, weights, stream);
   }
+  if (channels_contiguous(x.size, x.stride) && channels_contiguous(x.size, out.stride) &&
+      total < kMaxPixelStridedElements) {
+    carried = weights != nullptr;
+    return launch_codes_pixels<T>(x, out, p, weights, stream);
+  }
   const int64_t blocks = std::min(ceil_div(total, kThreads), kMaxBlocks);
   codes_strided_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       static_cast<const T*>(x.data), o, shape_of(x), strides_of(x.stride), strides_of(out.stride),
@@ -434,7 +560,7 @@ KernelStatus launch_codes(const Tensor4dView& x, const Tensor4dOut& out, const A
 }
 
 // ---- backward plan and launch -------------------------------------------------------
-enum class PostPath { kChannelsLast, kPlanes, kStridedPlanes };
+enum class PostPath { kChannelsLast, kPixelStrided, kPlanes, kStridedPlanes };
 
 struct PostPlan {
   PostPath path = PostPath::kPlanes;
@@ -447,12 +573,20 @@ struct PostPlan {
   LsqWorkspace workspace;
 };
 
-PostPlan plan_channels_last(const LsqActBackward& a) {
+// dense: all three tensors dense channels_last; otherwise channels
+// contiguous with pixels at their own strides.
+PostPlan plan_channels_last(const LsqActBackward& a, bool dense) {
   PostPlan plan;
-  plan.path = PostPath::kChannelsLast;
+  plan.path = dense ? PostPath::kChannelsLast : PostPath::kPixelStrided;
   const int64_t c = a.x.size[1];
   const int64_t pixels = a.x.size[0] * a.x.size[2] * a.x.size[3];
-  plan.vec = pick_vec(a.x.type, c, a.x.data, a.grad.data, a.dx.data);
+  int64_t multiple = c;
+  if (!dense) {
+    multiple = pixel_alignment(a.x.size, a.x.stride, multiple);
+    multiple = pixel_alignment(a.x.size, a.grad.stride, multiple);
+    multiple = pixel_alignment(a.x.size, a.dx.stride, multiple);
+  }
+  plan.vec = pick_vec(a.x.type, multiple, a.x.data, a.grad.data, a.dx.data);
   // As many lanes across the channels as there are channel groups (up to a
   // warp), the rest of the block across pixels, so small C wastes few lanes.
   const int64_t groups = ceil_div(c, plan.vec);
@@ -484,7 +618,10 @@ PostPlan plan_backward(const LsqActBackward& a) {
   const auto& size = a.x.size;
   const bool nhwc = dense_nhwc(size, a.x.stride) && dense_nhwc(size, a.grad.stride) &&
                     dense_nhwc(size, a.dx.stride);
-  if (nhwc && size[1] > 1) return plan_channels_last(a);
+  if (nhwc && size[1] > 1) return plan_channels_last(a, true);
+  if (channels_contiguous(size, a.x.stride) && channels_contiguous(size, a.grad.stride) &&
+      channels_contiguous(size, a.dx.stride) && numel(a.x) < kMaxPixelStridedElements)
+    return plan_channels_last(a, false);
   const bool nchw = dense_nchw(size, a.x.stride) && dense_nchw(size, a.grad.stride) &&
                     dense_nchw(size, a.dx.stride);
   return plan_planes(a, !nchw);
@@ -500,8 +637,16 @@ KernelStatus launch_backward(const LsqActBackward& a, const PostPlan& plan, floa
   const T* grad = static_cast<const T*>(a.grad.data);
   T* dx = static_cast<T*>(a.dx.data);
   const PostParams p{{a.bias_a, a.scale_a, a.eps, a.bits}, a.grad_scale};
-  if (plan.path == PostPath::kChannelsLast) {
-    const ClGeometry geo{a.x.size[0] * a.x.size[2] * a.x.size[3], a.x.size[1], plan.rows};
+  if (plan.path == PostPath::kChannelsLast || plan.path == PostPath::kPixelStrided) {
+    ClGeometry geo{a.x.size[0] * a.x.size[2] * a.x.size[3], a.x.size[1], plan.rows};
+    const bool pixel_strided = plan.path == PostPath::kPixelStrided;
+    if (pixel_strided) {
+      geo.h = a.x.size[2];
+      geo.w = a.x.size[3];
+      geo.x = pixel_strides(a.x.stride);
+      geo.grad = pixel_strides(a.grad.stride);
+      geo.dx = pixel_strides(a.dx.stride);
+    }
     if (plan.pixel_chunks > INT_MAX || plan.channel_tiles > 65535)
       return invalid("lsq_activation_backward", "x", "too many pixels or channels for one grid");
     device::WeightBackwardArgs w{};
@@ -518,9 +663,10 @@ KernelStatus launch_backward(const LsqActBackward& a, const PostPlan& plan, floa
     const dim3 block(plan.bdx, plan.bdy);
     return with_vec<T>(plan.vec, [&](auto vec) {
       constexpr int V = decltype(vec)::value;
-      backward_cl_kernel<T, V>
-          <<<grid, block, 0, stream>>>(x, grad, dx, geo, p, bias_partials, residual_partials,
-                                       static_cast<unsigned>(plan.pixel_chunks), w);
+      const auto kernel =
+          pixel_strided ? backward_cl_kernel<T, V, true> : backward_cl_kernel<T, V, false>;
+      kernel<<<grid, block, 0, stream>>>(x, grad, dx, geo, p, bias_partials, residual_partials,
+                                         static_cast<unsigned>(plan.pixel_chunks), w);
       return launch_status("lsq_activation_backward");
     });
   }
@@ -613,9 +759,10 @@ KernelStatus lsq_activation_backward(const LsqActBackward& args, float* bias_par
     const PostPlan plan = plan_backward(args);
     // The weight backward rides on the channels_last launch when its weights
     // are fp32 and its gradient has x's element type.
-    const bool ride = weights != nullptr && plan.path == PostPath::kChannelsLast &&
-                      numel(weights->w) > 0 && weights->w.type == InType::kFloat32 &&
-                      weights->grad.type == args.x.type;
+    const bool channels_last =
+        plan.path == PostPath::kChannelsLast || plan.path == PostPath::kPixelStrided;
+    const bool ride = weights != nullptr && channels_last && numel(weights->w) > 0 &&
+                      weights->w.type == InType::kFloat32 && weights->grad.type == args.x.type;
     const device::WeightBackwardArgs w =
         ride ? device::weight_backward_args(*weights, row_sums) : device::WeightBackwardArgs{};
     st = with_type(args.x.type, [&](auto* tag) {

@@ -35,9 +35,10 @@ struct WeightCodesJob {
 // float of x's element type (codes are integers, exact in fp16 and bf16).
 // bias_a: fp32 [C] on the device; scale_a: ONE fp32 value on the device (read
 // by the kernel, so no host sync). Any strides; fast when x and out are both
-// dense NCHW or both dense channels_last.
-// With `weights`, also those weight codes: in the same launch when x is dense
-// and the weights are fp32, otherwise in a second one.
+// dense NCHW, or both have adjacent channels (channels_last, pixels at any
+// strides: e.g. x's stride grid of a strided 1x1 convolution).
+// With `weights`, also those weight codes: in the same launch on those fast
+// paths when the weights are fp32, otherwise in a second one.
 KernelStatus lsq_activation_codes(const Tensor4dView& x, const float* bias_a, const float* scale_a,
                                   float eps, int bits, const Tensor4dOut& out, cudaStream_t stream,
                                   const WeightCodesJob* weights = nullptr);

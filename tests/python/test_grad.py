@@ -36,6 +36,10 @@ GRAD_CASES = CASES[:8] + CASES[-3:] + [
     Case(1, 136, 8, 9, 10, 1, 1, (2, 1)),                  # 136 channels: two fp32 tiles
     Case(2, 3, 4, 40, 36, 3, 3, (2, 2), (1, 1)),           # 1440-element planes (vectors)
     Case(1, 2, 4, 37, 41, 3, 3, (1, 1), (0, 1)),           # 1517-element planes (scalar)
+    # Strided 1x1 without padding: on CUDA (channels_last x) the backward runs
+    # on x's stride grid; the last column / row is off the grid.
+    Case(2, 64, 16, 11, 12, 1, 1, (2, 2)),
+    Case(2, 24, 8, 8, 7, 1, 1, (3, 2)),
 ]
 # Edge values, on a few cases: NaN, +-max and exact range ends and ties in
 # x; scale_a below eps.
@@ -217,3 +221,34 @@ def test_gradients_with_create_graph_match(device):
     for plain, with_graph in zip(*results):
         assert plain.dtype == with_graph.dtype and plain.shape == with_graph.shape
         assert torch.equal(plain, with_graph)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", [CASES[1], CASES[6], GRAD_CASES[12], GRAD_CASES[-2], GRAD_CASES[-1]], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_pixel_strided_x_matches_dense(case, dtype):
+    """x with adjacent channels but pixels at larger strides (every other pixel
+    of a channels_last tensor) takes the LSQ kernels' pixel-strided paths (and
+    strided 1x1 layers take them on any channels_last x): every gradient must
+    equal, bit for bit, that of the same values stored densely, whose kernels
+    split the work the same way."""
+    inputs = make_inputs(case, "cuda", dtype, per_channel=False, seed=2)
+    dense = inputs[0].contiguous(memory_format=torch.channels_last)
+    big = torch.zeros(case.n, case.c, 2 * case.h, 2 * case.w, device="cuda", dtype=dtype)
+    view = big.contiguous(memory_format=torch.channels_last)[:, :, ::2, ::2]
+    view.copy_(dense)
+    assert view.stride(1) == 1 and not view.is_contiguous(memory_format=torch.channels_last)
+    grad_out = None
+    grads = []
+    for x in (dense, view):
+        leaves = [x.detach().requires_grad_(True)] + [t.detach().clone().requires_grad_(True) for t in inputs[1:]]
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+            y = ops.conv_train(*leaves, list(case.stride), list(case.padding), list(case.dilation), EPS, 4, "auto")
+            if grad_out is None:
+                grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to("cuda", y.dtype)
+            y.backward(grad_out)
+        grads.append([leaf.grad for leaf in leaves])
+    names = ["x", "bias_a", "scale_a", "weight", "scale_w", "bias"]
+    for name, from_dense, from_view in zip(names, *grads):
+        assert from_dense.abs().sum() > 0, f"{name}: zero gradient, test is void"
+        assert torch.equal(from_dense, from_view), name
