@@ -106,18 +106,37 @@ __device__ __forceinline__ void next_element(const Flat<Idx>& f, Idx& r, Idx& c)
   }
 }
 
+// Blocks [act_blocks, gridDim.x) of a codes launch write the fp32 weights'
+// codes (`weights`, a WeightCodesJob riding on it); true for those blocks.
+template <typename T>
+__device__ __forceinline__ bool weight_codes_rider(unsigned act_blocks,
+                                                   const device::WeightCodesArgs& weights) {
+  if (blockIdx.x < act_blocks) return false;
+  device::weight_codes_range<float, T>(weights,
+                                       int64_t(blockIdx.x - act_blocks) * blockDim.x + threadIdx.x,
+                                       int64_t(gridDim.x - act_blocks) * blockDim.x);
+  return true;
+}
+
+// V shifted values as codes of element type T (quant.h's fast path).
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> code_pack(const float (&shifted)[V], const ActScale& s,
+                                                int bits) {
+  int8_t q[V];
+  quantize_values_fast(shifted, s.s, s.inv, bits, q);
+  Pack<T, V> codes;
+#pragma unroll
+  for (int j = 0; j < V; ++j) codes.e[j] = from_float<T>(static_cast<float>(q[j]));
+  return codes;
+}
+
 // Blocks [0, act_blocks) convert x; the blocks after them, if any, write the
 // fp32 weights' codes (`weights`, a WeightCodesJob riding on this launch).
 template <typename T, int V, typename Idx>
 __global__ void __launch_bounds__(kThreads)
     codes_dense_kernel(const T* __restrict__ x, T* __restrict__ out, Flat<Idx> f, ActParams p,
                        unsigned act_blocks, device::WeightCodesArgs weights) {
-  if (blockIdx.x >= act_blocks) {
-    device::weight_codes_range<float, T>(
-        weights, int64_t(blockIdx.x - act_blocks) * blockDim.x + threadIdx.x,
-        int64_t(gridDim.x - act_blocks) * blockDim.x);
-    return;
-  }
+  if (weight_codes_rider<T>(act_blocks, weights)) return;
   const ActScale s = act_scale(p.scale, p.eps, p.bits);
   const Idx step = Idx(act_blocks) * blockDim.x * V;
   for (Idx i = (Idx(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < f.total; i += step) {
@@ -131,12 +150,7 @@ __global__ void __launch_bounds__(kThreads)
         shifted[j] = to_float(in.e[j]) + p.bias[c];
         next_element(f, r, c);
       }
-      int8_t q[V];
-      quantize_values_fast(shifted, s.s, s.inv, p.bits, q);
-      Pack<T, V> codes;
-#pragma unroll
-      for (int j = 0; j < V; ++j) codes.e[j] = from_float<T>(static_cast<float>(q[j]));
-      store_pack<T, V>(out + i, codes);
+      store_pack<T, V>(out + i, code_pack<T, V>(shifted, s, p.bits));
     } else {
       for (Idx j = i; j < f.total; ++j) {
         out[j] = from_float<T>(code_of(to_float(x[j]), p.bias[c], s, p.bits));
@@ -195,12 +209,7 @@ template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     codes_pixels_kernel(const T* __restrict__ x, T* __restrict__ out, PixelGrid g, ActParams p,
                         unsigned act_blocks, device::WeightCodesArgs weights) {
-  if (blockIdx.x >= act_blocks) {
-    device::weight_codes_range<float, T>(
-        weights, int64_t(blockIdx.x - act_blocks) * blockDim.x + threadIdx.x,
-        int64_t(gridDim.x - act_blocks) * blockDim.x);
-    return;
-  }
+  if (weight_codes_rider<T>(act_blocks, weights)) return;
   const ActScale s = act_scale(p.scale, p.eps, p.bits);
   const uint32_t groups = g.channels / V;
   const uint32_t total = g.pixels * groups;
@@ -212,12 +221,8 @@ __global__ void __launch_bounds__(kThreads)
     float shifted[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) shifted[j] = to_float(in.e[j]) + p.bias[c + j];
-    int8_t q[V];
-    quantize_values_fast(shifted, s.s, s.inv, p.bits, q);
-    Pack<T, V> codes;
-#pragma unroll
-    for (int j = 0; j < V; ++j) codes.e[j] = from_float<T>(static_cast<float>(q[j]));
-    store_pack<T, V>(out + pixel_offset(g.out, pix, g.h, g.w) + c, codes);
+    store_pack<T, V>(out + pixel_offset(g.out, pix, g.h, g.w) + c,
+                     code_pack<T, V>(shifted, s, p.bits));
   }
 }
 
@@ -470,6 +475,15 @@ KernelStatus check_common(const char* fn, const Tensor4dView& x, const float* bi
 }
 
 // ---- codes launch ------------------------------------------------------------------
+// The blocks a riding weight-codes job gets (0 without one); its arguments
+// go to `w`.
+int64_t rider_blocks(const device::WeightCodesArgs* weights, device::WeightCodesArgs& w) {
+  if (weights == nullptr) return 0;
+  w = *weights;
+  const int64_t total = w.size[0] * w.size[1] * w.size[2] * w.size[3];
+  return std::min(ceil_div(total, int64_t(kThreads)), kMaxWeightBlocks);
+}
+
 template <typename T, typename Idx>
 KernelStatus launch_codes_dense(const Tensor4dView& x, T* out, int64_t inner, const ActParams& p,
                                 const device::WeightCodesArgs* weights, cudaStream_t stream) {
@@ -477,12 +491,7 @@ KernelStatus launch_codes_dense(const Tensor4dView& x, T* out, int64_t inner, co
   const Flat<Idx> f{static_cast<Idx>(numel(x)), static_cast<Idx>(inner),
                     static_cast<Idx>(x.size[1])};
   device::WeightCodesArgs w{};
-  int64_t weight_blocks = 0;
-  if (weights != nullptr) {
-    w = *weights;
-    const int64_t total = w.size[0] * w.size[1] * w.size[2] * w.size[3];
-    weight_blocks = std::min(ceil_div(total, int64_t(kThreads)), kMaxWeightBlocks);
-  }
+  const int64_t weight_blocks = rider_blocks(weights, w);
   // Any vector width the pointers allow: the kernel converts a ragged tail
   // element by element. (Asking for widths that divide 1, as before, always
   // gave scalar loads: 0.9-1.0 TB/s on H100, NOTES.md session 4.)
@@ -510,12 +519,7 @@ KernelStatus launch_codes_pixels(const Tensor4dView& x, const Tensor4dOut& out, 
                     pixel_strides(x.stride),
                     pixel_strides(out.stride)};
   device::WeightCodesArgs w{};
-  int64_t weight_blocks = 0;
-  if (weights != nullptr) {
-    w = *weights;
-    const int64_t total = w.size[0] * w.size[1] * w.size[2] * w.size[3];
-    weight_blocks = std::min(ceil_div(total, int64_t(kThreads)), kMaxWeightBlocks);
-  }
+  const int64_t weight_blocks = rider_blocks(weights, w);
   const int64_t multiple =
       pixel_alignment(x.size, out.stride, pixel_alignment(x.size, x.stride, c));
   return with_vec<T>(pick_vec(x.type, multiple, in, o, o), [&](auto vec) {

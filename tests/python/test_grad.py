@@ -165,6 +165,22 @@ def test_gradients_match_lsq_autograd(device, case, values, per_channel, layout,
         x_leaf.is_contiguous(memory_format=torch.channels_last))
 
 
+def deterministic_gradients(case: Case, xs, params):
+    """The gradients of every leaf of conv_train for each x of `xs` (same
+    parameters, same grad_out), with cuDNN's deterministic algorithms."""
+    grad_out = None
+    results = []
+    for x in xs:
+        leaves = [x.detach().requires_grad_(True)] + [t.detach().clone().requires_grad_(True) for t in params]
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+            y = ops.conv_train(*leaves, list(case.stride), list(case.padding), list(case.dilation), EPS, 4, "auto")
+            if grad_out is None:
+                grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to("cuda", y.dtype)
+            y.backward(grad_out)
+        results.append([leaf.grad for leaf in leaves])
+    return results
+
+
 @requires_cuda
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("per_channel", [False, True], ids=["tensor_scale", "channel_scale"])
@@ -174,17 +190,7 @@ def test_cuda_gradients_are_deterministic(layout, per_channel):
     case = Case(4, 48, 32, 40, 36, 3, 3, (1, 1), (1, 1))
     inputs = make_inputs(case, "cuda", torch.float16, per_channel=per_channel, seed=5)
     x = with_layout(inputs[0], layout)
-    grad_out = None
-    results = []
-    for _ in range(2):
-        leaves = [x.detach().requires_grad_(True)] + [t.detach().clone().requires_grad_(True) for t in inputs[1:]]
-        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
-            y = ops.conv_train(*leaves, list(case.stride), list(case.padding), list(case.dilation), EPS, 4, "auto")
-            if grad_out is None:
-                grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to("cuda", y.dtype)
-            y.backward(grad_out)
-        results.append([leaf.grad for leaf in leaves])
-    for first, second in zip(*results):
+    for first, second in zip(*deterministic_gradients(case, [x, x], inputs[1:])):
         assert torch.equal(first, second)
 
 
@@ -238,16 +244,7 @@ def test_cuda_pixel_strided_x_matches_dense(case, dtype):
     view = big.contiguous(memory_format=torch.channels_last)[:, :, ::2, ::2]
     view.copy_(dense)
     assert view.stride(1) == 1 and not view.is_contiguous(memory_format=torch.channels_last)
-    grad_out = None
-    grads = []
-    for x in (dense, view):
-        leaves = [x.detach().requires_grad_(True)] + [t.detach().clone().requires_grad_(True) for t in inputs[1:]]
-        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
-            y = ops.conv_train(*leaves, list(case.stride), list(case.padding), list(case.dilation), EPS, 4, "auto")
-            if grad_out is None:
-                grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to("cuda", y.dtype)
-            y.backward(grad_out)
-        grads.append([leaf.grad for leaf in leaves])
+    grads = deterministic_gradients(case, [dense, view], inputs[1:])
     names = ["x", "bias_a", "scale_a", "weight", "scale_w", "bias"]
     for name, from_dense, from_view in zip(names, *grads):
         assert from_dense.abs().sum() > 0, f"{name}: zero gradient, test is void"
