@@ -83,12 +83,13 @@ std::pair<at::Tensor, at::Tensor> backward_codes(const at::Tensor& x, const at::
   return {act_codes, wgt_codes};
 }
 
-// The LSQ backward's outputs: dx, dweight, and the partial sums that
+// The LSQ backward's outputs besides dx (written into the caller's tensor):
+// dweight, and the partial sums that
 // lsq_finish_scale_grads reduces, all in one fp32 allocation (`sums`, one
 // allocator call instead of three): d bias_a's [bias_rows, C], d scale_a's
 // residual terms, and the per-output-channel row sums of d scale_w's.
 struct LsqBackward {
-  at::Tensor dx, dweight, sums;
+  at::Tensor dweight, sums;
   float *bias_partials = nullptr, *residual_partials = nullptr, *row_sums = nullptr;
   int64_t bias_rows = 0, residual_parts = 0;
 };
@@ -113,11 +114,10 @@ LsqWeightBackward weight_backward_args(const at::Tensor& grad_wgt, const at::Ten
 // grad_act: d loss / d (codes times s_a), x's sizes and dtype; grad_scale:
 // the raw per-tensor s_w (fp32, one value) that multiplies it, if any;
 // grad_wgt: d loss / d (weight codes) from the weight-gradient convolution.
-// dx: where the activation gradient goes (x's sizes and dtype, any strides);
-// the result's dx is `dx_full`, the tensor it is part of.
+// dx: where the activation gradient goes (x's sizes and dtype, any strides).
 LsqBackward cuda_lsq_backward(const at::Tensor& grad_act, const at::Tensor& x, at::Tensor& dx,
-                              const at::Tensor& dx_full, const at::Tensor& bias,
-                              const at::Tensor& scale, const std::optional<at::Tensor>& grad_scale,
+                              const at::Tensor& bias, const at::Tensor& scale,
+                              const std::optional<at::Tensor>& grad_scale,
                               const at::Tensor& grad_wgt, const at::Tensor& weight,
                               const at::Tensor& s_w, double eps, int64_t bits) {
   TORCH_CHECK(grad_act.sizes() == x.sizes() && grad_act.scalar_type() == x.scalar_type(),
@@ -147,7 +147,6 @@ LsqBackward cuda_lsq_backward(const at::Tensor& grad_act, const at::Tensor& x, a
 
   const LsqWorkspace ws = lsq_activation_backward_workspace(args);
   LsqBackward out;
-  out.dx = dx_full;
   out.dweight =
       at::empty(weight.sizes(), weight.options().memory_format(weight.suggest_memory_format()));
   out.bias_rows = ws.bias_rows;
@@ -299,14 +298,14 @@ cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
   LsqBackward act;
   {
     Q4CONV_HOST_SPAN("q4conv::backward_lsq");
-    act = cuda_lsq_backward(grad_act, in.x, in.dx, in.dx_full, bias_f, s_a, grad_scale, grad_wgt,
-                            weight, s_w, eps, bits);
+    act = cuda_lsq_backward(grad_act, in.x, in.dx, bias_f, s_a, grad_scale, grad_wgt, weight, s_w,
+                            eps, bits);
   }
 
   const ScaleGrads scales =
       finish_scale_grads(act, k_out, x, s_a, scale_a, s_w, scale_w, weight.numel(), eps, bits);
   return {
-      act.dx,
+      in.dx_full,
       act.dweight,
       as_type(scales.dbias_a, bias_a.scalar_type()),
       as_type(scales.dscale_a, scale_a.scalar_type()),

@@ -34,8 +34,8 @@
 
 #include <algorithm>
 #include <climits>
-#include <numeric>
 #include <cstdint>
+#include <numeric>
 #include <string>
 #include <type_traits>
 
@@ -566,6 +566,11 @@ KernelStatus launch_codes(const Tensor4dView& x, const Tensor4dOut& out, const A
 // ---- backward plan and launch -------------------------------------------------------
 enum class PostPath { kChannelsLast, kPixelStrided, kPlanes, kStridedPlanes };
 
+// The paths of backward_cl_kernel (pixels x channels).
+bool channels_last_path(PostPath path) {
+  return path == PostPath::kChannelsLast || path == PostPath::kPixelStrided;
+}
+
 struct PostPlan {
   PostPath path = PostPath::kPlanes;
   int vec = 1;
@@ -584,12 +589,10 @@ PostPlan plan_channels_last(const LsqActBackward& a, bool dense) {
   plan.path = dense ? PostPath::kChannelsLast : PostPath::kPixelStrided;
   const int64_t c = a.x.size[1];
   const int64_t pixels = a.x.size[0] * a.x.size[2] * a.x.size[3];
-  int64_t multiple = c;
-  if (!dense) {
-    multiple = pixel_alignment(a.x.size, a.x.stride, multiple);
-    multiple = pixel_alignment(a.x.size, a.grad.stride, multiple);
-    multiple = pixel_alignment(a.x.size, a.dx.stride, multiple);
-  }
+  // (For dense tensors every pixel stride is a multiple of C.)
+  int64_t multiple = pixel_alignment(a.x.size, a.x.stride, c);
+  multiple = pixel_alignment(a.x.size, a.grad.stride, multiple);
+  multiple = pixel_alignment(a.x.size, a.dx.stride, multiple);
   plan.vec = pick_vec(a.x.type, multiple, a.x.data, a.grad.data, a.dx.data);
   // As many lanes across the channels as there are channel groups (up to a
   // warp), the rest of the block across pixels, so small C wastes few lanes.
@@ -641,7 +644,7 @@ KernelStatus launch_backward(const LsqActBackward& a, const PostPlan& plan, floa
   const T* grad = static_cast<const T*>(a.grad.data);
   T* dx = static_cast<T*>(a.dx.data);
   const PostParams p{{a.bias_a, a.scale_a, a.eps, a.bits}, a.grad_scale};
-  if (plan.path == PostPath::kChannelsLast || plan.path == PostPath::kPixelStrided) {
+  if (channels_last_path(plan.path)) {
     ClGeometry geo{a.x.size[0] * a.x.size[2] * a.x.size[3], a.x.size[1], plan.rows};
     const bool pixel_strided = plan.path == PostPath::kPixelStrided;
     if (pixel_strided) {
@@ -763,10 +766,9 @@ KernelStatus lsq_activation_backward(const LsqActBackward& args, float* bias_par
     const PostPlan plan = plan_backward(args);
     // The weight backward rides on the channels_last launch when its weights
     // are fp32 and its gradient has x's element type.
-    const bool channels_last =
-        plan.path == PostPath::kChannelsLast || plan.path == PostPath::kPixelStrided;
-    const bool ride = weights != nullptr && channels_last && numel(weights->w) > 0 &&
-                      weights->w.type == InType::kFloat32 && weights->grad.type == args.x.type;
+    const bool ride = weights != nullptr && channels_last_path(plan.path) &&
+                      numel(weights->w) > 0 && weights->w.type == InType::kFloat32 &&
+                      weights->grad.type == args.x.type;
     const device::WeightBackwardArgs w =
         ride ? device::weight_backward_args(*weights, row_sums) : device::WeightBackwardArgs{};
     st = with_type(args.x.type, [&](auto* tag) {

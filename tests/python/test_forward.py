@@ -221,10 +221,15 @@ def tie_inputs(case: Case, device: str, dtype: torch.dtype):
     return x, bias_a, scale_a, weight, scale_w
 
 
-def check_equals_unfused(args, switch: str, ran, monkeypatch) -> None:
-    """conv_packed(*args) with the fused kernel that `switch`=1 selects (ran:
-    whether its name is among the launched kernels) equals the pass + GEMM
-    result (both fused kernels off) bit for bit."""
+def check_equals_unfused(case: Case, device: str, backend: str, dtype: torch.dtype, relu: bool,
+                         switch: str, ran, monkeypatch) -> None:
+    """conv_packed on tie_inputs (no output bias) with the fused kernel that
+    `switch`=1 selects (ran: whether its name is among the launched kernels)
+    equals the pass + GEMM result (both fused kernels off) bit for bit."""
+    x, bias_a, scale_a, weight, scale_w = tie_inputs(case, device, dtype)
+    skip_unless_backend_runs(x, case, backend)
+    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
+    args = (x, bias_a, scale_a, qweight, scale_w, None, *conv_args(case), relu, backend)
     monkeypatch.setenv("Q4CONV_WGMMA_POINTWISE", "0")
     monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", "0")
     reference = ops.conv_packed(*args)
@@ -258,11 +263,7 @@ def test_fused_pointwise_equals_unfused(device, backend, case, dtype, relu, monk
     equals the pass + GEMM output exactly, with 64- and 128-wide weight slices,
     one block for all of K (one or several passes) or clusters of blocks,
     including NaN, +-Inf and exact rounding ties."""
-    x, bias_a, scale_a, weight, scale_w = tie_inputs(case, device, dtype)
-    skip_unless_backend_runs(x, case, backend)
-    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
-    args = (x, bias_a, scale_a, qweight, scale_w, None, *conv_args(case), relu, backend)
-    check_equals_unfused(args, "Q4CONV_FUSED_POINTWISE", fused_kernel_ran, monkeypatch)
+    check_equals_unfused(case, device, backend, dtype, relu, "Q4CONV_FUSED_POINTWISE", fused_kernel_ran, monkeypatch)
 
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
@@ -305,7 +306,7 @@ WGMMA_CASES = [
 def test_wgmma_pointwise_kernel(device, backend, case, dtype, bias, monkeypatch):
     """Q4CONV_WGMMA_POINTWISE=1 runs dense fp16 / bf16 1x1 stride-1
     convolutions with C % 64 == 0 and K % 128 == 0 through the wgmma kernel
-    that quantizes in registers (fp32 inputs take the other paths); the
+    that quantizes into shared memory (fp32 inputs take the other paths); the
     result matches the oracle either way."""
     x, bias_a, scale_a, weight, scale_w, out_bias = make_inputs(case, device, dtype, channels_last=True,
                                                                 bias=bias, per_channel=True)
@@ -328,11 +329,7 @@ def test_wgmma_pointwise_equals_unfused(device, backend, case, dtype, relu, monk
     """The wgmma kernel's codes are the separate pass's, bit for bit: without
     an output bias its output equals the pass + GEMM output exactly,
     including NaN, +-Inf and exact rounding ties, with and without ReLU."""
-    x, bias_a, scale_a, weight, scale_w = tie_inputs(case, device, dtype)
-    skip_unless_backend_runs(x, case, backend)
-    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
-    args = (x, bias_a, scale_a, qweight, scale_w, None, *conv_args(case), relu, backend)
-    check_equals_unfused(args, "Q4CONV_WGMMA_POINTWISE", wgmma_kernel_ran, monkeypatch)
+    check_equals_unfused(case, device, backend, dtype, relu, "Q4CONV_WGMMA_POINTWISE", wgmma_kernel_ran, monkeypatch)
 
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
@@ -348,9 +345,16 @@ def test_wgmma_pointwise_dispatch_rule(device, backend, n, c, k, h, dtype, wgmma
     """Without Q4CONV_WGMMA_POINTWISE, dense 1x1 layers run the wgmma kernel
     exactly where K is one 256-wide slice, C >= 512 and the 64-pixel row
     blocks fill a wave of 132 SMs."""
+    kernels = default_dispatch_kernels(Case(n, c, k, h, h, 1, 1), device, backend, dtype, monkeypatch)
+    assert wgmma_kernel_ran(kernels) == wgmma, kernels
+
+
+def default_dispatch_kernels(case: Case, device: str, backend: str, dtype: torch.dtype, monkeypatch):
+    """The names of the CUDA kernels conv_packed launches for a channels_last
+    input of `case` with both fused-kernel switches unset (the dispatch rules);
+    skips where the profiler sees no kernels."""
     monkeypatch.delenv("Q4CONV_WGMMA_POINTWISE", raising=False)
     monkeypatch.delenv("Q4CONV_FUSED_POINTWISE", raising=False)
-    case = Case(n, c, k, h, h, 1, 1)
     x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last=True)
     skip_unless_backend_runs(x, case, backend)
     qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
@@ -358,7 +362,7 @@ def test_wgmma_pointwise_dispatch_rule(device, backend, n, c, k, h, dtype, wgmma
         lambda: ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend))
     if kernels is None:
         pytest.skip("the profiler records no CUDA kernels here (CUPTI unavailable)")
-    assert wgmma_kernel_ran(kernels) == wgmma, kernels
+    return kernels
 
 
 def wgmma_kernel_ran(kernel_names) -> bool:
@@ -389,19 +393,11 @@ def test_fused_pointwise_dispatch_rule(device, backend, c, k, fused, monkeypatch
     """Without Q4CONV_FUSED_POINTWISE, fp16 1x1 layers run the fused kernel
     where one block holds all of K's weights in one slice or two passes or
     where K takes a cluster of two, and pass + GEMM where K needs more passes
-    or a larger cluster; never the wgmma 1x1 kernel (opt-in only)."""
-    monkeypatch.delenv("Q4CONV_FUSED_POINTWISE", raising=False)
-    monkeypatch.delenv("Q4CONV_WGMMA_POINTWISE", raising=False)
-    case = Case(2, c, k, 8, 8, 1, 1)
-    x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, torch.float16, channels_last=True)
-    skip_unless_backend_runs(x, case, backend)
-    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
-    _, kernels = run_with_kernel_names(
-        lambda: ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend))
-    if kernels is None:
-        pytest.skip("the profiler records no CUDA kernels here (CUPTI unavailable)")
+    or a larger cluster; never the wgmma 1x1 kernel (128 pixels: too few row
+    blocks for its rule)."""
+    kernels = default_dispatch_kernels(Case(2, c, k, 8, 8, 1, 1), device, backend, torch.float16, monkeypatch)
     assert fused_kernel_ran(kernels) == fused, kernels
-    assert not wgmma_kernel_ran(kernels), "the wgmma 1x1 kernel runs only on request"
+    assert not wgmma_kernel_ran(kernels), "the wgmma 1x1 kernel ran below its rule's row blocks"
 
 
 @pytest.mark.parametrize("device", DEVICES)
