@@ -76,15 +76,22 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                     at::IntArrayRef dilation, double eps, int64_t bits) {
   const ConvParams params = make_params(stride, padding, dilation, eps, bits, false);
   check_bits(bits);
+  const BackwardPlan plan = plan_backward(x, weight, params);
+  if (plan.cuda_kernels)
+    return cuda_conv_train_backward(grad_out, x, bias_a, scale_a, weight, scale_w, has_bias,
+                                    params, plan);
+  return aten_conv_train_backward(grad_out, x, bias_a, scale_a, weight, scale_w, has_bias, params);
+}
+
+// The same arithmetic through ATen ops (CPU, float64 parameters, empty batches).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+aten_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& bias_a,
+                         const at::Tensor& scale_a, const at::Tensor& weight,
+                         const at::Tensor& scale_w, bool has_bias, const ConvParams& params) {
+  const double eps = params.eps;
+  const int64_t bits = params.bits;
   const int64_t channels = x.size(1), k_out = weight.size(0);
   const bool per_channel = scale_w.numel() > 1;
-
-#ifdef Q4CONV_WITH_CUDA
-  if (cuda_train_backward_supports(x, weight))
-    return cuda_conv_train_backward(grad_out, x, bias_a, scale_a, weight, scale_w, has_bias,
-                                    params);
-#endif
-  // ATen path (CPU, float64 parameters, empty batches): the same arithmetic.
   const at::Tensor s_a = at::clamp_min(scale_a.detach().to(at::kFloat).reshape({1, 1, 1, 1}), eps);
   const at::Tensor shifted =
       x.detach().to(at::kFloat) + bias_a.detach().to(at::kFloat).view({1, channels, 1, 1});

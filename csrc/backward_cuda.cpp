@@ -10,8 +10,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "cuda_views.h"
+#include "cuda_glue.h"
 #include "kernels/lsq_kernels.h"
+#include "plan.h"
 #include "q4conv.h"
 #include "quant.h"
 
@@ -51,10 +52,6 @@ at::Tensor empty_like_x(const at::Tensor& x) {
 // t in `dtype`; no dispatcher call when it already is (the common case).
 at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);
-}
-
-void check_status(const KernelStatus& status, const char* what) {
-  TORCH_CHECK(status.ok, "q4conv: ", what, " failed: ", status.message);
 }
 
 // The codes both backward convolutions read, in x's dtype and memory format
@@ -209,11 +206,10 @@ ScaleGrads finish_scale_grads(const LsqBackward& act, int64_t out_channels, cons
 // convolution without padding reads only x's stride grid: the other pixels get
 // no gradient (dx = 0) and add nothing to d bias_a or d scale_a (each of
 // their terms is a zero gradient times a finite factor: NaN and +-Inf inputs
-// count as clipped, with a finite code). So for strides > 1 the backward runs on the grid
-// pixels as a stride-1 convolution, as the forward does, and dx is zero
-// around them: 1 / (stride_h * stride_w) of the codes, LSQ and dgrad bytes.
-// Only where x's channels are adjacent (channels_last): the LSQ kernels then
-// read the grid with vector loads.
+// count as clipped, with a finite code). So where the plan says so the
+// backward runs on the grid pixels as a stride-1 convolution, as the forward
+// does, and dx is zero around them: 1 / (stride_h * stride_w) of the codes,
+// LSQ and dgrad bytes.
 struct BackwardInput {
   at::Tensor x;        // x, or the view of its stride grid
   at::Tensor dx;       // where the kernels write dx (dx_full or its grid)
@@ -221,14 +217,11 @@ struct BackwardInput {
   std::array<int64_t, 2> stride, padding, dilation;
 };
 
-BackwardInput backward_input(const at::Tensor& x, const at::Tensor& weight,
+BackwardInput backward_input(const at::Tensor& x, const BackwardPlan& plan,
                              const ConvParams& params, cudaStream_t stream) {
-  const bool strided = params.stride[0] > 1 || params.stride[1] > 1;
-  const bool pointwise = weight.size(2) == 1 && weight.size(3) == 1 && params.padding[0] == 0 &&
-                         params.padding[1] == 0;
   BackwardInput in;
   in.dx_full = empty_like_x(x);
-  if (!(strided && pointwise && x.size(1) > 1 && x.stride(1) == 1)) {
+  if (!plan.stride_grid) {
     in.x = x;
     in.dx = in.dx_full;
     in.stride = {params.stride[0], params.stride[1]};
@@ -236,15 +229,10 @@ BackwardInput backward_input(const at::Tensor& x, const at::Tensor& weight,
     in.dilation = {params.dilation[0], params.dilation[1]};
     return in;
   }
-  const int64_t sh = params.stride[0], sw = params.stride[1];
-  const std::vector<int64_t> grid{x.size(0), x.size(1), (x.size(2) - 1) / sh + 1,
-                                  (x.size(3) - 1) / sw + 1};
-  in.x = x.as_strided(grid, {x.stride(0), x.stride(1), x.stride(2) * sh, x.stride(3) * sw},
-                      x.storage_offset());
+  in.x = stride_grid_view(x, params.stride);
   const at::Tensor& d = in.dx_full;  // dense: one memset clears it
   C10_CUDA_CHECK(cudaMemsetAsync(d.data_ptr(), 0, d.numel() * d.element_size(), stream));
-  in.dx = d.as_strided(grid, {d.stride(0), d.stride(1), d.stride(2) * sh, d.stride(3) * sw},
-                       d.storage_offset());
+  in.dx = stride_grid_view(d, params.stride);
   in.stride = {1, 1};
   in.padding = {0, 0};
   in.dilation = {1, 1};
@@ -253,18 +241,11 @@ BackwardInput backward_input(const at::Tensor& x, const at::Tensor& weight,
 
 }  // namespace
 
-bool cuda_train_backward_supports(const at::Tensor& x, const at::Tensor& weight) {
-  const auto floating = [](at::ScalarType t) {
-    return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-  };
-  return x.is_cuda() && weight.is_cuda() && x.numel() > 0 && weight.numel() > 0 &&
-         floating(x.scalar_type()) && floating(weight.scalar_type());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& bias_a,
                          const at::Tensor& scale_a, const at::Tensor& weight,
-                         const at::Tensor& scale_w, bool has_bias, const ConvParams& params) {
+                         const at::Tensor& scale_w, bool has_bias, const ConvParams& params,
+                         const BackwardPlan& plan) {
   const c10::cuda::CUDAGuard device_guard(x.device());
   check_on_device(weight, x, "weight");
   check_on_device(scale_w, x, "scale_w");
@@ -282,7 +263,7 @@ cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
   // half inputs, like an fp16 Conv2d), the scales applied around them.
   const at::ScalarType compute = x.scalar_type();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  BackwardInput in = backward_input(x, weight, params, stream);
+  BackwardInput in = backward_input(x, plan, params, stream);
   const auto [act_codes, wgt_codes] = backward_codes(in.x, bias_f, s_a, weight, s_w, eps, bits);
   std::optional<at::IntArrayRef> bias_sizes;
   const std::vector<int64_t> bias_shape{k_out};

@@ -1,11 +1,39 @@
-// Registration of the q4conv operators with PyTorch's dispatcher. Schemas
-// follow pytorch/extension-cpp; fake (meta) kernels and autograd formulas are
-// registered from python/q4conv/_ops.py with torch.library.
+// Registration of the q4conv operators with PyTorch's dispatcher (schemas
+// and CPU kernels; CUDA kernels in ops_cuda.cpp, autograd in autograd.cpp,
+// fake kernels in python/q4conv/_ops.py), as pytorch/extension-cpp does.
 #include <torch/library.h>
 
 #include "q4conv.h"
 
 namespace q4conv {
+namespace {
+
+at::Tensor quantize_pack_cpu(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
+                             int64_t bits) {
+  check_weight_args(weight, scale_w, bits);
+  return cpu_quantize_pack(weight, scale_w, eps, bits);
+}
+
+at::Tensor quantize_activation_cpu(const at::Tensor& x, const at::Tensor& bias_a,
+                                   const at::Tensor& scale_a, double eps, int64_t bits) {
+  check_activation_args(x, bias_a, scale_a, bits);
+  return cpu_quantize_activation(x, bias_a, scale_a, eps, bits);
+}
+
+at::Tensor output_alpha_cpu(const at::Tensor& scale_a, const at::Tensor& scale_w,
+                            int64_t out_channels, double eps) {
+  check_alpha_args(scale_a, scale_w, out_channels, eps);
+  return cpu_output_alpha(scale_a, scale_w, out_channels, eps);
+}
+
+at::Tensor kernel_weight_cpu(const at::Tensor& qweight, int64_t /*in_channels*/,
+                             const std::string& backend) {
+  TORCH_CHECK(false, "kernel_weight needs qweight on a CUDA device (backend '", backend, "'), got ",
+              qweight.device());
+}
+
+}  // namespace
+
 TORCH_LIBRARY(q4conv, m) {
   m.def("quantize_pack(Tensor weight, Tensor scale_w, float eps, int bits) -> Tensor");
   m.def("unpack(Tensor qweight, int in_channels) -> Tensor");
@@ -26,30 +54,39 @@ TORCH_LIBRARY(q4conv, m) {
       "conv_train_backward(Tensor grad_out, Tensor x, Tensor bias_a, Tensor scale_a, "
       "Tensor weight, Tensor scale_w, bool has_bias, int[2] stride, int[2] padding, "
       "int[2] dilation, float eps, int bits) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Not a tensor op (no fake kernel needed): which backend would run.
+  // Queries of the plan (not tensor ops: no fake kernels).
   m.def(
       "selected_backend(Tensor x, int out_channels, int[2] kernel_size, int[2] stride, "
       "int[2] padding, int[2] dilation, str backend) -> str");
+  m.def(
+      "plan(Tensor x, int out_channels, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, str backend, ScalarType weight_dtype) -> str");
+  // No tensor arguments: one kernel for every device.
+  m.def(
+      "kernel_weight_sizes(int out_channels, int in_channels, int[2] kernel_size, str backend) -> "
+      "int[]",
+      &kernel_weight_sizes);
+  m.def("set_tuning(str name, int value) -> int", &set_tuning);
+  m.def("tuning() -> str", &describe_tuning);
 }
 
-// The same functions serve CPU and CUDA: they branch to the CUDA kernels
-// internally (dispatch.cpp decides for the convolution).
-#define Q4CONV_REGISTER_IMPLS(m)                       \
-  m.impl("quantize_pack", &quantize_pack);             \
+// Ops whose body serves every device: the plan inside tells the paths apart.
+#define Q4CONV_REGISTER_DEVICE_GENERIC(m)              \
   m.impl("unpack", &unpack);                           \
-  m.impl("kernel_weight", &kernel_weight);             \
-  m.impl("output_alpha", &output_alpha);               \
-  m.impl("quantize_activation", &quantize_activation); \
   m.impl("conv_packed", &conv_packed);                 \
   m.impl("conv_train", &conv_train);                   \
   m.impl("conv_train_backward", &conv_train_backward); \
-  m.impl("selected_backend", &selected_backend);
+  m.impl("selected_backend", &selected_backend);       \
+  m.impl("plan", &plan);
 
-TORCH_LIBRARY_IMPL(q4conv, CPU, m){Q4CONV_REGISTER_IMPLS(m)}
-#ifdef Q4CONV_WITH_CUDA
-TORCH_LIBRARY_IMPL(q4conv, CUDA, m) {
-  Q4CONV_REGISTER_IMPLS(m)
+TORCH_LIBRARY_IMPL(q4conv, CPU, m) {
+  Q4CONV_REGISTER_DEVICE_GENERIC(m)
+  m.impl("quantize_pack", &quantize_pack_cpu);
+  m.impl("quantize_activation", &quantize_activation_cpu);
+  m.impl("output_alpha", &output_alpha_cpu);
+  m.impl("kernel_weight", &kernel_weight_cpu);
 }
-#endif
+
+void register_device_generic_ops(torch::Library& m) { Q4CONV_REGISTER_DEVICE_GENERIC(m) }
 
 }  // namespace q4conv

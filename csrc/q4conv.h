@@ -1,5 +1,6 @@
-// Torch-side declarations shared by the op registration (ops.cpp), the
-// dispatcher (dispatch.cpp) and the backends' glue.
+// Torch-side declarations shared by the op registration (ops.cpp,
+// ops_cuda.cpp), the op bodies (conv.cpp, backward.cpp, quantize_cpu.cpp) and
+// the CUDA glue.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,36 +11,15 @@
 #include <string>
 #include <tuple>
 
+#include "geometry.h"
+#include "plan.h"
+
 // A named span of host work, shown by torch.profiler (bench/profile_host.py);
 // nearly free when no profiler runs. Declares a variable named `guard`: use
 // it in its own block.
 #define Q4CONV_HOST_SPAN(name) RECORD_FUNCTION(name, std::vector<c10::IValue>())
 
 namespace q4conv {
-
-// Convolution hyper-parameters as the ops receive them (int[2] each).
-struct ConvParams {
-  int64_t stride[2] = {1, 1};
-  int64_t padding[2] = {0, 0};
-  int64_t dilation[2] = {1, 1};
-  double eps = 1e-5;
-  int64_t bits = 4;
-  bool relu = false;
-};
-
-ConvParams make_params(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                       double eps, int64_t bits, bool relu);
-
-// Output height and width; TORCH_CHECKs that the (dilated) kernel fits the
-// padded input.
-std::pair<int64_t, int64_t> output_hw(int64_t h, int64_t w, int64_t r, int64_t s,
-                                      const ConvParams& params);
-
-// Backends of the integer convolution; dispatch.cpp is the only place that
-// chooses among them.
-enum class Backend { kAuto, kFallback, kSm80Int4, kSm90Int8 };
-Backend parse_backend(const std::string& name);
-const char* backend_name(Backend backend);
 
 // ---- ops (registered in ops.cpp) -------------------------------------------
 // Packs weights (K, C, R, S) to int4 codes [K, R, S, ceil(C/2)] uint8.
@@ -81,6 +61,13 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
 std::string selected_backend(const at::Tensor& x, int64_t out_channels, at::IntArrayRef kernel_size,
                              at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation, const std::string& backend);
+// The whole plan (forward and backward) as "key=value" lines: q4conv.explain.
+std::string plan(const at::Tensor& x, int64_t out_channels, at::IntArrayRef kernel_size,
+                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                 const std::string& backend, c10::ScalarType weight_dtype);
+// The sizes of kernel_weight's result for a backend (the fake kernel's rule).
+std::vector<int64_t> kernel_weight_sizes(int64_t out_channels, int64_t in_channels,
+                                         at::IntArrayRef kernel_size, const std::string& backend);
 
 // ---- internals ---------------------------------------------------------------
 // Shared argument checks of the conv ops (SPEC section 5).
@@ -89,6 +76,24 @@ void check_conv_inputs(const at::Tensor& x, const at::Tensor& bias_a, const at::
                        int64_t out_channels, int64_t bits);
 void check_bits(int64_t bits);
 void check_x_rank(const at::Tensor& x);
+// CPU kernels of the ops whose CUDA kernels live in the CUDA glue.
+at::Tensor cpu_quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
+                             int64_t bits);
+at::Tensor cpu_quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
+                                   const at::Tensor& scale_a, double eps, int64_t bits);
+at::Tensor cpu_output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w,
+                            int64_t out_channels, double eps);
+void check_weight_args(const at::Tensor& weight, const at::Tensor& scale_w, int64_t bits);
+void check_activation_args(const at::Tensor& x, const at::Tensor& bias_a,
+                           const at::Tensor& scale_a, int64_t bits);
+void check_alpha_args(const at::Tensor& scale_a, const at::Tensor& scale_w, int64_t out_channels,
+                      double eps);
+// The training backward through ATen ops (CPU, and what the CUDA kernels do
+// not cover); the op conv_train_backward checks its arguments first.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+aten_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& bias_a,
+                         const at::Tensor& scale_a, const at::Tensor& weight,
+                         const at::Tensor& scale_w, bool has_bias, const ConvParams& params);
 // qweight is uint8 (K, R, S, ceil(in_channels / 2)).
 void check_qweight_layout(const at::Tensor& qweight, int64_t in_channels);
 // alpha[k] = max(scale_a, eps) * max(scale_w[k], eps), fp32 [K] on x's device.
@@ -102,17 +107,15 @@ at::Tensor fallback_conv(const at::Tensor& act_codes, const at::Tensor& w_codes,
                          const at::Tensor& alpha, const std::optional<at::Tensor>& bias,
                          const ConvParams& params, at::ScalarType out_dtype);
 
-#ifdef Q4CONV_WITH_CUDA
-// CUDA glue (dispatch_cuda.cpp).
+// ---- CUDA glue (cuda_*.cpp; cuda_stubs.cpp raises in CPU-only builds) ------
 at::Tensor cuda_quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
-                                    const at::Tensor& scale_a, double eps, int64_t bits,
-                                    int64_t c_pad, bool packed_int4);
+                                    const at::Tensor& scale_a, double eps, int64_t bits);
 at::Tensor cuda_quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
                               int64_t bits);
-at::Tensor cuda_unpack_krsc(const at::Tensor& qweight, int64_t in_channels, int64_t c_pad,
-                            bool packed_int4);
-bool cuda_backend_supports(Backend backend, const at::Tensor& x, int64_t out_channels, int64_t r,
-                           int64_t s, const ConvParams& params, at::ScalarType out_dtype);
+// output_alpha on the GPU in one launch.
+at::Tensor cuda_output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w,
+                             int64_t out_channels, double eps);
+// qweight in the layout `backend` reads (kernel_weight_layout).
 at::Tensor cuda_kernel_weight(const at::Tensor& qweight, int64_t in_channels, Backend backend);
 // cached when it has the layout cuda_kernel_weight makes for qweight, else
 // cuda_kernel_weight(qweight, ...).
@@ -128,23 +131,21 @@ struct TrainKernelWeight {
 TrainKernelWeight cuda_train_kernel_weight(const at::Tensor& weight, const at::Tensor& scale_a,
                                            const at::Tensor& scale_w, double eps, int64_t bits,
                                            Backend backend);
-// output_alpha on the GPU in one launch.
-at::Tensor cuda_output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w,
-                             int64_t out_channels, double eps);
-// Quantizes x and runs the backend's kernel. kernel_weight: the weights in
-// the backend's layout; krs = (K, R, S) of the convolution.
-at::Tensor cuda_conv(Backend backend, const at::Tensor& x, const at::Tensor& bias_a,
+// Runs the plan's CUDA path: quantizes x (or reads it in the fused kernels)
+// and launches the backend's kernel with alpha / bias / ReLU in the epilogue.
+// kernel_weight: the weights in the backend's layout. The result is
+// (N, K, P, Q) in x's suggested memory format.
+at::Tensor cuda_conv(const ConvPlan& plan, const at::Tensor& x, const at::Tensor& bias_a,
                      const at::Tensor& scale_a, const at::Tensor& kernel_weight,
-                     const std::array<int64_t, 3>& krs, const at::Tensor& alpha,
-                     const std::optional<at::Tensor>& bias, const ConvParams& params);
+                     const at::Tensor& alpha, const std::optional<at::Tensor>& bias,
+                     const ConvParams& params);
 // The whole training backward on a GPU (backward_cuda.cpp) for float32 /
 // float16 / bfloat16 x and weight: about six launches besides cuDNN's
-// convolution_backward. Same results as the ATen path of backward.cpp.
-bool cuda_train_backward_supports(const at::Tensor& x, const at::Tensor& weight);
+// convolution_backward. Same results as aten_conv_train_backward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& bias_a,
                          const at::Tensor& scale_a, const at::Tensor& weight,
-                         const at::Tensor& scale_w, bool has_bias, const ConvParams& params);
-#endif
+                         const at::Tensor& scale_w, bool has_bias, const ConvParams& params,
+                         const BackwardPlan& plan);
 
 }  // namespace q4conv

@@ -1,5 +1,6 @@
-// Quantization ops: weight quantize+pack, unpack, activation codes. CPU loops
-// here, CUDA kernels through dispatch_cuda.cpp; both use quant.h.
+// Quantization on the CPU (weight quantize+pack, unpack, activation codes,
+// the epilogue scales) and the argument checks the CPU and CUDA kernels of
+// these ops share. The CUDA kernels are in cuda_quantize.cpp; both use quant.h.
 #include <ATen/Parallel.h>
 
 #include "q4conv.h"
@@ -28,6 +29,8 @@ void check_weight_scale(const at::Tensor& weight, const at::Tensor& scale_w) {
               weight.device(), "), got ", scale_w.device());
 }
 
+}  // namespace
+
 at::Tensor cpu_quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
                              int64_t bits) {
   const int64_t k_out = weight.size(0), channels = weight.size(1);
@@ -55,8 +58,6 @@ at::Tensor cpu_quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w
   return packed;
 }
 
-}  // namespace
-
 void check_bits(int64_t bits) {
   // Codes are packed two per byte and the CUDA kernels are int4/int8 MMAs on
   // values in [-8, 7]: only 4 bits is supported by every backend.
@@ -64,18 +65,12 @@ void check_bits(int64_t bits) {
               "bits (a_bit / w_bit) must be 4: every q4conv backend packs 4-bit codes, got ", bits);
 }
 
-at::Tensor quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
-                         int64_t bits) {
+void check_weight_args(const at::Tensor& weight, const at::Tensor& scale_w, int64_t bits) {
   check_bits(bits);
   TORCH_CHECK(weight.dim() == 4, "weight must be 4-D (K, C, R, S), got ", weight.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(weight.scalar_type()), "weight must be floating point, got ",
               weight.scalar_type());
   check_weight_scale(weight, scale_w);
-#ifdef Q4CONV_WITH_CUDA
-  if (weight.is_cuda()) return cuda_quantize_pack(weight, scale_w, eps, bits);
-#endif
-  TORCH_CHECK(weight.is_cpu(), "weight on ", weight.device(), " needs q4conv built with CUDA");
-  return cpu_quantize_pack(weight, scale_w, eps, bits);
 }
 
 void check_qweight_layout(const at::Tensor& qweight, int64_t in_channels) {
@@ -98,19 +93,21 @@ at::Tensor unpack(const at::Tensor& qweight, int64_t in_channels) {
   return codes.to(at::kChar).permute({0, 3, 1, 2}).contiguous();
 }
 
-at::Tensor quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
-                               const at::Tensor& scale_a, double eps, int64_t bits) {
+void check_activation_args(const at::Tensor& x, const at::Tensor& bias_a,
+                           const at::Tensor& scale_a, int64_t bits) {
   check_bits(bits);
   check_x_rank(x);
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ",
+              x.scalar_type());
   TORCH_CHECK(bias_a.dim() == 1 && bias_a.size(0) == x.size(1), "bias_a must have shape [",
               x.size(1), "] (in_channels), got ", bias_a.sizes());
   TORCH_CHECK(scale_a.numel() == 1, "scale_a must hold one value, got ", scale_a.numel());
   TORCH_CHECK(bias_a.device() == x.device() && scale_a.device() == x.device(),
               "bias_a and scale_a must be on x's device (", x.device(), ")");
-#ifdef Q4CONV_WITH_CUDA
-  if (x.is_cuda()) return cuda_quantize_activation(x, bias_a, scale_a, eps, bits, x.size(1), false);
-#endif
-  TORCH_CHECK(x.is_cpu(), "x on ", x.device(), " needs q4conv built with CUDA");
+}
+
+at::Tensor cpu_quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
+                                   const at::Tensor& scale_a, double eps, int64_t bits) {
   const int64_t channels = x.size(1);
   // fp32(x) is exact for fp16/bf16 inputs; NHWC so each row is one pixel.
   const at::Tensor nhwc = x.detach().to(at::kFloat).permute({0, 2, 3, 1}).contiguous();
@@ -129,6 +126,28 @@ at::Tensor quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
     }
   });
   return codes;
+}
+
+void check_alpha_args(const at::Tensor& scale_a, const at::Tensor& scale_w, int64_t out_channels,
+                      double eps) {
+  TORCH_CHECK(out_channels >= 1, "out_channels must be >= 1, got ", out_channels);
+  TORCH_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  TORCH_CHECK(scale_a.numel() == 1, "scale_a must hold one value, got ", scale_a.numel());
+  TORCH_CHECK(scale_w.numel() == 1 || scale_w.numel() == out_channels,
+              "scale_w must hold 1 value or one per output channel (", out_channels, "), got ",
+              scale_w.numel());
+  TORCH_CHECK(scale_w.device() == scale_a.device(), "scale_w must be on scale_a's device (",
+              scale_a.device(), "), got ", scale_w.device());
+  TORCH_CHECK(at::isFloatingType(scale_a.scalar_type()) && at::isFloatingType(scale_w.scalar_type()),
+              "scale_a and scale_w must be floating point, got ", scale_a.scalar_type(), " and ",
+              scale_w.scalar_type());
+}
+
+at::Tensor cpu_output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w,
+                            int64_t out_channels, double eps) {
+  const at::Tensor s_a = at::clamp_min(scale_a.detach().to(at::kFloat).reshape({1}), eps);
+  const at::Tensor s_w = at::clamp_min(scale_w.detach().to(at::kFloat).reshape({-1}), eps);
+  return (s_a * s_w).expand({out_channels}).contiguous();
 }
 
 }  // namespace q4conv

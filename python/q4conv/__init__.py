@@ -1,9 +1,14 @@
 """q4conv: 4-bit quantized (W4A4) Conv2d for PyTorch on CUTLASS, with an exact CPU path."""
 
-from ._ops import ops, selected_backend
+from ._ops import ops
+from .plan import ConvPlan, explain, plan_convolution, selected_backend, tuning
 from .layer import Q4Conv2d, Q4Conv2dCutlass, prepare_bie_layers, prepare_q4conv_layers
 
 __all__ = [
+    "ConvPlan",
+    "explain",
+    "plan_convolution",
+    "tuning",
     "Q4Conv2d",
     "Q4Conv2dCutlass",
     "ops",

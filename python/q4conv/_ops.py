@@ -5,8 +5,6 @@ an error for ``q4conv::conv_packed``) are C++ kernels (csrc/autograd.cpp)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
-
 import torch
 from torch._prims_common import suggest_memory_format
 
@@ -62,14 +60,21 @@ def _conv_packed_fake(x, bias_a, scale_a, qweight, scale_w, bias, stride, paddin
     return _conv_output_like(x, k, r, s, stride, padding, dilation)
 
 
+def kernel_weight_sizes(k: int, c: int, r: int, s: int, backend: str):
+    """The layout rule of csrc/plan.cpp's kernel_weight_layout, mirrored for the
+    fake kernel (tests/python/test_plan.py checks that both agree)."""
+    if backend == "sm80_int4":
+        return (k, r, s, (c + 31) // 32 * 16), torch.uint8
+    if c < 16:  # sm90 im2col GEMM: one row of R*S*C codes per filter
+        return (k, 1, 1, (r * s * c + 15) // 16 * 16), torch.int8
+    return (k, r, s, (c + 15) // 16 * 16), torch.int8
+
+
 @torch.library.register_fake("q4conv::kernel_weight")
 def _kernel_weight_fake(qweight, in_channels, backend):
     k, r, s, _ = qweight.shape
-    if backend == "sm80_int4":
-        return qweight.new_empty((k, r, s, (in_channels + 31) // 32 * 16), dtype=torch.uint8)
-    if in_channels < 16:  # sm90 im2col GEMM: one row of R*S*C codes per filter
-        return qweight.new_empty((k, 1, 1, (r * s * in_channels + 15) // 16 * 16), dtype=torch.int8)
-    return qweight.new_empty((k, r, s, (in_channels + 15) // 16 * 16), dtype=torch.int8)
+    sizes, dtype = kernel_weight_sizes(k, in_channels, r, s, backend)
+    return qweight.new_empty(sizes, dtype=dtype)
 
 
 @torch.library.register_fake("q4conv::output_alpha")
@@ -94,16 +99,3 @@ def _conv_train_backward_fake(grad_out, x, bias_a, scale_a, weight, scale_w, has
         torch.empty_like(scale_w),
         dbias,
     )
-
-
-def selected_backend(
-    x: torch.Tensor,
-    out_channels: int,
-    kernel_size: Sequence[int],
-    stride: Sequence[int] = (1, 1),
-    padding: Sequence[int] = (0, 0),
-    dilation: Sequence[int] = (1, 1),
-    backend: str = "auto",
-) -> str:
-    """Name of the integer-convolution backend that would run for ``x``."""
-    return ops.selected_backend(x, out_channels, list(kernel_size), list(stride), list(padding), list(dilation), backend)

@@ -222,14 +222,6 @@ class Q4Conv2dCutlass(nn.Module):
             x, bias_a, scale_a, qweight, scale_w, bias, *args, False, self.backend, kernel_weight, alpha,
         )
 
-    def _cuda_backend_name(self, device: torch.device) -> Optional[str]:
-        if self.backend in ("sm80_int4", "sm90_int8"):
-            return self.backend
-        if self.backend != "auto":
-            return None
-        major = torch.cuda.get_device_capability(device)[0]
-        return {9: "sm90_int8", 8: "sm80_int4"}.get(major)
-
     def _cached_kernel_inputs(
         self, x: torch.Tensor, qweight: torch.Tensor
     ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -247,13 +239,12 @@ class Q4Conv2dCutlass(nn.Module):
         if cache is None or cache[0] is not qweight or cache[1] != key:
             alpha = _ops.ops.output_alpha(self.scale_a.detach(), self.scale_w.detach(), self.out_channels,
                                           self._eps_value)
-            backend = self._cuda_backend_name(x.device)
-            weight = None
-            if backend is not None:
-                try:
-                    weight = _ops.ops.kernel_weight(qweight, self.in_channels, backend)
-                except RuntimeError:
-                    weight = None  # backend not built: conv_packed picks another one
+            # The plan's backend for this input: its weight layout. An input
+            # another backend runs re-lays the weights per call (conv_packed
+            # checks the cached layout).
+            backend = _ops.ops.selected_backend(x, self.out_channels, list(self.kernel_size), list(self.stride),
+                                                list(self.padding), list(self.dilation), self.backend)
+            weight = None if backend == "fallback" else _ops.ops.kernel_weight(qweight, self.in_channels, backend)
             self._inference_cache = (qweight, key, alpha, weight)
         return self._inference_cache[2], self._inference_cache[3]
 
