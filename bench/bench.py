@@ -137,6 +137,21 @@ def time_ms(fn: Callable[[torch.Tensor], object], inputs: Sequence[torch.Tensor]
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+_TUNING_ENV = {"Q4CONV_PACKED_TAPS": "packed_taps", "Q4CONV_FUSED_POINTWISE": "fused_pointwise",
+               "Q4CONV_WGMMA_POINTWISE": "wgmma_pointwise"}
+
+
+def env_switch(name: str, value: str):
+    """The tuning switch an environment-style NAME=value selects ("0" never,
+    anything else always), as a context manager: the library reads the
+    environment once, so scripts change switches through q4conv.tuning."""
+    import q4conv
+
+    if name not in _TUNING_ENV:
+        raise ValueError(f"switch name must be one of {sorted(_TUNING_ENV)}, got {name!r}")
+    return q4conv.tuning(**{_TUNING_ENV[name]: "never" if value == "0" else "always"})
+
+
 def time_graph_ms(fn: Callable[[torch.Tensor], object], inputs: Sequence[torch.Tensor], repeats: int,
                   calls: int = 8) -> float:
     """Per-call GPU time with launch overhead removed: ``calls`` calls over the

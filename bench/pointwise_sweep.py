@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -25,16 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (shapes, timing helpers)
 
 
-@contextlib.contextmanager
 def switch(name: str, value: str):
-    """Sets environment variable name=value (none when name is empty) inside the block."""
-    if name:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if name:
-            os.environ.pop(name, None)
+    """The tuning switch NAME=value inside the block (nothing when name is empty)."""
+    return bench.env_switch(name, value) if name else contextlib.nullcontext()
 
 
 def main(argv=None) -> int:

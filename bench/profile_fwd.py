@@ -11,7 +11,6 @@ quantization pass's DRAM-equivalent bandwidth. Example:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from collections import defaultdict
@@ -87,9 +86,8 @@ def main(argv=None) -> int:
         rounds: List[List[float]] = [[] for _ in chunks]
         for _ in range(args.rounds):
             for i, chunk in enumerate(chunks):
-                os.environ[env_name] = chunk
-                rounds[i].append(bench.time_graph_ms(q4, xs, args.repeats) * 1e3)
-        os.environ.pop(env_name, None)
+                with bench.env_switch(env_name, chunk):
+                    rounds[i].append(bench.time_graph_ms(q4, xs, args.repeats) * 1e3)
         q4_us = [statistics.median(r) for r in rounds]
         parts = kernel_breakdown(q4, xs[0])
         x_bytes = shape.n * shape.c * shape.h * shape.h * 2

@@ -6,7 +6,6 @@ q4conv paths in interleaved rounds. Run on the GPU machine:
 """
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -46,9 +45,8 @@ def main(rounds: int = 3, repeats: int = 20) -> int:
             times: Dict[str, List[float]] = {"1": [], "0": []}
             for _ in range(rounds):
                 for switch in times:
-                    os.environ["Q4CONV_PACKED_TAPS"] = switch
-                    times[switch].append(bench.time_graph_ms(q4, xs, repeats) * 1e3)
-            os.environ.pop("Q4CONV_PACKED_TAPS")
+                    with bench.env_switch("Q4CONV_PACKED_TAPS", switch):
+                        times[switch].append(bench.time_graph_ms(q4, xs, repeats) * 1e3)
             cudnn_us = bench.time_graph_ms(cudnn, xs, repeats) * 1e3
             print(f"{str(dtype):14s} {fmt_name}: packed {statistics.median(times['1']):.1f} us, "
                   f"im2col {statistics.median(times['0']):.1f} us, cuDNN {cudnn_us:.1f} us", flush=True)

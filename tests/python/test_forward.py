@@ -156,49 +156,60 @@ def test_strided_pointwise_equals_subsampled_input(device, backend, case, dtype,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("packed", ["1", "0"], ids=["packed_taps", "im2col"])
-def test_few_channel_convolutions(device, backend, case, dtype, channels_last, packed, monkeypatch):
+def test_few_channel_convolutions(device, backend, case, dtype, channels_last, packed):
     """C < 16: on sm90 the input quantized straight into packed filter taps
     (rows and columns of the filter in the channels of one pixel) and a short
-    R' x 1 convolution (Q4CONV_PACKED_TAPS unset or 1; the packing kernel must
-    run and the separate quantization pass must not), or an im2col matrix of
-    the codes through the GEMM (=0)."""
-    monkeypatch.setenv("Q4CONV_PACKED_TAPS", packed)
+    R' x 1 convolution (packed_taps switch at its rule: wherever the packing
+    fits), or an im2col matrix of the codes through the GEMM (switch off). The
+    plan names the path; where the profiler sees kernels, the packing kernel
+    runs exactly on the packed-taps path and the separate pass exactly on the
+    im2col path."""
     x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last=channels_last)
     skip_unless_backend_runs(x, case, backend)
     qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
     args = (x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend)
-    if device != "cuda":  # the CUDA profiler has nothing to see (and no activity) on CPU
-        y, kernels = ops.conv_packed(*args), None
-    else:
-        y, kernels = run_with_kernel_names(lambda: ops.conv_packed(*args))
-    if kernels is not None and q4conv.selected_backend(
-            x, case.k, (case.r, case.s), case.stride, case.padding, case.dilation, backend) == "sm90_int8":
-        packed_ran = any("pack_taps_quantize_kernel" in name for name in kernels)
-        im2col_ran = any("im2col_int8_kernel" in name for name in kernels)
-        pass_ran = any("quantize_" in name and "pack_taps" not in name for name in kernels)
-        expected = (True, False, False) if packed == "1" else (False, True, True)
-        assert (packed_ran, im2col_ran, pass_ran) == expected, kernels
+    with q4conv.tuning(packed_taps="rule" if packed == "1" else "never"):
+        plan = plan_of(x, case, backend)
+        if device != "cuda":  # the CUDA profiler has nothing to see (and no activity) on CPU
+            y, kernels = ops.conv_packed(*args), None
+        else:
+            y, kernels = run_with_kernel_names(lambda: ops.conv_packed(*args))
+    if plan.backend == "sm90_int8":
+        assert plan.path in ("packed_taps", "im2col_gemm")
+        if packed == "0":
+            assert plan.path == "im2col_gemm"
+        if kernels is not None:
+            packed_ran = any("pack_taps_quantize_kernel" in name for name in kernels)
+            im2col_ran = any("im2col_int8_kernel" in name for name in kernels)
+            pass_ran = any("quantize_" in name and "pack_taps" not in name for name in kernels)
+            expected = (True, False, False) if plan.path == "packed_taps" else (False, True, True)
+            assert (packed_ran, im2col_ran, pass_ran) == expected, kernels
     check_against_oracle(y, x, bias_a, scale_a, weight, scale_w, bias, case)
+
+
+def plan_of(x: torch.Tensor, case: Case, backend: str) -> "q4conv.ConvPlan":
+    """The plan conv_packed makes for `case` on x."""
+    return q4conv.plan_convolution(x, case.k, (case.r, case.s), case.stride, case.padding, case.dilation, backend)
 
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
 @pytest.mark.parametrize("case", [Case(3, 64, 64, 14, 14, 1, 1), Case(2, 192, 128, 9, 7, 1, 1),
                                   Case(1, 128, 256, 5, 11, 1, 1)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_fused_pointwise_kernel(device, backend, case, dtype, monkeypatch):
-    """Q4CONV_FUSED_POINTWISE=1 runs every dense 1x1 stride-1 convolution it
+def test_fused_pointwise_kernel(device, backend, case, dtype):
+    """fused_pointwise="always" runs every dense 1x1 stride-1 convolution it
     can take (C, K multiples of 64; K in one block, as one slice or passes,
     or in a cluster of 2, 4 or 8 slices) through the fused quantize + GEMM
-    kernel (row tails: 588, 126, 55 pixels); =0 never does. Both match the
+    kernel (row tails: 588, 126, 55 pixels); "never" never does. Both match the
     oracle."""
     x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last=True)
     skip_unless_backend_runs(x, case, backend)
     qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
     args = (x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), True, backend)
-    monkeypatch.setenv("Q4CONV_WGMMA_POINTWISE", "0")
-    for switch in ("1", "0"):
-        monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", switch)
-        y = ops.conv_packed(*args)
+    for switch in ("always", "never"):
+        with q4conv.tuning(wgmma_pointwise="never", fused_pointwise=switch):
+            assert (plan_of(x, case, backend).path == "fused_mma") == (switch == "always")
+            y = ops.conv_packed(*args)
         ref, _ = oracle.forward(x, bias_a, scale_a, weight, scale_w, bias, oracle.Conv())
         relu_ref = ref.clamp_min(0)
         bound = OUT_RTOL[dtype] * relu_ref.abs() + 1e-6 * relu_ref.abs().max()
@@ -222,21 +233,22 @@ def tie_inputs(case: Case, device: str, dtype: torch.dtype):
 
 
 def check_equals_unfused(case: Case, device: str, backend: str, dtype: torch.dtype, relu: bool,
-                         switch: str, ran, monkeypatch) -> None:
+                         switch: str, path: str) -> None:
     """conv_packed on tie_inputs (no output bias) with the fused kernel that
-    `switch`=1 selects (ran: whether its name is among the launched kernels)
-    equals the pass + GEMM result (both fused kernels off) bit for bit."""
+    `switch`="always" selects (the plan's `path`) equals the pass + GEMM result
+    (both fused kernels off) bit for bit."""
     x, bias_a, scale_a, weight, scale_w = tie_inputs(case, device, dtype)
     skip_unless_backend_runs(x, case, backend)
     qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
     args = (x, bias_a, scale_a, qweight, scale_w, None, *conv_args(case), relu, backend)
-    monkeypatch.setenv("Q4CONV_WGMMA_POINTWISE", "0")
-    monkeypatch.setenv("Q4CONV_FUSED_POINTWISE", "0")
-    reference = ops.conv_packed(*args)
-    monkeypatch.setenv(switch, "1")
-    y, kernels = run_with_kernel_names(lambda: ops.conv_packed(*args))
+    with q4conv.tuning(wgmma_pointwise="never", fused_pointwise="never"):
+        assert plan_of(x, case, backend).path == "pass_gemm"
+        reference = ops.conv_packed(*args)
+    with q4conv.tuning(wgmma_pointwise="never", fused_pointwise="never", **{switch: "always"}):
+        assert plan_of(x, case, backend).path == path
+        y, kernels = run_with_kernel_names(lambda: ops.conv_packed(*args))
     if kernels is not None:
-        assert ran(kernels), kernels
+        assert (fused_kernel_ran if path == "fused_mma" else wgmma_kernel_ran)(kernels), kernels
     assert torch.isfinite(y).all()
     assert torch.equal(y, reference)
 
@@ -257,13 +269,13 @@ def check_equals_unfused(case: Case, device: str, backend: str, dtype: torch.dty
 ], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
-def test_fused_pointwise_equals_unfused(device, backend, case, dtype, relu, monkeypatch):
+def test_fused_pointwise_equals_unfused(device, backend, case, dtype, relu):
     """The fused kernel's codes are the separate pass's, bit for bit: without
     an output bias (alpha * acc is then one rounding on both paths) its output
     equals the pass + GEMM output exactly, with 64- and 128-wide weight slices,
     one block for all of K (one or several passes) or clusters of blocks,
     including NaN, +-Inf and exact rounding ties."""
-    check_equals_unfused(case, device, backend, dtype, relu, "Q4CONV_FUSED_POINTWISE", fused_kernel_ran, monkeypatch)
+    check_equals_unfused(case, device, backend, dtype, relu, "fused_pointwise", "fused_mma")
 
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
@@ -282,6 +294,7 @@ def test_persistent_conv_kernel(device, backend, case, dtype):
     skip_unless_backend_runs(x, case, backend)
     qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
     args = (x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend)
+    assert plan_of(x, case, backend).config == "conv128x128x128/pp"
     y, kernels = run_with_kernel_names(lambda: ops.conv_packed(*args))
     if kernels is not None:
         assert any("PersistentConvMainloop" in name for name in kernels), "the persistent conv kernel did not run"
@@ -303,18 +316,19 @@ WGMMA_CASES = [
 @pytest.mark.parametrize("case", WGMMA_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_wgmma_pointwise_kernel(device, backend, case, dtype, bias, monkeypatch):
-    """Q4CONV_WGMMA_POINTWISE=1 runs dense fp16 / bf16 1x1 stride-1
+def test_wgmma_pointwise_kernel(device, backend, case, dtype, bias):
+    """wgmma_pointwise="always" runs dense fp16 / bf16 1x1 stride-1
     convolutions with C % 64 == 0 and K % 128 == 0 through the wgmma kernel
     that quantizes into shared memory (fp32 inputs take the other paths); the
     result matches the oracle either way."""
     x, bias_a, scale_a, weight, scale_w, out_bias = make_inputs(case, device, dtype, channels_last=True,
                                                                 bias=bias, per_channel=True)
     skip_unless_backend_runs(x, case, backend)
-    monkeypatch.setenv("Q4CONV_WGMMA_POINTWISE", "1")
     qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
     args = (x, bias_a, scale_a, qweight, scale_w, out_bias, *conv_args(case), False, backend)
-    y, kernels = run_with_kernel_names(lambda: ops.conv_packed(*args))
+    with q4conv.tuning(wgmma_pointwise="always"):
+        assert (plan_of(x, case, backend).path == "fused_wgmma") == (dtype != torch.float32)
+        y, kernels = run_with_kernel_names(lambda: ops.conv_packed(*args))
     if kernels is not None:
         assert wgmma_kernel_ran(kernels) == (dtype != torch.float32), kernels
     check_against_oracle(y, x, bias_a, scale_a, weight, scale_w, out_bias, case)
@@ -325,11 +339,11 @@ def test_wgmma_pointwise_kernel(device, backend, case, dtype, bias, monkeypatch)
 @pytest.mark.parametrize("case", WGMMA_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
-def test_wgmma_pointwise_equals_unfused(device, backend, case, dtype, relu, monkeypatch):
+def test_wgmma_pointwise_equals_unfused(device, backend, case, dtype, relu):
     """The wgmma kernel's codes are the separate pass's, bit for bit: without
     an output bias its output equals the pass + GEMM output exactly,
     including NaN, +-Inf and exact rounding ties, with and without ReLU."""
-    check_equals_unfused(case, device, backend, dtype, relu, "Q4CONV_WGMMA_POINTWISE", wgmma_kernel_ran, monkeypatch)
+    check_equals_unfused(case, device, backend, dtype, relu, "wgmma_pointwise", "fused_wgmma")
 
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
@@ -341,28 +355,35 @@ def test_wgmma_pointwise_equals_unfused(device, backend, case, dtype, relu, monk
     (3, 256, 256, 56, torch.float16, False),   # C < 512
     (2, 512, 256, 64, torch.float16, False),   # 128 row blocks: less than a wave of 132
 ])
-def test_wgmma_pointwise_dispatch_rule(device, backend, n, c, k, h, dtype, wgmma, monkeypatch):
-    """Without Q4CONV_WGMMA_POINTWISE, dense 1x1 layers run the wgmma kernel
+def test_wgmma_pointwise_dispatch_rule(device, backend, n, c, k, h, dtype, wgmma):
+    """With the switches at their rules, dense 1x1 layers run the wgmma kernel
     exactly where K is one 256-wide slice, C >= 512 and the 64-pixel row
-    blocks fill a wave of 132 SMs."""
-    kernels = default_dispatch_kernels(Case(n, c, k, h, h, 1, 1), device, backend, dtype, monkeypatch)
-    assert wgmma_kernel_ran(kernels) == wgmma, kernels
+    blocks fill a wave of the device's SMs (the last case: 128 row blocks,
+    under a wave of an H100's 132)."""
+    case = Case(n, c, k, h, h, 1, 1)
+    plan = default_dispatch_plan(case, device, backend, dtype)
+    rows = n * h * h // 64
+    assert (plan.path == "fused_wgmma") == (wgmma and rows >= plan.sm_count), plan
+    if plan.sm_count <= 128:
+        pytest.skip(f"{plan.sm_count} SMs: the wave rule's last case needs more than 128")
+    assert (plan.path == "fused_wgmma") == wgmma, plan
 
 
-def default_dispatch_kernels(case: Case, device: str, backend: str, dtype: torch.dtype, monkeypatch):
-    """The names of the CUDA kernels conv_packed launches for a channels_last
-    input of `case` with both fused-kernel switches unset (the dispatch rules);
-    skips where the profiler sees no kernels."""
-    monkeypatch.delenv("Q4CONV_WGMMA_POINTWISE", raising=False)
-    monkeypatch.delenv("Q4CONV_FUSED_POINTWISE", raising=False)
+def default_dispatch_plan(case: Case, device: str, backend: str, dtype: torch.dtype) -> "q4conv.ConvPlan":
+    """The plan conv_packed makes for a channels_last input of `case` with the
+    fused-kernel switches at their rules; where the profiler sees kernels,
+    the fused kernels' names confirm it."""
     x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last=True)
     skip_unless_backend_runs(x, case, backend)
     qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
-    _, kernels = run_with_kernel_names(
-        lambda: ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend))
-    if kernels is None:
-        pytest.skip("the profiler records no CUDA kernels here (CUPTI unavailable)")
-    return kernels
+    with q4conv.tuning(wgmma_pointwise="rule", fused_pointwise="rule"):
+        plan = plan_of(x, case, backend)
+        _, kernels = run_with_kernel_names(
+            lambda: ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, bias, *conv_args(case), False, backend))
+    if kernels is not None:
+        assert wgmma_kernel_ran(kernels) == (plan.path == "fused_wgmma"), kernels
+        assert fused_kernel_ran(kernels) == (plan.path == "fused_mma"), kernels
+    return plan
 
 
 def wgmma_kernel_ran(kernel_names) -> bool:
@@ -389,15 +410,15 @@ def run_with_kernel_names(fn):
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "sm90_int8"])
 @pytest.mark.parametrize("c,k,fused", [(64, 64, True), (64, 256, True), (256, 128, True), (128, 512, False),
                                        (512, 256, True), (1024, 256, False), (256, 1024, False)])
-def test_fused_pointwise_dispatch_rule(device, backend, c, k, fused, monkeypatch):
-    """Without Q4CONV_FUSED_POINTWISE, fp16 1x1 layers run the fused kernel
+def test_fused_pointwise_dispatch_rule(device, backend, c, k, fused):
+    """With the switches at their rules, fp16 1x1 layers run the fused kernel
     where one block holds all of K's weights in one slice or two passes or
     where K takes a cluster of two, and pass + GEMM where K needs more passes
     or a larger cluster; never the wgmma 1x1 kernel (128 pixels: too few row
     blocks for its rule)."""
-    kernels = default_dispatch_kernels(Case(2, c, k, 8, 8, 1, 1), device, backend, torch.float16, monkeypatch)
-    assert fused_kernel_ran(kernels) == fused, kernels
-    assert not wgmma_kernel_ran(kernels), "the wgmma 1x1 kernel ran below its rule's row blocks"
+    plan = default_dispatch_plan(Case(2, c, k, 8, 8, 1, 1), device, backend, torch.float16)
+    assert (plan.path == "fused_mma") == fused, plan
+    assert plan.path != "fused_wgmma", "the wgmma 1x1 kernel ran below its rule's row blocks"
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,0 +1,104 @@
+"""The plan (csrc/plan.h): what q4conv.explain reports, the kernel weight
+layout rule the fake kernel mirrors, the tuning switches, and the geometry
+checks every op shares."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import q4conv
+from q4conv import _ops, ops
+from conftest import requires_cuda
+
+
+def test_explain_cpu_layer_is_the_exact_fallback():
+    layer = q4conv.Q4Conv2d(5, 7, 3, stride=2, padding=1, dilation=(1, 2))
+    x = torch.randn(2, 5, 11, 13)
+    plan = q4conv.explain(layer, x)
+    reference = F.conv2d(x, torch.zeros(7, 5, 3, 3), stride=2, padding=1, dilation=(1, 2))
+    assert plan.backend == "fallback" and plan.path == "fallback" and plan.config == ""
+    assert plan.out_hw == tuple(reference.shape[2:])
+    assert plan.backward == "aten" and not plan.stride_grid and plan.sm_count == 0
+    assert layer(x).shape == reference.shape
+
+
+def test_forced_cuda_backend_on_cpu_input_names_the_backend():
+    x = torch.randn(1, 16, 8, 8)
+    with pytest.raises(RuntimeError, match="sm90_int8.*needs a CUDA input"):
+        q4conv.plan_convolution(x, 8, (3, 3), backend="sm90_int8")
+    with pytest.raises(RuntimeError, match="backend must be one of"):
+        q4conv.plan_convolution(x, 8, (3, 3), backend="tensorrt")
+
+
+@pytest.mark.parametrize("backend", ["sm80_int4", "sm90_int8"])
+def test_fake_kernel_weight_layout_mirrors_the_plan(backend):
+    """_ops.py's fake kernel for kernel_weight uses the same layout rule as
+    csrc/plan.cpp's kernel_weight_layout (what the CUDA op allocates)."""
+    for k, c, r, s in itertools.product([1, 8, 64], [1, 3, 15, 16, 17, 31, 32, 33, 100], [1, 3, 7], [1, 2, 7]):
+        sizes, _ = _ops.kernel_weight_sizes(k, c, r, s, backend)
+        assert list(sizes) == ops.kernel_weight_sizes(k, c, [r, s], backend), (k, c, r, s)
+
+
+def test_tuning_switches_set_and_restore():
+    before = ops.tuning()
+    with q4conv.tuning(fused_pointwise="never", packed_taps=True):
+        inside = dict(item.split("=") for item in ops.tuning().split(","))
+        assert inside["fused_pointwise"] == "0" and inside["packed_taps"] == "1"
+        assert q4conv.plan_convolution(torch.randn(1, 3, 4, 4), 2, (1, 1)).tuning == ops.tuning()
+    assert ops.tuning() == before
+    with pytest.raises(ValueError, match="fused_pointwise"):
+        with q4conv.tuning(fused_pointwise="sometimes"):
+            pass
+    with pytest.raises(RuntimeError, match="name must be"):
+        ops.set_tuning("warp_speed", 1)
+    assert ops.tuning() == before
+
+
+@pytest.mark.parametrize("dilation", [2**62, 2**40])
+def test_huge_dilation_is_an_error_not_a_shape(dilation):
+    """The output-size arithmetic is overflow-checked: a dilation near 2^63
+    raises naming it instead of wrapping into a plausible output size."""
+    x = torch.randn(1, 4, 8, 8)
+    weight = torch.randn(6, 4, 3, 3)
+    bias_a, scale_a, scale_w = torch.zeros(4), torch.tensor(0.1), torch.tensor(0.05)
+    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
+    with pytest.raises(RuntimeError, match="dilation|larger than the padded input"):
+        ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, None, [1, 1], [0, 0], [dilation, 1], 1e-5, 4,
+                        False, "auto")
+    with pytest.raises(RuntimeError, match="dilation|larger than the padded input"):
+        ops.conv_train(x, bias_a, scale_a, weight, scale_w, None, [1, 1], [0, 0], [1, dilation], 1e-5, 4, "auto")
+
+
+def test_padding_overflow_is_an_error():
+    x = torch.randn(1, 4, 8, 8)
+    weight = torch.randn(6, 4, 1, 1)
+    with pytest.raises(RuntimeError, match="padding"):
+        ops.conv_train(x, torch.zeros(4), torch.tensor(0.1), weight, torch.tensor(0.05), None, [1, 1],
+                       [2**62, 0], [1, 1], 1e-5, 4, "auto")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_plan_is_reused_and_reports_the_device(dtype):
+    x = torch.randn(2, 64, 14, 14, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    first = q4conv.plan_convolution(x, 64, (3, 3), padding=(1, 1))
+    assert first == q4conv.plan_convolution(x, 64, (3, 3), padding=(1, 1))
+    assert first.sm_count == torch.cuda.get_device_properties(0).multi_processor_count
+    if first.backend != "fallback":
+        assert first.config and first.kernel_shape and first.backward == "cuda_lsq"
+
+
+@requires_cuda
+def test_cuda_strided_pointwise_runs_on_the_stride_grid():
+    """1x1 stride-2 layers: forward and (channels_last x) backward read only
+    the stride grid, as the plan says."""
+    x = torch.randn(2, 64, 14, 14, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    plan = q4conv.plan_convolution(x, 128, (1, 1), stride=(2, 2))
+    if plan.backend == "fallback":
+        pytest.skip("no CUDA backend runs here")
+    assert plan.stride_grid and plan.backward_stride_grid and plan.out_hw == (7, 7)
+    assert not q4conv.plan_convolution(x.contiguous(), 128, (1, 1), stride=(2, 2)).backward_stride_grid
