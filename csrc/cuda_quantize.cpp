@@ -27,6 +27,7 @@ void quantize_activation_into(const at::Tensor& x, const at::Tensor& bias, const
 
 at::Tensor cuda_quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
                                     const at::Tensor& scale_a, double eps, int64_t bits) {
+  check_activation_args(x, bias_a, scale_a, bits);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor codes =
       at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, x.options().dtype(at::kChar));
@@ -37,6 +38,7 @@ at::Tensor cuda_quantize_activation(const at::Tensor& x, const at::Tensor& bias_
 
 at::Tensor cuda_quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
                               int64_t bits) {
+  check_weight_args(weight, scale_w, bits);
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor source = weight.scalar_type() == at::kDouble ? weight.to(at::kFloat) : weight;
   const at::Tensor scale = fp32_dense(scale_w);
@@ -76,12 +78,8 @@ at::Tensor cuda_unpack_krsc(const at::Tensor& qweight, int64_t in_channels, int6
 
 at::Tensor cuda_output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w,
                              int64_t out_channels, double eps) {
+  check_alpha_args(scale_a, scale_w, out_channels, eps);
   const c10::cuda::CUDAGuard guard(scale_a.device());
-  TORCH_CHECK(scale_w.device() == scale_a.device(), "scale_w must be on scale_a's device (",
-              scale_a.device(), "), got ", scale_w.device());
-  TORCH_CHECK(scale_w.numel() == 1 || scale_w.numel() == out_channels,
-              "scale_w must hold 1 value or one per output channel (", out_channels, "), got ",
-              scale_w.numel());
   const at::Tensor s_a = fp32_dense(scale_a);
   const at::Tensor s_w = fp32_dense(scale_w);
   at::Tensor alpha = at::empty({out_channels}, scale_a.options().dtype(at::kFloat));

@@ -8,24 +8,6 @@
 namespace q4conv {
 namespace {
 
-at::Tensor quantize_pack_cpu(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
-                             int64_t bits) {
-  check_weight_args(weight, scale_w, bits);
-  return cpu_quantize_pack(weight, scale_w, eps, bits);
-}
-
-at::Tensor quantize_activation_cpu(const at::Tensor& x, const at::Tensor& bias_a,
-                                   const at::Tensor& scale_a, double eps, int64_t bits) {
-  check_activation_args(x, bias_a, scale_a, bits);
-  return cpu_quantize_activation(x, bias_a, scale_a, eps, bits);
-}
-
-at::Tensor output_alpha_cpu(const at::Tensor& scale_a, const at::Tensor& scale_w,
-                            int64_t out_channels, double eps) {
-  check_alpha_args(scale_a, scale_w, out_channels, eps);
-  return cpu_output_alpha(scale_a, scale_w, out_channels, eps);
-}
-
 at::Tensor kernel_weight_cpu(const at::Tensor& qweight, int64_t /*in_channels*/,
                              const std::string& backend) {
   TORCH_CHECK(false, "kernel_weight needs qweight on a CUDA device (backend '", backend, "'), got ",
@@ -81,9 +63,9 @@ TORCH_LIBRARY(q4conv, m) {
 
 TORCH_LIBRARY_IMPL(q4conv, CPU, m) {
   Q4CONV_REGISTER_DEVICE_GENERIC(m)
-  m.impl("quantize_pack", &quantize_pack_cpu);
-  m.impl("quantize_activation", &quantize_activation_cpu);
-  m.impl("output_alpha", &output_alpha_cpu);
+  m.impl("quantize_pack", &cpu_quantize_pack);
+  m.impl("quantize_activation", &cpu_quantize_activation);
+  m.impl("output_alpha", &cpu_output_alpha);
   m.impl("kernel_weight", &kernel_weight_cpu);
 }
 

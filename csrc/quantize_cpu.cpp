@@ -33,6 +33,7 @@ void check_weight_scale(const at::Tensor& weight, const at::Tensor& scale_w) {
 
 at::Tensor cpu_quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
                              int64_t bits) {
+  check_weight_args(weight, scale_w, bits);
   const int64_t k_out = weight.size(0), channels = weight.size(1);
   const int64_t taps = weight.size(2) * weight.size(3);
   const int64_t packed_c = (channels + 1) / 2;
@@ -108,6 +109,7 @@ void check_activation_args(const at::Tensor& x, const at::Tensor& bias_a,
 
 at::Tensor cpu_quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
                                    const at::Tensor& scale_a, double eps, int64_t bits) {
+  check_activation_args(x, bias_a, scale_a, bits);
   const int64_t channels = x.size(1);
   // fp32(x) is exact for fp16/bf16 inputs; NHWC so each row is one pixel.
   const at::Tensor nhwc = x.detach().to(at::kFloat).permute({0, 2, 3, 1}).contiguous();
@@ -145,6 +147,7 @@ void check_alpha_args(const at::Tensor& scale_a, const at::Tensor& scale_w, int6
 
 at::Tensor cpu_output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w,
                             int64_t out_channels, double eps) {
+  check_alpha_args(scale_a, scale_w, out_channels, eps);
   const at::Tensor s_a = at::clamp_min(scale_a.detach().to(at::kFloat).reshape({1}), eps);
   const at::Tensor s_w = at::clamp_min(scale_w.detach().to(at::kFloat).reshape({-1}), eps);
   return (s_a * s_w).expand({out_channels}).contiguous();

@@ -101,6 +101,8 @@ bool sm90_int8_supports(const ConvShape& shape, OutType out_type);
 size_t sm90_int8_workspace_bytes(const ConvShape& shape, OutType out_type);
 KernelStatus sm90_int8_conv(const ConvShape& shape, const void* act, const void* weight,
                             const EpilogueArgs& epilogue, void* workspace, cudaStream_t stream);
+// Name of the configuration sm90_int8_conv runs for this shape ("" if none).
+const char* sm90_int8_config_name(const ConvShape& shape, OutType out_type);
 
 // ---- im2col of int8 codes (im2col_cuda.cu) ----------------------------------
 // For convolutions with few input channels (the RGB stem), which the sm90

@@ -132,6 +132,11 @@ size_t sm90_int8_workspace_bytes(const ConvShape& shape, OutType out_type) {
   return sm90::choose(shape, out_type).workspace;
 }
 
+const char* sm90_int8_config_name(const ConvShape& shape, OutType out_type) {
+  const int i = sm90::pick_config(shape, out_type);
+  return i < 0 ? "" : sm90::config(i).name;
+}
+
 KernelStatus sm90_int8_conv(const ConvShape& shape, const void* act, const void* weight,
                             const EpilogueArgs& epilogue, void* workspace, cudaStream_t stream) {
   int i = sm90::pick_config(shape, epilogue.out_type);

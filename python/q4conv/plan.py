@@ -87,18 +87,10 @@ def explain(layer: torch.nn.Module, x: torch.Tensor) -> ConvPlan:
                             layer.dilation, layer.backend, weight.dtype)
 
 
-def selected_backend(
-    x: torch.Tensor,
-    out_channels: int,
-    kernel_size: Sequence[int],
-    stride: Sequence[int] = (1, 1),
-    padding: Sequence[int] = (0, 0),
-    dilation: Sequence[int] = (1, 1),
-    backend: str = "auto",
-) -> str:
-    """Name of the integer-convolution backend that would run for ``x``."""
-    return ops.selected_backend(x, out_channels, list(kernel_size), list(stride), list(padding),
-                                list(dilation), backend)
+def selected_backend(x: torch.Tensor, *args: object, **kwargs: object) -> str:
+    """Name of the backend that would run for ``x`` (the plan's ``backend``); the
+    arguments are :func:`plan_convolution`'s."""
+    return plan_convolution(x, *args, **kwargs).backend  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
