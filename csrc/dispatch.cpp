@@ -103,6 +103,14 @@ void check_conv_inputs(const at::Tensor& x, const at::Tensor& bias_a, const at::
 
 at::Tensor output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w, int64_t out_channels,
                         double eps) {
+  TORCH_CHECK(out_channels >= 1, "out_channels must be >= 1, got ", out_channels);
+  TORCH_CHECK(scale_a.numel() == 1, "scale_a must hold one value, got ", scale_a.numel());
+  TORCH_CHECK(scale_w.numel() == 1 || scale_w.numel() == out_channels,
+              "scale_w must hold 1 value or one per output channel (", out_channels, "), got ",
+              scale_w.numel());
+  TORCH_CHECK(scale_w.device() == scale_a.device(), "scale_w must be on scale_a's device (",
+              scale_a.device(), "), got ", scale_w.device());
+  TORCH_CHECK(eps > 0, "eps must be > 0, got ", eps);
 #ifdef Q4CONV_WITH_CUDA
   if (scale_a.is_cuda()) return cuda_output_alpha(scale_a, scale_w, out_channels, eps);
 #endif
