@@ -7,6 +7,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <initializer_list>
+#include <utility>
+
 #include "q4conv.h"
 
 namespace q4conv {
@@ -20,6 +23,13 @@ using torch::autograd::variable_list;
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// A None passed for a required tensor arrives as an undefined tensor: name
+// the argument instead of failing on its (missing) device.
+void check_defined(std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
+  for (const auto& [name, t] : tensors)
+    TORCH_CHECK(t->defined(), name, " must be a tensor, got None");
 }
 
 // conv_train_backward below the autograd keys (no graph), as a list.
@@ -130,6 +140,8 @@ at::Tensor conv_train_autograd(const at::Tensor& x, const at::Tensor& bias_a,
                                at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, double eps, int64_t bits,
                                const std::string& backend) {
+  check_defined({{"x", &x}, {"bias_a", &bias_a}, {"scale_a", &scale_a}, {"weight", &weight},
+                 {"scale_w", &scale_w}});
   return ConvTrainFunction::apply(x, bias_a, scale_a, weight, scale_w, bias, stride, padding,
                                   dilation, eps, bits, backend);
 }
@@ -210,6 +222,8 @@ at::Tensor conv_packed_autograd(const at::Tensor& x, const at::Tensor& bias_a,
                                 const std::string& backend,
                                 const std::optional<at::Tensor>& kernel_weight,
                                 const std::optional<at::Tensor>& alpha) {
+  check_defined({{"x", &x}, {"bias_a", &bias_a}, {"scale_a", &scale_a}, {"qweight", &qweight},
+                 {"scale_w", &scale_w}});
   return ConvPackedFunction::apply(x, bias_a, scale_a, qweight, scale_w, bias, stride, padding,
                                    dilation, eps, bits, relu, backend, kernel_weight, alpha);
 }

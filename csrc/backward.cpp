@@ -5,6 +5,8 @@
 // the codes are recomputed here from x and weight (one cheap pass each), so a
 // layer keeps no extra activation memory alive between forward and backward.
 #include <array>
+#include <initializer_list>
+#include <utility>
 #include <tuple>
 
 #include "q4conv.h"
@@ -71,6 +73,13 @@ ActivationGrads activation_grads(const at::Tensor& grad_act, const LsqParts& act
           dshifted.sum({0, 2, 3}), (grad_act * act.residual).sum()};
 }
 
+// A None passed for a required tensor arrives as an undefined tensor: name
+// the argument instead of failing on its (missing) device.
+void check_defined(std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
+  for (const auto& [name, t] : tensors)
+    TORCH_CHECK(t->defined(), name, " must be a tensor, got None");
+}
+
 // conv_train's checks, plus grad_out against the output conv_train makes:
 // a direct call with wrong shapes gets a message naming the argument
 // instead of a oneDNN or reshape error.
@@ -78,6 +87,8 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor& bias_a, const at::Tensor& scale_a,
                            const at::Tensor& weight, const at::Tensor& scale_w,
                            const ConvParams& params) {
+  check_defined({{"grad_out", &grad_out}, {"x", &x}, {"bias_a", &bias_a}, {"scale_a", &scale_a},
+                 {"weight", &weight}, {"scale_w", &scale_w}});
   TORCH_CHECK(weight.dim() == 4, "weight must be 4-D (K, C, R, S), got ", weight.dim(),
               "-D with shape ", weight.sizes());
   check_conv_inputs(x, bias_a, scale_a, scale_w, std::nullopt, weight.size(0), params.bits);

@@ -103,6 +103,8 @@ void check_conv_inputs(const at::Tensor& x, const at::Tensor& bias_a, const at::
 
 at::Tensor output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w, int64_t out_channels,
                         double eps) {
+  TORCH_CHECK(scale_a.defined(), "scale_a must be a tensor, got None");
+  TORCH_CHECK(scale_w.defined(), "scale_w must be a tensor, got None");
   TORCH_CHECK(out_channels >= 1, "out_channels must be >= 1, got ", out_channels);
   TORCH_CHECK(scale_a.numel() == 1, "scale_a must hold one value, got ", scale_a.numel());
   TORCH_CHECK(scale_w.numel() == 1 || scale_w.numel() == out_channels,

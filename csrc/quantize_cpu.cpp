@@ -2,6 +2,9 @@
 // here, CUDA kernels through dispatch_cuda.cpp; both use quant.h.
 #include <ATen/Parallel.h>
 
+#include <initializer_list>
+#include <utility>
+
 #include "q4conv.h"
 #include "quant.h"
 
@@ -26,6 +29,13 @@ void check_weight_scale(const at::Tensor& weight, const at::Tensor& scale_w) {
               scale_w.numel());
   TORCH_CHECK(scale_w.device() == weight.device(), "scale_w must be on the weight's device (",
               weight.device(), "), got ", scale_w.device());
+}
+
+// A None passed for a required tensor arrives as an undefined tensor: name
+// the argument instead of failing on its (missing) device.
+void check_defined(std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
+  for (const auto& [name, t] : tensors)
+    TORCH_CHECK(t->defined(), name, " must be a tensor, got None");
 }
 
 at::Tensor cpu_quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
@@ -66,6 +76,7 @@ void check_bits(int64_t bits) {
 
 at::Tensor quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
                          int64_t bits) {
+  check_defined({{"weight", &weight}, {"scale_w", &scale_w}});
   check_bits(bits);
   TORCH_CHECK(weight.dim() == 4, "weight must be 4-D (K, C, R, S), got ", weight.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(weight.scalar_type()), "weight must be floating point, got ",
@@ -88,6 +99,7 @@ void check_qweight_layout(const at::Tensor& qweight, int64_t in_channels) {
 }
 
 at::Tensor unpack(const at::Tensor& qweight, int64_t in_channels) {
+  check_defined({{"qweight", &qweight}});
   check_qweight_layout(qweight, in_channels);
   // Low nibble = even channel, high nibble = odd channel; sign-extend both.
   const at::Tensor bytes = qweight.to(at::kInt);
@@ -100,6 +112,7 @@ at::Tensor unpack(const at::Tensor& qweight, int64_t in_channels) {
 
 at::Tensor quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
                                const at::Tensor& scale_a, double eps, int64_t bits) {
+  check_defined({{"x", &x}, {"bias_a", &bias_a}, {"scale_a", &scale_a}});
   check_bits(bits);
   check_x_rank(x);
   TORCH_CHECK(bias_a.dim() == 1 && bias_a.size(0) == x.size(1), "bias_a must have shape [",

@@ -415,6 +415,11 @@ class Q4Conv2dCutlass(nn.Module):
             self.generate_quantized_weight()
         return self.qweight  # type: ignore[return-value]
 
+    def __dir__(self) -> List[str]:
+        # torch.jit.trace calls hasattr() on every name dir() lists, which would
+        # run the opt_weight property and store a qweight in the live module.
+        return [name for name in super().__dir__() if name != "opt_weight"]
+
     def train(self, mode: bool = True) -> "Q4Conv2dCutlass":
         # Training changes weight and scale_w, so packed weights go stale.
         if mode and self.weight is not None:
@@ -465,8 +470,9 @@ class Q4Conv2dCutlass(nn.Module):
         # Packed inference: x gets a straight-through gradient (as training's
         # dx), the parameters none: with grad mode on they enter detached.
         # Under no_grad / inference_mode no graph is built, and the detach
-        # calls (ATen ops each) are skipped.
-        if torch.is_grad_enabled():
+        # calls (ATen ops each) are skipped; a trace always has them (one
+        # graph whatever the grad mode, which torch.jit.trace's check wants).
+        if tracing or torch.is_grad_enabled():
             bias_a, scale_a, scale_w, bias = (None if p is None else p.detach()
                                               for p in (bias_a, scale_a, scale_w, bias))
         qweight = self.opt_weight
