@@ -134,8 +134,9 @@ class Q4Conv2dCutlass(nn.Module):
           ``torch.distributed``) only when it is not initialised and the stored
           ``scale_a`` is 0; a non-zero ``scale_a`` set by the user counts as
           initialised and is never overwritten. A batch whose statistic is 0
-          (all zeros, or N = 0) or not finite leaves it uninitialised, so the
-          next batch initialises it.
+          (all zeros, or N = 0) or not finite (NaN / Inf, or beyond the range of
+          ``scale_a``'s dtype) leaves it uninitialised, so the next batch
+          initialises it.
         * ``calibrate_(x)`` (one layer) and ``q4conv.calibrate(model, batches)``
           (every layer, statistics averaged over the batches) re-initialise
           ``scale_a`` from data on purpose.
@@ -288,9 +289,11 @@ class Q4Conv2dCutlass(nn.Module):
 
     @torch.no_grad()
     def _set_scale_a_from(self, total: torch.Tensor, count: torch.Tensor) -> bool:
-        """scale_a = 2 * (total / count) / sqrt(Qp) when that is finite and > 0."""
-        value = 2.0 * (total / count.clamp_min(1)) / math.sqrt(_qmax(self.a_bit))
-        if not (math.isfinite(float(value)) and float(value) > 0):
+        """scale_a = 2 * (total / count) / sqrt(Qp) when that is finite and > 0
+        in scale_a's dtype (an fp16 layer cannot hold the scale of huge values)."""
+        value = (2.0 * (total / count.clamp_min(1)) / math.sqrt(_qmax(self.a_bit))).to(self.scale_a.dtype)
+        host = float(value)
+        if not (math.isfinite(host) and host > 0):
             return False
         self.scale_a.copy_(value.reshape(self.scale_a.shape))
         self._mark_scale_a(True)
