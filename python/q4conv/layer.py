@@ -86,17 +86,20 @@ def _qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+# Bound once: _is_tracing runs on every forward, which is host bound for small layers.
+_is_compiling = torch.compiler.is_compiling
+_jit_tracing = torch._C._is_tracing
+_get_dispatch_mode = torch._C._get_dispatch_mode
+_FAKE_MODE, _PROXY_MODE = torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY
+_FakeTensor = torch._subclasses.fake_tensor.FakeTensor
+
+
 def _is_tracing(t: Optional[torch.Tensor] = None) -> bool:
     """True while torch.compile / torch.export / torch.jit.trace / make_fx trace
     the module, or when fake tensors flow: the layer must not change its state
     then (it would store traced values in the live module)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return True
-    if t is not None and isinstance(t, torch._subclasses.fake_tensor.FakeTensor):
-        return True
-    keys = torch._C._TorchDispatchModeKey
-    return (torch._C._get_dispatch_mode(keys.FAKE) is not None
-            or torch._C._get_dispatch_mode(keys.PROXY) is not None)
+    return (_is_compiling() or _jit_tracing() or isinstance(t, _FakeTensor)
+            or _get_dispatch_mode(_FAKE_MODE) is not None or _get_dispatch_mode(_PROXY_MODE) is not None)
 
 
 def _reject_onnx_export() -> None:
