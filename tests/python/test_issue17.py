@@ -378,7 +378,7 @@ def test_onnx_export_raises_clearly(monkeypatch):
     model(x)
     # Whatever exporter is installed, forward refuses to run inside an ONNX export.
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
-    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    monkeypatch.setattr(q4conv.layer, "_jit_tracing", lambda: True)  # the TorchScript exporter traces
     with pytest.raises(RuntimeError, match="ONNX.*torch.export, torch.compile or torch.jit.trace"):
         model(x)
 
