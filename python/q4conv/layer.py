@@ -150,6 +150,13 @@ class Q4Conv2dCutlass(nn.Module):
           stored ``qweight``; the traced graph uses whatever ``scale_a`` holds,
           so run a forward or a calibration first.
 
+    Float weights: ``layer.load_float_weights(conv)`` copies an ``nn.Conv2d``'s
+    weight and bias; ``q4conv.load_float_state_dict(model, float_state_dict)``
+    loads a float model's ``state_dict``. Both re-initialise ``scale_w`` from
+    the new weights and mark ``scale_a`` uninitialised. A plain
+    ``load_state_dict`` (``strict=False``) holding ``weight`` but no ``scale_w``
+    re-runs ``prepare_params()`` too, so ``scale_w`` is never stale.
+
     ``eps`` is the registered buffer: every computation uses ``float(eps)``
     (read on the host only when the buffer changes), so a layer and its
     reloaded copy agree in every parameter dtype.
