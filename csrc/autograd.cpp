@@ -7,6 +7,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <initializer_list>
+#include <utility>
+
 #include "q4conv.h"
 
 namespace q4conv {
@@ -21,6 +24,45 @@ template <typename Signature>
 c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
+
+// conv_train_backward below the autograd keys (no graph), as a list.
+variable_list call_train_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                  const at::Tensor& bias_a, const at::Tensor& scale_a,
+                                  const at::Tensor& weight, const at::Tensor& scale_w,
+                                  bool has_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                                  at::IntArrayRef dilation, double eps, int64_t bits) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  static const auto op = find_op<decltype(conv_train_backward)>("q4conv::conv_train_backward");
+  auto [dx, dweight, dbias_a, dscale_a, dscale_w, dbias] =
+      op.call(grad_out, x, bias_a, scale_a, weight, scale_w, has_bias, stride, padding, dilation,
+              eps, bits);
+  return {dx, dweight, dbias_a, dscale_a, dscale_w, dbias};
+}
+
+constexpr const char* kNoDoubleBackward =
+    "q4conv does not support double backward (a gradient of q4conv's gradients, e.g. "
+    "autograd.grad(..., create_graph=True) followed by another backward): the LSQ gradients "
+    "are straight-through estimates with no second derivative";
+
+// The gradients of conv_train as a differentiable function (used when a
+// backward runs with create_graph=True): the first-order values are those of
+// conv_train_backward, a backward through them raises kNoDoubleBackward.
+class ConvTrainBackwardFunction : public torch::autograd::Function<ConvTrainBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* /*ctx*/, const at::Tensor& grad_out,
+                               const at::Tensor& x, const at::Tensor& bias_a,
+                               const at::Tensor& scale_a, const at::Tensor& weight,
+                               const at::Tensor& scale_w, bool has_bias, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, double eps,
+                               int64_t bits) {
+    return call_train_backward(grad_out, x, bias_a, scale_a, weight, scale_w, has_bias, stride,
+                               padding, dilation, eps, bits);
+  }
+
+  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grad_outputs*/) {
+    TORCH_CHECK(false, kNoDoubleBackward);
+  }
+};
 
 // LSQ / LSQ+ training convolution: gradients for x, bias_a, scale_a,
 // weight, scale_w and bias from conv_train_backward. Only the inputs are
@@ -61,22 +103,21 @@ class ConvTrainFunction : public torch::autograd::Function<ConvTrainFunction> {
         dilation(conv.data() + 4, 2);
     const int64_t bits = conv[6];
     const bool has_bias = conv[7] != 0;
-    static const auto op = find_op<decltype(conv_train_backward)>("q4conv::conv_train_backward");
-    const auto call = [&] {
-      return op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], has_bias,
-                     stride, padding, dilation, ctx->saved_data["eps"].toDouble(), bits);
-    };
-    // The op has no autograd formula. Without create_graph (grad mode off)
-    // skip the autograd keys' boxed fallback; with it, keep the fallback,
-    // which warns when a double backward goes through these gradients.
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads;
+    // Below the autograd keys the gradients carry no graph. With create_graph
+    // (grad mode on) they go through ConvTrainBackwardFunction, whose own
+    // backward raises a clear error: q4conv has no second derivative.
+    variable_list grads;
     if (at::GradMode::is_enabled()) {
-      grads = call();
+      grads = ConvTrainBackwardFunction::apply(grad_outputs[0], saved[0], saved[1], saved[2],
+                                               saved[3], saved[4], has_bias, stride, padding,
+                                               dilation, ctx->saved_data["eps"].toDouble(), bits);
     } else {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      grads = call();
+      grads = call_train_backward(grad_outputs[0], saved[0], saved[1], saved[2], saved[3],
+                                  saved[4], has_bias, stride, padding, dilation,
+                                  ctx->saved_data["eps"].toDouble(), bits);
     }
-    auto& [dx, dweight, dbias_a, dscale_a, dscale_w, dbias] = grads;
+    const at::Tensor &dx = grads[0], &dweight = grads[1], &dbias_a = grads[2],
+                     &dscale_a = grads[3], &dscale_w = grads[4], &dbias = grads[5];
     at::Tensor dbias_out;
     const auto bias_dtype = static_cast<at::ScalarType>(conv[8]);
     if (has_bias) dbias_out = dbias.scalar_type() == bias_dtype ? dbias : dbias.to(bias_dtype);
@@ -92,15 +133,19 @@ at::Tensor conv_train_autograd(const at::Tensor& x, const at::Tensor& bias_a,
                                at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, double eps, int64_t bits,
                                const std::string& backend) {
+  check_defined({{"x", &x}, {"bias_a", &bias_a}, {"scale_a", &scale_a}, {"weight", &weight},
+                 {"scale_w", &scale_w}});
   return ConvTrainFunction::apply(x, bias_a, scale_a, weight, scale_w, bias, stride, padding,
                                   dilation, eps, bits, backend);
 }
 
-// Packed (eval-mode) inference has no gradient: a graph through it raises
-// when backpropagated, naming what to use instead.
+// Packed (eval-mode) inference: a straight-through input gradient, as
+// training's dx: dx = convT(grad_out, q_w * s_w), masked where
+// Qn <= (x + bias_a) / s_a <= Qp. The parameters get no gradient (a frozen
+// quantized backbone under a trainable head, saliency, adversarial inputs).
 class ConvPackedFunction : public torch::autograd::Function<ConvPackedFunction> {
  public:
-  static at::Tensor forward(AutogradContext* /*ctx*/, const at::Tensor& x, const at::Tensor& bias_a,
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& bias_a,
                             const at::Tensor& scale_a, const at::Tensor& qweight,
                             const at::Tensor& scale_w, const std::optional<at::Tensor>& bias,
                             at::IntArrayRef stride, at::IntArrayRef padding,
@@ -108,16 +153,57 @@ class ConvPackedFunction : public torch::autograd::Function<ConvPackedFunction> 
                             const std::string& backend,
                             const std::optional<at::Tensor>& kernel_weight,
                             const std::optional<at::Tensor>& alpha) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static const auto op = find_op<decltype(conv_packed)>("q4conv::conv_packed");
-    return op.call(x, bias_a, scale_a, qweight, scale_w, bias, stride, padding, dilation, eps, bits,
-                   relu, backend, kernel_weight, alpha);
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      static const auto op = find_op<decltype(conv_packed)>("q4conv::conv_packed");
+      y = op.call(x, bias_a, scale_a, qweight, scale_w, bias, stride, padding, dilation, eps, bits,
+                  relu, backend, kernel_weight, alpha);
+    }
+    // Only parameter values (detached) and x are kept; y only with relu.
+    ctx->save_for_backward({x, bias_a.detach(), scale_a.detach(), qweight, scale_w.detach(),
+                            relu ? y : at::Tensor()});
+    ctx->saved_data["conv"] = std::vector<int64_t>{stride[0],  stride[1],   padding[0], padding[1],
+                                                   dilation[0], dilation[1], bits,       relu};
+    ctx->saved_data["eps"] = eps;
+    return y;
   }
 
-  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grad_outputs*/) {
-    TORCH_CHECK(false,
-                "q4conv::conv_packed (eval mode, packed int4 weights) has no gradient: use the "
-                "layer in training mode (conv_train) to backpropagate");
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const std::vector<int64_t> conv = ctx->saved_data["conv"].toIntVector();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const at::Tensor &x = saved[0], &bias_a = saved[1], &scale_a = saved[2], &qweight = saved[3],
+                     &scale_w = saved[4];
+    const int64_t bits = conv[6];
+    const bool relu = conv[7] != 0;
+    at::Tensor dx;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      static const auto unpack_op = find_op<decltype(unpack)>("q4conv::unpack");
+      const int64_t channels = x.size(1), k_out = qweight.size(0);
+      at::Tensor grad = grad_outputs[0].to(at::kFloat);
+      if (relu) grad = grad * (saved[5] > 0);
+      // Per-tensor or per-channel s_w on the output gradient; the weights
+      // stay integer codes (exact in fp32).
+      const at::Tensor s_w = at::clamp_min(scale_w.to(at::kFloat).reshape({-1}), eps);
+      grad = grad * s_w.view({1, s_w.numel() == 1 ? 1 : k_out, 1, 1});
+      const at::Tensor w_codes = unpack_op.call(qweight, channels).to(at::kFloat);
+      const at::Tensor s_a = at::clamp_min(scale_a.to(at::kFloat).reshape({1, 1, 1, 1}), eps);
+      const at::Tensor ratio =
+          (x.to(at::kFloat) + bias_a.to(at::kFloat).view({1, channels, 1, 1})) / s_a;
+      const double lo = -static_cast<double>(int64_t{1} << (bits - 1));
+      const double hi = static_cast<double>((int64_t{1} << (bits - 1)) - 1);
+      const at::Tensor inside = at::logical_and(ratio >= lo, ratio <= hi);
+      const at::Tensor grad_act = std::get<0>(at::convolution_backward(
+          grad, ratio, w_codes, std::nullopt, {conv[0], conv[1]}, {conv[2], conv[3]},
+          {conv[4], conv[5]}, false, {0, 0}, 1, {true, false, false}));
+      dx = (grad_act * inside).to(x.scalar_type()).contiguous(x.suggest_memory_format());
+    }
+    // One entry per forward argument: only x gets a gradient.
+    variable_list grads(15);
+    grads[0] = dx;
+    return grads;
   }
 };
 
@@ -129,6 +215,8 @@ at::Tensor conv_packed_autograd(const at::Tensor& x, const at::Tensor& bias_a,
                                 const std::string& backend,
                                 const std::optional<at::Tensor>& kernel_weight,
                                 const std::optional<at::Tensor>& alpha) {
+  check_defined({{"x", &x}, {"bias_a", &bias_a}, {"scale_a", &scale_a}, {"qweight", &qweight},
+                 {"scale_w", &scale_w}});
   return ConvPackedFunction::apply(x, bias_a, scale_a, qweight, scale_w, bias, stride, padding,
                                    dilation, eps, bits, relu, backend, kernel_weight, alpha);
 }

@@ -5,6 +5,8 @@
 // the codes are recomputed here from x and weight (one cheap pass each), so a
 // layer keeps no extra activation memory alive between forward and backward.
 #include <array>
+#include <initializer_list>
+#include <utility>
 #include <tuple>
 
 #include "q4conv.h"
@@ -35,11 +37,15 @@ LsqParts lsq_parts(const at::Tensor& value, const at::Tensor& scale, int64_t bit
 
 // d loss / d scale from the summed grad * residual: times the LSQ factor,
 // and zero where max(scale, eps) picked eps.
+// An empty quantized tensor (an N = 0 batch) contributes nothing: its
+// gradient is zero, not 0 * 1/sqrt(0) = NaN.
 at::Tensor finish_scale_grad(const at::Tensor& summed, const at::Tensor& scale, double eps,
                              double numel_per_scale, int64_t bits) {
   const at::Tensor raw = scale.detach().to(at::kFloat).reshape(summed.sizes());
   const at::Tensor passes = (raw >= eps).to(at::kFloat);
-  return (summed * lsq_grad_scale(numel_per_scale, static_cast<int>(bits)) * passes)
+  const double factor =
+      numel_per_scale > 0 ? lsq_grad_scale(numel_per_scale, static_cast<int>(bits)) : 0.0;
+  return (summed * factor * passes)
       .reshape(scale.sizes())
       .to(scale.scalar_type());
 }
@@ -67,6 +73,33 @@ ActivationGrads activation_grads(const at::Tensor& grad_act, const LsqParts& act
           dshifted.sum({0, 2, 3}), (grad_act * act.residual).sum()};
 }
 
+// conv_train's checks, plus grad_out against the output conv_train makes:
+// a direct call with wrong shapes gets a message naming the argument
+// instead of a oneDNN or reshape error.
+void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
+                           const at::Tensor& bias_a, const at::Tensor& scale_a,
+                           const at::Tensor& weight, const at::Tensor& scale_w,
+                           const ConvParams& params) {
+  check_defined({{"grad_out", &grad_out}, {"x", &x}, {"bias_a", &bias_a}, {"scale_a", &scale_a},
+                 {"weight", &weight}, {"scale_w", &scale_w}});
+  TORCH_CHECK(weight.dim() == 4, "weight must be 4-D (K, C, R, S), got ", weight.dim(),
+              "-D with shape ", weight.sizes());
+  check_conv_inputs(x, bias_a, scale_a, scale_w, std::nullopt, weight.size(0), params.bits);
+  TORCH_CHECK(weight.size(1) == x.size(1), "x must have ", weight.size(1),
+              " channels (the weight's in_channels), got ", x.size(1));
+  TORCH_CHECK(weight.device() == x.device(), "weight must be on x's device (", x.device(),
+              "), got ", weight.device());
+  TORCH_CHECK(grad_out.device() == x.device(), "grad_out must be on x's device (", x.device(),
+              "), got ", grad_out.device());
+  const auto [p, q] = output_hw(x.size(2), x.size(3), weight.size(2), weight.size(3), params);
+  const std::array<int64_t, 4> expected{x.size(0), weight.size(0), p, q};
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.sizes() == at::IntArrayRef(expected),
+              "grad_out must have the convolution's output shape ", at::IntArrayRef(expected),
+              ", got ", grad_out.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_out.scalar_type()),
+              "grad_out must be a floating point tensor, got ", grad_out.scalar_type());
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -75,7 +108,7 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                     bool has_bias, at::IntArrayRef stride, at::IntArrayRef padding,
                     at::IntArrayRef dilation, double eps, int64_t bits) {
   const ConvParams params = make_params(stride, padding, dilation, eps, bits, false);
-  check_bits(bits);
+  check_backward_inputs(grad_out, x, bias_a, scale_a, weight, scale_w, params);
   const BackwardPlan plan = plan_backward(x, weight, params);
   if (plan.cuda_kernels)
     return cuda_conv_train_backward(grad_out, x, bias_a, scale_a, weight, scale_w, has_bias,

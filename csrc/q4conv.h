@@ -7,6 +7,8 @@
 #include <ATen/record_function.h>
 
 #include <array>
+#include <initializer_list>
+#include <utility>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -70,6 +72,13 @@ std::vector<int64_t> kernel_weight_sizes(int64_t out_channels, int64_t in_channe
                                          at::IntArrayRef kernel_size, const std::string& backend);
 
 // ---- internals ---------------------------------------------------------------
+// A None passed for a required tensor arrives as an undefined tensor: name
+// the argument instead of failing on its (missing) device.
+inline void check_defined(
+    std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
+  for (const auto& [name, t] : tensors) TORCH_CHECK(t->defined(), name, " must be a tensor, got None");
+}
+
 // Shared argument checks of the conv ops (SPEC section 5).
 void check_conv_inputs(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
                        const at::Tensor& scale_w, const std::optional<at::Tensor>& bias,

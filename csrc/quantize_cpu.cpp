@@ -67,6 +67,7 @@ void check_bits(int64_t bits) {
 }
 
 void check_weight_args(const at::Tensor& weight, const at::Tensor& scale_w, int64_t bits) {
+  check_defined({{"weight", &weight}, {"scale_w", &scale_w}});
   check_bits(bits);
   TORCH_CHECK(weight.dim() == 4, "weight must be 4-D (K, C, R, S), got ", weight.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(weight.scalar_type()), "weight must be floating point, got ",
@@ -84,6 +85,7 @@ void check_qweight_layout(const at::Tensor& qweight, int64_t in_channels) {
 }
 
 at::Tensor unpack(const at::Tensor& qweight, int64_t in_channels) {
+  check_defined({{"qweight", &qweight}});
   check_qweight_layout(qweight, in_channels);
   // Low nibble = even channel, high nibble = odd channel; sign-extend both.
   const at::Tensor bytes = qweight.to(at::kInt);
@@ -96,6 +98,7 @@ at::Tensor unpack(const at::Tensor& qweight, int64_t in_channels) {
 
 void check_activation_args(const at::Tensor& x, const at::Tensor& bias_a,
                            const at::Tensor& scale_a, int64_t bits) {
+  check_defined({{"x", &x}, {"bias_a", &bias_a}, {"scale_a", &scale_a}});
   check_bits(bits);
   check_x_rank(x);
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ",
@@ -132,6 +135,7 @@ at::Tensor cpu_quantize_activation(const at::Tensor& x, const at::Tensor& bias_a
 
 void check_alpha_args(const at::Tensor& scale_a, const at::Tensor& scale_w, int64_t out_channels,
                       double eps) {
+  check_defined({{"scale_a", &scale_a}, {"scale_w", &scale_w}});
   TORCH_CHECK(out_channels >= 1, "out_channels must be >= 1, got ", out_channels);
   TORCH_CHECK(eps > 0, "eps must be > 0, got ", eps);
   TORCH_CHECK(scale_a.numel() == 1, "scale_a must hold one value, got ", scale_a.numel());

@@ -1,8 +1,15 @@
 """q4conv: 4-bit quantized (W4A4) Conv2d for PyTorch on CUTLASS, with an exact CPU path."""
 
 from ._ops import ops
+from .layer import (
+    Q4Conv2d,
+    Q4Conv2dCutlass,
+    calibrate,
+    load_float_state_dict,
+    prepare_bie_layers,
+    prepare_q4conv_layers,
+)
 from .plan import ConvPlan, explain, plan_convolution, selected_backend, tuning
-from .layer import Q4Conv2d, Q4Conv2dCutlass, prepare_bie_layers, prepare_q4conv_layers
 
 __all__ = [
     "ConvPlan",
@@ -11,6 +18,8 @@ __all__ = [
     "tuning",
     "Q4Conv2d",
     "Q4Conv2dCutlass",
+    "calibrate",
+    "load_float_state_dict",
     "ops",
     "prepare_bie_layers",
     "prepare_q4conv_layers",

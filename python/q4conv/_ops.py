@@ -1,6 +1,7 @@
 """Loads the compiled operator library and registers the fake (meta) kernels
 torch.compile needs. The autograd formulas (LSQ for ``q4conv::conv_train``,
-an error for ``q4conv::conv_packed``) are C++ kernels (csrc/autograd.cpp)."""
+a straight-through input gradient for ``q4conv::conv_packed``) are C++
+kernels (csrc/autograd.cpp)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,29 @@ _load_library()
 ops = torch.ops.q4conv
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _out_hw(h, w, r, s, stride, padding, dilation):
-    out_h = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    out_w = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
-    return out_h, out_w
+    """Output height and width, with the C++ side's checks: every extent must
+    fit in int64 (Python ints do not overflow, the C++ arithmetic would) and
+    the dilated kernel must fit the padded input. h and w may be symbolic."""
+    sizes = []
+    for axis, (size, k) in enumerate(((h, r), (w, s))):
+        if not isinstance(k, int) or not isinstance(padding[axis], int):  # symbolic: checked at run time
+            extent, padded = dilation[axis] * (k - 1) + 1, size + 2 * padding[axis]
+        else:
+            extent = dilation[axis] * (k - 1) + 1
+            if extent > _INT64_MAX or 2 * padding[axis] > _INT64_MAX - 2**32:
+                raise RuntimeError(
+                    f"dilation {tuple(dilation)} and kernel size ({r}, {s}) give a dilated kernel extent "
+                    f"({extent}) or padding {tuple(padding)} that overflows int64")
+            padded = size + 2 * padding[axis]
+        torch._check(extent <= padded, lambda: (
+            f"kernel size ({r}, {s}) after dilation {tuple(dilation)} is larger than the padded input "
+            f"({h + 2 * padding[0]}, {w + 2 * padding[1]})"))
+        sizes.append((padded - extent) // stride[axis] + 1)
+    return sizes[0], sizes[1]
 
 
 def _conv_output_like(x: torch.Tensor, k: int, r: int, s: int, stride, padding, dilation) -> torch.Tensor:

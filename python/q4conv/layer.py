@@ -8,32 +8,104 @@ shift ``bias_a``, signed 4-bit codes. The arithmetic lives in C++
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+import operator
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from . import _ops
 
 IntOrPair = Union[int, Tuple[int, int]]
 SUPPORTED_BITS = (4,)
+_INT64_MAX = 2**63 - 1
+# Keys a q4conv layer has beyond nn.Conv2d's weight and bias.
+_Q4_ONLY_KEYS = ("qweight", "bias_a", "scale_a", "scale_w", "eps", "scale_a_initialized")
+_EXPORT_ROUTES = "torch.export, torch.compile or torch.jit.trace"
 
 
-def _pair(value: IntOrPair, name: str, minimum: int) -> Tuple[int, int]:
-    if isinstance(value, int):
-        pair = (value, value)
-    else:
-        pair = tuple(int(v) for v in value)
-        if len(pair) != 2:
+def _int_arg(value: Any, name: str) -> int:
+    """An integer as nn.Conv2d accepts it: int, numpy integer, 0-d integer
+    tensor (anything with ``__index__``); bools, floats and None are rejected."""
+    is_bool = isinstance(value, bool) or type(value).__name__ in ("bool_", "bool") or (
+        isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+    if value is None or is_bool:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        result = operator.index(value)
+    except (TypeError, RuntimeError):
+        raise ValueError(f"{name} must be an integer (int, numpy integer or 0-d integer tensor), "
+                         f"got {value!r} of type {type(value).__name__}") from None
+    if abs(result) > _INT64_MAX:
+        raise ValueError(f"{name} must fit in int64, got {result}")
+    return result
+
+
+def _pair(value: Any, name: str, minimum: int) -> Tuple[int, int]:
+    """An integer or a pair (tuple/list) of integers, each >= minimum."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
             raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        pair = (_int_arg(value[0], name), _int_arg(value[1], name))
+    else:
+        if isinstance(value, str):
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        pair = (_int_arg(value, name),) * 2
     if any(v < minimum for v in pair):
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return pair  # type: ignore[return-value]
 
 
+def _padding_arg(padding: Any, kernel_size: Tuple[int, int], stride: Tuple[int, int],
+                 dilation: Tuple[int, int]) -> Tuple[int, int]:
+    """padding as nn.Conv2d takes it: int, pair, 'valid' (0) or 'same' (stride
+    1, the same total padding as nn.Conv2d, which must split evenly)."""
+    if not isinstance(padding, str):
+        return _pair(padding, "padding", 0)
+    if padding == "valid":
+        return (0, 0)
+    if padding != "same":
+        raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    if stride != (1, 1):
+        raise ValueError(f"padding='same' needs stride 1 (as nn.Conv2d), got stride={stride}")
+    result = []
+    for k, d in zip(kernel_size, dilation):
+        total = d * (k - 1)
+        if total % 2:
+            raise ValueError(
+                f"padding='same' needs symmetric padding, but kernel_size={kernel_size} with "
+                f"dilation={dilation} needs {total} padding in total along an axis (odd); pass an "
+                f"explicit padding or pad the input asymmetrically with torch.nn.functional.pad")
+        result.append(total // 2)
+    return result[0], result[1]
+
+
 def _qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
+
+
+# Bound once: _is_tracing runs on every forward, which is host bound for small layers.
+_is_compiling = torch.compiler.is_compiling
+_jit_tracing = torch._C._is_tracing
+_get_dispatch_mode = torch._C._get_dispatch_mode
+_FAKE_MODE, _PROXY_MODE = torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY
+_FakeTensor = torch._subclasses.fake_tensor.FakeTensor
+
+
+def _is_tracing(t: Optional[torch.Tensor] = None) -> bool:
+    """True while torch.compile / torch.export / torch.jit.trace / make_fx trace
+    the module, or when fake tensors flow: the layer must not change its state
+    then (it would store traced values in the live module)."""
+    return (_is_compiling() or _jit_tracing() or isinstance(t, _FakeTensor)
+            or _get_dispatch_mode(_FAKE_MODE) is not None or _get_dispatch_mode(_PROXY_MODE) is not None)
+
+
+def _reject_onnx_export() -> None:
+    if torch.onnx.is_in_onnx_export():
+        raise RuntimeError("q4conv layers cannot be exported to ONNX (their packed int4 operators "
+                           f"have no ONNX equivalent); supported export routes: {_EXPORT_ROUTES}")
 
 
 class Q4Conv2dCutlass(nn.Module):
@@ -41,14 +113,58 @@ class Q4Conv2dCutlass(nn.Module):
 
     Args:
         in_channels, out_channels: any positive counts (padded internally).
-        kernel_size, stride, padding, dilation: int or pair, as ``nn.Conv2d``.
+        kernel_size, stride, padding, dilation: an integer or a pair, as
+            ``nn.Conv2d`` (ints, numpy integers, 0-d integer tensors);
+            ``padding`` also takes ``'valid'`` (0) and ``'same'`` (stride 1,
+            where the total padding is even, i.e. symmetric).
         a_bit, w_bit: code widths; 4 is the only width every backend supports.
         device, dtype: of the parameters (``dtype`` float32 by default).
         bias: add a learnable output bias, fused into the kernel epilogue.
+        groups, padding_mode: accepted for ``nn.Conv2d`` compatibility; only
+            ``groups=1`` and ``padding_mode='zeros'`` are supported.
         per_channel_weight_scale: one weight scale per output channel.
         learn_weight_scale: train ``scale_w`` with the LSQ gradient.
         backend: ``"auto"`` (dispatch by device and shape) or a forced
             backend (``"fallback"``, ``"sm80_int4"``, ``"sm90_int8"``).
+
+    Activation scale (``scale_a``) lifecycle:
+        * The persistent buffer ``scale_a_initialized`` (bool, saved in the
+          ``state_dict``) records whether ``scale_a`` is initialised. A
+          ``state_dict`` without it (older checkpoints) counts as initialised
+          where its ``scale_a`` is non-zero.
+        * ``forward`` / ``set_activation`` initialise ``scale_a`` from the batch
+          (LSQ: 2 * mean|x + bias_a| / sqrt(Qp), averaged over ranks under
+          ``torch.distributed``) only when it is not initialised and the stored
+          ``scale_a`` is 0; a non-zero ``scale_a`` set by the user counts as
+          initialised and is never overwritten. A batch whose statistic is 0
+          (all zeros, or N = 0) or not finite (NaN / Inf, or beyond the range of
+          ``scale_a``'s dtype) leaves it uninitialised, so the next batch
+          initialises it.
+        * ``calibrate_(x)`` (one layer) and ``q4conv.calibrate(model, batches)``
+          (every layer, statistics averaged over the batches) re-initialise
+          ``scale_a`` from data on purpose.
+        * ``freeze_scales()`` stops learning ``scale_a`` and ``scale_w``
+          (``requires_grad=False``); ``freeze_scales(False)`` resumes it.
+        * Tracing, exporting or compiling (``torch.export``, ``torch.compile``,
+          ``torch.jit.trace``) never changes the module: no initialisation, no
+          stored ``qweight``; the traced graph uses whatever ``scale_a`` holds,
+          so run a forward or a calibration first.
+
+    Float weights: ``layer.load_float_weights(conv)`` copies an ``nn.Conv2d``'s
+    weight and bias; ``q4conv.load_float_state_dict(model, float_state_dict)``
+    loads a float model's ``state_dict``. Both re-initialise ``scale_w`` from
+    the new weights and mark ``scale_a`` uninitialised. A plain
+    ``load_state_dict`` (``strict=False``) holding ``weight`` but no ``scale_w``
+    re-runs ``prepare_params()`` too, so ``scale_w`` is never stale.
+
+    ``eps`` is the registered buffer: every computation uses ``float(eps)``
+    (read on the host only when the buffer changes), so a layer and its
+    reloaded copy agree in every parameter dtype.
+
+    Export routes: ``torch.export``, ``torch.compile`` and ``torch.jit.trace``
+    are supported; ``torch.jit.script`` and ONNX export raise a clear error.
+    Eval mode (packed weights) has a straight-through input gradient (as
+    training's dx) and no parameter gradients.
     """
 
     def __init__(
@@ -57,36 +173,56 @@ class Q4Conv2dCutlass(nn.Module):
         out_channels: int,
         kernel_size: IntOrPair,
         stride: IntOrPair = 1,
-        padding: IntOrPair = 0,
+        padding: Union[IntOrPair, str] = 0,
         dilation: IntOrPair = 1,
         a_bit: int = 4,
         w_bit: int = 4,
         device: Optional[Union[str, torch.device]] = None,
-        dtype: torch.dtype = torch.float,
+        dtype: Optional[torch.dtype] = torch.float,
         *,
         bias: bool = False,
+        groups: int = 1,
+        padding_mode: str = "zeros",
         per_channel_weight_scale: bool = False,
         learn_weight_scale: bool = True,
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        in_channels = _int_arg(in_channels, "in_channels")
+        out_channels = _int_arg(out_channels, "out_channels")
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
+        if _int_arg(groups, "groups") != 1:
+            raise ValueError(f"groups={groups} is not supported: q4conv layers support groups=1 only")
+        if padding_mode != "zeros":
+            raise ValueError(f"padding_mode={padding_mode!r} is not supported: q4conv layers support "
+                             "padding_mode='zeros' only")
+        a_bit, w_bit = _int_arg(a_bit, "a_bit"), _int_arg(w_bit, "w_bit")
         for name, bits in (("a_bit", a_bit), ("w_bit", w_bit)):
             if bits not in SUPPORTED_BITS:
                 raise ValueError(f"{name} must be 4 (the width every q4conv backend supports), got {bits}")
+        if dtype is None:
+            dtype = torch.get_default_dtype()
         if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"dtype must be a floating point type, got {dtype}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size, "kernel_size", 1)
         self.stride = _pair(stride, "stride", 1)
-        self.padding = _pair(padding, "padding", 0)
         self.dilation = _pair(dilation, "dilation", 1)
+        self.padding = _padding_arg(padding, self.kernel_size, self.stride, self.dilation)
+        for axis in range(2):  # the C++ geometry arithmetic is int64
+            extent = self.dilation[axis] * (self.kernel_size[axis] - 1) + 1
+            if extent > _INT64_MAX // 2 or self.padding[axis] > _INT64_MAX // 4:
+                raise ValueError(f"dilation={self.dilation} with kernel_size={self.kernel_size} and "
+                                 f"padding={self.padding} overflow int64 geometry arithmetic")
+        self.groups = 1
+        self.padding_mode = "zeros"
         self.a_bit = a_bit
         self.w_bit = w_bit
         self.backend = backend
-        self.per_channel_weight_scale = per_channel_weight_scale
+        self.per_channel_weight_scale = bool(per_channel_weight_scale)
+        self.learn_weight_scale = bool(learn_weight_scale)
         factory = {"device": device, "dtype": dtype}
 
         self.weight: Optional[nn.Parameter] = nn.Parameter(
@@ -97,18 +233,37 @@ class Q4Conv2dCutlass(nn.Module):
         self.bias_a = nn.Parameter(torch.zeros(in_channels, **factory))
         self.scale_a = nn.Parameter(torch.zeros((), **factory))
         scale_shape = (out_channels,) if per_channel_weight_scale else ()
-        self.scale_w = nn.Parameter(torch.ones(scale_shape, **factory), requires_grad=learn_weight_scale)
+        self.scale_w = nn.Parameter(torch.ones(scale_shape, **factory), requires_grad=self.learn_weight_scale)
         self.register_buffer("eps", torch.tensor(1e-5, **factory))
+        self.register_buffer("scale_a_initialized", torch.tensor(False, device=device))
         if bias:
             self.bias: Optional[nn.Parameter] = nn.Parameter(torch.zeros(out_channels, **factory))
         else:
             self.register_parameter("bias", None)
-        # Host-side copies so forward never synchronises with the device.
+        # Host-side copies so forward never synchronises with the device: eps
+        # (re-read when the buffer's storage or version changes) and whether
+        # scale_a is initialised (kept with the buffer by this class).
+        self._eps_key: Optional[Tuple[int, int]] = None
         self._eps_value = 1e-5
         self._scale_a_ready = False
+        # Set by q4conv.calibrate: [sum |x + bias_a|, count] over the batches seen.
+        self._calibration: Optional[List[Any]] = None
         # Eval-mode CUDA cache: (validity key, alpha, kernel-layout weights).
         self._inference_cache: Optional[Tuple[torch.Tensor, Any, torch.Tensor, Optional[torch.Tensor]]] = None
+        self._host_eps(tracing=False)
         self.prepare_params()
+
+    # ------------------------------------------------------------------ eps
+    def _host_eps(self, tracing: bool) -> float:
+        """float(eps buffer), read from the device only when the buffer changed
+        (its storage or version counter); while tracing, the last value read."""
+        if not tracing:
+            eps = self._buffers["eps"]
+            key = (eps.data_ptr(), _version_of(eps))
+            if key != self._eps_key:
+                self._eps_value = float(eps)
+                self._eps_key = key
+        return self._eps_value
 
     # ------------------------------------------------------------------ scales
     @torch.no_grad()
@@ -117,7 +272,8 @@ class Q4Conv2dCutlass(nn.Module):
 
         Called by the constructor; call it again after loading or changing the
         float weights before training (``prepare_q4conv_layers`` does it for a
-        whole model).
+        whole model; ``load_state_dict`` does it when a state_dict holds
+        ``weight`` but no ``scale_w``).
         """
         if self.weight is None:
             raise RuntimeError("prepare_params needs the float weight, which was dropped by "
@@ -127,24 +283,115 @@ class Q4Conv2dCutlass(nn.Module):
         self.scale_w.copy_(2.0 * mean_abs / math.sqrt(_qmax(self.w_bit)))
         self.qweight = None
 
+    def _mark_scale_a(self, ready: bool) -> None:
+        self.scale_a_initialized.fill_(ready)
+        self._scale_a_ready = ready
+
+    @torch.no_grad()
+    def _activation_statistic(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(sum |x + bias_a|, element count) in fp32, summed over ranks."""
+        shifted = x.detach().float() + self.bias_a.detach().float().view(1, -1, 1, 1)
+        stats = torch.stack([shifted.abs().sum(dtype=torch.float64),
+                             torch.tensor(float(shifted.numel()), dtype=torch.float64, device=x.device)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)  # every rank starts from the same scale
+        return stats[0], stats[1]
+
+    @torch.no_grad()
+    def _set_scale_a_from(self, total: torch.Tensor, count: torch.Tensor) -> bool:
+        """scale_a = 2 * (total / count) / sqrt(Qp) when that is finite and > 0
+        in scale_a's dtype (an fp16 layer cannot hold the scale of huge values)."""
+        value = (2.0 * (total / count.clamp_min(1)) / math.sqrt(_qmax(self.a_bit))).to(self.scale_a.dtype)
+        host = float(value)
+        if not (math.isfinite(host) and host > 0):
+            return False
+        self.scale_a.copy_(value.reshape(self.scale_a.shape))
+        self._mark_scale_a(True)
+        return True
+
     @torch.no_grad()
     def _init_scale_a(self, x: torch.Tensor) -> None:
-        if self._scale_a_ready:
+        """The first-use rule of the class docstring."""
+        if self._scale_a_ready or x.shape[0] == 0:
             return
-        shifted = x.detach().float() + self.bias_a.detach().float().view(1, -1, 1, 1)
-        statistic = shifted.abs().mean()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # Every rank starts from the same scale.
-            dist.all_reduce(statistic)
-            statistic /= dist.get_world_size()
-        self.scale_a.copy_(2.0 * statistic / math.sqrt(_qmax(self.a_bit)))
-        self._scale_a_ready = True
+        if float(self.scale_a.detach().reshape(())) != 0:  # set by the user: never overwritten
+            self._mark_scale_a(True)
+            return
+        self._set_scale_a_from(*self._activation_statistic(x))
 
     def set_activation(self, x: torch.Tensor) -> torch.Tensor:
-        """Initialise ``scale_a`` from ``x`` on first use (scale_a == 0); return ``x + bias_a``."""
+        """Initialise ``scale_a`` from ``x`` if it is not initialised yet (see the
+        class docstring for the rule); return ``x + bias_a``."""
         self._check_input(x)
-        self._init_scale_a(x)
+        if not _is_tracing(x):
+            self._init_scale_a(x)
         return x + self.bias_a.view(1, -1, 1, 1).to(x.dtype)
+
+    @torch.no_grad()
+    def calibrate_(self, x: torch.Tensor) -> "Q4Conv2dCutlass":
+        """(Re)initialise ``scale_a`` from the batch ``x`` on purpose (LSQ
+        statistic, averaged over ranks under torch.distributed), whatever its
+        current value. Raises ValueError if the statistic is 0 or not finite
+        (``scale_a`` then stays as it was). Returns ``self``."""
+        self._check_input(x)
+        if _is_tracing(x):
+            raise RuntimeError("calibrate_ changes the module and cannot run while tracing, exporting or compiling")
+        if not self._set_scale_a_from(*self._activation_statistic(x)):
+            raise ValueError("calibrate_: mean|x + bias_a| of the batch is 0 or not finite; scale_a unchanged")
+        return self
+
+    def freeze_scales(self, frozen: bool = True) -> "Q4Conv2dCutlass":
+        """Stop (``frozen=True``) or resume learning the scales: sets
+        ``requires_grad`` of ``scale_a`` and ``scale_w`` (``scale_w`` resumes
+        only with ``learn_weight_scale=True``). Initialisation of an
+        uninitialised ``scale_a`` from the first batch still happens; freeze
+        after calibrating to keep calibrated scales fixed. Returns ``self``."""
+        self.scale_a.requires_grad_(not frozen)
+        self.scale_w.requires_grad_(not frozen and self.learn_weight_scale)
+        return self
+
+    @torch.no_grad()
+    def _reset_scale_a(self) -> None:
+        """Mark scale_a uninitialised (value 0): the next batch initialises it."""
+        self.scale_a.zero_()
+        self._mark_scale_a(False)
+
+    @torch.no_grad()
+    def load_float_weights(self, conv: nn.Conv2d) -> "Q4Conv2dCutlass":
+        """Copy ``weight`` (and ``bias``) of a float ``nn.Conv2d`` of the same
+        geometry, re-initialise ``scale_w`` from them (``prepare_params``) and
+        mark ``scale_a`` uninitialised (the next batch, or a calibration,
+        initialises it). The layer is then ready to train. Returns ``self``."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        padding = _padding_arg(conv.padding, self.kernel_size, self.stride, self.dilation) \
+            if isinstance(conv.padding, str) else tuple(conv.padding)
+        for name, mine, theirs in (("in_channels", self.in_channels, conv.in_channels),
+                                   ("out_channels", self.out_channels, conv.out_channels),
+                                   ("kernel_size", self.kernel_size, tuple(conv.kernel_size)),
+                                   ("stride", self.stride, tuple(conv.stride)),
+                                   ("padding", self.padding, padding),
+                                   ("dilation", self.dilation, tuple(conv.dilation)),
+                                   ("groups", 1, conv.groups)):
+            if mine != theirs:
+                raise ValueError(f"conv.{name} is {theirs} but this layer's {name} is {mine}")
+        if conv.bias is not None and self.bias is None:
+            raise ValueError("conv has a bias but this layer was built with bias=False")
+        if self.weight is None:
+            device, dtype = self.bias_a.device, self.bias_a.dtype
+            self.weight = nn.Parameter(torch.empty(conv.weight.shape, device=device, dtype=dtype))
+        self.weight.copy_(conv.weight)
+        if self.bias is not None:
+            if conv.bias is None:
+                self.bias.zero_()
+            else:
+                self.bias.copy_(conv.bias)
+        self.prepare_params()
+        self._reset_scale_a()
+        return self
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise RuntimeError("q4conv layers do not support torch.jit.script; use " + _EXPORT_ROUTES)
 
     # ----------------------------------------------------------------- weights
     @torch.no_grad()
@@ -158,22 +405,33 @@ class Q4Conv2dCutlass(nn.Module):
             if self.qweight is None:
                 raise RuntimeError("neither weight nor qweight is present")
             return
-        self.qweight = _ops.ops.quantize_pack(self.weight, self.scale_w, self._eps_value, self.w_bit)
+        self.qweight = self._pack_weight(_is_tracing(self.weight))
         if qweight_only:
             self.weight = None
+
+    def _pack_weight(self, tracing: bool) -> torch.Tensor:
+        with torch.no_grad():
+            return _ops.ops.quantize_pack(self.weight, self.scale_w, self._host_eps(tracing), self.w_bit)
 
     @property
     def opt_weight(self) -> torch.Tensor:
         """The weight forward uses: float ``weight`` in training, packed ``qweight`` in eval
-        (generated on demand)."""
+        (generated on demand; while tracing it is computed but not stored)."""
         if self.training:
             if self.weight is None:
                 raise RuntimeError("this Q4Conv2dCutlass holds only qweight (qweight_only=True): "
                                    "it runs inference (eval mode) only")
             return self.weight
         if self.qweight is None:
+            if self.weight is not None and _is_tracing(self.weight):
+                return self._pack_weight(tracing=True)
             self.generate_quantized_weight()
         return self.qweight  # type: ignore[return-value]
+
+    def __dir__(self) -> List[str]:
+        # torch.jit.trace calls hasattr() on every name dir() lists, which would
+        # run the opt_weight property and store a qweight in the live module.
+        return [name for name in super().__dir__() if name != "opt_weight"]
 
     def train(self, mode: bool = True) -> "Q4Conv2dCutlass":
         # Training changes weight and scale_w, so packed weights go stale.
@@ -194,26 +452,40 @@ class Q4Conv2dCutlass(nn.Module):
         if x.device != device:
             raise ValueError(f"x is on {x.device} but the layer's parameters are on {device}")
 
+    def _calibrate_step(self, x: torch.Tensor) -> None:
+        """One batch of q4conv.calibrate: scale_a from the statistic of every batch so far."""
+        total, count = self._activation_statistic(x)
+        acc = self._calibration
+        assert acc is not None
+        acc[0], acc[1] = acc[0] + total, acc[1] + count
+        self._set_scale_a_from(acc[0], acc[1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if not self._scale_a_ready and x.shape[0] > 0:  # skips the no_grad decorator's cost
+        tracing = _is_tracing(x)
+        if tracing:
+            _reject_onnx_export()
+        elif self._calibration is not None:
+            self._calibrate_step(x)
+        elif not self._scale_a_ready and x.shape[0] > 0:  # skips the no_grad decorator's cost
             self._init_scale_a(x)
         # This runs on every call and a small layer's call is host bound
         # (NOTES.md): the .default overloads skip the overload-packet lookup,
         # and parameters come from the _parameters dict (each self.<parameter>
         # is a Module.__getattr__ call).
-        args = (list(self.stride), list(self.padding), list(self.dilation), self._eps_value, self.a_bit)
+        args = (list(self.stride), list(self.padding), list(self.dilation), self._host_eps(tracing), self.a_bit)
         named = self._parameters
         bias_a, scale_a, scale_w, bias = named["bias_a"], named["scale_a"], named["scale_w"], named["bias"]
         if self.training:
             return _ops.ops.conv_train.default(
                 x, bias_a, scale_a, self.opt_weight, scale_w, bias, *args, self.backend
             )
-        # Packed inference has no gradient: with grad mode on, parameters enter
-        # detached, so only an input that requires grad makes a graph (whose
-        # backward raises). Under no_grad / inference_mode no graph is built,
-        # and the detach calls (ATen ops each) are skipped.
-        if torch.is_grad_enabled():
+        # Packed inference: x gets a straight-through gradient (as training's
+        # dx), the parameters none: with grad mode on they enter detached.
+        # Under no_grad / inference_mode no graph is built, and the detach
+        # calls (ATen ops each) are skipped; a trace always has them (one
+        # graph whatever the grad mode, which torch.jit.trace's check wants).
+        if tracing or torch.is_grad_enabled():
             bias_a, scale_a, scale_w, bias = (None if p is None else p.detach()
                                               for p in (bias_a, scale_a, scale_w, bias))
         qweight = self.opt_weight
@@ -228,7 +500,7 @@ class Q4Conv2dCutlass(nn.Module):
         """alpha = s_a * s_w and the kernel-layout weights, made once per set of
         packed weights and scales (keyed on their storage and version counters)
         instead of on every eval-mode call."""
-        if not x.is_cuda or torch.compiler.is_compiling():
+        if not x.is_cuda or _is_tracing(x):
             return None, None
         # The cache holds qweight itself, so its storage cannot be freed and
         # reused by a new qweight; in-place changes bump the version counters.
@@ -261,6 +533,15 @@ class Q4Conv2dCutlass(nn.Module):
     ) -> None:
         weight_key, qweight_key = prefix + "weight", prefix + "qweight"
         has_weight, has_qweight = weight_key in state_dict, qweight_key in state_dict
+        # Scales of the wrong shape: a message naming the key and the shape
+        # before anything is loaded.
+        for name in ("scale_a", "scale_w"):
+            key = prefix + name
+            if key in state_dict:
+                value, expected_shape = state_dict[key], tuple(self._parameters[name].shape)
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                if got != expected_shape:
+                    raise ValueError(f"{key} must be a tensor of shape {expected_shape}, got {got}")
         expected = (self.out_channels, *self.kernel_size, (self.in_channels + 1) // 2)
         device = self.bias_a.device
         if has_qweight:
@@ -269,23 +550,32 @@ class Q4Conv2dCutlass(nn.Module):
                 got = (qweight.dtype, tuple(qweight.shape)) if isinstance(qweight, torch.Tensor) else type(qweight)
                 raise ValueError(f"{qweight_key} must be a uint8 tensor of shape {expected}, got {got}")
             self.qweight = torch.empty(expected, dtype=torch.uint8, device=device)
-        elif not has_weight:
+        elif not has_weight and strict:
             raise ValueError(f"state_dict has neither {weight_key} nor {qweight_key}: "
                              "a Q4Conv2dCutlass needs its float or its packed weights")
         if has_weight and self.weight is None:
             shape = (self.out_channels, self.in_channels, *self.kernel_size)
             self.weight = nn.Parameter(torch.empty(shape, dtype=self.bias_a.dtype, device=device))
-        if not has_weight and self.weight is not None:
+        if has_qweight and not has_weight and self.weight is not None:
             self.weight = None  # a qweight-only checkpoint makes an inference-only layer
         if has_weight and not has_qweight:
             self.qweight = None  # regenerate from the loaded weights
+        flag_key, scale_a_key = prefix + "scale_a_initialized", prefix + "scale_a"
+        if flag_key not in state_dict and scale_a_key in state_dict:
+            # A checkpoint from before the flag: a non-zero scale_a is initialised.
+            state_dict[flag_key] = torch.as_tensor(state_dict[scale_a_key] != 0).reshape(())
+        errors_before = len(error_msgs)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if prefix + "eps" in state_dict:
-            self._eps_value = float(state_dict[prefix + "eps"])
-        if prefix + "scale_a" in state_dict:
-            self._scale_a_ready = bool(torch.as_tensor(state_dict[prefix + "scale_a"]).item() != 0)
+        if len(error_msgs) != errors_before:
+            return
+        if flag_key in state_dict:
+            self._scale_a_ready = bool(self.scale_a_initialized)
+        if has_weight and prefix + "scale_w" not in state_dict:
+            # Float weights alone (e.g. from an nn.Conv2d, strict=False): scale_w
+            # would be stale, so it is re-initialised from them.
+            self.prepare_params()
 
     def extra_repr(self) -> str:
         text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -317,3 +607,69 @@ def prepare_q4conv_layers(model: nn.Module) -> nn.Module:
 
 # The seed library's name for the same helper.
 prepare_bie_layers = prepare_q4conv_layers
+
+
+def _q4_layers(model: nn.Module) -> List[Tuple[str, Q4Conv2dCutlass]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Q4Conv2dCutlass)]
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Any], *, reset_weight_scales: bool = False) -> nn.Module:
+    """(Re)initialise ``scale_a`` of every q4conv layer of ``model`` from data.
+
+    Runs ``model`` on each batch (a tensor, or a tuple/list of arguments) under
+    ``torch.no_grad()``; each layer's ``scale_a`` becomes the LSQ value of the
+    mean |x + bias_a| over all batches it saw (summed over ranks under
+    ``torch.distributed``), updated batch by batch so that later layers see
+    activations quantized with calibrated scales. With
+    ``reset_weight_scales=True`` ``scale_w`` is first re-initialised from the
+    weights (``prepare_params``). The model's train/eval mode is unchanged.
+    Returns ``model``.
+    """
+    layers = [m for _, m in _q4_layers(model)]
+    for layer in layers:
+        if reset_weight_scales and layer.weight is not None:
+            layer.prepare_params()
+        zero = torch.zeros((), dtype=torch.float64, device=layer.bias_a.device)
+        layer._calibration = [zero, zero.clone()]
+    try:
+        for batch in batches:
+            if isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+    finally:
+        for layer in layers:
+            layer._calibration = None
+    return model
+
+
+def load_float_state_dict(model: nn.Module, state_dict: Dict[str, Any], strict: bool = True) -> _IncompatibleKeys:
+    """Load a float model's ``state_dict`` (``nn.Conv2d`` keys ``weight``/``bias``)
+    into a model whose convolutions are q4conv layers, ready to train:
+
+        q4conv.load_float_state_dict(model, float_model.state_dict())
+
+    Every q4conv layer whose ``weight`` is loaded gets ``scale_w`` re-initialised
+    from it (``prepare_params``) and ``scale_a`` marked uninitialised (the next
+    batch or ``q4conv.calibrate`` initialises it). The q4conv-only keys
+    (``scale_a``, ``scale_w``, ``bias_a``, ``eps``, ``qweight``,
+    ``scale_a_initialized``) may be absent; with ``strict=True`` any other
+    missing or unexpected key raises RuntimeError. Returns the missing and
+    unexpected keys.
+    """
+    result = model.load_state_dict(state_dict, strict=False)
+    q4_prefixes = set()
+    for name, layer in _q4_layers(model):
+        prefix = f"{name}." if name else ""
+        q4_prefixes.add(prefix)
+        if prefix + "weight" in state_dict:
+            if prefix + "scale_w" not in state_dict:
+                layer.prepare_params()
+            layer._reset_scale_a()
+    missing = [k for k in result.missing_keys
+               if not (k.rsplit(".", 1)[-1] in _Q4_ONLY_KEYS and k[: len(k) - len(k.rsplit(".", 1)[-1])] in q4_prefixes)]
+    unexpected = list(result.unexpected_keys)
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"load_float_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+    return _IncompatibleKeys(missing, unexpected)
