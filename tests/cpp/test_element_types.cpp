@@ -17,7 +17,8 @@ TEST(ElementTypes, WithOutTypePassesTheTypeAsATag) {
 TEST(ElementTypes, TypesOutsideTheListTakeOtherwise) {
   using HalfOnly = TypeList<OutType::kFloat16>;
   const auto called = [](OutType t) {
-    return with_out_type<HalfOnly>(t, [](auto) { return 1; }, [] { return 0; });
+    return with_out_type<HalfOnly>(
+        t, [](auto) { return 1; }, [] { return 0; });
   };
   EXPECT_EQ(called(OutType::kFloat16), 1);
   EXPECT_EQ(called(OutType::kFloat32), 0);
