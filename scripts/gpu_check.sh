@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build q4conv on the GPU machine and run the CUDA tests, the sanitizer and
-# (optionally) the benchmark; logs go to $OUT. Expects the nvidia-cutlass wheel
+# (optionally) the benchmark; logs go to $OUT. `tests` runs the Python suite
+# and the CUDA harnesses of tests/cuda. Expects the nvidia-cutlass wheel
 # in .whl/ (no network there). Usage: scripts/gpu_check.sh [tests|sanitize|bench|demo]...
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -17,9 +18,22 @@ start=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1 \
   || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
+# The CUDA harnesses of tests/cuda (compiled for sm_90 / sm_90a, so they run on
+# H100 and H200), built with CMake against the CUTLASS wheel installed above
+# and run by ctest.
+run_harnesses() {
+  local generator=()
+  if command -v ninja > /dev/null; then generator=(-G Ninja); fi
+  { cmake -S tests/cuda -B build/cuda "${generator[@]}" -DQ4CONV_GPU_TESTS=ON \
+      -DPython_EXECUTABLE="$(command -v python3)" && cmake --build build/cuda; } \
+    > "$OUT/harness_build.log" 2>&1 || { tail -30 "$OUT/harness_build.log"; return 1; }
+  ctest --test-dir build/cuda --output-on-failure 2>&1 | tee "$OUT/harness.log" | tail -8
+}
 for step in "$@"; do
   case "$step" in
-    tests) python3 -m pytest -q -p no:cacheprovider tests/python -x 2>&1 | tee "$OUT/pytest.log" | tail -5 ;;
+    tests)
+      python3 -m pytest -q -p no:cacheprovider tests/python -x 2>&1 | tee "$OUT/pytest.log" | tail -5
+      run_harnesses ;;
     sanitize)
       compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q -p no:cacheprovider \
         tests/python/test_forward.py tests/python/test_grad.py -k "cuda and not bfloat16" 2>&1 \

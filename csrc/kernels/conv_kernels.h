@@ -11,6 +11,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "element_types.h"
+
 namespace q4conv {
 
 // Geometry of one forward convolution, in NHWC / KRSC terms.
@@ -30,8 +32,6 @@ struct ConvShape {
 inline bool is_pointwise_gemm(const ConvShape& s) {
   return s.r == 1 && s.s == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 && s.pad_w == 0;
 }
-
-enum class OutType { kFloat32, kFloat16, kBFloat16 };
 
 // Epilogue: out[n,p,q,k] = act(alpha[k] * acc[n,p,q,k] + (bias ? bias[k] : 0)),
 // act = ReLU when relu, converted to out_type.
@@ -88,6 +88,9 @@ inline cudaError_t raise_smem_limit(const void* kernel, int bytes, bool max_carv
 // [k,r,s,c/2] bytes; nibble order of cutlass::int4b_t (even channel low).
 // Requires c % kSm80ChannelAlign == 0 (the caller pads with zero codes).
 constexpr int kSm80ChannelAlign = 32;
+// Output types the family is compiled for (one instantiation each).
+using Sm80Int4OutTypes = TypeList<OutType::kFloat32, OutType::kFloat16, OutType::kBFloat16>;
+constexpr bool sm80_int4_supports_out_type(OutType t) { return Sm80Int4OutTypes::contains(t); }
 bool sm80_int4_supports(const ConvShape& shape, OutType out_type);
 size_t sm80_int4_workspace_bytes(const ConvShape& shape, OutType out_type);
 KernelStatus sm80_int4_conv(const ConvShape& shape, const void* act, const void* weight,
@@ -97,11 +100,16 @@ KernelStatus sm80_int4_conv(const ConvShape& shape, const void* act, const void*
 // act: int8 NHWC [n,h,w,c]; weight: int8 KRSC [k,r,s,c]; codes in [-8, 7].
 // Requires c % kSm90ChannelAlign == 0 (the caller pads with zero codes).
 constexpr int kSm90ChannelAlign = 16;
+// Output types every sm90 configuration is compiled for.
+using Sm90Int8OutTypes = TypeList<OutType::kFloat32, OutType::kFloat16, OutType::kBFloat16>;
+constexpr bool sm90_int8_supports_out_type(OutType t) { return Sm90Int8OutTypes::contains(t); }
 bool sm90_int8_supports(const ConvShape& shape, OutType out_type);
 size_t sm90_int8_workspace_bytes(const ConvShape& shape, OutType out_type);
 KernelStatus sm90_int8_conv(const ConvShape& shape, const void* act, const void* weight,
                             const EpilogueArgs& epilogue, void* workspace, cudaStream_t stream);
-// Name of the configuration sm90_int8_conv runs for this shape ("" if none).
+// Name of the configuration sm90_int8_conv runs for this shape and output
+// type on the current device (e.g. "conv128x128x128/pp"), "" if none: what a
+// plan reports. Static storage; the choice is cached as sm90_int8_conv's.
 const char* sm90_int8_config_name(const ConvShape& shape, OutType out_type);
 
 // ---- im2col of int8 codes (im2col_cuda.cu) ----------------------------------

@@ -51,15 +51,9 @@ std::string shape_problem(const ConvShape& s) {
 }
 
 cutlass::Status dispatch_can_implement(const ConvShape& s, OutType t) {
-  switch (t) {
-    case OutType::kFloat32:
-      return sm80_int4_detail::can_implement<OutType::kFloat32>(s);
-    case OutType::kFloat16:
-      return sm80_int4_detail::can_implement<OutType::kFloat16>(s);
-    case OutType::kBFloat16:
-      return sm80_int4_detail::can_implement<OutType::kBFloat16>(s);
-  }
-  return cutlass::Status::kErrorNotSupported;
+  return with_out_type<Sm80Int4OutTypes>(
+      t, [&](auto out) { return sm80_int4_detail::can_implement<decltype(out)::value>(s); },
+      [] { return cutlass::Status::kErrorNotSupported; });
 }
 
 }  // namespace
@@ -67,7 +61,7 @@ cutlass::Status dispatch_can_implement(const ConvShape& s, OutType t) {
 bool sm80_int4_supports(const ConvShape& shape, OutType out_type) {
   if (!shape_problem(shape).empty()) return false;
   // Output vector width: 4 channels (fp32) or 8 channels (fp16 / bf16).
-  if (shape.k % sm80_int4_detail::out_align(out_type) != 0) return false;
+  if (!sm80_int4_detail::whole_out_vectors(shape.k, out_type)) return false;
   return dispatch_can_implement(shape, out_type) == cutlass::Status::kSuccess;
 }
 
@@ -80,7 +74,7 @@ KernelStatus sm80_int4_conv(const ConvShape& shape, const void* act, const void*
                             const EpilogueArgs& epilogue, void* workspace, cudaStream_t stream) {
   const std::string bad = shape_problem(shape);
   if (!bad.empty()) return KernelStatus::failure("sm80_int4_conv: " + bad);
-  if (shape.k % sm80_int4_detail::out_align(epilogue.out_type) != 0)
+  if (!sm80_int4_detail::whole_out_vectors(shape.k, epilogue.out_type))
     return KernelStatus::failure("sm80_int4_conv: k is not a multiple of the output vector width");
   if (!act || !weight || !epilogue.out || !epilogue.alpha || !workspace)
     return KernelStatus::failure("sm80_int4_conv: null pointer argument");
@@ -104,18 +98,13 @@ KernelStatus sm80_int4_conv(const ConvShape& shape, const void* act, const void*
     return KernelStatus::failure(std::string("sm80_int4_conv: alpha/bias packing launch: ") +
                                  cudaGetErrorString(e));
 
-  switch (epilogue.out_type) {
-    case OutType::kFloat32:
-      return sm80_int4_detail::run<OutType::kFloat32>(shape, act, weight, alpha_bias, epilogue.relu,
-                                                      epilogue.out, stream);
-    case OutType::kFloat16:
-      return sm80_int4_detail::run<OutType::kFloat16>(shape, act, weight, alpha_bias, epilogue.relu,
-                                                      epilogue.out, stream);
-    case OutType::kBFloat16:
-      return sm80_int4_detail::run<OutType::kBFloat16>(shape, act, weight, alpha_bias,
-                                                       epilogue.relu, epilogue.out, stream);
-  }
-  return KernelStatus::failure("sm80_int4_conv: unknown output type");
+  return with_out_type<Sm80Int4OutTypes>(
+      epilogue.out_type,
+      [&](auto out) {
+        return sm80_int4_detail::run<decltype(out)::value>(shape, act, weight, alpha_bias,
+                                                           epilogue.relu, epilogue.out, stream);
+      },
+      [] { return KernelStatus::failure("sm80_int4_conv: unknown output type"); });
 }
 
 }  // namespace q4conv

@@ -132,10 +132,16 @@ class PerChannelAffineOp {
 template <OutType T>
 constexpr int kOutAlign = 128 / cutlass::sizeof_bits<typename OutElement<T>::type>::value;
 
-constexpr int out_align(OutType t) { return t == OutType::kFloat32 ? 4 : 8; }
-static_assert(out_align(OutType::kFloat32) == kOutAlign<OutType::kFloat32>, "");
-static_assert(out_align(OutType::kFloat16) == kOutAlign<OutType::kFloat16>, "");
-static_assert(out_align(OutType::kBFloat16) == kOutAlign<OutType::kBFloat16>, "");
+// The same at run time; 0 for an output type the family is not built for.
+inline int out_align(OutType t) {
+  return with_out_type<Sm80Int4OutTypes>(
+      t, [](auto out) { return kOutAlign<decltype(out)::value>; }, [] { return 0; });
+}
+// k fills whole output vectors of type t (false for an unsupported t).
+inline bool whole_out_vectors(int k, OutType t) {
+  const int align = out_align(t);
+  return align > 0 && k % align == 0;
+}
 
 // The AlphaBias workspace is padded to a multiple of this many channels so
 // vector loads of the broadcast fragment never leave it.

@@ -5,7 +5,7 @@
 // file each, conv_sm90_int8_t*.cu, so they compile in parallel), the per-shape
 // choice and the public entry points declared in conv_kernels.h.
 //
-// Tile choice (measured on H100 SXM, see NOTES-sm90.md):
+// Tile choice (measured on H100 SXM, 132 SMs; the measurements are in docs/notes/):
 //  * 1x1 stride-1 convolutions are GEMMs on the NHWC tensors and use the
 //    persistent GEMM kernels (pingpong / cooperative, two consumer warp
 //    groups, epilogue overlapped), 1.3-1.7x faster than the conv kernel;
@@ -15,17 +15,18 @@
 //    registers, so the largest usable tile is 128x128. Where a layer has at
 //    least a wave of 128x128 tiles, its im2col mainloop runs on the
 //    persistent pingpong GEMM kernel instead (PersistentConvMainloop in
-//    conv_sm90_int8.cuh, file conv_sm90_int8_c128x128x128pp.cu): 1.32-1.40x
+//    conv_sm90_int8_persistent.cuh, file conv_sm90_int8_c128x128x128pp.cu): 1.32-1.40x
 //    the TOPS on the C128 / C256 3x3 layers;
 //  * the reduction tile must not exceed C: the im2col TMA walks (C, S, R) and
 //    a 128-deep tile on C == 64 loads half zeros, so C == 64 uses TK = 64;
-//  * small N*P*Q (14x14 and 7x7 layers) leaves too few 128x128 tiles for 132
+//  * small N*P*Q (14x14 and 7x7 layers) leaves too few 128x128 tiles for the
 //    SMs: 64x128 (and 128x64 for K == 64) tiles built for two CTAs per SM
 //    raise occupancy and overlap one CTA's epilogue with another's mainloop.
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <string>
-#include <utility>
+#include <tuple>
 
 #include "kernels/conv_sm90_int8.cuh"
 
@@ -40,10 +41,15 @@ const Entry* const kTable[] = {
 };
 constexpr int kNum = sizeof(kTable) / sizeof(kTable[0]);
 
-// Preferred configuration for a shape (before checking it can run it).
-// Measured per shape on H100 SXM (NOTES-sm90.md); the rules below pick the
-// best or within ~2% of it for every ResNet-50 layer.
-const Entry* preferred(const ConvShape& s) {
+// A wave of 128x128 tiles for the persistent pingpong conv: 4 tiles short of
+// one per SM (128 on a 132-SM H100 SXM, where the rule was measured; 110 on
+// a 114-SM H100 PCIe); 128 where the SM count is unknown.
+long long wave_tiles(int sm_count) { return sm_count > 0 ? sm_count - 4 : 128; }
+
+// Preferred configuration for a shape (before checking it can run it) on a
+// device of sm_count SMs. Measured per shape on H100 SXM; the rules below
+// pick the best or within ~2% of it for every ResNet-50 layer.
+const Entry* preferred(const ConvShape& s, int sm_count) {
   long long red = 1LL * s.c * s.r * s.s;
   bool small_c = s.c < 128;  // C == 64 (or 16, 32, 48, 80, ...): 64-deep tiles
   bool gemm = is_pointwise_gemm(s);
@@ -51,8 +57,8 @@ const Entry* preferred(const ConvShape& s) {
   // (C <= 32, few-channel convolutions with their filter taps packed into
   // 16 or 32 channels: 32-deep tiles. H100, the stem packed into 32
   // channels: 187 us against 264 with the 64-deep tiles and 424 on the
-  // persistent pingpong kernel, NOTES.md session 9. Since session 10 the
-  // stem packs two rows into 64 channels and takes the 128x64x64 tiles.)
+  // persistent pingpong kernel. The stem now packs two rows into 64
+  // channels and takes the 128x64x64 tiles.)
   if (s.k <= 64 && s.c <= 32 && !gemm) return &kCfg128x64x32_2cta_e64;
   if (s.k <= 64) return small_c ? &kCfg128x64x64_2cta_e64 : &kCfg128x64x128_2cta;
   if (gemm) {
@@ -63,12 +69,12 @@ const Entry* preferred(const ConvShape& s) {
   }
   if (small_c) return &kCfg64x128x64_2cta;
   if (red >= 4096) return &kCfg128x128x128;  // 7x7 3x3: long reduction
-  // At least a wave of 128x128 tiles: the persistent pingpong conv (H100,
-  // session 9: 1.32-1.40x the TOPS of the non-persistent 128x128 kernel on
+  // At least a wave of 128x128 tiles: the persistent pingpong conv (H100:
+  // 1.32-1.40x the TOPS of the non-persistent 128x128 kernel on
   // the C128 / C256 3x3 layers; C512 3x3 7x7 gained 1.05-1.15x in the
   // kernel but not in the layer, so it keeps the kernel above).
   const long long tiles = (1LL * s.n * s.p * s.q + 127) / 128 * ((s.k + 127) / 128);
-  if (tiles >= 128) return &kConv128x128x128_pp;
+  if (tiles >= wave_tiles(sm_count)) return &kConv128x128x128_pp;
   if (red >= 1152) return &kCfg128x128x128_e128;  // 3x3 layers
   return &kCfg64x128x128_2cta;                    // 1x1 stride 2 etc.
 }
@@ -79,8 +85,8 @@ const Entry& config(int i) { return *kTable[i]; }
 
 namespace {
 
-int pick_config_uncached(const ConvShape& shape, OutType out_type) {
-  const Entry* want = preferred(shape);
+int pick_config_uncached(const ConvShape& shape, OutType out_type, int sm_count) {
+  const Entry* want = preferred(shape, sm_count);
   for (int i = 0; i < kNum; ++i)
     if (kTable[i] == want && want->supports(shape, out_type)) return i;
   // Fallback order: the table order (general configurations first).
@@ -94,25 +100,26 @@ int pick_config_uncached(const ConvShape& shape, OutType out_type) {
 // The choice runs CUTLASS can_implement checks (tens of microseconds of host
 // work) and is asked for up to three times per forward call (dispatch,
 // workspace size, launch): remember it, and the configuration's workspace
-// size, per (shape, output type).
+// size, per (shape, output type, SM count).
 struct Choice {
   int config = -1;
   size_t workspace = 0;
 };
 
 Choice choose(const ConvShape& shape, OutType out_type) {
-  using Key = std::pair<std::string, int>;
+  using Key = std::tuple<std::string, int, int>;
   static std::mutex mutex;
   static std::map<Key, Choice> chosen;
+  const int sm_count = current_sm_count();
   const Key key{std::string(reinterpret_cast<const char*>(&shape), sizeof shape),
-                static_cast<int>(out_type)};
+                static_cast<int>(out_type), sm_count};
   {
     std::lock_guard<std::mutex> lock(mutex);
     const auto found = chosen.find(key);
     if (found != chosen.end()) return found->second;
   }
   Choice choice;
-  choice.config = pick_config_uncached(shape, out_type);
+  choice.config = pick_config_uncached(shape, out_type, sm_count);
   if (choice.config >= 0) choice.workspace = config(choice.config).workspace(shape, out_type);
   std::lock_guard<std::mutex> lock(mutex);
   if (chosen.size() > 4096) chosen.clear();  // bound memory for shape-varying workloads
@@ -121,6 +128,25 @@ Choice choose(const ConvShape& shape, OutType out_type) {
 }
 
 int pick_config(const ConvShape& shape, OutType out_type) { return choose(shape, out_type).config; }
+
+int current_sm_count(int* device_out) {
+  static std::atomic<int> cached[kMaxDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    device = 0;
+  }
+  if (device_out != nullptr) *device_out = device;
+  const bool known = device >= 0 && device < kMaxDevices;
+  int count = known ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (count > 0) return count;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  if (known) cached[device].store(count, std::memory_order_relaxed);
+  return count;
+}
 
 }  // namespace sm90
 

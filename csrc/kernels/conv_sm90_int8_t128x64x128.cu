@@ -1,4 +1,19 @@
 // sm90 int8 fprop configuration: tile 128x64x128, two CTAs per SM, 64x32 epilogue subtiles.
-#define Q4CONV_SM90_IMPL
-#include "kernels/conv_sm90_int8.cuh"
-Q4CONV_SM90_DEFINE_CONFIG(kCfg128x64x128_2cta, "128x64x128/2cta", 128, 64, 128, 1, 2, 0, 0)
+#include "kernels/conv_sm90_int8_implicit.cuh"
+
+namespace q4conv {
+namespace sm90 {
+
+struct Implicit128x64x128_2cta : ImplicitConvConfig {
+  static constexpr const char* kName = "128x64x128/2cta";
+  static constexpr int kTileM = 128, kTileN = 64, kTileK = 128;
+  static constexpr int kClusterM = 1;
+  static constexpr int kMinBlocks = 2;
+  static constexpr int kStages = 0;
+  static constexpr int kEpilogueN = 0;
+};
+
+const Entry kCfg128x64x128_2cta = entry_of<ImplicitConvKernel, Implicit128x64x128_2cta>();
+
+}  // namespace sm90
+}  // namespace q4conv

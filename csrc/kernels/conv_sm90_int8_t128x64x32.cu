@@ -1,5 +1,20 @@
 // sm90 int8 fprop configuration: tile 128x64x32, two CTAs per SM, 64x64 epilogue subtiles (C <= 32,
 // K <= 64: few-channel convolutions with their filter taps packed into at most 32 channels).
-#define Q4CONV_SM90_IMPL
-#include "kernels/conv_sm90_int8.cuh"
-Q4CONV_SM90_DEFINE_CONFIG(kCfg128x64x32_2cta_e64, "128x64x32/2cta/e64", 128, 64, 32, 1, 2, 0, 64)
+#include "kernels/conv_sm90_int8_implicit.cuh"
+
+namespace q4conv {
+namespace sm90 {
+
+struct Implicit128x64x32_2cta_e64 : ImplicitConvConfig {
+  static constexpr const char* kName = "128x64x32/2cta/e64";
+  static constexpr int kTileM = 128, kTileN = 64, kTileK = 32;
+  static constexpr int kClusterM = 1;
+  static constexpr int kMinBlocks = 2;
+  static constexpr int kStages = 0;
+  static constexpr int kEpilogueN = 64;
+};
+
+const Entry kCfg128x64x32_2cta_e64 = entry_of<ImplicitConvKernel, Implicit128x64x32_2cta_e64>();
+
+}  // namespace sm90
+}  // namespace q4conv

@@ -1,4 +1,19 @@
 // sm90 int8 fprop configuration: tile 64x128x64, two CTAs per SM, 64x32 epilogue subtiles.
-#define Q4CONV_SM90_IMPL
-#include "kernels/conv_sm90_int8.cuh"
-Q4CONV_SM90_DEFINE_CONFIG(kCfg64x128x64_2cta, "64x128x64/2cta", 64, 128, 64, 1, 2, 0, 0)
+#include "kernels/conv_sm90_int8_implicit.cuh"
+
+namespace q4conv {
+namespace sm90 {
+
+struct Implicit64x128x64_2cta : ImplicitConvConfig {
+  static constexpr const char* kName = "64x128x64/2cta";
+  static constexpr int kTileM = 64, kTileN = 128, kTileK = 64;
+  static constexpr int kClusterM = 1;
+  static constexpr int kMinBlocks = 2;
+  static constexpr int kStages = 0;
+  static constexpr int kEpilogueN = 0;
+};
+
+const Entry kCfg64x128x64_2cta = entry_of<ImplicitConvKernel, Implicit64x128x64_2cta>();
+
+}  // namespace sm90
+}  // namespace q4conv

@@ -1,5 +1,5 @@
 // Device helpers shared by the q4conv CUDA kernels (included by .cu files
-// only): element conversion, vector packs, fixed-order reductions and the
+// only): vector packs, fixed-order reductions and the
 // LSQ straight-through terms. No torch here.
 #pragma once
 
@@ -11,6 +11,7 @@
 #include <string>
 
 #include "../quant.h"
+#include "element_types.cuh"
 #include "lsq_kernels.h"
 #include "quantize_kernels.h"
 
@@ -18,27 +19,6 @@ namespace q4conv {
 namespace device {
 
 constexpr int kWarp = 32;
-
-// ---- element conversion -------------------------------------------------------
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// Round to nearest even, as ATen's fp32 -> fp16 / bf16 conversion.
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // V consecutive elements moved by one load / store instruction (the caller
 // guarantees V * sizeof(T) alignment).
@@ -278,15 +258,9 @@ inline WeightBackwardArgs weight_backward_args(const LsqWeightBackward& a, float
 // Calls f with a null pointer of the element type `type` stands for.
 template <typename F>
 KernelStatus with_type(InType type, F&& f) {
-  switch (type) {
-    case InType::kFloat32:
-      return f(static_cast<float*>(nullptr));
-    case InType::kFloat16:
-      return f(static_cast<__half*>(nullptr));
-    case InType::kBFloat16:
-      return f(static_cast<__nv_bfloat16*>(nullptr));
-  }
-  return KernelStatus::failure("unsupported element type");
+  return with_in_type(
+      type, [&](auto tag) { return f(static_cast<in_element_of<decltype(tag)>*>(nullptr)); },
+      [] { return KernelStatus::failure("unsupported element type"); });
 }
 
 }  // namespace device

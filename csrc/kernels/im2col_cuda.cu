@@ -48,8 +48,7 @@ struct RowOrigin {
 // kC: the channel count (g.c) as a constant, so each tap's copy is kC
 // independent byte loads and the row loop unrolls: the loads of several rows
 // are in flight at once (the runtime-C loop waited for one row's loads before
-// issuing the next: 124 us for the stem's 128 MB of rows on H100, NOTES.md
-// session 4).
+// issuing the next: 124 us for the stem's 128 MB of rows on H100).
 template <int kC>
 __global__ void __launch_bounds__(kTapThreads* kRowThreads)
     im2col_int8_kernel(const int8_t* __restrict__ act, ConvShape g, int cols, int rows_per_block,

@@ -387,8 +387,6 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t numel(const Tensor4dView& v) { return v.size[0] * v.size[1] * v.size[2] * v.size[3]; }
 
-size_t element_bytes(InType type) { return type == InType::kFloat32 ? 4 : 2; }
-
 // Dense in the layout whose strides are `expect`; the strides of size-1 dims
 // do not matter (PyTorch leaves them arbitrary).
 bool dense_as(const int64_t (&size)[4], const int64_t (&stride)[4], const int64_t (&expect)[4]) {
@@ -463,8 +461,7 @@ KernelStatus check_common(const char* fn, const Tensor4dView& x, const float* bi
                           const float* scale_a, int bits) {
   for (int d = 0; d < 4; ++d)
     if (x.size[d] < 0) return invalid(fn, "x", "negative size[" + std::to_string(d) + "]");
-  if (x.type != InType::kFloat32 && x.type != InType::kFloat16 && x.type != InType::kBFloat16)
-    return invalid(fn, "x", "unsupported element type");
+  if (!AllInTypes::contains(x.type)) return invalid(fn, "x", "unsupported element type");
   if (bits < 2 || bits > 8)
     return invalid(fn, "bits", "must be in [2, 8], got " + std::to_string(bits));
   if (numel(x) == 0) return KernelStatus::success();
@@ -494,7 +491,7 @@ KernelStatus launch_codes_dense(const Tensor4dView& x, T* out, int64_t inner, co
   const int64_t weight_blocks = rider_blocks(weights, w);
   // Any vector width the pointers allow: the kernel converts a ragged tail
   // element by element. (Asking for widths that divide 1, as before, always
-  // gave scalar loads: 0.9-1.0 TB/s on H100, NOTES.md session 4.)
+  // gave scalar loads: 0.9-1.0 TB/s on H100.)
   constexpr int64_t kAnyLength = 8;
   return with_vec<T>(pick_vec(x.type, kAnyLength, in, out, out), [&](auto vec) {
     constexpr int V = decltype(vec)::value;

@@ -65,7 +65,7 @@ __device__ __forceinline__ float scale_grad(float summed, float factor, float ra
 // thread (x, y) sums rows y, y + kFinishY, ... of its channel, then one thread
 // per channel adds the kFinishY group sums in order. Fixed order either way;
 // many rows in flight at once (one thread per channel walking all rows was
-// 15-110 us per step on H100, NOTES.md session 4).
+// 15-110 us per step on H100).
 constexpr int kFinishX = device::kWarp;
 constexpr int kFinishY = 32;
 constexpr int kFinishThreads = kFinishX * kFinishY;

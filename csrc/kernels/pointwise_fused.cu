@@ -6,9 +6,9 @@
 // them again; here the input is read once, at 2 (or 4) bytes per element, as
 // cuDNN reads it, and the codes never leave shared memory.
 //
-// Persistent, weight-stationary, warp-specialized blocks (session 5;
-// sessions 2-3 had A-stationary blocks whose load and compute phases did not
-// overlap). One 512-thread block per SM:
+// Persistent, weight-stationary, warp-specialized blocks (A-stationary
+// blocks, tried first, could not overlap their load and compute phases).
+// One 512-thread block per SM:
 //   - The block keeps int8 weights in shared memory for its whole life (<=
 //     64 KB): all of K, or one slice of BN (64 or 128) output channels. It
 //     walks its row blocks (128 pixel rows each, grid-strided) in steps of
@@ -31,8 +31,8 @@
 // of a row block run as one cluster: each block quantizes 1/S of every
 // tile's rows and bulk-copies its codes into the peers' buffers, so each
 // input element is read and quantized once. On H100 clusters of more than
-// two blocks lose to pass + GEMM (per-step latency, NOTES.md session 6), and
-// so do four or more passes (session 7); dispatch_cuda.cpp has the rule.
+// two blocks lose to pass + GEMM (per-step latency), and so do four or more
+// passes; dispatch_cuda.cpp has the rule.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -58,7 +58,7 @@ constexpr int kThreads = 512;  // four warpgroups
 // for a block-wide barrier. setmaxnreg moves registers (the 512-thread
 // launch gives each thread 128) from the quantizers, which need few, to the
 // MMA warps' accumulators. (Three quantizer warpgroups and one MMA warpgroup measured
-// no faster on H100, session 5: its single MMA warp per scheduler cannot
+// no faster on H100: its single MMA warp per scheduler cannot
 // hide its own epilogue.)
 struct Roles {
   static constexpr int kMmaThreads = 256;
@@ -245,7 +245,7 @@ __device__ __forceinline__ uint32_t unit_word(const uint4& u, int w) {
 
 // 16 bytes of input: 8 fp16/bf16 or 4 fp32 values; element e as a float.
 // (Reading them as a device::Pack<T, 16 / sizeof(T)> and converting with
-// device::to_float made the fp32-input kernels spill, session 6.)
+// device::to_float made the fp32-input kernels spill.)
 template <typename T>
 struct Unit;
 template <>
@@ -275,48 +275,21 @@ struct Unit<__nv_bfloat16> {
 
 // 16-byte global store, as one instruction: built from separately computed
 // words, a uint4 assignment through an OutT pointer compiled to four 4-byte
-// stores (session 7).
+// stores.
 __device__ __forceinline__ void store_global16(void* dst, const uint4& v) {
   asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(v.x), "r"(v.y),
                "r"(v.z), "r"(v.w)
                : "memory");
 }
 
-// Output conversion: four fp32 values as 16 bytes (fp32 outputs, the int32
-// staging epilogue), or two fp32 values as the 32-bit word of two 16-bit
-// outputs (one cvt.rn.f16x2 / bf16x2; the stmatrix epilogue). The epilogues
-// build their stores from these words explicitly: through a union of OutT
-// elements the compiler had split the 16-byte stores into 4-byte ones
-// (session 7: 4x the store instructions, L1 wavefronts the limit).
-template <typename T>
-struct OutCvt;
-template <>
-struct OutCvt<float> {
-  static constexpr int kChannels = 4;  // per 16-byte chunk
-  static __device__ __forceinline__ uint4 chunk(const float (&v)[4]) {
-    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
-                      __float_as_uint(v[3]));
-  }
-};
-// The bits of a pair of 16-bit values (__half2 / __nv_bfloat162).
-template <typename Pair>
-__device__ __forceinline__ uint32_t pair_bits(const Pair& pair) {
-  uint32_t bits;
-  memcpy(&bits, &pair, 4);
-  return bits;
-}
-template <>
-struct OutCvt<__half> {
-  static __device__ __forceinline__ uint32_t word(float a, float b) {
-    return pair_bits(__floats2half2_rn(a, b));
-  }
-};
-template <>
-struct OutCvt<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t word(float a, float b) {
-    return pair_bits(__floats2bfloat162_rn(a, b));
-  }
-};
+// Output conversion: device::OutCvt (element_types.cuh) packs four fp32
+// values as 16 bytes (fp32 outputs, the int32 staging epilogue), or two as
+// the 32-bit word of two 16-bit outputs (one cvt.rn.f16x2 / bf16x2; the
+// stmatrix epilogue). The epilogues build their stores from these words
+// explicitly: through a union of OutT elements the compiler had split the
+// 16-byte stores into 4-byte ones (4x the store instructions, L1 wavefronts
+// the limit).
+using device::OutCvt;
 
 // Word offset of the staged accumulator (row, col) in a warp's staging
 // buffer: rows padded to kPitch words (8 mod 32: the 64-bit fragment stores
@@ -421,9 +394,9 @@ __device__ __forceinline__ uint32_t stage16_offset(int row, int chunk) {
 // of whole rows: each store instruction writes 4 rows x 128 bytes (64-column
 // warp tiles, BN = 128) or 8 rows x 64 bytes (32-column, BN = 64). Half the
 // shared-memory traffic of the int32 staging, whose reads and writes made L1
-// the busiest unit (ncu, session 7). H100, CUDA graphs: C64->K256 56x56 (two
-// passes) 60.8 -> 53.1 us (session 7); C64->K64 56x56 25.6 -> 23.1 and
-// C256->K64 56x56 51.9 -> 49.9 (session 9, 32-column tiles).
+// the busiest unit (ncu). H100, CUDA graphs: C64->K256 56x56 (two passes)
+// 60.8 -> 53.1 us; C64->K64 56x56 25.6 -> 23.1 and C256->K64 56x56 51.9 ->
+// 49.9 (32-column tiles).
 template <typename OutT, int kMT, int kNT>
 __device__ __forceinline__ void store_tile_16bit(const Params& p, const int (&acc)[kMT][kNT][4],
                                                  int64_t row0, int n0, int block_n0,
@@ -521,7 +494,7 @@ struct QuantizerRole {
   static constexpr int kStages = ring_stages<T, kRowsMine>();
   static constexpr int kBuffers = code_buffers<T>();
   // Units per quantize_values_fast_at call: the whole step for fp16 (one
-  // chain: C256->K64 56x56 58.9 -> 51.6 us on H100, session 6); groups of 16
+  // chain: C256->K64 56x56 58.9 -> 51.6 us on H100); groups of 16
   // values for bf16 and fp32, whose whole-step chains spill at 96 registers.
   static constexpr int kCallUnits = std::is_same<T, __half>::value ? kUnits : kGroup;
   static constexpr int kPeerBytes = kRowsMine * kCodePitch;  // this block's rows of a buffer
@@ -947,7 +920,7 @@ PointwiseFusedLayout fused_layout_for(int channels, int out_channels) {
   return one_block ? PointwiseFusedLayout{slices, 1} : PointwiseFusedLayout{1, slices};
 }
 
-// 128-row blocks (64-row blocks measured 6-25% slower on H100, session 5).
+// 128-row blocks (64-row blocks measured 6-25% slower on H100).
 template <typename T, typename OutT>
 KernelStatus launch_for_types(Params p, cudaStream_t stream) {
   const PointwiseFusedLayout layout = fused_layout_for<T>(p.c, p.k);
@@ -958,29 +931,22 @@ KernelStatus launch_for_types(Params p, cudaStream_t stream) {
 
 template <typename T>
 KernelStatus launch_for_type(const Params& p, cudaStream_t stream) {
-  switch (p.epi.out_type) {
-    case OutType::kFloat32:
-      return launch_for_types<T, float>(p, stream);
-    case OutType::kFloat16:
-      return launch_for_types<T, __half>(p, stream);
-    case OutType::kBFloat16:
-      return launch_for_types<T, __nv_bfloat16>(p, stream);
-  }
-  return KernelStatus::failure("pointwise_fused_conv: unknown output type");
+  return with_out_type<PointwiseFusedOutTypes>(
+      p.epi.out_type,
+      [&](auto out) { return launch_for_types<T, out_element_of<decltype(out)>>(p, stream); },
+      [] { return KernelStatus::failure("pointwise_fused_conv: unsupported output type"); });
 }
 
 }  // namespace
 
 PointwiseFusedLayout pointwise_fused_layout(InType x_type, int channels, int out_channels) {
-  switch (x_type) {
-    case InType::kFloat32:
-      return fused_layout_for<float>(channels, out_channels);
-    case InType::kFloat16:
-      return fused_layout_for<__half>(channels, out_channels);
-    case InType::kBFloat16:
-      break;
-  }
-  return fused_layout_for<__nv_bfloat16>(channels, out_channels);
+  // An unknown input type plans as bf16 (the kernel rejects it at launch).
+  return with_in_type(
+      x_type,
+      [&](auto in) {
+        return fused_layout_for<in_element_of<decltype(in)>>(channels, out_channels);
+      },
+      [&] { return fused_layout_for<__nv_bfloat16>(channels, out_channels); });
 }
 
 bool pointwise_fused_supports(InType x_type, int64_t pixels, int channels, int out_channels) {

@@ -37,18 +37,20 @@ namespace q4conv {
 namespace {
 
 using namespace cute;
-using device::from_float;
+using device::store_pair;
 using device::to_float;
 
 constexpr int kBK = 64;             // channels per pipeline stage
 constexpr int kBNPerGroup = 128;    // output channels per consumer warpgroup
 constexpr int kMaxChannels = 2048;  // bias_a kept in shared memory
+// 16-bit inputs only: the TMA input tiles are 128-byte rows of 64 channels.
+using WgmmaInTypes = TypeList<InType::kFloat16, InType::kBFloat16>;
 
 // A CTA has kGroups consumer warpgroups side by side along N (128 output
 // channels each; all multiply the same code tiles): a 64 x 128 (kGroups = 1)
 // or 64 x 256 (kGroups = 2) output tile. A 128 x 256 tile (two warpgroups
 // along M as well, one CTA per SM) measured slower than 64 x 256 on every
-// 1x1 layer with K % 256 == 0 (NOTES.md, session 11).
+// 1x1 layer with K % 256 == 0.
 template <int kGroups>
 struct CtaShape {
   static constexpr int kBM = 64;
@@ -121,16 +123,6 @@ struct Params {
 template <typename OutT, int BN>
 constexpr int staging_pitch() {
   return BN * int(sizeof(OutT)) + 16;
-}
-
-template <typename OutT>
-__device__ __forceinline__ void store_pair(char* dst, float v0, float v1) {
-  if constexpr (std::is_same_v<OutT, float>) {
-    *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
-  } else {
-    OutT pair[2] = {from_float<OutT>(v0), from_float<OutT>(v1)};
-    *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(pair);
-  }
 }
 
 __device__ __forceinline__ uint32_t pack_codes(const int8_t* q) {
@@ -375,15 +367,12 @@ int groups_for(int out_channels) { return out_channels % 256 == 0 ? 2 : 1; }
 template <typename T, int kGroups>
 KernelStatus launch_for_groups(const Params& p, const void* x, const int8_t* weight,
                                cudaStream_t stream) {
-  switch (p.epi.out_type) {
-    case OutType::kFloat32:
-      return launch<T, float, kGroups>(p, x, weight, stream);
-    case OutType::kFloat16:
-      return launch<T, __half, kGroups>(p, x, weight, stream);
-    case OutType::kBFloat16:
-      return launch<T, __nv_bfloat16, kGroups>(p, x, weight, stream);
-  }
-  return KernelStatus::failure("pointwise_wgmma_conv: unknown output type");
+  return with_out_type<PointwiseWgmmaOutTypes>(
+      p.epi.out_type,
+      [&](auto out) {
+        return launch<T, out_element_of<decltype(out)>, kGroups>(p, x, weight, stream);
+      },
+      [] { return KernelStatus::failure("pointwise_wgmma_conv: unsupported output type"); });
 }
 
 template <typename T>
@@ -396,8 +385,8 @@ KernelStatus launch_for_out(const Params& p, const void* x, const int8_t* weight
 }  // namespace
 
 bool pointwise_wgmma_supports(InType x_type, int64_t pixels, int channels, int out_channels) {
-  return x_type != InType::kFloat32 && pixels > 0 && pixels < (int64_t(1) << 31) && channels > 0 &&
-         channels % kBK == 0 && channels <= kMaxChannels && out_channels > 0 &&
+  return WgmmaInTypes::contains(x_type) && pixels > 0 && pixels < (int64_t(1) << 31) &&
+         channels > 0 && channels % kBK == 0 && channels <= kMaxChannels && out_channels > 0 &&
          out_channels % 128 == 0;
 }
 
@@ -415,8 +404,10 @@ KernelStatus pointwise_wgmma_conv(const void* x, InType x_type, int64_t pixels, 
   Params p;
   p.m = int(pixels), p.c = channels, p.k = out_channels;
   p.bias_a = bias_a, p.scale_a = scale_a, p.eps = eps, p.bits = bits, p.epi = epilogue;
-  if (x_type == InType::kFloat16) return launch_for_out<__half>(p, x, weight, stream);
-  return launch_for_out<__nv_bfloat16>(p, x, weight, stream);
+  return with_in_type<WgmmaInTypes>(
+      x_type,
+      [&](auto in) { return launch_for_out<in_element_of<decltype(in)>>(p, x, weight, stream); },
+      [] { return KernelStatus::failure("pointwise_wgmma_conv: unsupported input type"); });
 }
 
 }  // namespace q4conv

@@ -228,11 +228,11 @@ __global__ void __launch_bounds__(kThreads)
 // output index is the input index) or the every-other-pixel view a strided
 // 1x1 convolution reads. A block quantizes kThreads * kVecsPerThread vectors
 // of 8 channels, each thread issuing its kVecsPerThread 16-byte loads before
-// any arithmetic; index math is 32-bit. Measured reason (NOTES.md): the
+// any arithmetic; index math is 32-bit. Measured reason: the
 // generic channels_last kernel moved only 1.0-1.8 TB/s, bound by 64-bit index
 // arithmetic and one load in flight per thread, not by DRAM. 16-channel
 // vectors (two 16-byte fp16 loads, one 16-byte store) measured 10-40% slower
-// on H100 (NOTES.md, session 3).
+// on H100.
 constexpr int kVec = 8;
 constexpr int kVecsPerThread = 4;
 constexpr int64_t kVecTile = int64_t(kThreads) * kVecsPerThread;
@@ -258,8 +258,8 @@ __device__ __forceinline__ void store_codes8(const float (&shifted)[kVec], Scale
 
 // The loaded vectors stay raw (uint4) until their turn to be converted: half
 // the registers of float copies (40 instead of 52 for fp16 input: 6 blocks per
-// SM instead of 4), so more loads in flight per SM (NOTES.md, session 4:
-// C256->K128 56x56 pass 64.6 -> 57.3 us on H100). Forcing 8 blocks (32
+// SM instead of 4), so more loads in flight per SM (C256->K128 56x56 pass
+// 64.6 -> 57.3 us on H100). Forcing 8 blocks (32
 // registers, a small spill) measured no better.
 template <typename T, bool kDense>
 __global__ void __launch_bounds__(kThreads)
@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(kThreads)
 // (16-byte loads) walking the channel instead of dividing per element. For
 // C % 8 != 0, chiefly the RGB stem (C = 3), where the channels_last path's
 // 16-channel groups left 13 of every 16 codes empty: 72 us for a 64 x 3 x 224
-// x 224 fp16 input on H100 (NOTES.md, session 4).
+// x 224 fp16 input on H100.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     quantize_flat_int8_kernel(const T* __restrict__ x, QParams p, uint32_t total,
@@ -522,7 +522,7 @@ KernelStatus validate_view(const char* fn, const char* name, const Tensor4dView&
       return KernelStatus::failure(fail_prefix(fn, name) + "negative size[" + std::to_string(d) +
                                    "] = " + std::to_string(v.size[d]));
   }
-  if (v.type != InType::kFloat32 && v.type != InType::kFloat16 && v.type != InType::kBFloat16)
+  if (!AllInTypes::contains(v.type))
     return KernelStatus::failure(fail_prefix(fn, name) + "unsupported element type");
   return KernelStatus::success();
 }
@@ -621,16 +621,13 @@ KernelStatus quantize_common(const char* fn, const char* xname, const Tensor4dVi
   if ((alpha.alpha == nullptr) != (alpha.scale_a == nullptr))
     return KernelStatus::failure(fail_prefix(fn, "alpha") + "alpha and scale_a must both be set");
   uint8_t* o = static_cast<uint8_t*>(out);
-  switch (x.type) {
-    case InType::kFloat32:
-      return launch_quantize<float, kInt4>(fn, static_cast<const float*>(x.data), p, o, stream);
-    case InType::kFloat16:
-      return launch_quantize<__half, kInt4>(fn, static_cast<const __half*>(x.data), p, o, stream);
-    case InType::kBFloat16:
-      return launch_quantize<__nv_bfloat16, kInt4>(fn, static_cast<const __nv_bfloat16*>(x.data), p,
-                                                   o, stream);
-  }
-  return KernelStatus::failure(fail_prefix(fn, xname) + "unsupported element type");
+  return with_in_type(
+      x.type,
+      [&](auto in) {
+        using T = in_element_of<decltype(in)>;
+        return launch_quantize<T, kInt4>(fn, static_cast<const T*>(x.data), p, o, stream);
+      },
+      [&] { return KernelStatus::failure(fail_prefix(fn, xname) + "unsupported element type"); });
 }
 
 KernelStatus validate_relayout(const char* fn, const uint8_t* packed, int64_t rows, int c_in,

@@ -10,8 +10,6 @@
 
 namespace q4conv {
 
-enum class InType { kFloat32, kFloat16, kBFloat16 };
-
 // A 4-D tensor view (N, C, H, W) with arbitrary element strides, so NCHW,
 // channels_last and other strided inputs are read in place.
 struct Tensor4dView {
@@ -95,6 +93,11 @@ KernelStatus repack_int4(const uint8_t* packed, int64_t rows, int c_in, int chan
 struct PointwiseFusedLayout {
   int passes, cluster;
 };
+// Output types the kernel is compiled for (one instantiation each).
+using PointwiseFusedOutTypes = TypeList<OutType::kFloat32, OutType::kFloat16, OutType::kBFloat16>;
+constexpr bool pointwise_fused_supports_out_type(OutType t) {
+  return PointwiseFusedOutTypes::contains(t);
+}
 bool pointwise_fused_supports(InType x_type, int64_t pixels, int channels, int out_channels);
 PointwiseFusedLayout pointwise_fused_layout(InType x_type, int channels, int out_channels);
 KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, int channels,
@@ -111,6 +114,10 @@ KernelStatus pointwise_fused_conv(const void* x, InType x_type, int64_t pixels, 
 // pixels, BN channels). Needs fp16 / bf16 x, channels % 64 == 0, channels <=
 // 2048, out_channels % 128 == 0. Dispatch (dispatch_cuda.cpp) takes it where
 // it measured faster: K = 256, C >= 512, a wave of row blocks.
+using PointwiseWgmmaOutTypes = TypeList<OutType::kFloat32, OutType::kFloat16, OutType::kBFloat16>;
+constexpr bool pointwise_wgmma_supports_out_type(OutType t) {
+  return PointwiseWgmmaOutTypes::contains(t);
+}
 bool pointwise_wgmma_supports(InType x_type, int64_t pixels, int channels, int out_channels);
 KernelStatus pointwise_wgmma_conv(const void* x, InType x_type, int64_t pixels, int channels,
                                   const float* bias_a, const float* scale_a, float eps, int bits,

@@ -1,8 +1,6 @@
 // Standalone check of the CUDA quantization kernels (csrc/kernels/quantize_cuda.cu)
-// against host loops over csrc/quant.h. No torch.
-//
-//   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -I csrc \
-//        tests/cuda/quantize_check.cu csrc/kernels/quantize_cuda.cu -o /tmp/qc && /tmp/qc
+// against host loops over csrc/quant.h. No torch. Built by
+// tests/cuda/CMakeLists.txt.
 //
 // Prints "N passed, N failed" and exits non-zero on any failure. Pass --no-bench
 // to skip the bandwidth measurements at the end.

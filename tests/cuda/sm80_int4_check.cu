@@ -8,12 +8,8 @@
 // followed by the same fp32 epilogue on the host:
 //   fp32 output: exact;  fp16 / bf16: within 1 ulp of the RN-rounded reference.
 // The output (plus a guard tail) is poisoned before every run; the guard must
-// stay untouched. Exit code 0 iff everything passed.
-//
-// Build (from the repository root):
-//   nvcc -std=c++17 -O3 -DNDEBUG --expt-relaxed-constexpr -gencode=arch=compute_90,code=sm_90 \
-//     -I csrc -I <cutlass>/include -I <cutlass>/tools/util/include \
-//     tests/cuda/sm80_int4_check.cu csrc/kernels/conv_sm80_int4*.cu -o sm80_int4_check
+// stay untouched. Exit code 0 iff everything passed. Built by
+// tests/cuda/CMakeLists.txt.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

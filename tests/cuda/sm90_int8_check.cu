@@ -10,12 +10,7 @@
 // median of 25 samples, each the mean of 10 back-to-back calls of the public
 // entry point, host set-up included), TOPS = 2*N*P*Q*K*C*R*S / time.
 //
-// Build (sm_90a, CUTLASS headers under .cutlass_inc as in NOTES-sm90.md):
-//   F="-std=c++17 -O3 -DNDEBUG --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a
-//      -I csrc -I .cutlass_inc/include -I .cutlass_inc/util"
-//   for f in csrc/kernels/conv_sm90_int8*.cu tests/cuda/sm90_int8_check.cu; do
-//     nvcc $F -c $f -o /tmp/b/$(basename $f .cu).o & done; wait
-//   nvcc -gencode=arch=compute_90a,code=sm_90a /tmp/b/*.o -o /tmp/b/sm90_int8_check
+// Built by tests/cuda/CMakeLists.txt (sm_90a).
 // Run: sm90_int8_check [--configs] [--no-time]
 //   --configs  also checks and times every compiled tile configuration
 #include <cuda_bf16.h>

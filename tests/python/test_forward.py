@@ -288,7 +288,7 @@ def test_fused_pointwise_equals_unfused(device, backend, case, dtype, relu):
 def test_persistent_conv_kernel(device, backend, case, dtype):
     """Filtered convolutions with C >= 128 and at least 128 output tiles of
     128x128 run CUTLASS's persistent pingpong kernel with the im2col conv
-    mainloop (conv_sm90_int8.cuh, PersistentConvMainloop) and match the
+    mainloop (conv_sm90_int8_persistent.cuh, PersistentConvMainloop) and match the
     oracle."""
     x, bias_a, scale_a, weight, scale_w, bias = make_inputs(case, device, dtype, channels_last=True)
     skip_unless_backend_runs(x, case, backend)
