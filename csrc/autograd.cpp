@@ -1,7 +1,7 @@
 // Autograd of the q4conv ops, in C++ (registered at the Autograd dispatch
 // key), as torchvision does for its ops. Why not torch.library's Python
 // register_autograd: its Python wrapper cost a few hundred microseconds of
-// host time per training step on the H100 machine (NOTES.md, session 3),
+// host time per training step on the H100 machine (docs/notes/host-overhead.md),
 // more than a small layer's GPU work. Fake kernels stay in Python
 // (_ops.py); torch.compile traces these autograd kernels through them.
 #include <torch/csrc/autograd/custom_function.h>

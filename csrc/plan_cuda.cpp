@@ -93,13 +93,13 @@ bool backend_supports(const ConvPlan& plan, int major, OutType out) {
   switch (plan.backend) {
     case Backend::kSm90Int8:
 #ifdef Q4CONV_HAVE_SM90
-      return major == 9 && sm90_int8_supports(plan.shape, out);
+      return major == 9 && sm90_int8_supports_out_type(out) && sm90_int8_supports(plan.shape, out);
 #else
       return false;
 #endif
     case Backend::kSm80Int4:
 #ifdef Q4CONV_HAVE_SM80
-      return major >= 8 && sm80_int4_supports(plan.shape, out);
+      return major >= 8 && sm80_int4_supports_out_type(out) && sm80_int4_supports(plan.shape, out);
 #else
       return false;
 #endif
@@ -122,7 +122,9 @@ bool dense_pointwise_input(const ConvPlan& plan, const at::Tensor& x) {
 // blocks fill a wave of the device's SMs; two slices, or less than a wave,
 // tie or lose to the default paths (docs/notes/).
 bool use_wgmma_pointwise(const ConvPlan& plan, const at::Tensor& x, const Tuning& tuning) {
-  if (tuning.wgmma_pointwise == Switch::kNever || !dense_pointwise_input(plan, x)) return false;
+  if (tuning.wgmma_pointwise == Switch::kNever || !dense_pointwise_input(plan, x) ||
+      !pointwise_wgmma_supports_out_type(out_type(x.scalar_type())))
+    return false;
   const ConvShape& shape = plan.shape;
   const int64_t pixels = int64_t(shape.n) * shape.h * shape.w;
   if (!pointwise_wgmma_supports(kernel_in_type(x.scalar_type(), "x"), pixels, shape.c, shape.k))
@@ -137,7 +139,9 @@ bool use_wgmma_pointwise(const ConvPlan& plan, const at::Tensor& x, const Tuning
 // slices; more passes only tie pass + GEMM and larger clusters lose
 // (per-step latency; docs/notes/).
 bool use_fused_pointwise(const ConvPlan& plan, const at::Tensor& x, const Tuning& tuning) {
-  if (tuning.fused_pointwise == Switch::kNever || !dense_pointwise_input(plan, x)) return false;
+  if (tuning.fused_pointwise == Switch::kNever || !dense_pointwise_input(plan, x) ||
+      !pointwise_fused_supports_out_type(out_type(x.scalar_type())))
+    return false;
   const ConvShape& shape = plan.shape;
   const InType x_type = kernel_in_type(x.scalar_type(), "x");
   if (!pointwise_fused_supports(x_type, int64_t(shape.n) * shape.h * shape.w, shape.c, shape.k))

@@ -470,7 +470,7 @@ class Q4Conv2dCutlass(nn.Module):
         elif not self._scale_a_ready and x.shape[0] > 0:  # skips the no_grad decorator's cost
             self._init_scale_a(x)
         # This runs on every call and a small layer's call is host bound
-        # (NOTES.md): the .default overloads skip the overload-packet lookup,
+        # (docs/notes/host-overhead.md): the .default overloads skip the overload-packet lookup,
         # and parameters come from the _parameters dict (each self.<parameter>
         # is a Module.__getattr__ call).
         args = (list(self.stride), list(self.padding), list(self.dilation), self._host_eps(tracing), self.a_bit)
