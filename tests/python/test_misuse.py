@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import oracle
 import q4conv
+from conftest import DEVICES
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Relative error of the output: fp32 is exact up to the rounding of
@@ -65,7 +66,7 @@ def layer_arguments(draw):
     return args
 
 
-def make_input(draw, layer_args, in_channels):
+def make_input(draw, layer_args, in_channels, device: str = "cpu"):
     n = draw(st.sampled_from([2, 1, 0]))
     h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
     dtype = draw(st.sampled_from(DTYPES))
@@ -77,12 +78,12 @@ def make_input(draw, layer_args, in_channels):
         value = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "huge": HUGE[dtype]}[special]
         pick = torch.rand(x.shape, generator=gen) < 0.08
         x = x.masked_fill(pick, value * (-1 if i % 2 and special == "huge" else 1))
-    x = x.to(dtype)
+    x = x.to(dtype).to(device)
     layout = draw(st.sampled_from(["nchw", "channels_last", "sliced", "transposed"]))
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "sliced":  # every other column of a wider tensor
-        wide = torch.zeros(n, in_channels, h, 2 * w, dtype=dtype)
+        wide = torch.zeros(n, in_channels, h, 2 * w, dtype=dtype, device=device)
         wide[..., ::2] = x
         x = wide[..., ::2]
     elif layout == "transposed":
@@ -100,6 +101,7 @@ def check_against_oracle(layer: q4conv.Q4Conv2dCutlass, x: torch.Tensor, y: torc
     conv = oracle.Conv(layer.stride, layer.padding, layer.dilation, float(layer.eps))
     ref, _ = oracle.forward(x, layer.bias_a, layer.scale_a, layer.weight, layer.scale_w, layer.bias, conv)
     assert y.dtype == x.dtype and y.shape == ref.shape
+    y = y.cpu()
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         assert y.is_contiguous(memory_format=torch.channels_last)
     if ref.numel() == 0:
@@ -118,9 +120,12 @@ def check_against_oracle(layer: q4conv.Q4Conv2dCutlass, x: torch.Tensor, y: torc
 @settings(max_examples=400, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_misuse_raises_clearly_or_matches_oracle(data):
+@pytest.mark.parametrize("device", DEVICES)
+def test_misuse_raises_clearly_or_matches_oracle(device, data):
+    """On every device (CUDA: whichever backend the plan picks for each drawn shape)."""
     draw = data.draw
     args = draw(layer_arguments())
+    args["device"] = device
     bad = draw(st.sampled_from(BAD_ARGUMENTS)) if draw(st.integers(0, 4)) == 0 else None
     if bad is not None:
         args[bad[0]] = bad[1]
@@ -143,7 +148,7 @@ def test_misuse_raises_clearly_or_matches_oracle(data):
     misuse = draw(st.sampled_from(["channels", "float64", "int", "rank3"])) if draw(st.integers(0, 7)) == 0 else None
     if misuse == "channels":
         in_channels += 1
-    x = make_input(draw, args, in_channels)
+    x = make_input(draw, args, in_channels, device)
     if misuse == "float64":
         x = x.double()
     elif misuse == "int":
