@@ -112,12 +112,12 @@ class ConvTrainFunction : public torch::autograd::Function<ConvTrainFunction> {
                                                saved[3], saved[4], has_bias, stride, padding,
                                                dilation, ctx->saved_data["eps"].toDouble(), bits);
     } else {
-      grads = call_train_backward(grad_outputs[0], saved[0], saved[1], saved[2], saved[3],
-                                  saved[4], has_bias, stride, padding, dilation,
+      grads = call_train_backward(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+                                  has_bias, stride, padding, dilation,
                                   ctx->saved_data["eps"].toDouble(), bits);
     }
-    const at::Tensor &dx = grads[0], &dweight = grads[1], &dbias_a = grads[2],
-                     &dscale_a = grads[3], &dscale_w = grads[4], &dbias = grads[5];
+    const at::Tensor &dx = grads[0], &dweight = grads[1], &dbias_a = grads[2], &dscale_a = grads[3],
+                     &dscale_w = grads[4], &dbias = grads[5];
     at::Tensor dbias_out;
     const auto bias_dtype = static_cast<at::ScalarType>(conv[8]);
     if (has_bias) dbias_out = dbias.scalar_type() == bias_dtype ? dbias : dbias.to(bias_dtype);
@@ -133,7 +133,10 @@ at::Tensor conv_train_autograd(const at::Tensor& x, const at::Tensor& bias_a,
                                at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, double eps, int64_t bits,
                                const std::string& backend) {
-  check_defined({{"x", &x}, {"bias_a", &bias_a}, {"scale_a", &scale_a}, {"weight", &weight},
+  check_defined({{"x", &x},
+                 {"bias_a", &bias_a},
+                 {"scale_a", &scale_a},
+                 {"weight", &weight},
                  {"scale_w", &scale_w}});
   return ConvTrainFunction::apply(x, bias_a, scale_a, weight, scale_w, bias, stride, padding,
                                   dilation, eps, bits, backend);
@@ -161,9 +164,9 @@ class ConvPackedFunction : public torch::autograd::Function<ConvPackedFunction> 
                   relu, backend, kernel_weight, alpha);
     }
     // Only parameter values (detached) and x are kept; y only with relu.
-    ctx->save_for_backward({x, bias_a.detach(), scale_a.detach(), qweight, scale_w.detach(),
-                            relu ? y : at::Tensor()});
-    ctx->saved_data["conv"] = std::vector<int64_t>{stride[0],  stride[1],   padding[0], padding[1],
+    ctx->save_for_backward(
+        {x, bias_a.detach(), scale_a.detach(), qweight, scale_w.detach(), relu ? y : at::Tensor()});
+    ctx->saved_data["conv"] = std::vector<int64_t>{stride[0],   stride[1],   padding[0], padding[1],
                                                    dilation[0], dilation[1], bits,       relu};
     ctx->saved_data["eps"] = eps;
     return y;
@@ -215,7 +218,10 @@ at::Tensor conv_packed_autograd(const at::Tensor& x, const at::Tensor& bias_a,
                                 const std::string& backend,
                                 const std::optional<at::Tensor>& kernel_weight,
                                 const std::optional<at::Tensor>& alpha) {
-  check_defined({{"x", &x}, {"bias_a", &bias_a}, {"scale_a", &scale_a}, {"qweight", &qweight},
+  check_defined({{"x", &x},
+                 {"bias_a", &bias_a},
+                 {"scale_a", &scale_a},
+                 {"qweight", &qweight},
                  {"scale_w", &scale_w}});
   return ConvPackedFunction::apply(x, bias_a, scale_a, qweight, scale_w, bias, stride, padding,
                                    dilation, eps, bits, relu, backend, kernel_weight, alpha);

@@ -45,9 +45,7 @@ at::Tensor finish_scale_grad(const at::Tensor& summed, const at::Tensor& scale, 
   const at::Tensor passes = (raw >= eps).to(at::kFloat);
   const double factor =
       numel_per_scale > 0 ? lsq_grad_scale(numel_per_scale, static_cast<int>(bits)) : 0.0;
-  return (summed * factor * passes)
-      .reshape(scale.sizes())
-      .to(scale.scalar_type());
+  return (summed * factor * passes).reshape(scale.sizes()).to(scale.scalar_type());
 }
 
 // d loss / d scale: sum of grad * residual over `dims` (all when empty),
@@ -80,8 +78,12 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor& bias_a, const at::Tensor& scale_a,
                            const at::Tensor& weight, const at::Tensor& scale_w,
                            const ConvParams& params) {
-  check_defined({{"grad_out", &grad_out}, {"x", &x}, {"bias_a", &bias_a}, {"scale_a", &scale_a},
-                 {"weight", &weight}, {"scale_w", &scale_w}});
+  check_defined({{"grad_out", &grad_out},
+                 {"x", &x},
+                 {"bias_a", &bias_a},
+                 {"scale_a", &scale_a},
+                 {"weight", &weight},
+                 {"scale_w", &scale_w}});
   TORCH_CHECK(weight.dim() == 4, "weight must be 4-D (K, C, R, S), got ", weight.dim(),
               "-D with shape ", weight.sizes());
   check_conv_inputs(x, bias_a, scale_a, scale_w, std::nullopt, weight.size(0), params.bits);
@@ -111,8 +113,8 @@ conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   check_backward_inputs(grad_out, x, bias_a, scale_a, weight, scale_w, params);
   const BackwardPlan plan = plan_backward(x, weight, params);
   if (plan.cuda_kernels)
-    return cuda_conv_train_backward(grad_out, x, bias_a, scale_a, weight, scale_w, has_bias,
-                                    params, plan);
+    return cuda_conv_train_backward(grad_out, x, bias_a, scale_a, weight, scale_w, has_bias, params,
+                                    plan);
   return aten_conv_train_backward(grad_out, x, bias_a, scale_a, weight, scale_w, has_bias, params);
 }
 

@@ -128,7 +128,8 @@ at::Tensor conv_packed(const at::Tensor& x, const at::Tensor& bias_a, const at::
       alpha.has_value() ? *alpha : alpha_of(scale_a, scale_w, k_out, params.eps);
   if (plan->backend == Backend::kFallback)
     return in_x_format(fallback_forward(x, bias_a, scale_a, qweight, scales, bias, params), x);
-  const at::Tensor wgt = cuda_packed_kernel_weight(qweight, kernel_weight, x.size(1), plan->backend);
+  const at::Tensor wgt =
+      cuda_packed_kernel_weight(qweight, kernel_weight, x.size(1), plan->backend);
   return cuda_conv(*plan, x, bias_a, scale_a, wgt, scales, bias, params);
 }
 
@@ -191,8 +192,7 @@ std::string plan(const at::Tensor& x, int64_t out_channels, at::IntArrayRef kern
   const auto forward = plan_query(x, out_channels, kernel_size, params, backend);
   const std::array<int64_t, 4> weight_sizes{out_channels, x.size(1), kernel_size[0],
                                             kernel_size[1]};
-  return describe_plan(*forward,
-                       plan_backward(x, weight_sizes, weight_dtype, x.is_cuda(), params));
+  return describe_plan(*forward, plan_backward(x, weight_sizes, weight_dtype, x.is_cuda(), params));
 }
 
 std::vector<int64_t> kernel_weight_sizes(int64_t out_channels, int64_t in_channels,

@@ -46,11 +46,11 @@ at::Tensor kernel_activation(const ConvPlan& plan, const at::Tensor& x, const at
   const ConvShape& shape = plan.shape;
   if (plan.path == Path::kPackedTaps) {
     at::Tensor rows = at::empty({shape.n, shape.h, shape.w, shape.c}, x.options().dtype(at::kChar));
-    check_status(pack_taps_quantize(kernel_view(x, "x"), bias_q.data_ptr<float>(),
-                                    scale_q.data_ptr<float>(), static_cast<float>(params.eps),
-                                    static_cast<int>(params.bits), plan.conv,
-                                    rows.data_ptr<int8_t>(), stream),
-                 "packing filter taps");
+    check_status(
+        pack_taps_quantize(kernel_view(x, "x"), bias_q.data_ptr<float>(), scale_q.data_ptr<float>(),
+                           static_cast<float>(params.eps), static_cast<int>(params.bits), plan.conv,
+                           rows.data_ptr<int8_t>(), stream),
+        "packing filter taps");
     return rows;
   }
   const bool packed = plan.backend == Backend::kSm80Int4;
@@ -92,13 +92,12 @@ void run_fused(const ConvPlan& plan, const at::Tensor& x, const at::Tensor& bias
   const bool wgmma = plan.path == Path::kFusedWgmma;
   const auto fused = wgmma ? &pointwise_wgmma_conv : &pointwise_fused_conv;
   const ConvShape& shape = plan.shape;
-  check_status(fused(x.data_ptr(), kernel_in_type(x.scalar_type(), "x"),
-                     int64_t(shape.n) * shape.h * shape.w, shape.c, bias_q.data_ptr<float>(),
-                     scale_q.data_ptr<float>(), static_cast<float>(params.eps),
-                     static_cast<int>(params.bits), wgt.data_ptr<int8_t>(), shape.k, epilogue,
-                     stream),
-               wgmma ? "sm90_int8 wgmma pointwise convolution"
-                     : "sm90_int8 fused pointwise convolution");
+  check_status(
+      fused(x.data_ptr(), kernel_in_type(x.scalar_type(), "x"),
+            int64_t(shape.n) * shape.h * shape.w, shape.c, bias_q.data_ptr<float>(),
+            scale_q.data_ptr<float>(), static_cast<float>(params.eps),
+            static_cast<int>(params.bits), wgt.data_ptr<int8_t>(), shape.k, epilogue, stream),
+      wgmma ? "sm90_int8 wgmma pointwise convolution" : "sm90_int8 fused pointwise convolution");
 #else
   (void)plan, (void)x, (void)bias_q, (void)scale_q, (void)params, (void)wgt, (void)epilogue,
       (void)stream;

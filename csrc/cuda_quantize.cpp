@@ -31,8 +31,8 @@ at::Tensor cuda_quantize_activation(const at::Tensor& x, const at::Tensor& bias_
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor codes =
       at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, x.options().dtype(at::kChar));
-  quantize_activation_into(x, fp32_dense(bias_a), fp32_dense(scale_a), eps, bits, x.size(1),
-                           false, codes);
+  quantize_activation_into(x, fp32_dense(bias_a), fp32_dense(scale_a), eps, bits, x.size(1), false,
+                           codes);
   return codes;
 }
 

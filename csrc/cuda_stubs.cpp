@@ -12,8 +12,8 @@ namespace {
 
 }  // namespace
 
-at::Tensor cuda_quantize_activation(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    double, int64_t) {
+at::Tensor cuda_quantize_activation(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                    int64_t) {
   no_cuda("quantize_activation");
 }
 at::Tensor cuda_quantize_pack(const at::Tensor&, const at::Tensor&, double, int64_t) {
@@ -27,8 +27,8 @@ at::Tensor cuda_packed_kernel_weight(const at::Tensor&, const std::optional<at::
                                      Backend) {
   no_cuda("kernel_weight");
 }
-TrainKernelWeight cuda_train_kernel_weight(const at::Tensor&, const at::Tensor&,
-                                           const at::Tensor&, double, int64_t, Backend) {
+TrainKernelWeight cuda_train_kernel_weight(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           double, int64_t, Backend) {
   no_cuda("conv_train");
 }
 at::Tensor cuda_conv(const ConvPlan&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -37,13 +37,13 @@ at::Tensor cuda_conv(const ConvPlan&, const at::Tensor&, const at::Tensor&, cons
   no_cuda("the convolution");
 }
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-cuda_conv_train_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-                         const ConvParams&, const BackwardPlan&) {
+cuda_conv_train_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, bool, const ConvParams&,
+                         const BackwardPlan&) {
   no_cuda("conv_train_backward");
 }
-void plan_cuda(ConvPlan&, const at::Tensor&, int64_t, int64_t, int64_t, const ConvParams&,
-               Backend, const Tuning&) {
+void plan_cuda(ConvPlan&, const at::Tensor&, int64_t, int64_t, int64_t, const ConvParams&, Backend,
+               const Tuning&) {
   no_cuda("planning a CUDA convolution");
 }
 std::string describe_cuda_geometry(const ConvPlan&) { return ""; }

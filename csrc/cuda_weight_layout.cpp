@@ -40,11 +40,10 @@ at::Tensor packed_taps_weight(const at::Tensor& im2col_rows, const ConvShape& co
 }
 
 at::Tensor cuda_kernel_weight(const at::Tensor& qweight, int64_t in_channels, Backend backend) {
-  const KernelWeightLayout layout = kernel_weight_layout(
-      backend, qweight.size(0), in_channels, qweight.size(1), qweight.size(2));
+  const KernelWeightLayout layout =
+      kernel_weight_layout(backend, qweight.size(0), in_channels, qweight.size(1), qweight.size(2));
   if (layout.im2col_rows)
-    return im2col_rows(cuda_unpack_krsc(qweight, in_channels, in_channels, false),
-                       layout.sizes[3]);
+    return im2col_rows(cuda_unpack_krsc(qweight, in_channels, in_channels, false), layout.sizes[3]);
   const int64_t c_pad = layout.packed_int4 ? layout.sizes[3] * 2 : layout.sizes[3];
   return cuda_unpack_krsc(qweight, in_channels, c_pad, layout.packed_int4);
 }
@@ -54,8 +53,8 @@ namespace {
 // True when `cached` has exactly the layout `backend` reads for qweight.
 bool matches_layout(const at::Tensor& cached, const at::Tensor& qweight, int64_t in_channels,
                     Backend backend) {
-  const KernelWeightLayout layout = kernel_weight_layout(
-      backend, qweight.size(0), in_channels, qweight.size(1), qweight.size(2));
+  const KernelWeightLayout layout =
+      kernel_weight_layout(backend, qweight.size(0), in_channels, qweight.size(1), qweight.size(2));
   return cached.defined() && cached.device() == qweight.device() && cached.dim() == 4 &&
          cached.is_contiguous() &&
          cached.scalar_type() == (layout.packed_int4 ? at::kByte : at::kChar) &&

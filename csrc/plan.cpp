@@ -65,13 +65,24 @@ PlanKey plan_key(const at::Tensor& x, int64_t out_channels, int64_t r, int64_t s
   return {static_cast<int64_t>(x.device().type()),
           x.device().index(),
           static_cast<int64_t>(x.scalar_type()),
-          x.size(0), x.size(1), x.size(2), x.size(3),
-          x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+          x.size(0),
+          x.size(1),
+          x.size(2),
+          x.size(3),
+          x.stride(0),
+          x.stride(1),
+          x.stride(2),
+          x.stride(3),
           aligned16,
-          out_channels, r, s,
-          params.stride[0], params.stride[1],
-          params.padding[0], params.padding[1],
-          params.dilation[0], params.dilation[1],
+          out_channels,
+          r,
+          s,
+          params.stride[0],
+          params.stride[1],
+          params.padding[0],
+          params.padding[1],
+          params.dilation[0],
+          params.dilation[1],
           static_cast<int64_t>(requested),
           static_cast<int64_t>(tuning_epoch)};
 }
@@ -129,8 +140,7 @@ BackwardPlan plan_backward(const at::Tensor& x, at::IntArrayRef weight_sizes,
   const bool pointwise = weight_sizes[2] == 1 && weight_sizes[3] == 1 && params.padding[0] == 0 &&
                          params.padding[1] == 0;
   // The LSQ kernels read the grid with vector loads along channels.
-  plan.stride_grid =
-      plan.cuda_kernels && strided && pointwise && x.size(1) > 1 && x.stride(1) == 1;
+  plan.stride_grid = plan.cuda_kernels && strided && pointwise && x.size(1) > 1 && x.stride(1) == 1;
   return plan;
 }
 

@@ -48,9 +48,9 @@ struct ConvPlan {
   // A 1x1 unpadded convolution with stride > 1 reads only x's stride grid:
   // the kernels then see that view, at stride 1 (forward and backward alike).
   bool stride_grid = false;
-  int64_t c_pad = 0;             // channels of the stored activation codes
-  std::string config;            // kernel configuration (tile shape / fused layout)
-  int sm_count = 0;              // of x's device (0 on CPU)
+  int64_t c_pad = 0;   // channels of the stored activation codes
+  std::string config;  // kernel configuration (tile shape / fused layout)
+  int sm_count = 0;    // of x's device (0 on CPU)
 #ifdef Q4CONV_WITH_CUDA
   ConvShape shape;  // what the kernel runs (the GEMM's for im2col, taps x 1 for packed taps)
   ConvShape conv;   // the convolution's own geometry on the stored codes

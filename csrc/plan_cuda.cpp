@@ -61,10 +61,11 @@ bool plan_geometry(ConvPlan& plan, const at::Tensor& x, int64_t out_channels, in
   const int64_t h = plan.stride_grid ? (x.size(2) - 1) / params.stride[0] + 1 : x.size(2);
   const int64_t w = plan.stride_grid ? (x.size(3) - 1) / params.stride[1] + 1 : x.size(3);
   for (const int64_t v : {n, h, w, out_channels, r, s, plan.out_h, plan.out_w, kp.padding[0],
-                          kp.padding[1], kp.stride[0], kp.stride[1], kp.dilation[0],
-                          kp.dilation[1], channels + kSm80Channels, channels * r * s + 16})
+                          kp.padding[1], kp.stride[0], kp.stride[1], kp.dilation[0], kp.dilation[1],
+                          channels + kSm80Channels, channels * r * s + 16})
     if (!fits_int(v)) return false;
-  const KernelWeightLayout layout = kernel_weight_layout(plan.backend, out_channels, channels, r, s);
+  const KernelWeightLayout layout =
+      kernel_weight_layout(plan.backend, out_channels, channels, r, s);
   if (layout.im2col_rows) {
     plan.c_pad = channels;
     plan.conv = make_shape(n, h, w, channels, out_channels, r, s, plan.out_h, plan.out_w, kp);

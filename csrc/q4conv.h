@@ -76,7 +76,8 @@ std::vector<int64_t> kernel_weight_sizes(int64_t out_channels, int64_t in_channe
 // the argument instead of failing on its (missing) device.
 inline void check_defined(
     std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
-  for (const auto& [name, t] : tensors) TORCH_CHECK(t->defined(), name, " must be a tensor, got None");
+  for (const auto& [name, t] : tensors)
+    TORCH_CHECK(t->defined(), name, " must be a tensor, got None");
 }
 
 // Shared argument checks of the conv ops (SPEC section 5).
@@ -93,8 +94,8 @@ at::Tensor cpu_quantize_activation(const at::Tensor& x, const at::Tensor& bias_a
 at::Tensor cpu_output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w,
                             int64_t out_channels, double eps);
 void check_weight_args(const at::Tensor& weight, const at::Tensor& scale_w, int64_t bits);
-void check_activation_args(const at::Tensor& x, const at::Tensor& bias_a,
-                           const at::Tensor& scale_a, int64_t bits);
+void check_activation_args(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
+                           int64_t bits);
 void check_alpha_args(const at::Tensor& scale_a, const at::Tensor& scale_w, int64_t out_channels,
                       double eps);
 // The training backward through ATen ops (CPU, and what the CUDA kernels do

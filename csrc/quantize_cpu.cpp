@@ -96,8 +96,8 @@ at::Tensor unpack(const at::Tensor& qweight, int64_t in_channels) {
   return codes.to(at::kChar).permute({0, 3, 1, 2}).contiguous();
 }
 
-void check_activation_args(const at::Tensor& x, const at::Tensor& bias_a,
-                           const at::Tensor& scale_a, int64_t bits) {
+void check_activation_args(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
+                           int64_t bits) {
   check_defined({{"x", &x}, {"bias_a", &bias_a}, {"scale_a", &scale_a}});
   check_bits(bits);
   check_x_rank(x);
@@ -144,9 +144,10 @@ void check_alpha_args(const at::Tensor& scale_a, const at::Tensor& scale_w, int6
               scale_w.numel());
   TORCH_CHECK(scale_w.device() == scale_a.device(), "scale_w must be on scale_a's device (",
               scale_a.device(), "), got ", scale_w.device());
-  TORCH_CHECK(at::isFloatingType(scale_a.scalar_type()) && at::isFloatingType(scale_w.scalar_type()),
-              "scale_a and scale_w must be floating point, got ", scale_a.scalar_type(), " and ",
-              scale_w.scalar_type());
+  TORCH_CHECK(
+      at::isFloatingType(scale_a.scalar_type()) && at::isFloatingType(scale_w.scalar_type()),
+      "scale_a and scale_w must be floating point, got ", scale_a.scalar_type(), " and ",
+      scale_w.scalar_type());
 }
 
 at::Tensor cpu_output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w,
