@@ -94,6 +94,11 @@ _FAKE_MODE, _PROXY_MODE = torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDi
 _FakeTensor = torch._subclasses.fake_tensor.FakeTensor
 
 
+def _distributed() -> bool:
+    """Whether scale_a's statistic is all-reduced (a process group of several ranks)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _is_tracing(t: Optional[torch.Tensor] = None) -> bool:
     """True while torch.compile / torch.export / torch.jit.trace / make_fx trace
     the module, or when fake tensors flow: the layer must not change its state
@@ -293,7 +298,7 @@ class Q4Conv2dCutlass(nn.Module):
         shifted = x.detach().float() + self.bias_a.detach().float().view(1, -1, 1, 1)
         stats = torch.stack([shifted.abs().sum(dtype=torch.float64),
                              torch.tensor(float(shifted.numel()), dtype=torch.float64, device=x.device)])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _distributed():
             dist.all_reduce(stats)  # every rank starts from the same scale
         return stats[0], stats[1]
 
@@ -312,7 +317,10 @@ class Q4Conv2dCutlass(nn.Module):
     @torch.no_grad()
     def _init_scale_a(self, x: torch.Tensor) -> None:
         """The first-use rule of the class docstring."""
-        if self._scale_a_ready or x.shape[0] == 0:
+        # An empty batch has no statistic, but under torch.distributed it still joins the
+        # all-reduce (contributing (0, 0)): skipping it left the other ranks waiting in
+        # their all_reduce until the process group timed out (issue 20).
+        if self._scale_a_ready or (x.shape[0] == 0 and not _distributed()):
             return
         if float(self.scale_a.detach().reshape(())) != 0:  # set by the user: never overwritten
             self._mark_scale_a(True)
@@ -467,7 +475,7 @@ class Q4Conv2dCutlass(nn.Module):
             _reject_onnx_export()
         elif self._calibration is not None:
             self._calibrate_step(x)
-        elif not self._scale_a_ready and x.shape[0] > 0:  # skips the no_grad decorator's cost
+        elif not self._scale_a_ready and (x.shape[0] > 0 or _distributed()):  # skips the no_grad decorator's cost
             self._init_scale_a(x)
         # This runs on every call and a small layer's call is host bound
         # (docs/notes/host-overhead.md): the .default overloads skip the overload-packet lookup,
