@@ -63,10 +63,6 @@ inline void check_status(const KernelStatus& status, const char* what) {
   TORCH_CHECK(status.ok, "q4conv: ", what, " failed: ", status.message);
 }
 
-inline int64_t round_up(int64_t value, int64_t multiple) {
-  return (value + multiple - 1) / multiple * multiple;
-}
-
 // ---- shared by the CUDA glue files -----------------------------------------
 // Activation codes of x into `codes` (NHWC [N, H, W, c_pad] int8, or
 // [N, H, W, c_pad / 2] packed int4), on the current stream. bias / scale are

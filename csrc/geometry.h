@@ -18,6 +18,11 @@ struct ConvParams {
   bool relu = false;
 };
 
+// value rounded up to a multiple of `multiple` (channel padding, layouts).
+inline int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
 ConvParams make_params(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                        double eps, int64_t bits, bool relu);
 

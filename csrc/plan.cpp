@@ -51,10 +51,6 @@ const char* path_name(Path path) {
 
 namespace {
 
-int64_t round_up(int64_t value, int64_t multiple) {
-  return (value + multiple - 1) / multiple * multiple;
-}
-
 // Everything a plan depends on. x's data pointer enters only as its 16-byte
 // alignment (the fused 1x1 kernels' vector loads need it).
 using PlanKey = std::array<int64_t, 23>;

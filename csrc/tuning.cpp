@@ -76,12 +76,11 @@ int64_t set_tuning(const std::string& name, int64_t value) {
 }
 
 std::string describe_tuning() {
-  const Tuning t = current_tuning();
+  Tuning t = current_tuning();  // a copy: field() needs a mutable record
   std::string text;
   for (size_t i = 0; i < kSwitches.size(); ++i) {
-    Tuning copy = t;
     text += std::string(i ? "," : "") + kSwitches[i].name + "=" +
-            std::to_string(static_cast<int>(field(copy, i)));
+            std::to_string(static_cast<int>(field(t, i)));
   }
   return text;
 }
