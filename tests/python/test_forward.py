@@ -244,7 +244,8 @@ def check_equals_unfused(case: Case, device: str, backend: str, dtype: torch.dty
     with q4conv.tuning(wgmma_pointwise="never", fused_pointwise="never"):
         assert plan_of(x, case, backend).path == "pass_gemm"
         reference = ops.conv_packed(*args)
-    with q4conv.tuning(wgmma_pointwise="never", fused_pointwise="never", **{switch: "always"}):
+    switches = {"wgmma_pointwise": "never", "fused_pointwise": "never", switch: "always"}
+    with q4conv.tuning(**switches):
         assert plan_of(x, case, backend).path == path
         y, kernels = run_with_kernel_names(lambda: ops.conv_packed(*args))
     if kernels is not None:
