@@ -65,6 +65,32 @@ def op_profile(fn: Callable[[], object], calls: int = 10) -> Dict[str, object]:
     return {"aten": aten, "launches": launches, "top": "\n".join(lines)}
 
 
+def python_layer_only(layer: torch.nn.Module) -> Callable[[torch.Tensor], object]:
+    """The eval layer call with conv_packed replaced by a stub returning x: the
+    host cost of the Python layer (module call, checks, weight cache) alone.
+    Swapping the ops namespace in and out costs two attribute stores."""
+    from q4conv import _ops
+
+    real = _ops.ops
+
+    class Stub:
+        class conv_packed:  # noqa: N801 (stands in for torch.ops.q4conv.conv_packed)
+            default = staticmethod(lambda *args: args[0])
+
+        output_alpha, selected_backend, kernel_weight = real.output_alpha, real.selected_backend, real.kernel_weight
+        quantize_pack = real.quantize_pack
+
+    def call(x: torch.Tensor) -> object:
+        _ops.ops = Stub
+        try:
+            with torch.inference_mode():
+                return layer(x)
+        finally:
+            _ops.ops = real
+
+    return call
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
@@ -121,6 +147,7 @@ def main(argv=None) -> int:
                   train_layer.weight.detach(), train_layer.scale_w.detach())
         w_codes = torch.randint(-8, 8, (k, c, r, r), device="cuda").to(torch.float16).contiguous(
             memory_format=torch.channels_last)
+        stubbed_layer = python_layer_only(inf_layer)
         pieces = {
             "conv_train op (forward, no graph)": lambda: ops.conv_train.default(*leaves, None, *conv, "auto"),
             "conv_train_backward op": lambda: ops.conv_train_backward.default(gy, *leaves, False, *conv),
@@ -133,6 +160,12 @@ def main(argv=None) -> int:
             "conv_packed op, cached weights (eval's op alone)": lambda: ops.conv_packed.default(
                 x, inf_layer.bias_a, inf_layer.scale_a, inf_layer.qweight, inf_layer.scale_w, None, *conv[:3],
                 1e-5, 4, False, "auto", *reversed(inf_layer._cached_kernel_inputs(x, inf_layer.qweight))),
+            "conv_packed op, N=0 (dispatch, argument parsing, checks only)": lambda: ops.conv_packed.default(
+                x[:0], inf_layer.bias_a, inf_layer.scale_a, inf_layer.qweight, inf_layer.scale_w, None,
+                *conv[:3], 1e-5, 4, False, "auto", *reversed(inf_layer._cached_kernel_inputs(x, inf_layer.qweight))),
+            "eval layer call, op stubbed (the Python layer alone)": lambda: stubbed_layer(x),
+            "aten.convolution fp16 (no F.conv2d wrapper)": lambda: torch.ops.aten.convolution.default(
+                x, w16.detach(), None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1),
         }
         for name, fn in pieces.items():
             with torch.no_grad():
