@@ -497,7 +497,9 @@ class Q4Conv2dCutlass(nn.Module):
             bias_a, scale_a, scale_w, bias = (None if p is None else p.detach()
                                               for p in (bias_a, scale_a, scale_w, bias))
         qweight = self.opt_weight
-        alpha, kernel_weight = self._cached_kernel_inputs(x, qweight)
+        alpha = kernel_weight = None
+        if x.is_cuda and not tracing:
+            alpha, kernel_weight = self._cached_kernel_inputs(x, qweight)
         return _ops.ops.conv_packed.default(
             x, bias_a, scale_a, qweight, scale_w, bias, *args, False, self.backend, kernel_weight, alpha,
         )
@@ -507,9 +509,7 @@ class Q4Conv2dCutlass(nn.Module):
     ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """alpha = s_a * s_w and the kernel-layout weights, made once per set of
         packed weights and scales (keyed on their storage and version counters)
-        instead of on every eval-mode call."""
-        if not x.is_cuda or _is_tracing(x):
-            return None, None
+        instead of on every eval-mode call (CUDA inputs, not while tracing)."""
         # The cache holds qweight itself, so its storage cannot be freed and
         # reused by a new qweight; in-place changes bump the version counters.
         scale_a, scale_w = self._parameters["scale_a"], self._parameters["scale_w"]
