@@ -1,6 +1,7 @@
 """q4conv: 4-bit quantized (W4A4) Conv2d for PyTorch on CUTLASS, with an exact CPU path."""
 
 from ._ops import ops
+from .convert import convert, shared_quantizers
 from .layer import (
     Q4Conv2d,
     Q4Conv2dCutlass,
@@ -19,10 +20,12 @@ __all__ = [
     "Q4Conv2d",
     "Q4Conv2dCutlass",
     "calibrate",
+    "convert",
     "load_float_state_dict",
     "ops",
     "prepare_bie_layers",
     "prepare_q4conv_layers",
     "selected_backend",
+    "shared_quantizers",
 ]
 __version__ = "0.1.0"
