@@ -290,8 +290,9 @@ def _compatible(ids: Sequence[int], replacements: Dict[int, Q4Conv2dCutlass]) ->
 def _share_activation_quantizer(layers: Sequence[Q4Conv2dCutlass]) -> None:
     """The later layers take the first one's bias_a, scale_a and
     scale_a_initialized objects: one quantizer, learned from both consumers'
-    gradients, initialised once by whichever runs first (the others then see
-    a non-zero scale_a, which the layer never re-initialises).
+    gradients, initialised once by whichever runs first; the host-side
+    "initialised" flag is shared too, so a reset through one layer
+    (load_float_weights) re-initialises the group once.
 
     The Parameters stay shared through deepcopy, load_state_dict and .to()
     (PyTorch converts a Parameter in place); a move to another device gives
@@ -303,4 +304,4 @@ def _share_activation_quantizer(layers: Sequence[Q4Conv2dCutlass]) -> None:
         layer.bias_a = first.bias_a
         layer.scale_a = first.scale_a
         layer.scale_a_initialized = first.scale_a_initialized
-        layer._scale_a_ready = first._scale_a_ready
+        layer._scale_a_flag = first._scale_a_flag

@@ -250,7 +250,10 @@ class Q4Conv2dCutlass(nn.Module):
         # scale_a is initialised (kept with the buffer by this class).
         self._eps_key: Optional[Tuple[int, int]] = None
         self._eps_value = 1e-5
-        self._scale_a_ready = False
+        # A one-element list, so layers that share one activation quantizer
+        # (q4conv.convert) share it too: resetting the shared scale_a through
+        # one layer makes every layer of the group re-initialise it.
+        self._scale_a_flag: List[bool] = [False]
         # Set by q4conv.calibrate: [sum |x + bias_a|, count] over the batches seen.
         self._calibration: Optional[List[Any]] = None
         # Eval-mode CUDA cache: (validity key, alpha, kernel-layout weights).
@@ -287,6 +290,22 @@ class Q4Conv2dCutlass(nn.Module):
         mean_abs = w.mean(dim=(1, 2, 3)) if self.per_channel_weight_scale else w.mean()
         self.scale_w.copy_(2.0 * mean_abs / math.sqrt(_qmax(self.w_bit)))
         self.qweight = None
+
+    @property
+    def _scale_a_ready(self) -> bool:
+        """Host copy of scale_a_initialized (forward never reads the device)."""
+        return self._scale_a_flag[0]
+
+    @_scale_a_ready.setter
+    def _scale_a_ready(self, ready: bool) -> None:
+        self._scale_a_flag[0] = ready
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # Modules pickled before the flag was shared kept a plain bool.
+        ready = state.pop("_scale_a_ready", False)
+        super().__setstate__(state)
+        if "_scale_a_flag" not in self.__dict__:
+            self._scale_a_flag = [bool(ready)]
 
     def _mark_scale_a(self, ready: bool) -> None:
         self.scale_a_initialized.fill_(ready)

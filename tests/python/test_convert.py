@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 import warnings
 from typing import Callable, Dict, List
 
@@ -250,6 +251,25 @@ def test_first_consumer_initialises_the_shared_scale_once():
     block.conv1(10 * x)  # a different statistic: initialising again would change scale_a
     assert float(block.conv1.scale_a.detach()) == pytest.approx(lsq_scale(x), rel=1e-5)
     assert bool(block.conv1.scale_a_initialized) and block.conv1._scale_a_ready
+
+
+def test_a_reset_through_one_consumer_reinitialises_the_group():
+    """load_float_weights on one layer of a group resets the shared scale_a: the
+    other layer, if it runs first, must initialise it again (not run with
+    scale_a = 0, i.e. s_a = eps), and pickling keeps the group's flag shared."""
+    converted = convert_quietly(float_model("resnet18"))
+    block = converted.layer2[0]
+    x = torch.randn(2, block.conv1.in_channels, 8, 8)
+    block.downsample[0](x)
+    block.conv1.load_float_weights(nn.Conv2d(block.conv1.in_channels, block.conv1.out_channels, 3,
+                                             stride=2, padding=1, bias=False))
+    assert float(block.conv1.scale_a.detach()) == 0 and not block.downsample[0]._scale_a_ready
+    block.downsample[0](3 * x)
+    assert float(block.conv1.scale_a.detach()) == pytest.approx(lsq_scale(3 * x), rel=1e-5)
+    assert block.conv1._scale_a_ready
+    copied = pickle.loads(pickle.dumps(converted)).layer2[0]
+    copied.conv1._scale_a_ready = False
+    assert not copied.downsample[0]._scale_a_ready
 
 
 class TwoInputs(nn.Module):
