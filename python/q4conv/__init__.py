@@ -1,6 +1,7 @@
 """q4conv: 4-bit quantized (W4A4) Conv2d for PyTorch on CUTLASS, with an exact CPU path."""
 
 from ._ops import ops
+from .deploy import FusedQ4Conv2d, deploy
 from .layer import (
     Q4Conv2d,
     Q4Conv2dCutlass,
@@ -13,6 +14,8 @@ from .plan import ConvPlan, explain, plan_convolution, selected_backend, tuning
 
 __all__ = [
     "ConvPlan",
+    "FusedQ4Conv2d",
+    "deploy",
     "explain",
     "plan_convolution",
     "tuning",
