@@ -330,7 +330,8 @@ class _DeployTracer(fx.Tracer):
 
 
 def _free_name(root: nn.Module, name: str) -> str:
-    """``name``, or ``name_fused<i>`` when a module of that name is still used elsewhere."""
+    """A free submodule name ``<name>_fused``, ``<name>_fused2``, ... for a fused call of a layer
+    that other call sites still use under ``name``."""
     candidate, i = f"{name}_fused", 1
     while True:
         try:
