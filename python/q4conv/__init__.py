@@ -2,6 +2,7 @@
 
 from ._ops import ops
 from .convert import convert, shared_quantizers
+from .deploy import FusedQ4Conv2d, deploy
 from .layer import (
     Q4Conv2d,
     Q4Conv2dCutlass,
@@ -14,6 +15,8 @@ from .plan import ConvPlan, explain, plan_convolution, selected_backend, tuning
 
 __all__ = [
     "ConvPlan",
+    "FusedQ4Conv2d",
+    "deploy",
     "explain",
     "plan_convolution",
     "tuning",
