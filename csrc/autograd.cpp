@@ -18,13 +18,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The registered op `name` (below autograd when called inside the guards
-// here), looked up once per call site.
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
 // conv_train_backward below the autograd keys (no graph), as a list.
 variable_list call_train_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                   const at::Tensor& bias_a, const at::Tensor& scale_a,

@@ -5,8 +5,6 @@
 #include <array>
 #include <utility>
 
-#include <ATen/core/dispatch/Dispatcher.h>
-
 #include "q4conv.h"
 
 namespace q4conv {
@@ -54,13 +52,8 @@ std::shared_ptr<const ConvPlan> plan_traced(const at::Tensor& x, int64_t out_cha
   return plan_conv(x, out_channels, r, s, params, parse_backend(backend));
 }
 
-// The registered op `name`, called through the dispatcher (at x's device
-// key): the fallback path runs on CPU and CUDA tensors alike.
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
+// Ops the bodies call through the dispatcher (find_op, at x's device key):
+// the fallback path runs on CPU and CUDA tensors alike.
 using QuantizePackOp = at::Tensor(const at::Tensor&, const at::Tensor&, double, int64_t);
 using QuantizeActivationOp = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                         double, int64_t);

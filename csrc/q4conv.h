@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 
 #include <array>
@@ -72,6 +73,14 @@ std::vector<int64_t> kernel_weight_sizes(int64_t out_channels, int64_t in_channe
                                          at::IntArrayRef kernel_size, const std::string& backend);
 
 // ---- internals ---------------------------------------------------------------
+// The registered op `name`, called through the dispatcher from whichever key
+// the caller's guards leave (below autograd, below autocast, at x's device).
+// Look it up once per call site (a function-local static).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
 // A None passed for a required tensor arrives as an undefined tensor: name
 // the argument instead of failing on its (missing) device.
 inline void check_defined(

@@ -48,6 +48,9 @@ def _out_hw(h, w, r, s, stride, padding, dilation):
     return sizes[0], sizes[1]
 
 
+# The output takes x's dtype, as the real kernels' does. Under torch.autocast
+# x arrives already cast (csrc/autocast.cpp runs above these kernels, also
+# while torch.compile traces), so compiled graphs carry the autocast dtype.
 def _conv_output_like(x: torch.Tensor, k: int, r: int, s: int, stride, padding, dilation) -> torch.Tensor:
     out_h, out_w = _out_hw(x.shape[2], x.shape[3], r, s, stride, padding, dilation)
     # Same rule as the C++ side's x.suggest_memory_format().

@@ -166,6 +166,11 @@ class Q4Conv2dCutlass(nn.Module):
     (read on the host only when the buffer changes), so a layer and its
     reloaded copy agree in every parameter dtype.
 
+    Mixed precision: under ``torch.autocast`` the ops run on x cast to the
+    autocast dtype (``csrc/autocast.cpp``; this module casts nothing); the
+    parameters stay as they are (fp32 master weights, fp32 gradients), and
+    ``scale_a`` is initialised from x as given.
+
     Export routes: ``torch.export``, ``torch.compile`` and ``torch.jit.trace``
     are supported; ``torch.jit.script`` and ONNX export raise a clear error.
     Eval mode (packed weights) has a straight-through input gradient (as
