@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import _ops
-from .layer import Q4Conv2dCutlass, _is_tracing, _reject_onnx_export, _version_of
+from .layer import Q4Conv2dCutlass, _HostEps, _is_tracing, _reject_onnx_export, _version_of
 
 __all__ = ["FusedQ4Conv2d", "deploy"]
 
@@ -62,7 +62,7 @@ def fold_batch_norm(alpha: torch.Tensor, conv_bias: Optional[torch.Tensor],
     return alpha_folded, shift
 
 
-class FusedQ4Conv2d(nn.Module):
+class FusedQ4Conv2d(_HostEps, nn.Module):
     """A q4conv convolution with its BatchNorm and ReLU in the epilogue (inference only).
 
     ``y = relu?(alpha[k] * conv(q_a, q_w)[k] + shift[k])``, computed by one
@@ -160,16 +160,6 @@ class FusedQ4Conv2d(nn.Module):
         return cls(qweight, layer.bias_a, layer.scale_a, layer.scale_w, eps, alpha, shift,
                    in_channels=layer.in_channels, stride=layer.stride, padding=layer.padding,
                    dilation=layer.dilation, a_bit=layer.a_bit, relu=relu, backend=layer.backend)
-
-    def _host_eps(self, tracing: bool) -> float:
-        """float(eps), read from the buffer only when it changed (as the layer does)."""
-        if not tracing:
-            eps = self._buffers["eps"]
-            key = (eps.data_ptr(), _version_of(eps))
-            if key != self._eps_key:
-                self._eps_value = float(eps)
-                self._eps_key = key
-        return self._eps_value
 
     def _kernel_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The kernel-layout weights for x's device and backend, made once per qweight."""

@@ -113,7 +113,26 @@ def _reject_onnx_export() -> None:
                            f"have no ONNX equivalent); supported export routes: {_EXPORT_ROUTES}")
 
 
-class Q4Conv2dCutlass(nn.Module):
+class _HostEps:
+    """float(eps buffer) for forward without a device sync: re-read only when the
+    buffer's storage or version counter changed; while tracing, the last value
+    read. The class sets ``_eps_key = None`` and ``_eps_value`` in __init__."""
+
+    _buffers: Dict[str, torch.Tensor]
+    _eps_key: Optional[Tuple[int, int]]
+    _eps_value: float
+
+    def _host_eps(self, tracing: bool) -> float:
+        if not tracing:
+            eps = self._buffers["eps"]
+            key = (eps.data_ptr(), _version_of(eps))
+            if key != self._eps_key:
+                self._eps_value = float(eps)
+                self._eps_key = key
+        return self._eps_value
+
+
+class Q4Conv2dCutlass(_HostEps, nn.Module):
     """4-bit weights and 4-bit activations 2-D convolution (NCHW or channels_last).
 
     Args:
@@ -265,18 +284,6 @@ class Q4Conv2dCutlass(nn.Module):
         self._inference_cache: Optional[Tuple[torch.Tensor, Any, torch.Tensor, Optional[torch.Tensor]]] = None
         self._host_eps(tracing=False)
         self.prepare_params()
-
-    # ------------------------------------------------------------------ eps
-    def _host_eps(self, tracing: bool) -> float:
-        """float(eps buffer), read from the device only when the buffer changed
-        (its storage or version counter); while tracing, the last value read."""
-        if not tracing:
-            eps = self._buffers["eps"]
-            key = (eps.data_ptr(), _version_of(eps))
-            if key != self._eps_key:
-                self._eps_value = float(eps)
-                self._eps_key = key
-        return self._eps_value
 
     # ------------------------------------------------------------------ scales
     @torch.no_grad()
