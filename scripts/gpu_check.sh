@@ -2,7 +2,7 @@
 # Build q4conv on the GPU machine and run the CUDA tests, the sanitizer and
 # (optionally) the benchmark; logs go to $OUT. `tests` runs the Python suite
 # and the CUDA harnesses of tests/cuda. Expects the nvidia-cutlass wheel
-# in .whl/ (no network there). Usage: scripts/gpu_check.sh [tests|sanitize|bench|demo]...
+# in .whl/ (no network there). Usage: scripts/gpu_check.sh [tests|sanitize|bench|model_train|model_infer|demo]...
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -41,6 +41,8 @@ for step in "$@"; do
       compute-sanitizer --tool racecheck --print-limit 20 python3 -m pytest -q -p no:cacheprovider \
         tests/python/test_forward.py -k "cuda and float16 and nhwc" 2>&1 | tee "$OUT/racecheck.log" | tail -4 ;;
     bench) python3 bench/bench.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
+    model_train) python3 bench/bench_model.py --mode train --out "$OUT" 2>&1 | tee "$OUT/bench_model_train.log" | tail -40 ;;
+    model_infer) python3 bench/bench_model.py --mode infer --out "$OUT" 2>&1 | tee "$OUT/bench_model_infer.log" | tail -40 ;;
     demo) python3 examples/demo.py --device cuda --out "$OUT/demo" 2>&1 | tee "$OUT/demo.log" | tail -15 ;;
   esac
 done
