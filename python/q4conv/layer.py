@@ -527,7 +527,9 @@ class Q4Conv2dCutlass(_HostEps, nn.Module):
         if tracing or torch.is_grad_enabled():
             bias_a, scale_a, scale_w, bias = (None if p is None else p.detach()
                                               for p in (bias_a, scale_a, scale_w, bias))
-        qweight = self.opt_weight
+        qweight = self._buffers["qweight"]  # opt_weight's eval branch without its two attribute lookups
+        if qweight is None:
+            qweight = self.opt_weight
         alpha = kernel_weight = None
         if x.is_cuda and not tracing:
             alpha, kernel_weight = self._cached_kernel_inputs(x, qweight)
