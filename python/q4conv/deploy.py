@@ -287,6 +287,8 @@ class FusedQ4Conv2d(nn.Module):
                 x.detach(), b["bias_a"], b["scale_a"], b["qweight"], b["scale_w"], b["shift"], self.stride,
                 self.padding, self.dilation, eps, self.a_bit, self.relu, self.backend, kernel_weight, b["alpha"])
         float_dtype = float_like.dtype if self.codes_in and float_like is not None else x.dtype
+        if torch.is_autocast_enabled(x.device.type):  # conv_fused's autocast kernel: float out in its dtype
+            float_dtype = torch.get_autocast_dtype(x.device.type)
         fused_residual = residual is None or self._residual_fits(x, residual, float_dtype)
         codes_out = self.codes_out and fused_residual
         out_eps = self._host_float("out_eps", tracing) if codes_out else 1e-5
