@@ -77,6 +77,31 @@ at::Tensor conv_packed_autocast(const at::Tensor& x, const at::Tensor& bias_a,
                  padding, dilation, eps, bits, relu, backend, kernel_weight, alpha);
 }
 
+// conv_fused (the deployed model's op): float x is cast as conv_packed's, and a
+// float output takes the autocast dtype too, also where x is int8 codes
+// (which autocast leaves alone) and out_dtype names the activations' dtype:
+// the unfused model's convolution would have produced the autocast dtype
+// there. The residual is not cast (the op adds it in fp32, exactly); codes
+// out are int8 either way.
+template <DeviceType device>
+at::Tensor conv_fused_autocast(const at::Tensor& x, const at::Tensor& bias_a,
+                               const at::Tensor& scale_a, const at::Tensor& qweight,
+                               const at::Tensor& alpha, const std::optional<at::Tensor>& shift,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, double eps, int64_t bits,
+                               const std::optional<at::Tensor>& residual, bool relu,
+                               const std::optional<at::Tensor>& out_bias_a,
+                               const std::optional<at::Tensor>& out_scale_a, double out_eps,
+                               std::optional<at::ScalarType> out_dtype) {
+  BelowAutocast<device> below;
+  static const auto op = find_op<decltype(conv_fused)>("q4conv::conv_fused");
+  if (out_dtype.has_value() && at::isFloatingType(*out_dtype))
+    out_dtype = at::autocast::get_lower_precision_fp_from_device_type(device);
+  return op.call(autocast_activation<device>(x), bias_a, scale_a, qweight, alpha, shift, stride,
+                 padding, dilation, eps, bits, residual, relu, out_bias_a, out_scale_a, out_eps,
+                 out_dtype);
+}
+
 // No cast: the backward's inputs are what the forward saw. The engine runs a
 // backward with the autocast state of its caller (loss.backward() inside the
 // region), and the gradients must not depend on it.
@@ -118,6 +143,7 @@ template <DeviceType device>
 void register_autocast(torch::Library& m) {
   m.impl("conv_train", &conv_train_autocast<device>);
   m.impl("conv_packed", &conv_packed_autocast<device>);
+  m.impl("conv_fused", &conv_fused_autocast<device>);
   m.impl("conv_train_backward", &conv_train_backward_autocast<device>);
   m.impl("selected_backend", &selected_backend_autocast<device>);
   m.impl("plan", &plan_autocast<device>);

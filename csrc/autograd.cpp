@@ -220,11 +220,48 @@ at::Tensor conv_packed_autograd(const at::Tensor& x, const at::Tensor& bias_a,
                                    dilation, eps, bits, relu, backend, kernel_weight, alpha);
 }
 
+// conv_fused is inference only (the deployed model's op; its codes output has
+// no gradient and its float output has no straight-through formula): an input
+// that requires grad under grad mode is an error, not a silently missing
+// gradient. Otherwise it runs below autograd, its output not requiring grad.
+at::Tensor conv_fused_autograd(const at::Tensor& x, const at::Tensor& bias_a,
+                               const at::Tensor& scale_a, const at::Tensor& qweight,
+                               const at::Tensor& alpha, const std::optional<at::Tensor>& shift,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, double eps, int64_t bits,
+                               const std::optional<at::Tensor>& residual, bool relu,
+                               const std::optional<at::Tensor>& out_bias_a,
+                               const std::optional<at::Tensor>& out_scale_a, double out_eps,
+                               std::optional<at::ScalarType> out_dtype) {
+  if (at::GradMode::is_enabled()) {
+    const std::pair<const char*, const std::optional<at::Tensor>> inputs[] = {
+        {"x", x},
+        {"bias_a", bias_a},
+        {"scale_a", scale_a},
+        {"alpha", alpha},
+        {"shift", shift},
+        {"residual", residual},
+        {"out_bias_a", out_bias_a},
+        {"out_scale_a", out_scale_a}};
+    for (const auto& [name, t] : inputs) {
+      TORCH_CHECK(!(t.has_value() && t->defined() && t->requires_grad()),
+                  "conv_fused is inference only (no gradient): ", name,
+                  " requires grad; detach it or run under torch.no_grad() / "
+                  "torch.inference_mode()");
+    }
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  static const auto op = find_op<decltype(conv_fused)>("q4conv::conv_fused");
+  return op.call(x, bias_a, scale_a, qweight, alpha, shift, stride, padding, dilation, eps, bits,
+                 residual, relu, out_bias_a, out_scale_a, out_eps, out_dtype);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(q4conv, Autograd, m) {
   m.impl("conv_train", &conv_train_autograd);
   m.impl("conv_packed", &conv_packed_autograd);
+  m.impl("conv_fused", &conv_fused_autograd);
 }
 
 }  // namespace q4conv

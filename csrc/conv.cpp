@@ -81,7 +81,8 @@ at::Tensor empty_output(const at::Tensor& x, int64_t out_channels, int64_t p, in
                    x.options().memory_format(x.suggest_memory_format()));
 }
 
-// y in x's suggested memory format; no dispatcher call when it already is.
+}  // namespace
+
 at::Tensor in_x_format(const at::Tensor& y, const at::Tensor& x) {
   const auto format = x.suggest_memory_format();
   return y.is_contiguous(format) ? y : y.contiguous(format);
@@ -93,8 +94,6 @@ void check_qweight(const at::Tensor& qweight, const at::Tensor& x) {
   TORCH_CHECK(qweight.device() == x.device(), "qweight must be on x's device (", x.device(),
               "), got ", qweight.device());
 }
-
-}  // namespace
 
 at::Tensor conv_packed(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
                        const at::Tensor& qweight, const at::Tensor& scale_w,

@@ -26,6 +26,12 @@ TORCH_LIBRARY(q4conv, m) {
       "conv_packed(Tensor x, Tensor bias_a, Tensor scale_a, Tensor qweight, Tensor scale_w, "
       "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, float eps, int bits, "
       "bool relu, str backend, Tensor? kernel_weight=None, Tensor? alpha=None) -> Tensor");
+  // Inference only (no autograd formula): the deployed model's convolution.
+  m.def(
+      "conv_fused(Tensor x, Tensor bias_a, Tensor scale_a, Tensor qweight, Tensor alpha, "
+      "Tensor? shift, int[2] stride, int[2] padding, int[2] dilation, float eps, int bits, "
+      "Tensor? residual, bool relu, Tensor? out_bias_a, Tensor? out_scale_a, float out_eps, "
+      "ScalarType? out_dtype) -> Tensor");
   m.def("kernel_weight(Tensor qweight, int in_channels, str backend) -> Tensor");
   m.def("output_alpha(Tensor scale_a, Tensor scale_w, int out_channels, float eps) -> Tensor");
   m.def(
@@ -56,6 +62,7 @@ TORCH_LIBRARY(q4conv, m) {
 #define Q4CONV_REGISTER_DEVICE_GENERIC(m)              \
   m.impl("unpack", &unpack);                           \
   m.impl("conv_packed", &conv_packed);                 \
+  m.impl("conv_fused", &conv_fused);                   \
   m.impl("conv_train", &conv_train);                   \
   m.impl("conv_train_backward", &conv_train_backward); \
   m.impl("selected_backend", &selected_backend);       \

@@ -41,6 +41,19 @@ at::Tensor conv_packed(const at::Tensor& x, const at::Tensor& bias_a, const at::
                        bool relu, const std::string& backend,
                        const std::optional<at::Tensor>& kernel_weight,
                        const std::optional<at::Tensor>& alpha);
+// Deployed inference forward (conv_epilogue.cpp): x float (quantized as in
+// conv_packed) or int8 activation codes (N, C, H, W) used as they are;
+// v = fp32(alpha * acc) + shift [+ fp32(residual)] [relu], output the
+// consumer's int8 codes (N, K, P, Q) channels_last where out_scale_a is given,
+// else v in out_dtype (default x's dtype) and x's memory format.
+at::Tensor conv_fused(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
+                      const at::Tensor& qweight, const at::Tensor& alpha,
+                      const std::optional<at::Tensor>& shift, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, double eps, int64_t bits,
+                      const std::optional<at::Tensor>& residual, bool relu,
+                      const std::optional<at::Tensor>& out_bias_a,
+                      const std::optional<at::Tensor>& out_scale_a, double out_eps,
+                      std::optional<at::ScalarType> out_dtype);
 // Weights in the layout a CUDA backend reads (sm90_int8: int8 KRSC, channels
 // padded to 16; sm80_int4: packed int4 KRSC, padded to 32), made once and
 // passed back to conv_packed as kernel_weight while qweight is unchanged.
@@ -95,6 +108,10 @@ void check_conv_inputs(const at::Tensor& x, const at::Tensor& bias_a, const at::
                        int64_t out_channels, int64_t bits);
 void check_bits(int64_t bits);
 void check_x_rank(const at::Tensor& x);
+// x 4-D, qweight a uint8 (K, R, S, ceil(C/2)) tensor on x's device.
+void check_qweight(const at::Tensor& qweight, const at::Tensor& x);
+// y in x's suggested memory format; no dispatcher call when it already is.
+at::Tensor in_x_format(const at::Tensor& y, const at::Tensor& x);
 // CPU kernels of the ops whose CUDA kernels live in the CUDA glue.
 at::Tensor cpu_quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
                              int64_t bits);

@@ -83,6 +83,20 @@ def _conv_packed_fake(x, bias_a, scale_a, qweight, scale_w, bias, stride, paddin
     return _conv_output_like(x, k, r, s, stride, padding, dilation)
 
 
+@torch.library.register_fake("q4conv::conv_fused")
+def _conv_fused_fake(x, bias_a, scale_a, qweight, alpha, shift, stride, padding, dilation, eps, bits, residual, relu,
+                     out_bias_a, out_scale_a, out_eps, out_dtype):
+    k, r, s, _ = qweight.shape
+    out_h, out_w = _out_hw(x.shape[2], x.shape[3], r, s, stride, padding, dilation)
+    sizes = (x.shape[0], k, out_h, out_w)
+    if out_scale_a is not None:  # the consumer's codes: int8, channels_last (csrc/conv_epilogue.cpp)
+        return x.new_empty(sizes, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    torch._check(out_dtype is not None or x.dtype != torch.int8,
+                 lambda: "out_dtype is required when x is int8 codes and the output is float")
+    dtype = out_dtype if out_dtype is not None else x.dtype
+    return x.new_empty(sizes, dtype=dtype).contiguous(memory_format=suggest_memory_format(x))
+
+
 def kernel_weight_sizes(k: int, c: int, r: int, s: int, backend: str):
     """The layout rule of csrc/plan.cpp's kernel_weight_layout, mirrored for the
     fake kernel (tests/python/test_plan.py checks that both agree)."""

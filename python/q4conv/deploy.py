@@ -1,33 +1,52 @@
 """``q4conv.deploy``: a trained q4conv model (eval) as an inference graph.
 
-Each q4conv layer followed by an eval ``BatchNorm2d`` and / or a ReLU becomes
-one :class:`FusedQ4Conv2d`, whose forward is one ``torch.ops.q4conv.conv_packed``
-call: the BatchNorm is folded into the epilogue as a per-output-channel scale
-(``alpha``, the multiplier of the integer accumulator) and shift (the op's
-``bias``), not into the weights, so any BatchNorm (negative gammas included)
-folds; the ReLU is the op's ``relu``. SPEC section 8.
+SPEC section 8. Each q4conv layer becomes one :class:`FusedQ4Conv2d` that
+computes, in one op call, the layer with what follows it:
+
+* an eval ``BatchNorm2d``, folded into the epilogue as a per-output-channel
+  scale (``alpha``, the multiplier of the integer accumulator) and shift, not
+  into the weights, so any BatchNorm (negative gammas included) folds;
+* a residual add (``+``, ``torch.add``, ``.add``; either operand order; the
+  other operand is any tensor), then a ReLU;
+* or a ReLU alone;
+* and the output as **activation codes**: where every user of the output is a
+  q4conv layer (possibly behind a max-pool) and all of them share one
+  activation quantizer, the producer writes that quantizer's int8 codes and the
+  consumers read them with no quantization pass; a max-pool between them runs
+  on the codes (rounding is monotonic, so max commutes with quantization).
+  Where the output is needed as float too (a residual identity, pooling, a
+  classifier), it stays float and its q4conv readers quantize it as before.
 
 Graph capture is ``torch.fx`` symbolic tracing with q4conv layers as leaves.
-Matching is a chain of epilogue steps (``_EPILOGUE_STEPS``): each step looks at
-the only user of the chain's current tail and either takes it into the
-epilogue or stops the chain. A graph the steps do not recognise is left as it
-is (the layers run unfused), never rewritten into something else. Later stages
-(residual add, activation codes between layers, max-pool on codes) are new
-steps / patterns there.
+Matching is in three passes. (1) Epilogues: for each q4conv call, latest
+first, a chain of epilogue steps (``_EPILOGUE_STEPS``) each looks at the only
+user of the chain's current tail and takes it into the epilogue or is
+skipped. (2) Codes (``_mark_codes_edges``): each q4conv output, in graph
+order, is switched to codes where all its users allow it. (3) Each matched
+call becomes a :class:`FusedQ4Conv2d`. A graph the passes do not recognise is
+left as it is (the layers run unfused), never rewritten into something else.
+
+Ops: outputs in float with no residual and float inputs run
+``torch.ops.q4conv.conv_packed`` (the stage-1 path, CUDA kernels included);
+everything else (codes in or out, a residual) runs
+``torch.ops.q4conv.conv_fused`` (``csrc/conv_epilogue.cpp``), exact on every
+device; on CUDA it is the ATen arithmetic until the kernels read and write
+codes.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from . import _ops
-from .layer import Q4Conv2dCutlass, _HostEps, _is_tracing, _reject_onnx_export, _version_of
+from .layer import Q4Conv2dCutlass, _is_tracing, _reject_onnx_export, _version_of
 
 __all__ = ["FusedQ4Conv2d", "deploy"]
 
@@ -36,6 +55,15 @@ _FOLDABLE_BATCH_NORMS: Tuple[type, ...] = (nn.BatchNorm2d, nn.SyncBatchNorm)
 # Functions / methods that are a ReLU of their first argument.
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
+# a + b as functions (either operand order), in place (the tail must be the one changed).
+_ADD_FUNCTIONS = (operator.add, torch.add)
+_INPLACE_ADD_FUNCTIONS = (operator.iadd,)
+# Max-pool functions whose first argument is the input (no indices returned).
+_MAX_POOL_FUNCTIONS = (F.max_pool2d, torch.max_pool2d, torch.nn.functional._max_pool2d)
+# Functions that change their first argument (besides names ending in "_" and inplace=True).
+_MUTATING_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                       operator.ilshift, operator.irshift, operator.imatmul, operator.setitem)
 
 
 def fold_batch_norm(alpha: torch.Tensor, conv_bias: Optional[torch.Tensor],
@@ -62,27 +90,38 @@ def fold_batch_norm(alpha: torch.Tensor, conv_bias: Optional[torch.Tensor],
     return alpha_folded, shift
 
 
-class FusedQ4Conv2d(_HostEps, nn.Module):
-    """A q4conv convolution with its BatchNorm and ReLU in the epilogue (inference only).
+class FusedQ4Conv2d(nn.Module):
+    """A q4conv convolution with its epilogue: BatchNorm, residual add, ReLU, codes (inference only).
 
-    ``y = relu?(alpha[k] * conv(q_a, q_w)[k] + shift[k])``, computed by one
-    ``torch.ops.q4conv.conv_packed`` call: activation codes
-    ``q_a = clamp(rint((x + bias_a) / max(scale_a, eps)))`` as the q4conv layer
-    makes them, packed int4 weights ``qweight``, the integer accumulator
-    scaled by ``alpha`` (``s_a * s_w``, times the BatchNorm's ``g``) and
-    shifted by ``shift`` in float32, the output in x's dtype and memory format.
-    On CPU the exact fallback runs; on CUDA the kernel-layout weights are
-    cached per device (as the layer's eval cache).
+    ``v = alpha[k] * conv(q_a, q_w)[k] + shift[k]`` in float32, plus
+    ``fp32(residual)`` where the module takes a residual, then ``max(v, 0)``
+    where ``relu``. ``q_a`` are the activation codes: ``x`` quantized with
+    ``bias_a`` / ``scale_a`` as the q4conv layer does it, or, with
+    ``codes_in``, ``x`` itself (int8 codes written by the producing
+    ``FusedQ4Conv2d``). The output is ``v`` in the activations' float dtype
+    (x's, or ``float_like``'s with codes in), or, where the module has
+    ``out_bias_a`` / ``out_scale_a`` (``codes_out``), the consumers' codes
+    ``clamp(rint((v + out_bias_a) / max(out_scale_a, out_eps)))`` as an int8
+    (N, K, P, Q) channels_last tensor. ``alpha`` is ``s_a * s_w`` times the
+    folded BatchNorm's scale.
+
+    Float in and float out with no residual runs ``torch.ops.q4conv.conv_packed``
+    (the CUDA kernels on a GPU, kernel-layout weights cached per device as the
+    layer's eval cache); codes in or out, or a residual, runs
+    ``torch.ops.q4conv.conv_fused`` (exact on every device; on CUDA its ATen
+    arithmetic for now). A residual that is not a tensor of the output's shape,
+    dtype and device (a broadcast add, type promotion) is added outside the
+    op exactly as the unfused model adds it.
 
     Every tensor is a buffer (``state_dict`` saves and loads them, ``.to(device)``
     moves them). Their dtypes are fixed: ``alpha`` / ``shift`` / ``bias_a`` /
-    ``scale_a`` / ``scale_w`` float32, ``eps`` float64, ``qweight`` uint8;
-    ``.half()`` or ``.to(dtype)`` leave them as they are (the epilogue reads
-    float32; the input's dtype decides the output's).
+    ``scale_a`` / ``scale_w`` / ``out_bias_a`` / ``out_scale_a`` float32,
+    ``eps`` / ``out_eps`` float64, ``qweight`` uint8; ``.half()`` or
+    ``.to(dtype)`` leave them as they are (the epilogue reads float32; the
+    input's dtype decides the output's).
 
     Inference only: no gradient flows through the module (its output does not
-    require grad); the folded epilogue has no straight-through gradient of
-    its own. Build one with :func:`deploy` or :meth:`from_q4conv`.
+    require grad). Build one with :func:`deploy` or :meth:`from_q4conv`.
     """
 
     def __init__(
@@ -102,15 +141,22 @@ class FusedQ4Conv2d(_HostEps, nn.Module):
         a_bit: int = 4,
         relu: bool = False,
         backend: str = "auto",
+        residual: bool = False,
+        codes_in: bool = False,
+        out_quantizer: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
     ) -> None:
         super().__init__()
         if qweight.dtype != torch.uint8 or qweight.dim() != 4 or qweight.shape[3] != (in_channels + 1) // 2:
             raise ValueError(f"qweight must be a uint8 tensor (K, R, S, {(in_channels + 1) // 2}), "
                              f"got {qweight.dtype} {tuple(qweight.shape)}")
         k = qweight.shape[0]
-        for name, t, shape in (("alpha", alpha, (k,)), ("shift", shift, (k,)), ("bias_a", bias_a, (in_channels,))):
+        out_bias_a, out_scale_a, out_eps = out_quantizer if out_quantizer is not None else (None, None, 1e-5)
+        for name, t, shape in (("alpha", alpha, (k,)), ("shift", shift, (k,)), ("bias_a", bias_a, (in_channels,)),
+                               ("out_bias_a", out_bias_a, (k,))):
             if t is not None and tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if out_scale_a is not None and out_scale_a.numel() != 1:
+            raise ValueError(f"out_scale_a must hold one value, got {out_scale_a.numel()}")
         self.in_channels = int(in_channels)
         self.out_channels = int(k)
         self.kernel_size = (int(qweight.shape[1]), int(qweight.shape[2]))
@@ -120,28 +166,48 @@ class FusedQ4Conv2d(_HostEps, nn.Module):
         self.a_bit = int(a_bit)
         self.relu = bool(relu)
         self.backend = backend
+        self.residual = bool(residual)
+        self.codes_in = bool(codes_in)
         device = qweight.device
         f32 = dict(dtype=torch.float32, device=device)
+        f64 = dict(dtype=torch.float64, device=device)
         self.register_buffer("qweight", qweight.detach().clone())
         self.register_buffer("bias_a", bias_a.detach().to(**f32).contiguous())
         self.register_buffer("scale_a", scale_a.detach().to(**f32).clone())
         self.register_buffer("scale_w", scale_w.detach().to(**f32).clone())
-        self.register_buffer("eps", torch.tensor(float(eps), dtype=torch.float64, device=device))
+        self.register_buffer("eps", torch.tensor(float(eps), **f64))
         self.register_buffer("alpha", alpha.detach().to(**f32).contiguous())
         self.register_buffer("shift", None if shift is None else shift.detach().to(**f32).contiguous())
-        self._eps_key: Optional[Tuple[int, int]] = None
-        self._eps_value = float(eps)
+        codes_out = out_quantizer is not None
+        self.register_buffer("out_bias_a", out_bias_a.detach().to(**f32).contiguous() if codes_out else None)
+        self.register_buffer("out_scale_a", out_scale_a.detach().to(**f32).clone() if codes_out else None)
+        self.register_buffer("out_eps", torch.tensor(float(out_eps), **f64) if codes_out else None)
+        # float(buffer) read once per change of the buffer (as the layer reads its eps).
+        self._host_floats: Dict[str, Tuple[Any, float]] = {"eps": (None, float(eps)),
+                                                           "out_eps": (None, float(out_eps))}
         # (qweight, validity key, kernel-layout weights or None for the fallback)
         self._kernel_cache: Optional[Tuple[torch.Tensor, tuple, Optional[torch.Tensor]]] = None
+
+    @property
+    def codes_out(self) -> bool:
+        """Whether the output is the consumers' int8 activation codes (else float)."""
+        return self._buffers.get("out_scale_a") is not None
 
     @classmethod
     @torch.no_grad()
     def from_q4conv(cls, layer: Q4Conv2dCutlass, bn: Optional[nn.modules.batchnorm._BatchNorm] = None,
-                    relu: bool = False) -> "FusedQ4Conv2d":
-        """``relu?(bn?(layer(x)))`` of an eval-mode, calibrated q4conv layer as one module.
+                    relu: bool = False, *, residual: bool = False, codes_in: bool = False,
+                    codes_for: Optional[Q4Conv2dCutlass] = None) -> "FusedQ4Conv2d":
+        """``relu?(bn?(layer(x)) + residual?)`` of an eval-mode, calibrated q4conv layer as one module.
 
-        ``layer`` is not changed (its packed weights are made on the side if it
-        has none). ``bn`` must be in eval mode with running statistics.
+        ``residual``: the module's forward takes a residual, added before the
+        ReLU. ``codes_in``: x is the int8 codes of ``layer``'s activation
+        quantizer (written by a producer with ``codes_for=layer``).
+        ``codes_for``: a q4conv layer (the consumer) whose activation
+        quantizer (``bias_a``, ``scale_a``, ``eps``) the output is written in,
+        as int8 codes. ``layer`` is not changed (its packed weights are made on
+        the side if it has none). ``bn`` must be in eval mode with running
+        statistics.
         """
         if not isinstance(layer, Q4Conv2dCutlass):
             raise TypeError(f"layer must be a Q4Conv2dCutlass, got {type(layer).__name__}")
@@ -151,6 +217,14 @@ class FusedQ4Conv2d(_HostEps, nn.Module):
         if bn is not None and not _foldable_batch_norm(bn, layer.out_channels):
             raise ValueError("bn must be an eval-mode BatchNorm2d with running statistics and "
                              f"num_features={layer.out_channels}")
+        out_quantizer = None
+        if codes_for is not None:
+            if not isinstance(codes_for, Q4Conv2dCutlass) or codes_for.in_channels != layer.out_channels:
+                raise ValueError(f"codes_for must be a Q4Conv2dCutlass with in_channels={layer.out_channels}")
+            if codes_for.a_bit != layer.a_bit:
+                raise ValueError(f"codes_for has a_bit={codes_for.a_bit}, the producer a_bit={layer.a_bit}")
+            _check_calibrated(codes_for, "codes_for")
+            out_quantizer = (codes_for.bias_a, codes_for.scale_a, float(codes_for.eps))
         eps = float(layer.eps)
         qweight = layer.qweight
         if qweight is None:  # the packed weights as the layer would make them, without storing them
@@ -159,7 +233,19 @@ class FusedQ4Conv2d(_HostEps, nn.Module):
         alpha, shift = fold_batch_norm(alpha, layer.bias, bn)
         return cls(qweight, layer.bias_a, layer.scale_a, layer.scale_w, eps, alpha, shift,
                    in_channels=layer.in_channels, stride=layer.stride, padding=layer.padding,
-                   dilation=layer.dilation, a_bit=layer.a_bit, relu=relu, backend=layer.backend)
+                   dilation=layer.dilation, a_bit=layer.a_bit, relu=relu, backend=layer.backend,
+                   residual=residual, codes_in=codes_in, out_quantizer=out_quantizer)
+
+    def _host_float(self, name: str, tracing: bool) -> float:
+        """float(buffer ``name``), read from the buffer only when it changed (as the layer does)."""
+        key, value = self._host_floats[name]
+        if not tracing:
+            t = self._buffers[name]
+            now = (t.data_ptr(), _version_of(t))
+            if now != key:
+                value = float(t)
+                self._host_floats[name] = (now, value)
+        return value
 
     def _kernel_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The kernel-layout weights for x's device and backend, made once per qweight."""
@@ -173,19 +259,71 @@ class FusedQ4Conv2d(_HostEps, nn.Module):
             self._kernel_cache = (qweight, key, weight)
         return self._kernel_cache[2]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_args(self, x: Any, residual: Any, float_like: Any) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be a 4-D tensor (N, {self.in_channels}, H, W), got {shape}")
+        if self.codes_in != (x.dtype == torch.int8):
+            expected = "int8 activation codes" if self.codes_in else "a float tensor"
+            raise ValueError(f"x must be {expected} for this module (codes_in={self.codes_in}), got {x.dtype}")
+        if self.residual != (residual is not None):
+            raise ValueError(f"this module {'takes' if self.residual else 'takes no'} residual "
+                             f"(residual={self.residual}), got {type(residual).__name__}")
+        if self.codes_in and not self.codes_out and not isinstance(float_like, torch.Tensor):
+            raise ValueError("with codes in and a float output, float_like (a tensor of the activations' "
+                             f"dtype) is required, got {type(float_like).__name__}")
+
+    def forward(self, x: torch.Tensor, residual: Optional[Any] = None,
+                float_like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_args(x, residual, float_like)
         tracing = _is_tracing(x)
         if tracing:
             _reject_onnx_export()
-        kernel_weight = None if tracing or not x.is_cuda else self._kernel_weight(x)
         b = self._buffers
-        return _ops.ops.conv_packed.default(
-            x.detach(), b["bias_a"], b["scale_a"], b["qweight"], b["scale_w"], b["shift"], self.stride,
-            self.padding, self.dilation, self._host_eps(tracing), self.a_bit, self.relu, self.backend,
-            kernel_weight, b["alpha"])
+        eps = self._host_float("eps", tracing)
+        if not self.codes_in and not self.codes_out and residual is None:
+            kernel_weight = None if tracing or not x.is_cuda else self._kernel_weight(x)
+            return _ops.ops.conv_packed.default(
+                x.detach(), b["bias_a"], b["scale_a"], b["qweight"], b["scale_w"], b["shift"], self.stride,
+                self.padding, self.dilation, eps, self.a_bit, self.relu, self.backend, kernel_weight, b["alpha"])
+        float_dtype = float_like.dtype if self.codes_in and float_like is not None else x.dtype
+        if torch.is_autocast_enabled(x.device.type):  # conv_fused's autocast kernel: float out in its dtype
+            float_dtype = torch.get_autocast_dtype(x.device.type)
+        fused_residual = residual is None or self._residual_fits(x, residual, float_dtype)
+        codes_out = self.codes_out and fused_residual
+        out_eps = self._host_float("out_eps", tracing) if codes_out else 1e-5
+        y = _ops.ops.conv_fused.default(
+            x.detach(), b["bias_a"], b["scale_a"], b["qweight"], b["alpha"], b["shift"], self.stride, self.padding,
+            self.dilation, eps, self.a_bit, residual.detach() if fused_residual and residual is not None else None,
+            self.relu and fused_residual, b["out_bias_a"] if codes_out else None,
+            b["out_scale_a"] if codes_out else None, out_eps,
+            float_dtype if self.codes_in and not codes_out else None)
+        if fused_residual:
+            return y
+        # A residual the op does not take (broadcast, other dtype or device, not a
+        # tensor): the unfused model's add, ReLU and quantization, as it runs them.
+        y = y + residual
+        if self.relu:
+            y = torch.relu(y)
+        if not self.codes_out:
+            return y
+        codes = _ops.ops.quantize_activation.default(y.detach(), b["out_bias_a"], b["out_scale_a"],
+                                                     self._host_float("out_eps", tracing), self.a_bit)
+        return codes.permute(0, 3, 1, 2)
+
+    def _residual_fits(self, x: torch.Tensor, residual: Any, float_dtype: torch.dtype) -> bool:
+        """Whether conv_fused takes ``residual`` and gives the unfused add's result: a tensor of the
+        output's shape on x's device, in the output's float dtype (a float output; for codes out any
+        of float32 / float16 / bfloat16: the codes come from fp32 v either way)."""
+        if not isinstance(residual, torch.Tensor) or residual.device != x.device or residual.dim() != 4:
+            return False
+        if residual.dtype != float_dtype and not (
+                self.codes_out and residual.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+            return False
+        # The output's height and width (the op checks the geometry itself).
+        p, q = ((x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1)
+                // self.stride[i] + 1 for i in (0, 1))
+        return tuple(residual.shape) == (x.shape[0], self.out_channels, p, q)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "FusedQ4Conv2d":
         # .to(device) moves the buffers; a dtype change (.half(), .to(dtype)) leaves them as they are.
@@ -201,7 +339,7 @@ class FusedQ4Conv2d(_HostEps, nn.Module):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={tuple(self.stride)}, padding={tuple(self.padding)}, "
                 f"dilation={tuple(self.dilation)}, a_bit={self.a_bit}, shift={self.shift is not None}, "
-                f"relu={self.relu}")
+                f"residual={self.residual}, relu={self.relu}, codes_in={self.codes_in}, codes_out={self.codes_out}")
 
 
 # ----------------------------------------------------------------- matching
@@ -217,7 +355,7 @@ def _foldable_batch_norm(bn: nn.Module, channels: int) -> bool:
             and bn.running_var is not None and bn.num_features == channels)
 
 
-def _fusable_q4conv(module: nn.Module) -> bool:
+def _fusable_q4conv(module: Optional[nn.Module]) -> bool:
     # A subclass with its own forward computes something else: not fused.
     return (isinstance(module, Q4Conv2dCutlass) and type(module).forward is Q4Conv2dCutlass.forward
             and not module.training)
@@ -225,31 +363,74 @@ def _fusable_q4conv(module: nn.Module) -> bool:
 
 @dataclass
 class _Match:
-    """A q4conv call node and the epilogue nodes taken after it, in order."""
+    """A q4conv call node, the epilogue nodes taken after it (in order) and its inputs and output."""
 
     conv_node: fx.Node
     conv: Q4Conv2dCutlass
     nodes: List[fx.Node] = field(default_factory=list)
     bn: Optional[nn.modules.batchnorm._BatchNorm] = None
     relu: bool = False
+    residual: Optional[fx.Node] = None       # the add's other operand (as matched; node.args[1] after)
+    codes_in: bool = False                   # x is codes of conv's quantizer
+    float_like: Optional[fx.Node] = None     # with codes in: a tensor of the activations' float dtype
+    codes_for: Optional[Q4Conv2dCutlass] = None  # output: codes of this consumer's quantizer
+
+    @property
+    def tail(self) -> fx.Node:
+        return self.nodes[-1] if self.nodes else self.conv_node
+
+
+def _reads(node: fx.Node) -> List[fx.Node]:
+    """The nodes ``node`` reads, once per reference (args and kwargs)."""
+    refs: List[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), refs.append)
+    return refs
 
 
 def _only_user(node: fx.Node) -> Optional[fx.Node]:
-    """The single node that reads ``node``, reading it once as its first argument and
-    nowhere else (so the epilogue can replace both)."""
+    """The single node that reads ``node``, reading it once (so the epilogue can replace both)."""
     if len(node.users) != 1:
         return None
     user = next(iter(node.users))
-    if not user.args or user.args[0] is not node:
-        return None
-    refs: List[fx.Node] = []
-    fx.node.map_arg((user.args[1:], user.kwargs), refs.append)
-    return None if node in refs else user
+    return user if _reads(user).count(node) == 1 else None
+
+
+def _may_mutate(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """Whether ``node`` may change a tensor in place (conservative: unknown modules may)."""
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        if isinstance(module, (Q4Conv2dCutlass, FusedQ4Conv2d)):
+            return False
+        return bool(getattr(module, "inplace", False)) or not type(module).__module__.startswith("torch.nn.")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return (node.target in _MUTATING_FUNCTIONS or (name.endswith("_") and not name.endswith("__"))
+                or "out" in node.kwargs or any(v is True for v in list(node.args[1:]) + list(node.kwargs.values())))
+    if node.op == "call_method":
+        name = str(node.target)
+        return (name.endswith("_") and not name.endswith("__")) or name == "__setitem__"
+    return False
+
+
+def _nothing_mutates_between(match: _Match, end: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """No node strictly between the conv call and ``end``, other than the chain's own, may change a
+    tensor in place: the fused call can then move to ``end`` (where its residual exists) and read
+    x and the residual as the unfused nodes did."""
+    chain = set(match.nodes)
+    node = match.conv_node.next
+    while node is not end:
+        if node.op == "root":  # end not after the conv: never the case for a user
+            return False
+        if node not in chain and _may_mutate(node, modules):
+            return False
+        node = node.next
+    return True
 
 
 def _take_batch_norm(user: fx.Node, modules: Dict[str, nn.Module], match: _Match) -> bool:
     """``bn(tail)`` with an eval BatchNorm2d, before any other epilogue step."""
-    if match.relu or match.bn is not None or user.op != "call_module" or len(user.args) != 1 or user.kwargs:
+    if match.relu or match.bn is not None or match.residual is not None or match.nodes or \
+            user.op != "call_module" or len(user.args) != 1 or user.kwargs:
         return False
     bn = modules.get(str(user.target))
     if bn is None or not _foldable_batch_norm(bn, match.conv.out_channels):
@@ -260,7 +441,7 @@ def _take_batch_norm(user: fx.Node, modules: Dict[str, nn.Module], match: _Match
 
 def _take_relu(user: fx.Node, modules: Dict[str, nn.Module], match: _Match) -> bool:
     """A ReLU of the tail: nn.ReLU, F.relu / torch.relu / torch.relu_ (inplace or not), .relu() / .relu_()."""
-    if match.relu:
+    if match.relu or user.args[:1] != (match.tail,):
         return False
     if user.op == "call_module":
         ok = type(modules.get(str(user.target))) is nn.ReLU and len(user.args) == 1 and not user.kwargs
@@ -273,39 +454,166 @@ def _take_relu(user: fx.Node, modules: Dict[str, nn.Module], match: _Match) -> b
         ok = user.target in _RELU_METHODS and len(user.args) == 1 and not user.kwargs
     else:
         ok = False
+    if ok and match.residual is not None and not _nothing_mutates_between(match, user, modules):
+        ok = False
     if ok:
         match.relu = True
     return ok
 
 
-# The extension point: the epilogue steps, tried in this order on the only user
-# of the chain's tail; a step that does not apply is skipped, so "BN", "ReLU"
-# and "BN then ReLU" all match. Later stages add steps here (residual add and
-# the ReLU after it, which need the op's residual input; output codes where
-# every consumer is a q4conv layer with the same quantizer, then max-pool on
-# codes), and FusedQ4Conv2d.from_q4conv grows the matching arguments.
+def _take_residual_add(user: fx.Node, modules: Dict[str, nn.Module], match: _Match) -> bool:
+    """``tail + other`` / ``other + tail`` (``+``, ``torch.add``, ``.add``; in place only where the tail
+    is the tensor changed) with any tensor ``other``, before a ReLU. The fused call moves to the
+    add, so nothing between the conv call and the add may change a tensor in place."""
+    if match.relu or match.residual is not None or user.kwargs or len(user.args) != 2:
+        return False
+    tail = match.tail
+    first, second = user.args
+    either_order = ((user.op == "call_function" and any(user.target is f for f in _ADD_FUNCTIONS))
+                    or (user.op == "call_method" and user.target == "add"))
+    tail_in_place = first is tail and (
+        (user.op == "call_function" and any(user.target is f for f in _INPLACE_ADD_FUNCTIONS))
+        or (user.op == "call_method" and user.target == "add_"))
+    if not (either_order or tail_in_place):
+        return False
+    other = second if first is tail else first
+    if not isinstance(other, fx.Node) or other is tail or not _nothing_mutates_between(match, user, modules):
+        return False
+    match.residual = other
+    return True
+
+
+# The epilogue steps, tried in this order on the only user of the chain's tail;
+# a step that does not apply is skipped, so "BN", "ReLU", "BN then ReLU",
+# "BN, add, ReLU", "add, ReLU", ... all match (a ReLU before the add ends the
+# chain there: the op adds the residual before its ReLU). Later stages add
+# steps here and the matching arguments of FusedQ4Conv2d.from_q4conv. The
+# output's form (float or codes) is not a step: it depends on all users of
+# the fused output, decided in a second pass (_mark_codes_edges).
 EpilogueStep = Callable[[fx.Node, Dict[str, nn.Module], _Match], bool]
 _EPILOGUE_STEPS: Tuple[Tuple[str, EpilogueStep], ...] = (
     ("batch_norm", _take_batch_norm),
     ("relu", _take_relu),
+    ("residual_add", _take_residual_add),
+    ("relu_after_add", _take_relu),
 )
 
 
-def _match_epilogue(conv_node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[_Match]:
-    """The longest epilogue after a q4conv call node, or None when there is nothing to fuse."""
-    conv = modules.get(str(conv_node.target))
-    if conv is None or not _fusable_q4conv(conv) or len(conv_node.args) != 1 or conv_node.kwargs:
+def _q4conv_layer(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Q4Conv2dCutlass]:
+    """The layer of a q4conv call node ``layer(x)`` (fused or not, before pass 3), or None."""
+    if node.op != "call_module" or node.kwargs or not 1 <= len(node.args) <= 2:
         return None
-    match = _Match(conv_node, conv)  # type: ignore[arg-type]
-    tail = conv_node
-    for _, step in _EPILOGUE_STEPS:
-        user = _only_user(tail)
+    module = modules.get(str(node.target))
+    return module if _fusable_q4conv(module) else None  # type: ignore[return-value]
+
+
+def _match_epilogue(conv_node: fx.Node, modules: Dict[str, nn.Module], steps: Sequence[Tuple[str, EpilogueStep]]
+                    ) -> Optional[_Match]:
+    """The longest epilogue after a q4conv call node, or None when there is nothing to fuse."""
+    conv = _q4conv_layer(conv_node, modules)
+    if conv is None or len(conv_node.args) != 1:
+        return None
+    match = _Match(conv_node, conv)
+    for _, step in steps:
+        user = _only_user(match.tail)
         if user is None:
             break
         if step(user, modules, match):
             match.nodes.append(user)
-            tail = user
     return match if match.nodes else None
+
+
+def _fuse_epilogues(graph: fx.Graph, modules: Dict[str, nn.Module], residual: bool) -> Dict[fx.Node, _Match]:
+    """Pass 1: each q4conv call (the latest first, so of two convolutions meeting in an add the later
+    one, a block's main path, takes it) with its epilogue nodes folded into the call node."""
+    steps = tuple(s for s in _EPILOGUE_STEPS if residual or s[0] != "residual_add")
+    matches: Dict[fx.Node, _Match] = {}
+    for node in reversed(list(graph.nodes)):
+        match = _match_epilogue(node, modules, steps)
+        if match is None:
+            continue
+        matches[node] = match
+        tail = match.tail
+        tail.replace_all_uses_with(node)
+        if match.residual is not None:
+            tail.prepend(node)  # after the residual; _nothing_mutates_between allowed the move
+            node.args = (node.args[0], match.residual)
+        for taken in reversed(match.nodes):
+            graph.erase_node(taken)
+    return matches
+
+
+def _max_pool_of(node: fx.Node, source: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is a 2-D max-pool of ``source`` (its first argument, read once), values only."""
+    if not node.args or node.args[0] is not source or _reads(node).count(source) != 1:
+        return False
+    if node.op == "call_module":
+        pool = modules.get(str(node.target))
+        return type(pool) is nn.MaxPool2d and not pool.return_indices and len(node.args) == 1 and not node.kwargs
+    if node.op == "call_function" and any(node.target is f for f in _MAX_POOL_FUNCTIONS):
+        # F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+        return node.kwargs.get("return_indices", False) is False and (len(node.args) < 7 or node.args[6] is False)
+    return False
+
+
+def _same_quantizer(a: Q4Conv2dCutlass, b: Q4Conv2dCutlass) -> bool:
+    """One activation quantizer: the same bias_a / scale_a (q4conv.convert's sharing) or equal
+    values, with the same eps and bit width."""
+    if a.a_bit != b.a_bit or a.in_channels != b.in_channels or float(a.eps) != float(b.eps):
+        return False
+    if a.bias_a is b.bias_a and a.scale_a is b.scale_a:
+        return True
+    return all(x.dtype == y.dtype and x.device == y.device and x.shape == y.shape and torch.equal(x, y)
+               for x, y in ((a.bias_a.detach(), b.bias_a.detach()), (a.scale_a.detach(), b.scale_a.detach())))
+
+
+def _mark_codes_edges(graph: fx.Graph, modules: Dict[str, nn.Module], matches: Dict[fx.Node, _Match]) -> None:
+    """Pass 2: a q4conv output whose every user is a q4conv layer reading it as x, directly or
+    through max-pools, all with one activation quantizer, becomes that quantizer's codes; the
+    readers take codes, the max-pools run on them. Graph order, so a producer's input is
+    settled (codes or float) before its output is."""
+    for node in list(graph.nodes):
+        layer = _q4conv_layer(node, modules)
+        if layer is None or not node.users:
+            continue
+        consumers: List[fx.Node] = []
+        pools: List[fx.Node] = []
+        ok = True
+        for user in node.users:
+            if _q4conv_layer(user, modules) is not None and user.args[0] is node and _reads(user).count(node) == 1:
+                consumers.append(user)
+            elif _max_pool_of(user, node, modules) and user.users and all(
+                    _q4conv_layer(u, modules) is not None and u.args[0] is user and _reads(u).count(user) == 1
+                    for u in user.users):
+                pools.append(user)
+                consumers.extend(user.users)
+            else:
+                ok = False
+                break
+        if not ok or not consumers:
+            continue
+        readers = [_q4conv_layer(c, modules) for c in consumers]
+        first = readers[0]
+        if first.in_channels != layer.out_channels or first.a_bit != layer.a_bit or \
+                not all(_same_quantizer(first, r) for r in readers[1:]):
+            continue
+        producer = matches.setdefault(node, _Match(node, layer))
+        producer.codes_for = first
+        if producer.codes_in:
+            float_like = producer.float_like
+        else:  # a tensor of x's dtype that does not keep x alive
+            with graph.inserting_before(node):
+                float_like = graph.call_method("new_empty", (node.args[0], (0,)))
+        for consumer in consumers:
+            match = matches.setdefault(consumer, _Match(consumer, _q4conv_layer(consumer, modules)))
+            match.codes_in, match.float_like = True, float_like
+        for pool in pools:  # max of the codes as floats (exact: -8..7), back to int8
+            with graph.inserting_before(pool):
+                as_float = graph.call_method("float", (node,))
+            pool.replace_input_with(node, as_float)
+            with graph.inserting_after(pool):
+                codes = graph.call_method("to", (pool, torch.int8))
+            pool.replace_all_uses_with(codes, delete_user_cb=lambda user: user is not codes)
 
 
 class _DeployTracer(fx.Tracer):
@@ -333,23 +641,44 @@ def _free_name(root: nn.Module, name: str) -> str:
 
 
 @torch.no_grad()
-def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = ()) -> fx.GraphModule:
-    """An inference copy of ``model`` (eval mode) with BatchNorm and ReLU fused into its q4conv layers.
+def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (), residual: bool = True,
+           codes: bool = True) -> fx.GraphModule:
+    """An inference copy of ``model`` (eval mode) with BatchNorm, residual adds, ReLU and activation
+    codes fused into its q4conv layers.
 
     ``model`` is traced with ``torch.fx`` (q4conv layers and ``leaf_modules``
     kept whole) and copied; ``model`` itself is not changed. In the copy, each
-    q4conv layer followed by an eval ``BatchNorm2d`` (the layer's only user)
-    and / or a ReLU (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``.relu()``,
-    in-place forms; the only user of what it follows) becomes a
-    :class:`FusedQ4Conv2d` under the layer's name. Everything else (a
-    BatchNorm in training mode or with other users, a layer whose output is
-    used twice, residual adds, pooling) is kept as it was.
+    q4conv layer with an epilogue becomes a :class:`FusedQ4Conv2d` under the
+    layer's name: an eval ``BatchNorm2d`` that is the layer's only user, then
+    (``residual=True``) an add of any other tensor (``+``, ``torch.add``,
+    ``.add``, either operand order; ``+=`` / ``.add_`` where the conv side is
+    changed in place), then a ReLU (``nn.ReLU``, ``F.relu``, ``torch.relu``,
+    ``.relu()``, in-place forms), each the only user of what it follows.
+    With ``codes=True``, a q4conv output whose every user is a q4conv layer
+    (directly or behind ``nn.MaxPool2d`` / ``F.max_pool2d``), all sharing one
+    activation quantizer (the same ``bias_a`` / ``scale_a`` objects, as
+    ``q4conv.convert`` shares them, or equal values and ``eps``), is written
+    as that quantizer's int8 codes, read by the layers without a quantization
+    pass; the max-pools run on the codes. An output also needed as float (a
+    residual identity, pooling, a classifier, the model's output) stays float.
+    Everything else (a BatchNorm in training mode or with other users, a layer
+    whose output is used twice, a ReLU before the add) is kept as it was.
 
-    Numerics: the fused output equals the unfused eval model's
-    ``relu(bn(layer(x)))`` up to the float32 rounding of the fold (alpha and
-    shift are computed in float64 and rounded once; the unfused path rounds
-    the layer's output to x's dtype before the BatchNorm, the fused one only
-    at the end).
+    Numerics: the deployed model equals the unfused eval model up to the
+    float32 rounding of the BatchNorm fold (alpha and shift are computed in
+    float64 and rounded once) and, in float16 / bfloat16, to where values are
+    rounded to that dtype: the fused epilogue adds the residual and computes
+    codes from the float32 value, the unfused model from values rounded to
+    the activations' dtype. In float32 the codes are bit-identical to those
+    the consumers compute from the stage-1 deployed model's float outputs
+    (``codes=False, residual=False``). Max-pooling codes equals quantizing the
+    max-pooled float value except where that value is NaN (it quantizes to
+    0; the codes' max-pool gives the largest code of the rest), which a
+    q4conv epilogue with finite parameters never produces.
+
+    On CUDA, convolutions with codes or a residual run the exact ATen path of
+    ``torch.ops.q4conv.conv_fused`` until the kernels read and write codes;
+    ``codes=False, residual=False`` keeps every fused layer on the kernels.
 
     Raises ValueError when ``model`` is in training mode or a q4conv layer has
     no activation scale yet (calibrate first). The result runs under
@@ -378,21 +707,31 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = ()) ->
     for node in graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    matches = _fuse_epilogues(graph, modules, residual)
+    if codes:
+        _mark_codes_edges(graph, modules, matches)
+    # Pass 3: the modules, named in graph order.
+    carriers = set()
     for node in list(graph.nodes):
-        if node.op != "call_module":
-            continue
-        match = _match_epilogue(node, modules)
+        match = matches.get(node)
         if match is None:
             continue
-        fused = FusedQ4Conv2d.from_q4conv(match.conv, match.bn, match.relu)
+        fused = FusedQ4Conv2d.from_q4conv(match.conv, match.bn, match.relu, residual=match.residual is not None,
+                                          codes_in=match.codes_in, codes_for=match.codes_for)
+        args: Tuple[Any, ...] = tuple(node.args)  # (x,) or (x, residual): pass 1 set them
+        if match.codes_in and match.codes_for is None:  # codes in, float out: the float dtype's carrier
+            args += (None,) * (2 - len(args)) + (match.float_like,)
+        if match.float_like is not None:
+            carriers.add(match.float_like)
+        node.args = args
         target = str(node.target)
         if calls[target] > 1:  # a layer called in several places keeps its name for the other calls
             target = _free_name(gm, target)
         gm.add_submodule(target, fused)
         node.target = target
-        match.nodes[-1].replace_all_uses_with(node)
-        for taken in reversed(match.nodes):
-            graph.erase_node(taken)
+    for carrier in carriers:
+        if not carrier.users:
+            graph.erase_node(carrier)
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

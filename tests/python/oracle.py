@@ -93,3 +93,41 @@ def reference_training_forward(x, bias_a, scale_a, weight, scale_w, bias, conv: 
     w_numel = weight[0].numel() if per_channel else weight.numel()
     wq = lsq(weight, scale_w.reshape(-1, 1, 1, 1), w_numel, conv.eps, conv.bits)
     return F.conv2d(xq, wq, bias, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation))
+
+
+def fused_forward(x, bias_a, scale_a, weight, scale_w, alpha, shift, conv: Conv, residual=None, relu=False,
+                  out_bias_a=None, out_scale_a=None, out_eps=1e-5, out_dtype=None):
+    """SPEC section 8's deployed convolution (torch.ops.q4conv.conv_fused), from SPEC section 3.
+
+    x: float activations (quantized with bias_a / scale_a) or int8 codes (used as they are).
+    v = fp32(alpha * acc) + shift, + fp32(residual), ReLU (NaN stays NaN): each an IEEE fp32 op,
+    acc the exact integer sum. Returns (out, v fp32, v_exact float64, magnitude float64) with out the
+    consumer's codes (int8, from v) when out_scale_a is given, else v rounded to out_dtype (default
+    x's dtype); magnitude = |alpha acc| + |shift| + |residual| (what the fp32 roundings scale with).
+    """
+    q_a = x.cpu().float() if x.dtype == torch.int8 else activation_codes(x.cpu(), bias_a.cpu(), scale_a.cpu(),
+                                                                           conv.eps, conv.bits)
+    acc = integer_conv(q_a, weight_codes(weight.cpu(), scale_w.cpu(), conv.eps, conv.bits), conv)
+    assert acc.abs().max().item() < 2 ** 24 if acc.numel() else True  # exact in fp32
+    k = acc.shape[1]
+    alpha32 = alpha.detach().cpu().float().view(1, k, 1, 1)
+    v = acc.float() * alpha32
+    exact = acc * alpha32.double()
+    magnitude = exact.abs()
+    if shift is not None:
+        v = v + shift.detach().cpu().float().view(1, k, 1, 1)
+        exact = exact + shift.detach().cpu().double().view(1, k, 1, 1)
+        magnitude = magnitude + shift.detach().cpu().double().abs().view(1, k, 1, 1)
+    if residual is not None:
+        v = v + residual.cpu().float()
+        exact = exact + residual.cpu().double()
+        magnitude = magnitude + residual.cpu().double().abs()
+    if relu:
+        v = torch.where(v < 0, torch.zeros_like(v), v)
+        exact = torch.where(exact < 0, torch.zeros_like(exact), exact)
+    if out_scale_a is not None:
+        shifted = v + out_bias_a.detach().cpu().float().view(1, k, 1, 1)
+        out = codes(shifted, effective_scale(out_scale_a.cpu(), out_eps).reshape(1, 1, 1, 1), conv.bits)
+        return out.to(torch.int8), v, exact, magnitude
+    dtype = out_dtype if out_dtype is not None else x.dtype
+    return v.to(dtype), v, exact, magnitude

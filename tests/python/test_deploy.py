@@ -356,20 +356,30 @@ class Patterns(nn.Module):
         return a, a2, b, c, d, e, f, g, h, self.alone(x)
 
 
-def test_unsupported_patterns_stay_unfused_and_equal():
+# Stage 1 (BN and ReLU only) and the default (residual adds too: the later call of an add's
+# two convolutions takes it): {fused module: (relu, residual)}.
+STAGE1_FUSED = {
+    "twice_fused": (False, False),  # the first call of `twice` (its output's only user is BN)
+    "shared_bn": (False, False), "relu_first": (True, False), "inplace": (False, False),
+    "shared_fused": (False, False), "shared_fused2": (False, False)}
+DEFAULT_FUSED = dict(STAGE1_FUSED, twice_fused2=(False, True), shared_fused2=(False, True))
+
+
+@pytest.mark.parametrize("flags, expected", [(dict(residual=False, codes=False), STAGE1_FUSED), ({}, DEFAULT_FUSED)],
+                         ids=["stage1", "default"])
+def test_unsupported_patterns_stay_unfused_and_equal(flags, expected):
     torch.manual_seed(0)
     model = Patterns()
     randomize_batchnorm_(model, torch.Generator().manual_seed(0))
     model.bn_batch = nn.BatchNorm2d(6, track_running_stats=False)
     calibrated(model, (2, 6, 8, 8))
     model.bn_train.train()
-    deployed = q4conv.deploy(model)
+    deployed = q4conv.deploy(model, **flags)
     fused = fused_layers(deployed)
     kept = {n for n, m in deployed.named_modules() if isinstance(m, q4conv.Q4Conv2dCutlass)}
     assert kept == {"twice", "train_bn", "batch_stats", "leaky", "alone"}
-    assert {n: m.relu for n, m in fused.items()} == {
-        "twice_fused": False,  # the first call of `twice` (its output's only user is BN)
-        "shared_bn": False, "relu_first": True, "inplace": False, "shared_fused": False, "shared_fused2": False}
+    assert {n: (m.relu, m.residual) for n, m in fused.items()} == expected
+    assert not any(m.codes_in or m.codes_out for m in fused.values())  # no output is read by q4conv layers only
     assert {"bn_twice", "bn_train", "bn_batch", "bn_after"} <= dict(deployed.named_modules()).keys()
     x = torch.randn(3, 6, 8, 8)
     with torch.no_grad():

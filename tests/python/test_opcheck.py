@@ -24,6 +24,13 @@ def test_opcheck_all_ops(device, case, channels_last):
     torch.library.opcheck(ops.conv_packed, (x, bias_a, scale_a, qweight, scale_w, bias, *conv, False, "auto"))
     alpha = ops.output_alpha(scale_a, scale_w, case.k, 1e-5)
     torch.library.opcheck(ops.output_alpha, (scale_a, scale_w, case.k, 1e-5))
+    # conv_fused (deploy): float in with a residual, codes out; codes in, float out (test_codes.py has more).
+    residual = torch.randn_like(ops.conv_packed(x, bias_a, scale_a, qweight, scale_w, bias, *conv, False, "auto"))
+    torch.library.opcheck(ops.conv_fused, (x, bias_a, scale_a, qweight, alpha, bias, *conv, residual, True,
+                                           bias_a.new_zeros(case.k), scale_a, 1e-5, None))
+    codes = ops.quantize_activation(x, bias_a, scale_a, 1e-5, 4).permute(0, 3, 1, 2)
+    torch.library.opcheck(ops.conv_fused, (codes, bias_a, scale_a, qweight, alpha, bias, *conv, None, False,
+                                           None, None, 1e-5, torch.bfloat16))
     if device == "cuda":
         for backend in ("sm80_int4", "sm90_int8"):
             kernel_weight = ops.kernel_weight(qweight, case.c, backend)
