@@ -641,8 +641,15 @@ def _free_name(root: nn.Module, name: str) -> str:
 
 
 @torch.no_grad()
-def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (), residual: bool = True,
-           codes: bool = True) -> fx.GraphModule:
+def _q4_layers_on_cpu(model: nn.Module) -> bool:
+    """Whether every q4conv layer's tensors are on the CPU (where conv_fused's
+    exact path is the only path anyway)."""
+    return all(t.device.type == "cpu" for m in model.modules() if isinstance(m, (Q4Conv2dCutlass, FusedQ4Conv2d))
+               for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
+
+
+def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
+           residual: Optional[bool] = None, codes: Optional[bool] = None) -> fx.GraphModule:
     """An inference copy of ``model`` (eval mode) with BatchNorm, residual adds, ReLU and activation
     codes fused into its q4conv layers.
 
@@ -677,8 +684,12 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (), re
     q4conv epilogue with finite parameters never produces.
 
     On CUDA, convolutions with codes or a residual run the exact ATen path of
-    ``torch.ops.q4conv.conv_fused`` until the kernels read and write codes;
-    ``codes=False, residual=False`` keeps every fused layer on the kernels.
+    ``torch.ops.q4conv.conv_fused`` until the kernels read and write codes,
+    slower than the kernels. So ``residual`` and ``codes`` default (``None``)
+    to what is fastest where the model is at deploy time: on for a model on
+    the CPU, off for a model on a GPU (every fused layer then runs the
+    kernels: BatchNorm and ReLU folded, float between layers). Pass ``True``
+    to get the codes network on a GPU anyway (exact, for checking).
 
     Raises ValueError when ``model`` is in training mode or a q4conv layer has
     no activation scale yet (calibrate first). The result runs under
@@ -692,6 +703,9 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (), re
     for name, module in model.named_modules():
         if isinstance(module, Q4Conv2dCutlass) and not module.training:
             _check_calibrated(module, name)
+    on_cpu = _q4_layers_on_cpu(model)
+    residual = on_cpu if residual is None else residual
+    codes = on_cpu if codes is None else codes
     model = copy.deepcopy(model)
     tracer = _DeployTracer(leaf_modules)
     try:
