@@ -16,7 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .layer import SUPPORTED_BITS, Q4Conv2dCutlass, _int_arg, _padding_arg
+from .layer import SUPPORTED_BITS, Q4Conv2dCutlass, _int_arg, _padding_arg, keep_eps_out_of_ddp_broadcast
 
 SkipPredicate = Callable[[str, nn.Module], bool]
 Skip = Union[None, str, Iterable[str], SkipPredicate]
@@ -103,6 +103,7 @@ def convert(
     _replace_children(model, replacements)
     for group in groups:
         _share_activation_quantizer(group)
+    keep_eps_out_of_ddp_broadcast(model)
     return model
 
 

@@ -639,11 +639,31 @@ def _version_of(t: torch.Tensor) -> int:
 
 def prepare_q4conv_layers(model: nn.Module) -> nn.Module:
     """Call ``prepare_params()`` on every q4conv layer of ``model`` (after init or
-    after loading float weights, before training). Returns ``model``."""
+    after loading float weights, before training), and keep the layers' ``eps``
+    buffers out of DistributedDataParallel's per-step buffer broadcast.
+    Returns ``model``."""
     for module in model.modules():
         if isinstance(module, Q4Conv2dCutlass) and module.weight is not None:
             module.prepare_params()
+    keep_eps_out_of_ddp_broadcast(model)
     return model
+
+
+def keep_eps_out_of_ddp_broadcast(model: nn.Module) -> None:
+    """List every q4conv layer's ``eps`` buffer in ``model``'s DDP ignore list.
+
+    DistributedDataParallel (``broadcast_buffers=True``, its default) copies every
+    buffer from rank 0 before each forward. eps never changes in training, but
+    the copy bumps its version counter, and the layer then re-reads it on the
+    host (``float(eps)``): one device synchronisation per layer per step.
+    Applies when ``model`` itself is what DDP wraps; ``q4conv.convert`` and
+    ``prepare_q4conv_layers`` call it."""
+    names = [f"{name}.eps" if name else "eps" for name, m in model.named_modules()
+             if isinstance(m, Q4Conv2dCutlass) and "eps" in m._buffers]
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    if names and not set(names) <= set(ignored):
+        # What DistributedDataParallel._set_params_and_buffers_to_ignore_for_model sets.
+        model._ddp_params_and_buffers_to_ignore = ignored + [n for n in names if n not in ignored]
 
 
 # The seed library's name for the same helper.

@@ -65,6 +65,8 @@ def test_every_conv_replaced(arch):
     assert conv_names(model, nn.Conv2d) == names  # inplace=False left the float model alone
     assert isinstance(converted.fc, nn.Linear) and torch.equal(converted.fc.weight, model.fc.weight)
     assert len(names) == {"resnet18": 20, "resnet50": 53}[arch]
+    # DDP leaves the eps buffers alone (its broadcast would make every layer re-read eps)
+    assert converted._ddp_params_and_buffers_to_ignore == [f"{name}.eps" for name in names]
 
 
 def test_inplace_converts_the_model_itself():

@@ -79,7 +79,7 @@ def _make_model() -> TinyResNet:
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.eval()
-    return model
+    return q4conv.prepare_q4conv_layers(model)
 
 
 def _data():
@@ -145,6 +145,7 @@ def _train_worker(rank: int, init_file: str, ckpt: str, results) -> None:
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = _optimizer(model)
         part = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        eps_keys = [m._eps_key for m in _q4_layers(model)]
         for step in range(STEPS):
             opt.zero_grad()
             # The first forward initialises every scale_a from (sum |x|, count) all-reduced
@@ -154,6 +155,8 @@ def _train_worker(rank: int, init_file: str, ckpt: str, results) -> None:
             _assert_same_on_all_ranks(model, f"after step {step}")
             if rank == 0:
                 results[f"state{step}"] = _state(model)
+        # DDP's buffer broadcast must not make the layers re-read eps (a device sync on GPU).
+        results[f"eps_rereads{rank}"] = sum(m._eps_key != k for m, k in zip(_q4_layers(model), eps_keys))
         if rank == 0:
             torch.save(model.state_dict(), ckpt)
         dist.barrier()
@@ -209,6 +212,7 @@ def test_ddp_training_equals_one_process_on_the_joined_batch():
     for layer_name in ("conv1", "layer1.conv1", "layer1.conv2", "layer1.downsample.0"):
         assert float(got[f"state{STEPS - 1}"][f"{layer_name}.scale_a"]) > 0
     for r in range(WORLD):  # the checkpoint gives identical eval outputs on every rank
+        assert got[f"eps_rereads{r}"] == 0, "DDP's buffer broadcast made layers re-read eps"
         assert torch.equal(got[f"out{r}"], got["out0"])
         assert torch.equal(got[f"out{r}"], got[f"trained_out{r}"])
 
