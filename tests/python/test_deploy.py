@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import fx, nn
+from torch import nn
 
 import oracle
 import q4conv
