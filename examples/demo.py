@@ -9,7 +9,10 @@ Trains an FP32 baseline CNN (nn.Conv2d) and the same architecture whose convolut
 * writes a PNG of train loss / test accuracy per epoch for both models;
 * packs the W4A4 model (``generate_quantized_weight(qweight_only=True)``), saves its
   ``state_dict``, loads it into a fresh model and checks that the test-set logits and
-  predictions are bit-identical (exit code 1 if not).
+  predictions are bit-identical (exit code 1 if not);
+* deploys it (``q4conv.deploy``: BatchNorm and ReLU folded into the convolutions; on the
+  CPU also 4-bit activation codes between layers and max-pool on codes) and prints its
+  accuracy and top-1 agreement with the packed model (and the time per pass on a GPU).
 
 Usage::
 
@@ -178,6 +181,32 @@ def pack_and_reload_check(model: nn.Module, seed: int, device: torch.device, x_t
     return identical, packed_bytes(model), path
 
 
+def deploy_check(model: nn.Module, x_te: torch.Tensor, y_te: torch.Tensor,
+                 device: torch.device) -> Dict[str, float]:
+    """q4conv.deploy of the packed eval model (BatchNorm and ReLU folded into the
+    convolutions; on the CPU also activation codes between layers and max-pool
+    on codes): accuracy, top-1 agreement with the packed model, largest logit
+    difference, and on a GPU the time per test-set pass of both."""
+    model.eval()
+    deployed = q4conv.deploy(model)
+    reference, logits = predict(model, x_te), predict(deployed, x_te)
+    result = {
+        "acc": float((logits.argmax(1) == y_te).float().mean()) * 100.0,
+        "agreement": float((logits.argmax(1) == reference.argmax(1)).float().mean()) * 100.0,
+        "max_logit_diff": float((logits.float() - reference.float()).abs().max()),
+    }
+    if device.type == "cuda":
+        for name, net in (("eval_ms", model), ("deployed_ms", deployed)):
+            predict(net, x_te)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(5):
+                predict(net, x_te)
+            torch.cuda.synchronize()
+            result[name] = (time.perf_counter() - start) / 5 * 1e3
+    return result
+
+
 # ------------------------------------------------------------------------ output
 def plot(histories: Dict[str, Dict[str, object]], path: Path) -> None:
     import matplotlib
@@ -264,6 +293,8 @@ def main(argv=None) -> int:
     identical, w4a4_packed, ckpt = pack_and_reload_check(models["W4A4"], args.seed, device, data[2], args.out)
     packed_acc = float((predict(models["W4A4"], data[2]).argmax(1) == data[3]).float().mean()) * 100.0
 
+    deployed = deploy_check(models["W4A4"], data[2], data[3], device)
+
     plot_path = args.out / "demo_curves.png"
     plot(histories, plot_path)
     print(f"wrote {plot_path} and {ckpt} ({ckpt.stat().st_size} bytes on disk)")
@@ -274,6 +305,12 @@ def main(argv=None) -> int:
     print(f"pack (qweight_only=True) -> torch.save -> fresh model -> load_state_dict: "
           f"reloaded predictions on {len(x_te)} test images are {status} (logits and argmax)")
     print(f"W4A4 accuracy after packing: {packed_acc:.2f}%  |  FP32 - W4A4 gap: {fp_acc - q_acc:+.2f} points")
+    print(f"q4conv.deploy (BatchNorm + ReLU folded{', codes between layers' if device.type == 'cpu' else ''}): "
+          f"top-1 agreement with the packed model {deployed['agreement']:.2f}%, "
+          f"largest logit difference {deployed['max_logit_diff']:.2e}")
+    if "deployed_ms" in deployed:
+        print(f"test-set pass on {device}: packed eval model {deployed['eval_ms']:.2f} ms, "
+              f"deployed {deployed['deployed_ms']:.2f} ms")
     print(f"total run time: {time.perf_counter() - t_start:.1f} s")
     print()
     header = ["model", "test acc (%)", "size (bytes)", "size vs FP32", "train time (s)"]
@@ -282,6 +319,8 @@ def main(argv=None) -> int:
         ["W4A4 q4conv (training, float weights)", f"{q_acc:.2f}", f"{w4a4_train_bytes}",
          f"{w4a4_train_bytes / fp32_bytes:.2f}x", f"{histories['W4A4']['time']:.1f}"],
         ["W4A4 q4conv (packed int4, reloaded)", f"{packed_acc:.2f}", f"{w4a4_packed}",
+         f"{w4a4_packed / fp32_bytes:.2f}x", "-"],
+        ["W4A4 q4conv deployed (q4conv.deploy)", f"{deployed['acc']:.2f}", f"{w4a4_packed}",
          f"{w4a4_packed / fp32_bytes:.2f}x", "-"],
     ]
     print(format_table(rows, header))

@@ -1,6 +1,7 @@
 """End-to-end check of the main job: examples/demo.py --quick (train FP32 + W4A4, plot,
 pack, save, reload into a fresh model, compare predictions)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,9 @@ def test_demo_quick(tmp_path):
     assert png.is_file() and png.stat().st_size > 0, output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "predictions on" in output and "are IDENTICAL" in output, output
+    agreement = re.search(r"top-1 agreement with the packed model ([0-9.]+)%", output)
+    assert agreement is not None and float(agreement.group(1)) >= 99.0, output
     assert "NOT IDENTICAL" not in output
     # The final table is printed last.
     last = [line for line in proc.stdout.strip().splitlines() if line.strip()][-1]
-    assert last.startswith("| W4A4 q4conv (packed int4"), output
+    assert last.startswith("| W4A4 q4conv deployed"), output
