@@ -818,13 +818,8 @@ def write_report(out: Path, results: Sequence[Dict[str, Any]], command: str, top
 
 # ---------------------------------------------------------------------- main
 def _int_list(text: str) -> List[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return sorted(set(values))
+    """bench_model's comma-separated positive integers, sorted, each once."""
+    return sorted(set(bm._int_list(text)))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
