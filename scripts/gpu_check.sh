@@ -2,7 +2,7 @@
 # Build q4conv on the GPU machine and run the CUDA tests, the sanitizer and
 # (optionally) the benchmark; logs go to $OUT. `tests` runs the Python suite
 # and the CUDA harnesses of tests/cuda. Expects the nvidia-cutlass wheel
-# in .whl/ (no network there). Usage: scripts/gpu_check.sh [tests|sanitize|bench|model_train|model_infer|ddp|demo]...
+# in .whl/ (no network there). Usage: scripts/gpu_check.sh [tests|sanitize|bench|codes|model_train|model_infer|ddp|demo]...
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -41,6 +41,7 @@ for step in "$@"; do
       compute-sanitizer --tool racecheck --print-limit 20 python3 -m pytest -q -p no:cacheprovider \
         tests/python/test_forward.py -k "cuda and float16 and nhwc" 2>&1 | tee "$OUT/racecheck.log" | tail -4 ;;
     bench) python3 bench/bench.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
+    codes) python3 bench/bench_codes.py --out "$OUT" 2>&1 | tee "$OUT/bench_codes.log" | tail -40 ;;
     model_train) python3 bench/bench_model.py --mode train --out "$OUT" 2>&1 | tee "$OUT/bench_model_train.log" | tail -40 ;;
     model_infer) python3 bench/bench_model.py --mode infer --out "$OUT" 2>&1 | tee "$OUT/bench_model_infer.log" | tail -40 ;;
     ddp) python3 bench/bench_ddp.py --out "$OUT/ddp" 2>&1 | tee "$OUT/bench_ddp.log" | tail -45 ;;
