@@ -544,6 +544,23 @@ def plot(rows: List[Dict[str, object]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def write_results(out: Path, stem: str, rows: List[Dict[str, object]], columns: Sequence[str], md: str,
+                  plot_fn: Callable[[List[Dict[str, object]], Path, str], None], title: str) -> None:
+    """<stem>.csv, <stem>.md and the plot <stem>.png under out; a failed plot is
+    reported, not raised (the table matters more)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / f"{stem}.md").write_text(md + "\n")
+    try:
+        plot_fn(rows, out / f"{stem}.png", title)
+    except Exception as exc:
+        print(f"plot failed: {exc}", file=sys.stderr)
+    print(f"wrote {out / (stem + '.csv')}, {out / (stem + '.md')}, {out / (stem + '.png')}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -623,17 +640,7 @@ def main(argv=None) -> int:
     md = markdown(rows, summary, header)
 
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        with open(args.out / "bench.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        (args.out / "bench.md").write_text(md + "\n")
-        try:
-            plot(rows, args.out / "bench.png", f"q4conv speed-ups on {device_name}")
-        except Exception as exc:
-            print(f"plot failed: {exc}", file=sys.stderr)
-        print(f"wrote {args.out / 'bench.csv'}, {args.out / 'bench.md'}, {args.out / 'bench.png'}")
+        write_results(args.out, "bench", rows, COLUMNS, md, plot, f"q4conv speed-ups on {device_name}")
     print()
     print(md)
     return 0

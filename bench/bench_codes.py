@@ -35,7 +35,6 @@ Targets (issue 18): speed-up >= 3x geomean over the 23 batch-64 shapes, none bel
 from __future__ import annotations
 
 import argparse
-import csv
 import shlex
 import statistics
 import sys
@@ -149,6 +148,12 @@ COLUMNS = [
 ]
 
 
+def error_line(label: str, exc: BaseException) -> str:
+    """One line for a row's error column: what failed, the exception type and its first line."""
+    text = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{label}: {type(exc).__name__}: {text}"
+
+
 def bench_shape(shape: Shape, args) -> Dict[str, object]:
     device = args.device
     cuda = device.type == "cuda"
@@ -164,7 +169,7 @@ def bench_shape(shape: Shape, args) -> Dict[str, object]:
         try:
             fn()
         except Exception as exc:  # report in the row and carry on
-            errors.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+            errors.append(error_line(label, exc))
             if args.verbose:
                 traceback.print_exc()
         finally:
@@ -214,7 +219,7 @@ def bench_shape(shape: Shape, args) -> Dict[str, object]:
                 rounds.setdefault(key, []).append(thunk())
             except Exception as exc:
                 failed.add(label)
-                errors.append(f"{key}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+                errors.append(error_line(key, exc))
                 if args.verbose:
                     traceback.print_exc()
             finally:
@@ -402,17 +407,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary.append(f"- total benchmark time {time.perf_counter() - t0:.0f} s")
     md = markdown(rows, header, summary)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        with open(args.out / "bench_codes.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        (args.out / "bench_codes.md").write_text(md + "\n")
-        try:
-            plot(rows, args.out / "bench_codes.png", f"q4conv codes-in/codes-out layers vs fp16 conv on {card}")
-        except Exception as exc:
-            print(f"plot failed: {exc}", file=sys.stderr)
-        print(f"wrote {args.out / 'bench_codes.csv'}, {args.out / 'bench_codes.md'}, {args.out / 'bench_codes.png'}")
+        bench.write_results(args.out, "bench_codes", rows, COLUMNS, md, plot,
+                            f"q4conv codes-in/codes-out layers vs fp16 conv on {card}")
     print()
     print(md)
     return 0
