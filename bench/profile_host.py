@@ -159,10 +159,10 @@ def main(argv=None) -> int:
             "eval layer call (inference_mode)": eval_q4,
             "conv_packed op, cached weights (eval's op alone)": lambda: ops.conv_packed.default(
                 x, inf_layer.bias_a, inf_layer.scale_a, inf_layer.qweight, inf_layer.scale_w, None, *conv[:3],
-                1e-5, 4, False, "auto", *reversed(inf_layer._cached_kernel_inputs(x, inf_layer.qweight))),
+                1e-5, 4, False, "auto", *reversed(inf_layer._cached_kernel_inputs(x, inf_layer.qweight, 1e-5))),
             "conv_packed op, N=0 (dispatch, argument parsing, checks only)": lambda: ops.conv_packed.default(
                 x[:0], inf_layer.bias_a, inf_layer.scale_a, inf_layer.qweight, inf_layer.scale_w, None,
-                *conv[:3], 1e-5, 4, False, "auto", *reversed(inf_layer._cached_kernel_inputs(x, inf_layer.qweight))),
+                *conv[:3], 1e-5, 4, False, "auto", *reversed(inf_layer._cached_kernel_inputs(x, inf_layer.qweight, 1e-5))),
             "eval layer call, op stubbed (the Python layer alone)": lambda: stubbed_layer(x),
             "aten.convolution fp16 (no F.conv2d wrapper)": lambda: torch.ops.aten.convolution.default(
                 x, w16.detach(), None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1),

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import _ops
-from .layer import Q4Conv2dCutlass, _is_tracing, _reject_onnx_export, _version_of
+from .layer import Q4Conv2dCutlass, _HostFloats, _is_tracing, _reject_onnx_export, _version_of
 
 __all__ = ["FusedQ4Conv2d", "deploy"]
 
@@ -90,7 +90,7 @@ def fold_batch_norm(alpha: torch.Tensor, conv_bias: Optional[torch.Tensor],
     return alpha_folded, shift
 
 
-class FusedQ4Conv2d(nn.Module):
+class FusedQ4Conv2d(_HostFloats, nn.Module):
     """A q4conv convolution with its epilogue: BatchNorm, residual add, ReLU, codes (inference only).
 
     ``v = alpha[k] * conv(q_a, q_w)[k] + shift[k]`` in float32, plus
@@ -235,17 +235,6 @@ class FusedQ4Conv2d(nn.Module):
                    in_channels=layer.in_channels, stride=layer.stride, padding=layer.padding,
                    dilation=layer.dilation, a_bit=layer.a_bit, relu=relu, backend=layer.backend,
                    residual=residual, codes_in=codes_in, out_quantizer=out_quantizer)
-
-    def _host_float(self, name: str, tracing: bool) -> float:
-        """float(buffer ``name``), read from the buffer only when it changed (as the layer does)."""
-        key, value = self._host_floats[name]
-        if not tracing:
-            t = self._buffers[name]
-            now = (t.data_ptr(), _version_of(t))
-            if now != key:
-                value = float(t)
-                self._host_floats[name] = (now, value)
-        return value
 
     def _kernel_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The kernel-layout weights for x's device and backend, made once per qweight."""

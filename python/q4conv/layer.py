@@ -113,26 +113,27 @@ def _reject_onnx_export() -> None:
                            f"have no ONNX equivalent); supported export routes: {_EXPORT_ROUTES}")
 
 
-class _HostEps:
-    """float(eps buffer) for forward without a device sync: re-read only when the
-    buffer's storage or version counter changed; while tracing, the last value
-    read. The class sets ``_eps_key = None`` and ``_eps_value`` in __init__."""
+class _HostFloats:
+    """float(buffer) for forward without a device sync: a buffer is re-read only
+    when its storage or version counter changed; while tracing, the last value
+    read. The class fills ``_host_floats`` (buffer name -> (key, value)) in
+    __init__."""
 
     _buffers: Dict[str, torch.Tensor]
-    _eps_key: Optional[Tuple[int, int]]
-    _eps_value: float
+    _host_floats: Dict[str, Tuple[Any, float]]
 
-    def _host_eps(self, tracing: bool) -> float:
+    def _host_float(self, name: str, tracing: bool) -> float:
+        key, value = self._host_floats[name]
         if not tracing:
-            eps = self._buffers["eps"]
-            key = (eps.data_ptr(), _version_of(eps))
-            if key != self._eps_key:
-                self._eps_value = float(eps)
-                self._eps_key = key
-        return self._eps_value
+            t = self._buffers[name]
+            now = (t.data_ptr(), _version_of(t))
+            if now != key:
+                value = float(t)
+                self._host_floats[name] = (now, value)
+        return value
 
 
-class Q4Conv2dCutlass(_HostEps, nn.Module):
+class Q4Conv2dCutlass(_HostFloats, nn.Module):
     """4-bit weights and 4-bit activations 2-D convolution (NCHW or channels_last).
 
     Args:
@@ -272,8 +273,7 @@ class Q4Conv2dCutlass(_HostEps, nn.Module):
         # Host-side copies so forward never synchronises with the device: eps
         # (re-read when the buffer's storage or version changes) and whether
         # scale_a is initialised (kept with the buffer by this class).
-        self._eps_key: Optional[Tuple[int, int]] = None
-        self._eps_value = 1e-5
+        self._host_floats: Dict[str, Tuple[Any, float]] = {"eps": (None, 1e-5)}
         # A one-element list, so layers that share one activation quantizer
         # (q4conv.convert) share it too: resetting the shared scale_a through
         # one layer makes every layer of the group re-initialise it.
@@ -282,7 +282,7 @@ class Q4Conv2dCutlass(_HostEps, nn.Module):
         self._calibration: Optional[List[Any]] = None
         # Eval-mode CUDA cache: (validity key, alpha, kernel-layout weights).
         self._inference_cache: Optional[Tuple[torch.Tensor, Any, torch.Tensor, Optional[torch.Tensor]]] = None
-        self._host_eps(tracing=False)
+        self._host_float("eps", tracing=False)
         self.prepare_params()
 
     # ------------------------------------------------------------------ scales
@@ -313,11 +313,15 @@ class Q4Conv2dCutlass(_HostEps, nn.Module):
         self._scale_a_flag[0] = ready
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        # Modules pickled before the flag was shared kept a plain bool.
+        # Modules pickled before the flag was shared kept a plain bool ...
         ready = state.pop("_scale_a_ready", False)
         super().__setstate__(state)
         if "_scale_a_flag" not in self.__dict__:
             self._scale_a_flag = [bool(ready)]
+        # ... and eps as _eps_key / _eps_value.
+        if "_host_floats" not in self.__dict__:
+            self._host_floats = {"eps": (self.__dict__.pop("_eps_key", None),
+                                         self.__dict__.pop("_eps_value", 1e-5))}
 
     def _mark_scale_a(self, ready: bool) -> None:
         self.scale_a_initialized.fill_(ready)
@@ -450,7 +454,7 @@ class Q4Conv2dCutlass(_HostEps, nn.Module):
 
     def _pack_weight(self, tracing: bool) -> torch.Tensor:
         with torch.no_grad():
-            return _ops.ops.quantize_pack(self.weight, self.scale_w, self._host_eps(tracing), self.w_bit)
+            return _ops.ops.quantize_pack(self.weight, self.scale_w, self._host_float("eps", tracing), self.w_bit)
 
     @property
     def opt_weight(self) -> torch.Tensor:
@@ -512,7 +516,7 @@ class Q4Conv2dCutlass(_HostEps, nn.Module):
         # (docs/notes/host-overhead.md): the .default overloads skip the overload-packet lookup,
         # and parameters come from the _parameters dict (each self.<parameter>
         # is a Module.__getattr__ call).
-        args = (list(self.stride), list(self.padding), list(self.dilation), self._host_eps(tracing), self.a_bit)
+        args = (list(self.stride), list(self.padding), list(self.dilation), self._host_float("eps", tracing), self.a_bit)
         named = self._parameters
         bias_a, scale_a, scale_w, bias = named["bias_a"], named["scale_a"], named["scale_w"], named["bias"]
         if self.training:
@@ -532,13 +536,13 @@ class Q4Conv2dCutlass(_HostEps, nn.Module):
             qweight = self.opt_weight
         alpha = kernel_weight = None
         if x.is_cuda and not tracing:
-            alpha, kernel_weight = self._cached_kernel_inputs(x, qweight)
+            alpha, kernel_weight = self._cached_kernel_inputs(x, qweight, args[3])
         return _ops.ops.conv_packed.default(
             x, bias_a, scale_a, qweight, scale_w, bias, *args, False, self.backend, kernel_weight, alpha,
         )
 
     def _cached_kernel_inputs(
-        self, x: torch.Tensor, qweight: torch.Tensor
+        self, x: torch.Tensor, qweight: torch.Tensor, eps: float
     ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """alpha = s_a * s_w and the kernel-layout weights, made once per set of
         packed weights and scales (keyed on their storage and version counters)
@@ -547,11 +551,10 @@ class Q4Conv2dCutlass(_HostEps, nn.Module):
         # reused by a new qweight; in-place changes bump the version counters.
         scale_a, scale_w = self._parameters["scale_a"], self._parameters["scale_w"]
         key = (x.device, _version_of(qweight), scale_a.data_ptr(), _version_of(scale_a),
-               scale_w.data_ptr(), _version_of(scale_w), self._eps_value, self.backend)
+               scale_w.data_ptr(), _version_of(scale_w), eps, self.backend)
         cache = self._inference_cache
         if cache is None or cache[0] is not qweight or cache[1] != key:
-            alpha = _ops.ops.output_alpha(self.scale_a.detach(), self.scale_w.detach(), self.out_channels,
-                                          self._eps_value)
+            alpha = _ops.ops.output_alpha(self.scale_a.detach(), self.scale_w.detach(), self.out_channels, eps)
             # The plan's backend for this input: its weight layout. An input
             # another backend runs re-lays the weights per call (conv_packed
             # checks the cached layout).

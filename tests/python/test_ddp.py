@@ -145,7 +145,7 @@ def _train_worker(rank: int, init_file: str, ckpt: str, results) -> None:
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = _optimizer(model)
         part = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        eps_keys = [m._eps_key for m in _q4_layers(model)]
+        eps_keys = [m._host_floats["eps"][0] for m in _q4_layers(model)]
         for step in range(STEPS):
             opt.zero_grad()
             # The first forward initialises every scale_a from (sum |x|, count) all-reduced
@@ -156,7 +156,7 @@ def _train_worker(rank: int, init_file: str, ckpt: str, results) -> None:
             if rank == 0:
                 results[f"state{step}"] = _state(model)
         # DDP's buffer broadcast must not make the layers re-read eps (a device sync on GPU).
-        results[f"eps_rereads{rank}"] = sum(m._eps_key != k for m, k in zip(_q4_layers(model), eps_keys))
+        results[f"eps_rereads{rank}"] = sum(m._host_floats["eps"][0] != k for m, k in zip(_q4_layers(model), eps_keys))
         if rank == 0:
             torch.save(model.state_dict(), ckpt)
         dist.barrier()
