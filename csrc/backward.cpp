@@ -89,10 +89,8 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
   check_conv_inputs(x, bias_a, scale_a, scale_w, std::nullopt, weight.size(0), params.bits);
   TORCH_CHECK(weight.size(1) == x.size(1), "x must have ", weight.size(1),
               " channels (the weight's in_channels), got ", x.size(1));
-  TORCH_CHECK(weight.device() == x.device(), "weight must be on x's device (", x.device(),
-              "), got ", weight.device());
-  TORCH_CHECK(grad_out.device() == x.device(), "grad_out must be on x's device (", x.device(),
-              "), got ", grad_out.device());
+  check_on_device("weight", weight, x);
+  check_on_device("grad_out", grad_out, x);
   const auto [p, q] = output_hw(x.size(2), x.size(3), weight.size(2), weight.size(3), params);
   const std::array<int64_t, 4> expected{x.size(0), weight.size(0), p, q};
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.sizes() == at::IntArrayRef(expected),

@@ -26,11 +26,6 @@ Tensor4dOut lsq_out(at::Tensor& t) {
   return out;
 }
 
-void check_on_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.device() == x.device(), name, " must be on x's device (", x.device(), "), got ",
-              t.device());
-}
-
 // bias_a as fp32 [C] and scale_a as one fp32 value, both on x's device.
 std::pair<at::Tensor, at::Tensor> activation_params(const at::Tensor& x, const at::Tensor& bias_a,
                                                     const at::Tensor& scale_a) {
@@ -39,8 +34,8 @@ std::pair<at::Tensor, at::Tensor> activation_params(const at::Tensor& x, const a
   TORCH_CHECK(bias_a.dim() == 1 && bias_a.size(0) == x.size(1), "bias_a must have shape [",
               x.size(1), "] (x's channels), got ", bias_a.sizes());
   TORCH_CHECK(scale_a.numel() == 1, "scale_a must hold one value, got ", scale_a.numel());
-  check_on_device(bias_a, x, "bias_a");
-  check_on_device(scale_a, x, "scale_a");
+  check_on_device("bias_a", bias_a, x);
+  check_on_device("scale_a", scale_a, x);
   return {fp32_dense(bias_a), fp32_dense(scale_a)};
 }
 
@@ -120,7 +115,7 @@ LsqBackward cuda_lsq_backward(const at::Tensor& grad_act, const at::Tensor& x, a
   TORCH_CHECK(grad_act.sizes() == x.sizes() && grad_act.scalar_type() == x.scalar_type(),
               "grad_act must have x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
               grad_act.sizes(), " ", grad_act.scalar_type());
-  check_on_device(grad_act, x, "grad_act");
+  check_on_device("grad_act", grad_act, x);
   // One value, so any fp32 tensor is read right through its data pointer
   // (no reshape / contiguous dispatcher calls).
   const float* multiplier = nullptr;
@@ -128,7 +123,7 @@ LsqBackward cuda_lsq_backward(const at::Tensor& grad_act, const at::Tensor& x, a
     TORCH_CHECK(grad_scale->numel() == 1 && grad_scale->scalar_type() == at::kFloat,
                 "grad_scale must be one float32 value, got ", grad_scale->numel(), " values of ",
                 grad_scale->scalar_type());
-    check_on_device(*grad_scale, x, "grad_scale");
+    check_on_device("grad_scale", *grad_scale, x);
     multiplier = grad_scale->data_ptr<float>();
   }
 
@@ -247,9 +242,9 @@ cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
                          const at::Tensor& scale_w, bool has_bias, const ConvParams& params,
                          const BackwardPlan& plan) {
   const c10::cuda::CUDAGuard device_guard(x.device());
-  check_on_device(weight, x, "weight");
-  check_on_device(scale_w, x, "scale_w");
-  check_on_device(grad_out, x, "grad_out");
+  check_on_device("weight", weight, x);
+  check_on_device("scale_w", scale_w, x);
+  check_on_device("grad_out", grad_out, x);
   const double eps = params.eps;
   const int64_t bits = params.bits, k_out = weight.size(0);
   const auto [bias_f, s_a] = activation_params(x, bias_a, scale_a);

@@ -14,31 +14,31 @@ void check_x_rank(const at::Tensor& x) {
               x.sizes());
 }
 
+void check_activation_quantizer(const at::Tensor& x, const at::Tensor& bias_a,
+                                const at::Tensor& scale_a) {
+  TORCH_CHECK(bias_a.dim() == 1 && bias_a.size(0) == x.size(1), "bias_a must have shape [",
+              x.size(1), "] (x's channels), got ", bias_a.sizes());
+  TORCH_CHECK(scale_a.numel() == 1, "scale_a must hold one value, got ", scale_a.numel());
+  check_on_device("bias_a", bias_a, x);
+  check_on_device("scale_a", scale_a, x);
+}
+
 void check_conv_inputs(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
                        const at::Tensor& scale_w, const std::optional<at::Tensor>& bias,
                        int64_t out_channels, int64_t bits) {
   check_bits(bits);
   check_x_rank(x);
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "x must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(bias_a.dim() == 1 && bias_a.size(0) == x.size(1), "bias_a must have shape [",
-              x.size(1), "] (x's channels), got ", bias_a.sizes());
-  TORCH_CHECK(scale_a.numel() == 1, "scale_a must hold one value, got ", scale_a.numel());
+  TORCH_CHECK(is_float_activation(dtype), "x must be float32, float16 or bfloat16, got ", dtype);
+  check_activation_quantizer(x, bias_a, scale_a);
   TORCH_CHECK(scale_w.numel() == 1 || scale_w.numel() == out_channels,
               "scale_w must hold 1 value or one per output channel (", out_channels, "), got ",
               scale_w.numel());
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"bias_a", &bias_a},
-                                {"scale_a", &scale_a},
-                                {"scale_w", &scale_w}}) {
-    TORCH_CHECK(t->device() == x.device(), name, " must be on x's device (", x.device(), "), got ",
-                t->device());
-  }
+  check_on_device("scale_w", scale_w, x);
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_channels, "bias must have shape [",
                 out_channels, "] (out_channels), got ", bias->sizes());
-    TORCH_CHECK(bias->device() == x.device(), "bias must be on x's device (", x.device(), "), got ",
-                bias->device());
+    check_on_device("bias", *bias, x);
   }
 }
 
@@ -91,8 +91,7 @@ at::Tensor in_x_format(const at::Tensor& y, const at::Tensor& x) {
 void check_qweight(const at::Tensor& qweight, const at::Tensor& x) {
   check_x_rank(x);
   check_qweight_layout(qweight, x.size(1));
-  TORCH_CHECK(qweight.device() == x.device(), "qweight must be on x's device (", x.device(),
-              "), got ", qweight.device());
+  check_on_device("qweight", qweight, x);
 }
 
 at::Tensor conv_packed(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
@@ -135,8 +134,7 @@ at::Tensor conv_train(const at::Tensor& x, const at::Tensor& bias_a, const at::T
   check_conv_inputs(x, bias_a, scale_a, scale_w, bias, weight.size(0), bits);
   TORCH_CHECK(weight.size(1) == x.size(1), "x must have ", weight.size(1),
               " channels (the weight's in_channels), got ", x.size(1));
-  TORCH_CHECK(weight.device() == x.device(), "weight must be on x's device (", x.device(),
-              "), got ", weight.device());
+  check_on_device("weight", weight, x);
   const int64_t k_out = weight.size(0), r = weight.size(2), s = weight.size(3);
   const auto [p, q] = output_hw(x.size(2), x.size(3), r, s, params);
   if (x.size(0) == 0) return empty_output(x, k_out, p, q);

@@ -27,15 +27,6 @@ namespace {
 using QuantizeActivationOp = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                         double, int64_t);
 
-bool is_float_activation(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
-void check_on_device(const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), name, " must be on x's device (", x.device(), "), got ",
-              t.device());
-}
-
 // Argument checks (SPEC section 5); returns the float output dtype, or
 // nullopt for codes out.
 std::optional<at::ScalarType> check_fused_inputs(
@@ -60,11 +51,7 @@ std::optional<at::ScalarType> check_fused_inputs(
   const int64_t k = qweight.size(0);
   // bias_a / scale_a are x's quantizer: read for float x; for codes x (made
   // with them by the producer) only their shapes and device are checked.
-  TORCH_CHECK(bias_a.dim() == 1 && bias_a.size(0) == x.size(1), "bias_a must have shape [",
-              x.size(1), "] (x's channels), got ", bias_a.sizes());
-  TORCH_CHECK(scale_a.numel() == 1, "scale_a must hold one value, got ", scale_a.numel());
-  check_on_device("bias_a", bias_a, x);
-  check_on_device("scale_a", scale_a, x);
+  check_activation_quantizer(x, bias_a, scale_a);
   TORCH_CHECK(alpha.scalar_type() == at::kFloat && alpha.dim() == 1 && alpha.size(0) == k &&
                   alpha.is_contiguous(),
               "alpha must be a contiguous float32 tensor [", k,

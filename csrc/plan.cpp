@@ -1,6 +1,7 @@
 // Planning of a convolution (see plan.h): the backend choice, the plan cache,
 // the backward's path and the kernel weight layout rule.
 #include "plan.h"
+#include "q4conv.h"
 
 #include <map>
 #include <mutex>
@@ -124,14 +125,11 @@ std::shared_ptr<const ConvPlan> plan_conv(const at::Tensor& x, int64_t out_chann
 BackwardPlan plan_backward(const at::Tensor& x, at::IntArrayRef weight_sizes,
                            at::ScalarType weight_dtype, bool weight_on_cuda,
                            const ConvParams& params) {
-  const auto floating = [](at::ScalarType t) {
-    return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-  };
   BackwardPlan plan;
   const int64_t weight_numel =
       weight_sizes[0] * weight_sizes[1] * weight_sizes[2] * weight_sizes[3];
   plan.cuda_kernels = x.is_cuda() && weight_on_cuda && x.numel() > 0 && weight_numel > 0 &&
-                      floating(x.scalar_type()) && floating(weight_dtype);
+                      is_float_activation(x.scalar_type()) && is_float_activation(weight_dtype);
   const bool strided = params.stride[0] > 1 || params.stride[1] > 1;
   const bool pointwise = weight_sizes[2] == 1 && weight_sizes[3] == 1 && params.padding[0] == 0 &&
                          params.padding[1] == 0;

@@ -102,7 +102,21 @@ inline void check_defined(
     TORCH_CHECK(t->defined(), name, " must be a tensor, got None");
 }
 
+// fp32 / fp16 / bf16: the activation dtypes (and a float output's).
+inline bool is_float_activation(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// `name` (an op argument) must be on x's device.
+inline void check_on_device(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), name, " must be on x's device (", x.device(), "), got ",
+              t.device());
+}
+
 // Shared argument checks of the conv ops (SPEC section 5).
+// x's activation quantizer: bias_a [C] and one scale_a, on x's device.
+void check_activation_quantizer(const at::Tensor& x, const at::Tensor& bias_a,
+                                const at::Tensor& scale_a);
 void check_conv_inputs(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
                        const at::Tensor& scale_w, const std::optional<at::Tensor>& bias,
                        int64_t out_channels, int64_t bits);
