@@ -15,9 +15,9 @@ Timing as bench.py: CUDA events, warm-up, median of --repeats, median over --rou
 rounds, eager and in a CUDA graph (`time_ms` / `time_graph_ms`), rotating input buffers when an
 input fits in L2, cudnn.benchmark on.
 
-Op path: today `conv_fused` on CUDA runs ATen arithmetic (quantization kernel for float inputs,
-an ATen integer convolution, ATen epilogue ops), not a fused kernel: these numbers are the
-baseline that the codes kernels (issue 18) will replace. The `path` column says which ran.
+Op path (the `path` column): on sm_90, `conv_fused` runs the sm90 int8 kernels, reading the codes
+with no quantization pass and writing the consumer's codes from the fp32 epilogue value; elsewhere
+(or a layer they do not take) its exact ATen arithmetic.
 
 Floor of a codes-in / codes-out layer (docs/notes/codes-between-layers-floor.md):
 max(int8 ops / 1979e12, bytes / 3.35e12) with bytes = input codes (for 1x1 pad-0 convolutions the
@@ -71,10 +71,23 @@ def code_floor_ms(shape: Shape, code_bits: int) -> float:
     return max(shape.ops() / INT8_PEAK_OPS, code_bytes(shape, code_bits) / HBM_BYTES_PER_S) * 1e3
 
 
-def op_path(device: torch.device) -> str:
-    """The path FusedQ4Conv2d's codes-in / codes-out call takes on ``device`` (conv_fused has no
-    kernel of its own yet)."""
-    return "conv_fused ATen (CUDA)" if device.type == "cuda" else "conv_fused CPU reference"
+def op_path(device: torch.device, fused: Optional[object] = None, codes: Optional[torch.Tensor] = None) -> str:
+    """The path FusedQ4Conv2d's codes-in / codes-out call takes on ``device``: the sm90 kernels where
+    conv_fused runs them for this layer (asked by forcing backend="sm90_int8", which raises where
+    it cannot), else its exact ATen arithmetic."""
+    if device.type != "cuda":
+        return "conv_fused CPU reference"
+    if fused is not None and codes is not None:
+        b = fused._buffers
+        try:
+            torch.ops.q4conv.conv_fused(
+                codes, b["bias_a"], b["scale_a"], b["qweight"], b["alpha"], b["shift"], fused.stride, fused.padding,
+                fused.dilation, float(b["eps"]), fused.a_bit, None, True, b["out_bias_a"], b["out_scale_a"],
+                float(b["out_eps"]), None, "sm90_int8")
+            return "conv_fused sm90 kernels"
+        except RuntimeError:
+            pass
+    return "conv_fused ATen (CUDA)"
 
 
 # ------------------------------------------------------------------- the layer
@@ -190,6 +203,7 @@ def bench_shape(shape: Shape, args) -> Dict[str, object]:
         y = case.fn(case.codes[0])
         assert y.dtype == torch.int8 and tuple(y.shape) == (shape.n, shape.k, shape.p, shape.p) and \
             y.is_contiguous(memory_format=torch.channels_last), f"codes out: {y.dtype} {tuple(y.shape)}"
+        row["path"] = op_path(device, case.fused, case.codes[0])
         register("q4_codes", case.fn, case.codes)
 
     def setup_fp16() -> None:
@@ -384,9 +398,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"`{command}`",
         f"torch {torch.__version__}, CUDA {torch.version.cuda}, q4conv {getattr(q4conv, '__version__', '?')}; "
         f"warm-up {args.warmup}, median of {args.repeats}, median over {args.rounds} rounds; {timing}; times in ms.",
-        f"Op path: {op_path(args.device)}: `torch.ops.q4conv.conv_fused` has no codes kernel yet"
-        + (" and runs ATen arithmetic on CUDA, so these q4 times are the baseline the codes kernels will "
-           "replace." if cuda else ", so on the CPU it runs its reference arithmetic.")
+        "Op path: the `path` column (`torch.ops.q4conv.conv_fused`: the sm90 kernels reading and writing "
+        "codes where they take the layer, else its exact ATen arithmetic; on the CPU its reference arithmetic)."
         + " Floor = max(int8 ops / 1979 TOPS, bytes / 3.35 TB/s), bytes = input codes + int4 weights + "
           "output codes + 3 fp32 per output channel, codes of 8 or packed 4 bits; floor frac = floor / q4 "
           "graph time; bound = fp16 graph time / floor (CUDA only).",

@@ -53,6 +53,8 @@ q4conv peak memory <= fp16 AMP's.
             weights, per-layer path, fp16 input (BatchNorm and fc in fp16, q4conv parameters fp32);
   deployed  q4conv.deploy(q4 eval model) (BatchNorm / ReLU fused into the q4conv epilogues), fp16
             input, where q4conv has deploy (else a row says it is absent);
+  deployed, codes  q4conv.deploy(q4, codes=True, residual=True): int8 codes between q4conv layers,
+            residual adds in the epilogues (conv_fused);
 each eager (torch.inference_mode) and replayed from a CUDA graph (captured after warm-up; a failed
 capture is reported, not fatal; --no-graph skips), and with --compile under torch.compile
 (mode="max-autotune" for fp16, default mode for the q4conv models; dynamic=False, so one compile per
@@ -567,8 +569,9 @@ def _merge_rounds(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 # -------------------------------------------------------------- infer mode
-INFER_MODELS = ("fp16", "q4", "deploy")
-INFER_LABELS = {"fp16": "fp16 float", "q4": "q4conv QAT eval", "deploy": "q4conv deployed"}
+INFER_MODELS = ("fp16", "q4", "deploy", "deploy_codes")
+INFER_LABELS = {"fp16": "fp16 float", "q4": "q4conv QAT eval", "deploy": "q4conv deployed",
+                "deploy_codes": "q4conv deployed, codes"}
 INFER_COLUMNS = [
     ("batch", "batch", 0), ("label", "model", 0), ("mode", "mode", 0), ("ms", "ms / forward", 3),
     ("images_s", "images/s", 0), ("vs_fp16_eager", "x fp16 eager", 3),
@@ -598,16 +601,18 @@ def build_infer_models(spec: ModelSpec, device: torch.device, which: Sequence[st
             q4conv.calibrate(q4, [calib.to(device).contiguous(memory_format=torch.channels_last)])
         except Exception as exc:
             q4, note = None, _error_text("convert / calibrate", exc)
-            out.update({k: (None, note) for k in ("q4", "deploy") if k in which})
+            out.update({k: (None, note) for k in ("q4", "deploy", "deploy_codes") if k in which})
         if q4 is not None:
-            if "deploy" in which:
+            for name, options in (("deploy", {}), ("deploy_codes", {"codes": True, "residual": True})):
+                if name not in which:
+                    continue
                 if not hasattr(q4conv, "deploy"):
-                    out["deploy"] = (None, "skipped: this q4conv has no q4conv.deploy")
-                else:
-                    try:
-                        out["deploy"] = (half_except_q4conv(q4conv.deploy(q4), half), "")
-                    except Exception as exc:
-                        out["deploy"] = (None, _error_text("q4conv.deploy", exc))
+                    out[name] = (None, "skipped: this q4conv has no q4conv.deploy")
+                    continue
+                try:
+                    out[name] = (half_except_q4conv(q4conv.deploy(q4, **options), half), "")
+                except Exception as exc:
+                    out[name] = (None, _error_text("q4conv.deploy", exc))
             if "q4" in which:
                 out["q4"] = (half_except_q4conv(q4, half), "")
     return out

@@ -92,14 +92,15 @@ at::Tensor conv_fused_autocast(const at::Tensor& x, const at::Tensor& bias_a,
                                const std::optional<at::Tensor>& residual, bool relu,
                                const std::optional<at::Tensor>& out_bias_a,
                                const std::optional<at::Tensor>& out_scale_a, double out_eps,
-                               std::optional<at::ScalarType> out_dtype) {
+                               std::optional<at::ScalarType> out_dtype, const std::string& backend,
+                               const std::optional<at::Tensor>& kernel_weight) {
   BelowAutocast<device> below;
   static const auto op = find_op<decltype(conv_fused)>("q4conv::conv_fused");
   if (out_dtype.has_value() && at::isFloatingType(*out_dtype))
     out_dtype = at::autocast::get_lower_precision_fp_from_device_type(device);
   return op.call(autocast_activation<device>(x), bias_a, scale_a, qweight, alpha, shift, stride,
                  padding, dilation, eps, bits, residual, relu, out_bias_a, out_scale_a, out_eps,
-                 out_dtype);
+                 out_dtype, backend, kernel_weight);
 }
 
 // No cast: the backward's inputs are what the forward saw. The engine runs a

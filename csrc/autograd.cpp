@@ -232,7 +232,8 @@ at::Tensor conv_fused_autograd(const at::Tensor& x, const at::Tensor& bias_a,
                                const std::optional<at::Tensor>& residual, bool relu,
                                const std::optional<at::Tensor>& out_bias_a,
                                const std::optional<at::Tensor>& out_scale_a, double out_eps,
-                               std::optional<at::ScalarType> out_dtype) {
+                               std::optional<at::ScalarType> out_dtype, const std::string& backend,
+                               const std::optional<at::Tensor>& kernel_weight) {
   if (at::GradMode::is_enabled()) {
     const std::pair<const char*, const std::optional<at::Tensor>> inputs[] = {
         {"x", x},
@@ -253,7 +254,8 @@ at::Tensor conv_fused_autograd(const at::Tensor& x, const at::Tensor& bias_a,
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   static const auto op = find_op<decltype(conv_fused)>("q4conv::conv_fused");
   return op.call(x, bias_a, scale_a, qweight, alpha, shift, stride, padding, dilation, eps, bits,
-                 residual, relu, out_bias_a, out_scale_a, out_eps, out_dtype);
+                 residual, relu, out_bias_a, out_scale_a, out_eps, out_dtype, backend,
+                 kernel_weight);
 }
 
 }  // namespace

@@ -163,7 +163,11 @@ std::shared_ptr<const ConvPlan> plan_query(const at::Tensor& x, int64_t out_chan
   check_x_rank(x);
   TORCH_CHECK(kernel_size.size() == 2, "kernel_size must have 2 values, got ", kernel_size.size());
   TORCH_CHECK(out_channels >= 1, "out_channels must be >= 1, got ", out_channels);
-  return plan_conv(x, out_channels, kernel_size[0], kernel_size[1], params, parse_backend(backend));
+  // int8 x: activation codes, which only conv_fused reads (its plan for codes in).
+  const std::optional<OutType> fused_out =
+      x.scalar_type() == at::kChar ? std::optional<OutType>(OutType::kFusedFloat16) : std::nullopt;
+  return plan_conv(x, out_channels, kernel_size[0], kernel_size[1], params, parse_backend(backend),
+                   fused_out);
 }
 
 }  // namespace

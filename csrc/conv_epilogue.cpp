@@ -12,13 +12,14 @@
 //          where out_scale_a is given: the consumer's codes from the fp32 value v
 //        = v rounded to out_dtype             otherwise
 //
-// Every device runs the exact arithmetic with ATen ops for now: the
-// activation codes of q4conv::quantize_activation (quant.h, the one
-// definition; on CUDA its kernel, bit-identical), the integer convolution of
-// fallback_conv, the fp32 epilogue above, and the output codes from
-// q4conv::quantize_activation again. This is the reference the CUDA kernels
-// (codes in, residual and codes out in their epilogue: not written yet) must
-// match bit for bit; until then a CUDA conv_fused is correct, not fast.
+// On CUDA the plan (plan_conv with a fused output type) runs the kernels
+// where it can: sm90 int8 GEMMs reading codes in (no pass) and writing codes
+// or float16 with the residual in their epilogue (cuda_conv_fused). Every
+// other case runs the exact arithmetic with ATen ops: the activation codes of
+// q4conv::quantize_activation (quant.h, the one definition; on CUDA its
+// kernel, bit-identical), the integer convolution of fallback_conv, the fp32
+// epilogue above, and the output codes from q4conv::quantize_activation
+// again. That arithmetic is the reference the kernels match bit for bit.
 #include "q4conv.h"
 
 namespace q4conv {
@@ -116,6 +117,19 @@ at::Tensor empty_codes(const at::Tensor& x, std::array<int64_t, 4> sizes) {
                    x.options().dtype(at::kChar).memory_format(at::MemoryFormat::ChannelsLast));
 }
 
+// The fused output type the CUDA kernels would write for this call, or
+// nullopt where only the ATen arithmetic can (their residual and float
+// output are float16).
+std::optional<OutType> kernel_out_type(std::optional<at::ScalarType> float_out,
+                                       const std::optional<at::Tensor>& residual) {
+  const bool residual_ok = !residual.has_value() || !residual->defined() ||
+                           residual->scalar_type() == at::kHalf;
+  if (!residual_ok) return std::nullopt;
+  if (!float_out) return OutType::kFusedCodes8;
+  if (*float_out == at::kHalf) return OutType::kFusedFloat16;
+  return std::nullopt;
+}
+
 }  // namespace
 
 at::Tensor conv_fused(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
@@ -125,7 +139,8 @@ at::Tensor conv_fused(const at::Tensor& x, const at::Tensor& bias_a, const at::T
                       const std::optional<at::Tensor>& residual, bool relu,
                       const std::optional<at::Tensor>& out_bias_a,
                       const std::optional<at::Tensor>& out_scale_a, double out_eps,
-                      std::optional<at::ScalarType> out_dtype) {
+                      std::optional<at::ScalarType> out_dtype, const std::string& backend,
+                      const std::optional<at::Tensor>& kernel_weight) {
   // relu stays out of params: fallback_conv would apply it before the residual add.
   const ConvParams params = make_params(stride, padding, dilation, eps, bits, false);
   const std::optional<at::ScalarType> float_out = check_fused_inputs(
@@ -142,6 +157,22 @@ at::Tensor conv_fused(const at::Tensor& x, const at::Tensor& bias_a, const at::T
   }
 
   Q4CONV_HOST_SPAN("q4conv::conv_fused");
+  const Backend requested = parse_backend(backend);
+  if (x.is_cuda() && requested != Backend::kFallback) {
+    const std::optional<OutType> kernel_out = kernel_out_type(float_out, residual);
+    TORCH_CHECK(kernel_out.has_value() || requested == Backend::kAuto, "backend '", backend,
+                "' runs conv_fused with a float16 output or codes out and a float16 residual "
+                "only; use backend='auto' or 'fallback'");
+    if (kernel_out.has_value()) {
+      const auto plan = plan_conv(x, k_out, r, s, params, requested, kernel_out);
+      if (plan->backend != Backend::kFallback) {
+        const at::Tensor wgt =
+            cuda_packed_kernel_weight(qweight, kernel_weight, x.size(1), plan->backend);
+        FusedEpilogue fused{residual, relu, out_bias_a, out_scale_a, out_eps};
+        return cuda_conv_fused(*plan, x, bias_a, scale_a, wgt, alpha, shift, params, fused);
+      }
+    }
+  }
   static const auto quantize = find_op<QuantizeActivationOp>("q4conv::quantize_activation");
   // Activation codes as NHWC (N, H, W, C) int8: a view of codes x (no copy
   // when x is channels_last), else x quantized with its quantizer.

@@ -107,22 +107,69 @@ void run_fused(const ConvPlan& plan, const at::Tensor& x, const at::Tensor& bias
 
 }  // namespace
 
+namespace {
+
+// Launches the plan's kernel on `input` (x, or its stride grid) with the
+// epilogue `epilogue` (whose `out` the caller allocated): the activation codes
+// (pass, im2col rows or packed taps; none for codes in) or a fused 1x1 kernel,
+// then the backend's GEMM.
+void run_plan(const ConvPlan& plan, const at::Tensor& input, const at::Tensor& bias_a,
+              const at::Tensor& scale_a, const at::Tensor& kernel_weight, const ConvParams& params,
+              const EpilogueArgs& epilogue) {
+  const ConvParams kp = kernel_params(plan, params);
+  const at::Tensor wgt =
+      plan.path == Path::kPackedTaps ? packed_taps_weight(kernel_weight, plan.conv) : kernel_weight;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor bias_q = fp32_dense(bias_a), scale_q = fp32_dense(scale_a);
+  if (plan.path == Path::kFusedMma || plan.path == Path::kFusedWgmma) {
+    run_fused(plan, input, bias_q, scale_q, kp, wgt, epilogue, stream);
+    return;
+  }
+  // Codes in: x is the NHWC int8 codes the GEMM reads (plan_geometry checked
+  // their layout and alignment).
+  const at::Tensor act =
+      plan.codes_in ? input : kernel_activation(plan, input, bias_q, scale_q, kp, stream);
+  const ConvShape& shape = plan.shape;
+  const int64_t workspace_size = workspace_bytes(plan.backend, shape, epilogue.out_type);
+  at::Tensor workspace;
+  if (workspace_size > 0)
+    workspace = at::empty({workspace_size}, input.options().dtype(at::kByte));
+  Q4CONV_HOST_SPAN("q4conv::conv_kernel_launch");
+  check_status(run_kernel(plan.backend, shape, act.data_ptr(), wgt.data_ptr(), epilogue,
+                          workspace.defined() ? workspace.data_ptr() : nullptr, stream),
+               backend_name(plan.backend));
+}
+
+// The kernels' output: (N, K, P, Q) sizes in NHWC memory, already the
+// channels_last result.
+at::Tensor kernel_output(const ConvPlan& plan, const at::Tensor& x, at::ScalarType dtype) {
+  const ConvShape& shape = plan.shape;
+  return at::empty({shape.n, shape.k, shape.p, shape.q},
+                   x.options().dtype(dtype).memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+// The residual as the fused epilogue loads it: fp16 NHWC, 16-byte aligned
+// (TMA); a copy only where it is not (the values are unchanged).
+at::Tensor residual_for_kernel(const at::Tensor& residual) {
+  TORCH_CHECK(residual.scalar_type() == at::kHalf,
+              "the fused kernels take a float16 residual, got ", residual.scalar_type());
+  at::Tensor r = residual.contiguous(at::MemoryFormat::ChannelsLast);
+  if ((reinterpret_cast<uintptr_t>(r.data_ptr()) & 15) != 0)
+    r = r.clone(at::MemoryFormat::ChannelsLast);
+  return r;
+}
+
+}  // namespace
+
 at::Tensor cuda_conv(const ConvPlan& plan, const at::Tensor& x, const at::Tensor& bias_a,
                      const at::Tensor& scale_a, const at::Tensor& kernel_weight,
                      const at::Tensor& alpha, const std::optional<at::Tensor>& bias,
                      const ConvParams& params) {
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor input = plan.stride_grid ? stride_grid_view(x, params.stride) : x;
-  const ConvParams kp = kernel_params(plan, params);
-  const at::Tensor wgt =
-      plan.path == Path::kPackedTaps ? packed_taps_weight(kernel_weight, plan.conv) : kernel_weight;
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) bias_f = fp32_dense(*bias);
-  const ConvShape& shape = plan.shape;
-  // NHWC memory, (N, K, P, Q) sizes: what the kernels write, already the
-  // layer's channels_last result.
-  at::Tensor out = at::empty({shape.n, shape.k, shape.p, shape.q},
-                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor out = kernel_output(plan, x, x.scalar_type());
 
   EpilogueArgs epilogue;
   epilogue.alpha = alpha.data_ptr<float>();
@@ -130,24 +177,44 @@ at::Tensor cuda_conv(const ConvPlan& plan, const at::Tensor& x, const at::Tensor
   epilogue.relu = params.relu;
   epilogue.out_type = out_type(x.scalar_type());
   epilogue.out = out.data_ptr();
+  run_plan(plan, input, bias_a, scale_a, kernel_weight, params, epilogue);
+  return layer_output(out, x, at::cuda::getCurrentCUDAStream());
+}
 
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor bias_q = fp32_dense(bias_a), scale_q = fp32_dense(scale_a);
-  if (plan.path == Path::kFusedMma || plan.path == Path::kFusedWgmma) {
-    run_fused(plan, input, bias_q, scale_q, kp, wgt, epilogue, stream);
-    return layer_output(out, x, stream);
+at::Tensor cuda_conv_fused(const ConvPlan& plan, const at::Tensor& x, const at::Tensor& bias_a,
+                           const at::Tensor& scale_a, const at::Tensor& kernel_weight,
+                           const at::Tensor& alpha, const std::optional<at::Tensor>& shift,
+                           const ConvParams& params, const FusedEpilogue& fused) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(is_fused_out_type(plan.out_type),
+              "cuda_conv_fused needs a plan for a fused output type");
+  const bool codes_out = plan.out_type == OutType::kFusedCodes8;
+  const at::Tensor input = plan.stride_grid ? stride_grid_view(x, params.stride) : x;
+  at::Tensor shift_f, residual, out_bias, out_scale;
+  if (shift.has_value() && shift->defined()) shift_f = fp32_dense(*shift);
+  if (fused.residual.has_value() && fused.residual->defined())
+    residual = residual_for_kernel(*fused.residual);
+  at::Tensor out = kernel_output(plan, x, codes_out ? at::kChar : at::kHalf);
+
+  EpilogueArgs epilogue;
+  epilogue.alpha = alpha.data_ptr<float>();
+  epilogue.bias = shift_f.defined() ? shift_f.data_ptr<float>() : nullptr;
+  epilogue.relu = fused.relu;
+  epilogue.out_type = plan.out_type;
+  epilogue.out = out.data_ptr();
+  epilogue.residual = residual.defined() ? residual.data_ptr() : nullptr;
+  if (codes_out) {
+    out_bias = fp32_dense(*fused.out_bias_a);
+    out_scale = fp32_dense(*fused.out_scale_a);
+    epilogue.out_bias = out_bias.data_ptr<float>();
+    epilogue.out_scale = out_scale.data_ptr<float>();
+    epilogue.out_eps = static_cast<float>(fused.out_eps);
+    epilogue.out_bits = static_cast<int>(params.bits);
   }
-  const at::Tensor act = kernel_activation(plan, input, bias_q, scale_q, kp, stream);
-  const int64_t workspace_size = workspace_bytes(plan.backend, shape, epilogue.out_type);
-  at::Tensor workspace;
-  if (workspace_size > 0) workspace = at::empty({workspace_size}, x.options().dtype(at::kByte));
-  {
-    Q4CONV_HOST_SPAN("q4conv::conv_kernel_launch");
-    check_status(run_kernel(plan.backend, shape, act.data_ptr(), wgt.data_ptr(), epilogue,
-                            workspace.defined() ? workspace.data_ptr() : nullptr, stream),
-                 backend_name(plan.backend));
-  }
-  return layer_output(out, x, stream);
+  // Codes in: the GEMM reads x's NHWC memory from its first element.
+  run_plan(plan, plan.codes_in ? x.permute({0, 2, 3, 1}) : input, bias_a, scale_a, kernel_weight,
+           params, epilogue);
+  return codes_out ? out : layer_output(out, x, at::cuda::getCurrentCUDAStream());
 }
 
 }  // namespace q4conv

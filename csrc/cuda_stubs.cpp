@@ -36,6 +36,11 @@ at::Tensor cuda_conv(const ConvPlan&, const at::Tensor&, const at::Tensor&, cons
                      const ConvParams&) {
   no_cuda("the convolution");
 }
+at::Tensor cuda_conv_fused(const ConvPlan&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const ConvParams&, const FusedEpilogue&) {
+  no_cuda("the fused convolution");
+}
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 cuda_conv_train_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                          const at::Tensor&, const at::Tensor&, bool, const ConvParams&,
@@ -43,7 +48,7 @@ cuda_conv_train_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&
   no_cuda("conv_train_backward");
 }
 void plan_cuda(ConvPlan&, const at::Tensor&, int64_t, int64_t, int64_t, const ConvParams&, Backend,
-               const Tuning&) {
+               const Tuning&, std::optional<OutType>) {
   no_cuda("planning a CUDA convolution");
 }
 std::string describe_cuda_geometry(const ConvPlan&) { return ""; }

@@ -31,7 +31,7 @@ TORCH_LIBRARY(q4conv, m) {
       "conv_fused(Tensor x, Tensor bias_a, Tensor scale_a, Tensor qweight, Tensor alpha, "
       "Tensor? shift, int[2] stride, int[2] padding, int[2] dilation, float eps, int bits, "
       "Tensor? residual, bool relu, Tensor? out_bias_a, Tensor? out_scale_a, float out_eps, "
-      "ScalarType? out_dtype) -> Tensor");
+      "ScalarType? out_dtype, str backend=\"auto\", Tensor? kernel_weight=None) -> Tensor");
   m.def("kernel_weight(Tensor qweight, int in_channels, str backend) -> Tensor");
   m.def("output_alpha(Tensor scale_a, Tensor scale_w, int out_channels, float eps) -> Tensor");
   m.def(

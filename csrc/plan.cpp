@@ -54,10 +54,11 @@ namespace {
 
 // Everything a plan depends on. x's data pointer enters only as its 16-byte
 // alignment (the fused 1x1 kernels' vector loads need it).
-using PlanKey = std::array<int64_t, 23>;
+using PlanKey = std::array<int64_t, 24>;
 
 PlanKey plan_key(const at::Tensor& x, int64_t out_channels, int64_t r, int64_t s,
-                 const ConvParams& params, Backend requested, uint64_t tuning_epoch) {
+                 const ConvParams& params, Backend requested, uint64_t tuning_epoch,
+                 std::optional<OutType> fused_out) {
   const bool aligned16 = (reinterpret_cast<uintptr_t>(x.data_ptr()) & 15) == 0;
   return {static_cast<int64_t>(x.device().type()),
           x.device().index(),
@@ -81,13 +82,15 @@ PlanKey plan_key(const at::Tensor& x, int64_t out_channels, int64_t r, int64_t s
           params.dilation[0],
           params.dilation[1],
           static_cast<int64_t>(requested),
-          static_cast<int64_t>(tuning_epoch)};
+          static_cast<int64_t>(tuning_epoch),
+          fused_out ? 1 + static_cast<int64_t>(*fused_out) : 0};
 }
 
 std::shared_ptr<const ConvPlan> make_plan(const at::Tensor& x, int64_t out_channels, int64_t r,
                                           int64_t s, const ConvParams& params, Backend requested,
-                                          const Tuning& tuning) {
+                                          const Tuning& tuning, std::optional<OutType> fused_out) {
   auto plan = std::make_shared<ConvPlan>();
+  plan->codes_in = x.scalar_type() == at::kChar;
   std::tie(plan->out_h, plan->out_w) = output_hw(x.size(2), x.size(3), r, s, params);
   plan->c_pad = x.size(1);
   if (requested == Backend::kFallback) return plan;
@@ -96,18 +99,20 @@ std::shared_ptr<const ConvPlan> make_plan(const at::Tensor& x, int64_t out_chann
                 "' needs a CUDA input, got x on ", x.device());
     return plan;
   }
-  plan_cuda(*plan, x, out_channels, r, s, params, requested, tuning);
+  plan_cuda(*plan, x, out_channels, r, s, params, requested, tuning, fused_out);
   return plan;
 }
 
 }  // namespace
 
 std::shared_ptr<const ConvPlan> plan_conv(const at::Tensor& x, int64_t out_channels, int64_t r,
-                                          int64_t s, const ConvParams& params, Backend requested) {
+                                          int64_t s, const ConvParams& params, Backend requested,
+                                          std::optional<OutType> fused_out) {
   TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
-  if (!x.is_cuda()) return make_plan(x, out_channels, r, s, params, requested, Tuning{});
+  if (!x.is_cuda())
+    return make_plan(x, out_channels, r, s, params, requested, Tuning{}, fused_out);
   const Tuning tuning = current_tuning();
-  const PlanKey key = plan_key(x, out_channels, r, s, params, requested, tuning.epoch);
+  const PlanKey key = plan_key(x, out_channels, r, s, params, requested, tuning.epoch, fused_out);
   static std::mutex mutex;
   static std::map<PlanKey, std::shared_ptr<const ConvPlan>> plans;
   {
@@ -115,7 +120,7 @@ std::shared_ptr<const ConvPlan> plan_conv(const at::Tensor& x, int64_t out_chann
     const auto found = plans.find(key);
     if (found != plans.end()) return found->second;
   }
-  auto plan = make_plan(x, out_channels, r, s, params, requested, tuning);
+  auto plan = make_plan(x, out_channels, r, s, params, requested, tuning, fused_out);
   std::lock_guard<std::mutex> lock(mutex);
   if (plans.size() >= 4096) plans.clear();  // bounded for shape-varying workloads
   plans.emplace(key, plan);

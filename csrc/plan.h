@@ -9,9 +9,11 @@
 
 #include <array>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "geometry.h"
+#include "kernels/element_types.h"
 #include "tuning.h"
 
 #ifdef Q4CONV_WITH_CUDA
@@ -51,6 +53,10 @@ struct ConvPlan {
   int64_t c_pad = 0;   // channels of the stored activation codes
   std::string config;  // kernel configuration (tile shape / fused layout)
   int sm_count = 0;    // of x's device (0 on CPU)
+  // What the kernels' epilogue writes: conv_packed's float type of x, or a
+  // fused output type (conv_fused: exact epilogue, residual, codes out).
+  OutType out_type = OutType::kFloat32;
+  bool codes_in = false;  // x is int8 activation codes: the kernels read them, no pass
 #ifdef Q4CONV_WITH_CUDA
   ConvShape shape;  // what the kernel runs (the GEMM's for im2col, taps x 1 for packed taps)
   ConvShape conv;   // the convolution's own geometry on the stored codes
@@ -66,9 +72,11 @@ struct BackwardPlan {
 
 // The plan for convolving x (N, C, H, W) with out_channels filters of r x s.
 // Checks the geometry (output_hw); a forced backend that cannot run is an
-// error naming it.
+// error naming it. fused_out: conv_fused's request (a fused output type, x
+// float or int8 codes); none for conv_packed (x's float type out).
 std::shared_ptr<const ConvPlan> plan_conv(const at::Tensor& x, int64_t out_channels, int64_t r,
-                                          int64_t s, const ConvParams& params, Backend requested);
+                                          int64_t s, const ConvParams& params, Backend requested,
+                                          std::optional<OutType> fused_out = std::nullopt);
 BackwardPlan plan_backward(const at::Tensor& x, at::IntArrayRef weight_sizes,
                            at::ScalarType weight_dtype, bool weight_on_cuda,
                            const ConvParams& params);
@@ -100,7 +108,8 @@ KernelWeightLayout kernel_weight_layout(Backend backend, int64_t out_channels, i
 
 // Planning of the CUDA backends (plan_cuda.cpp; an error in CPU-only builds).
 void plan_cuda(ConvPlan& plan, const at::Tensor& x, int64_t out_channels, int64_t r, int64_t s,
-               const ConvParams& params, Backend requested, const Tuning& tuning);
+               const ConvParams& params, Backend requested, const Tuning& tuning,
+               std::optional<OutType> fused_out);
 std::string describe_cuda_geometry(const ConvPlan& plan);
 
 }  // namespace q4conv

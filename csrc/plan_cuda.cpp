@@ -66,6 +66,15 @@ bool plan_geometry(ConvPlan& plan, const at::Tensor& x, int64_t out_channels, in
     if (!fits_int(v)) return false;
   const KernelWeightLayout layout =
       kernel_weight_layout(plan.backend, out_channels, channels, r, s);
+  if (plan.codes_in) {
+    // The kernels read the codes as they are: NHWC int8 without padded
+    // channels, 16-byte aligned for TMA (codes from q4conv always are).
+    const int64_t c_stored = layout.packed_int4 ? layout.sizes[3] * 2 : layout.sizes[3];
+    if (layout.im2col_rows || layout.packed_int4 || c_stored != channels ||
+        !x.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+        (reinterpret_cast<uintptr_t>(x.data_ptr()) & 15) != 0)
+      return false;
+  }
   if (layout.im2col_rows) {
     plan.c_pad = channels;
     plan.conv = make_shape(n, h, w, channels, out_channels, r, s, plan.out_h, plan.out_w, kp);
@@ -155,7 +164,9 @@ bool use_fused_pointwise(const ConvPlan& plan, const at::Tensor& x, const Tuning
 
 void choose_fused_path(ConvPlan& plan, const at::Tensor& x, const Tuning& tuning) {
 #ifdef Q4CONV_HAVE_SM90
-  if (plan.backend != Backend::kSm90Int8) return;
+  // The fused 1x1 kernels quantize float x and write conv_packed's output.
+  if (plan.backend != Backend::kSm90Int8 || plan.codes_in || is_fused_out_type(plan.out_type))
+    return;
   if (use_wgmma_pointwise(plan, x, tuning)) {
     plan.path = Path::kFusedWgmma;
     plan.config = plan.shape.k % 256 == 0 ? "wgmma 64x256 tiles" : "wgmma 64x128 tiles";
@@ -181,10 +192,12 @@ std::string kernel_config(const ConvPlan& plan, OutType out) {
 
 // Plans `backend` into `plan`; false (plan unchanged) where it cannot run.
 bool try_backend(ConvPlan& plan, Backend backend, const at::Tensor& x, int64_t out_channels,
-                 int64_t r, int64_t s, const ConvParams& params, const Tuning& tuning, int major) {
+                 int64_t r, int64_t s, const ConvParams& params, const Tuning& tuning, int major,
+                 std::optional<OutType> fused_out) {
   ConvPlan candidate = plan;
   candidate.backend = backend;
-  const OutType out = out_type(x.scalar_type());
+  const OutType out = fused_out ? *fused_out : out_type(x.scalar_type());
+  candidate.out_type = out;
   if (!plan_geometry(candidate, x, out_channels, r, s, params, tuning, out) ||
       !backend_supports(candidate, major, out))
     return false;
@@ -197,13 +210,16 @@ bool try_backend(ConvPlan& plan, Backend backend, const at::Tensor& x, int64_t o
 }  // namespace
 
 void plan_cuda(ConvPlan& plan, const at::Tensor& x, int64_t out_channels, int64_t r, int64_t s,
-               const ConvParams& params, Backend requested, const Tuning& tuning) {
+               const ConvParams& params, Backend requested, const Tuning& tuning,
+               std::optional<OutType> fused_out) {
   const auto* props = at::cuda::getDeviceProperties(x.device().index());
   plan.sm_count = props->multiProcessorCount;
   const bool pointwise = r == 1 && s == 1 && params.padding[0] == 0 && params.padding[1] == 0;
-  plan.stride_grid = pointwise && (params.stride[0] > 1 || params.stride[1] > 1);
+  // Codes in are read where they lie (the kernels take the stride themselves).
+  plan.stride_grid = pointwise && (params.stride[0] > 1 || params.stride[1] > 1) && !plan.codes_in;
   const auto run = [&](Backend backend) {
-    return try_backend(plan, backend, x, out_channels, r, s, params, tuning, props->major);
+    return try_backend(plan, backend, x, out_channels, r, s, params, tuning, props->major,
+                       fused_out);
   };
   if (requested != Backend::kAuto) {
     TORCH_CHECK(run(requested), "backend '", backend_name(requested),

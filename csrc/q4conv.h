@@ -53,7 +53,8 @@ at::Tensor conv_fused(const at::Tensor& x, const at::Tensor& bias_a, const at::T
                       const std::optional<at::Tensor>& residual, bool relu,
                       const std::optional<at::Tensor>& out_bias_a,
                       const std::optional<at::Tensor>& out_scale_a, double out_eps,
-                      std::optional<at::ScalarType> out_dtype);
+                      std::optional<at::ScalarType> out_dtype, const std::string& backend,
+                      const std::optional<at::Tensor>& kernel_weight);
 // Weights in the layout a CUDA backend reads (sm90_int8: int8 KRSC, channels
 // padded to 16; sm80_int4: packed int4 KRSC, padded to 32), made once and
 // passed back to conv_packed as kernel_weight while qweight is unchanged.
@@ -189,6 +190,22 @@ at::Tensor cuda_conv(const ConvPlan& plan, const at::Tensor& x, const at::Tensor
                      const at::Tensor& scale_a, const at::Tensor& kernel_weight,
                      const at::Tensor& alpha, const std::optional<at::Tensor>& bias,
                      const ConvParams& params);
+// conv_fused's epilogue beyond conv_packed's: what cuda_conv_fused adds to
+// the kernels' epilogue (residual, ReLU after it, the consumer's codes).
+struct FusedEpilogue {
+  std::optional<at::Tensor> residual;  // float16, the output's shape
+  bool relu = false;
+  std::optional<at::Tensor> out_bias_a, out_scale_a;  // codes out (plan.out_type kFusedCodes8)
+  double out_eps = 0.0;
+};
+// Runs a plan made for a fused output type (plan_conv's fused_out): x float
+// (quantized as cuda_conv does) or int8 codes read as they are; the result is
+// int8 codes (N, K, P, Q) channels_last, or float16 in x's suggested format.
+// Bit for bit conv_fused's ATen arithmetic (conv_epilogue.cpp).
+at::Tensor cuda_conv_fused(const ConvPlan& plan, const at::Tensor& x, const at::Tensor& bias_a,
+                           const at::Tensor& scale_a, const at::Tensor& kernel_weight,
+                           const at::Tensor& alpha, const std::optional<at::Tensor>& shift,
+                           const ConvParams& params, const FusedEpilogue& fused);
 // The whole training backward on a GPU (backward_cuda.cpp) for float32 /
 // float16 / bfloat16 x and weight: about six launches besides cuDNN's
 // convolution_backward. Same results as aten_conv_train_backward.

@@ -34,13 +34,20 @@ inline bool is_pointwise_gemm(const ConvShape& s) {
 }
 
 // Epilogue: out[n,p,q,k] = act(alpha[k] * acc[n,p,q,k] + (bias ? bias[k] : 0)),
-// act = ReLU when relu, converted to out_type.
+// act = ReLU when relu, converted to out_type; for the fused output types the
+// exact epilogue of element_types.h (OutType) with the fields below.
 struct EpilogueArgs {
   const float* alpha = nullptr;  // device, [k]: s_a * s_w[k]
   const float* bias = nullptr;   // device, [k], or nullptr
   bool relu = false;
   OutType out_type = OutType::kFloat32;
   void* out = nullptr;  // device, NHWC [n,p,q,k] contiguous, out_type elements
+  // conv_fused's exact epilogue only (is_fused_out_type(out_type)); bias is its shift.
+  const void* residual = nullptr;    // device, NHWC [n,p,q,k] fp16, 16-byte aligned, or nullptr
+  const float* out_bias = nullptr;   // device, [k]: the consumer's bias_a (kFusedCodes8)
+  const float* out_scale = nullptr;  // device, one value: the consumer's scale_a (kFusedCodes8)
+  float out_eps = 0.0f;              // the consumer's eps (kFusedCodes8)
+  int out_bits = 4;                  // code width (kFusedCodes8)
 };
 
 // Result of a backend call: ok, or a message naming what failed (a CUTLASS
@@ -100,8 +107,10 @@ KernelStatus sm80_int4_conv(const ConvShape& shape, const void* act, const void*
 // act: int8 NHWC [n,h,w,c]; weight: int8 KRSC [k,r,s,c]; codes in [-8, 7].
 // Requires c % kSm90ChannelAlign == 0 (the caller pads with zero codes).
 constexpr int kSm90ChannelAlign = 16;
-// Output types every sm90 configuration is compiled for.
-using Sm90Int8OutTypes = TypeList<OutType::kFloat32, OutType::kFloat16, OutType::kBFloat16>;
+// Output types every sm90 configuration is compiled for (the fused ones with
+// an fp16 residual only).
+using Sm90Int8OutTypes = TypeList<OutType::kFloat32, OutType::kFloat16, OutType::kBFloat16,
+                                  OutType::kFusedFloat16, OutType::kFusedCodes8>;
 constexpr bool sm90_int8_supports_out_type(OutType t) { return Sm90Int8OutTypes::contains(t); }
 bool sm90_int8_supports(const ConvShape& shape, OutType out_type);
 size_t sm90_int8_workspace_bytes(const ConvShape& shape, OutType out_type);

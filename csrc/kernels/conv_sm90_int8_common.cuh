@@ -36,6 +36,7 @@
 #include "kernels/conv_kernels.h"
 #include "kernels/conv_sm90_int8.cuh"
 #include "kernels/cutlass_types.cuh"
+#include "../quant.h"
 
 namespace q4conv {
 namespace sm90 {
@@ -61,9 +62,10 @@ inline cutlass::KernelHardwareInfo current_hw_info() {
 struct CacheKey {
   ConvShape s;
   int device, relu;
+  int out_bits, out_eps_bits;  // the fused codes epilogue's width and eps (as bits)
   int unused;  // makes the 4 bytes before the pointers a member: a key has no padding
-  const void *act, *wt, *out, *ws;
-  const float *alpha, *bias;
+  const void *act, *wt, *out, *ws, *residual;
+  const float *alpha, *bias, *out_bias, *out_scale;
 };
 static_assert(std::has_unique_object_representations_v<CacheKey>,
               "CacheKey is hashed and compared as bytes: it must have no padding");
@@ -96,6 +98,8 @@ KernelStatus cached_run(const ConvShape& s, const void* act, const void* wt, con
 
   if (!e.alpha || !e.out || !act || !wt)
     return KernelStatus::failure("sm90_int8_conv: null pointer argument");
+  if (e.out_type == OutType::kFusedCodes8 && (!e.out_bias || !e.out_scale))
+    return KernelStatus::failure("sm90_int8_conv: codes out needs out_bias and out_scale");
   CacheKey key;
   std::memset(&key, 0, sizeof key);
   key.s = s;
@@ -110,6 +114,13 @@ KernelStatus cached_run(const ConvShape& s, const void* act, const void* wt, con
   key.ws = workspace;
   key.alpha = e.alpha;
   key.bias = e.bias;
+  if (is_fused_out_type(e.out_type)) {
+    key.residual = e.residual;
+    key.out_bias = e.out_bias;
+    key.out_scale = e.out_scale;
+    key.out_bits = e.out_bits;
+    std::memcpy(&key.out_eps_bits, &e.out_eps, sizeof key.out_eps_bits);
+  }
 
   Params params;
   bool hit = false;
@@ -199,6 +210,151 @@ struct EpilogueFusion {
     float lower = (e && e->relu) ? 0.0f : -INFINITY;
     // { { alpha, acc, bias, fma }, lower_bound }
     t = {{{e ? e->alpha : nullptr, 1.0f, {}}, {}, {e ? e->bias : nullptr, 0.0f, {}}, {}}, {lower}};
+  }
+};
+
+// conv_fused's exact epilogue (conv_epilogue.cpp is the reference, bit for bit):
+//   v    = fp32(alpha[col] * acc) + shift[col]    two roundings: __fmul_rn is never
+//                                                 contracted with the add into an FMA
+//   v    = beta * residual + v                    beta = 1 with a residual, else 0: CUTLASS
+//                                                 then skips the residual's load (its
+//                                                 SrcFetch specialization); fma(1, r, v) = r + v
+//   v    = ReLU(v), NaN kept (as at::relu)
+//   out  = fp16(v), or the consumer's codes quantize_value(v + out_bias[col],
+//          max(out_scale, out_eps)) (quant.h)
+template <class T>
+struct MulRn {
+  template <int N>
+  CUTLASS_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a,
+                                                     cutlass::Array<float, N> const& b) const {
+    cutlass::Array<float, N> out;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) out[i] = __fmul_rn(a[i], b[i]);
+    return out;
+  }
+};
+
+// ReLU that keeps NaN (x < 0 is false for NaN), as at::relu.
+CUTLASS_DEVICE float relu_keep_nan(float x) { return x < 0.0f ? 0.0f : x; }
+
+// Arguments of the last epilogue node: one type for every instantiation
+// (CUTLASS reads them from Fn<float> and passes them to Fn<Array<float, N>>).
+struct ReluArgs {
+  int relu = 0;
+};
+struct ReluCodesArgs {
+  int relu = 0;
+  int bits = 4;
+  float eps = 0.0f;
+};
+
+template <class T>
+struct ReluKeepNan {
+  using Arguments = ReluArgs;
+  template <int N>
+  CUTLASS_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& v,
+                                                     Arguments const& args) const {
+    cutlass::Array<float, N> out;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) out[i] = args.relu ? relu_keep_nan(v[i]) : v[i];
+    return out;
+  }
+};
+
+template <class T>
+struct ReluToCodes {
+  using Arguments = ReluCodesArgs;
+  template <int N>
+  CUTLASS_DEVICE cutlass::Array<int8_t, N> operator()(cutlass::Array<float, N> const& v,
+                                                      cutlass::Array<float, N> const& out_bias,
+                                                      cutlass::Array<float, N> const& out_scale,
+                                                      Arguments const& args) const {
+    // The scale is one value broadcast to every element: quantize_activation's
+    // s = max(scale, eps) and 1 / s (IEEE division), once per fragment.
+    const float scale = effective_scale(out_scale[0], args.eps);
+    const float inv_scale = 1.0f / scale;
+    float value[N];
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) value[i] = (args.relu ? relu_keep_nan(v[i]) : v[i]) + out_bias[i];
+    int8_t code[N];
+    quantize_values_fast<N>(value, scale, inv_scale, args.bits, code);
+    cutlass::Array<int8_t, N> out;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) out[i] = code[i];
+    return out;
+  }
+};
+
+template <class TileShape, class ElementOut, class ElementResidual>
+struct ExactEpilogueFusion {
+  static constexpr auto RN = cutlass::FloatRoundStyle::round_to_nearest;
+  static constexpr bool kCodes = std::is_same_v<ElementOut, int8_t>;
+  using BcastStride = cute::Stride<cute::_0, cute::_1, int64_t>;
+  template <template <class> class Fn, class Out = float>
+  using Compute = cutlass::epilogue::fusion::Sm90Compute<Fn, Out, float, RN>;
+  using Row =
+      cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, BcastStride, 4>;
+  using Scalar = cutlass::epilogue::fusion::Sm90ScalarBroadcast<float>;
+  using Product =
+      cutlass::epilogue::fusion::Sm90EVT<Compute<MulRn>, Row, cutlass::epilogue::fusion::Sm90AccFetch>;
+  using Shifted = cutlass::epilogue::fusion::Sm90EVT<Compute<cutlass::plus>, Product, Row>;
+  using WithResidual = cutlass::epilogue::fusion::Sm90EVT<
+      Compute<cutlass::homogeneous_multiply_add>, Scalar,
+      cutlass::epilogue::fusion::Sm90SrcFetch<ElementResidual>, Shifted>;
+  using type = cute::conditional_t<
+      kCodes,
+      cutlass::epilogue::fusion::Sm90EVT<Compute<ReluToCodes, int8_t>, WithResidual, Row, Scalar>,
+      cutlass::epilogue::fusion::Sm90EVT<Compute<ReluKeepNan, ElementOut>, WithResidual>>;
+
+  template <class ThreadArgs>
+  static void set(ThreadArgs& t, const EpilogueArgs* e) {
+    const float beta = (e && e->residual) ? 1.0f : 0.0f;
+    [[maybe_unused]] const int relu = (e && e->relu) ? 1 : 0;
+    // { beta, residual, { { alpha, acc, mul }, shift, add }, fma }
+    typename WithResidual::Arguments residual_args{
+        {{beta}, {nullptr}, {}},
+        {},
+        {{{e ? e->alpha : nullptr, 1.0f, {}}, {}, {}}, {e ? e->bias : nullptr, 0.0f, {}}, {}},
+        {}};
+    if constexpr (kCodes) {
+      // { v, out_bias, out_scale, { relu, bits, eps } }
+      t = {residual_args,
+           {e ? e->out_bias : nullptr, 0.0f, {}},
+           {{1.0f}, {e ? e->out_scale : nullptr}, {}},
+           {relu, e ? e->out_bits : 4, e ? e->out_eps : 0.0f}};
+    } else {
+      t = {residual_args, {relu}};
+    }
+  }
+};
+
+// The epilogue of output type OT: conv_packed's (EpilogueFusion, no source
+// tensor C) or conv_fused's exact one (fp16 residual as C). What the three
+// families take from it: the output and residual elements and alignments,
+// the fusion, its arguments and the residual pointer.
+template <OutType OT, class TileShape>
+struct EpilogueOf {
+  static constexpr bool kFused = is_fused_out_type(OT);
+  using ElementOut = typename OutElement<OT>::type;
+  using ElementC = cute::conditional_t<kFused, cutlass::half_t, void>;
+  static constexpr int kAlignOut = 128 / cutlass::sizeof_bits<ElementOut>::value;
+  static constexpr int kAlignC = kFused ? 128 / 16 : kAlignOut;
+  using Fusion =
+      cute::conditional_t<kFused, typename ExactEpilogueFusion<TileShape, ElementOut, ElementC>::type,
+                          typename EpilogueFusion<TileShape, ElementOut>::type>;
+
+  template <class ThreadArgs>
+  static void set(ThreadArgs& t, const EpilogueArgs* e) {
+    if constexpr (kFused)
+      ExactEpilogueFusion<TileShape, ElementOut, ElementC>::set(t, e);
+    else
+      EpilogueFusion<TileShape, ElementOut>::set(t, e);
+  }
+  static const ElementC* residual(const EpilogueArgs* e) {
+    if constexpr (kFused)
+      return e ? static_cast<const ElementC*>(e->residual) : nullptr;
+    else
+      return nullptr;
   }
 };
 

@@ -42,9 +42,11 @@ struct GemmKernel {
   // The sm90 GEMM kernels wait for their producer grid before reading global
   // memory when built with CUTLASS_ENABLE_GDC_FOR_SM90 (CMakeLists.txt).
   static constexpr bool kProgrammaticLaunch = true;
-  using ElementOut = typename OutElement<OT>::type;
-  static constexpr int kAlignOut = 128 / cutlass::sizeof_bits<ElementOut>::value;
   using TileShape = cute::Shape<cute::Int<TM>, cute::Int<TN>, cute::Int<TK>>;
+  using Epilogue = EpilogueOf<OT, TileShape>;
+  using ElementOut = typename Epilogue::ElementOut;
+  using ElementC = typename Epilogue::ElementC;  // the residual (fused output types), or void
+  static constexpr int kAlignOut = Epilogue::kAlignOut;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   using MainSchedule =
       cute::conditional_t<kCooperative, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
@@ -52,12 +54,12 @@ struct GemmKernel {
   using EpiSchedule =
       cute::conditional_t<kCooperative, cutlass::epilogue::TmaWarpSpecializedCooperative,
                           cutlass::epilogue::TmaWarpSpecialized>;
-  using Fusion = typename EpilogueFusion<TileShape, ElementOut>::type;
+  using Fusion = typename Epilogue::Fusion;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float, void,
-      cutlass::layout::RowMajor, kAlignOut, ElementOut, cutlass::layout::RowMajor, kAlignOut,
+      cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float, ElementC,
+      cutlass::layout::RowMajor, Epilogue::kAlignC, ElementOut, cutlass::layout::RowMajor, kAlignOut,
       EpiSchedule, Fusion>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
@@ -99,9 +101,9 @@ struct GemmKernel {
     Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
                    {m, n, k, 1},
                    {static_cast<const int8_t*>(act), sa, static_cast<const int8_t*>(wt), sb},
-                   {{}, nullptr, sd, e ? static_cast<ElementOut*>(e->out) : nullptr, sd},
+                   {{}, Epilogue::residual(e), sd, e ? static_cast<ElementOut*>(e->out) : nullptr, sd},
                    hw};
-    EpilogueFusion<TileShape, ElementOut>::set(args.epilogue.thread, e);
+    Epilogue::set(args.epilogue.thread, e);
     return args;
   }
 

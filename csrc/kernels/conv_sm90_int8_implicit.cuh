@@ -54,19 +54,21 @@ struct ImplicitConvKernel {
   // programmatic dependent launch measured no gain, -0.9..+0.7 us per 3x3
   // layer on H100; its adapter has no such launch option either.)
   static constexpr bool kProgrammaticLaunch = false;
-  using ElementOut = typename OutElement<OT>::type;
-  static constexpr int kAlignOut = 128 / cutlass::sizeof_bits<ElementOut>::value;
 
   using TileShape = cute::Shape<cute::Int<TM>, cute::Int<TN>, cute::Shape<cute::Int<TK>>>;
+  using Epilogue = EpilogueOf<OT, TileShape>;
+  using ElementOut = typename Epilogue::ElementOut;
+  using ElementC = typename Epilogue::ElementC;  // the residual (fused output types), or void
+  static constexpr int kAlignOut = Epilogue::kAlignOut;
   using ClusterShape = cute::Shape<cute::Int<CM>, cute::_1, cute::_1>;
   using EpiTile = cute::conditional_t<
       EpiN == 0, cutlass::epilogue::collective::EpilogueTileAuto,
       cute::Shape<cute::Int<(TM < 64 ? TM : 64)>, cute::Int<(EpiN > 0 ? EpiN : 32)>>>;
-  using Fusion = typename EpilogueFusion<TileShape, ElementOut>::type;
+  using Fusion = typename Epilogue::Fusion;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape, EpiTile,
-      int32_t, float, void, cutlass::layout::TensorNHWC, kAlignOut, ElementOut,
+      int32_t, float, ElementC, cutlass::layout::TensorNHWC, Epilogue::kAlignC, ElementOut,
       cutlass::layout::TensorNHWC, kAlignOut, cutlass::epilogue::TmaWarpSpecialized,
       Fusion>::CollectiveOp;
 
@@ -109,8 +111,8 @@ struct ImplicitConvKernel {
     cute::get<0, 2>(dD) = static_cast<int64_t>(s.p) * s.q * s.k;
     Arguments args{ps,
                    {static_cast<const int8_t*>(act), static_cast<const int8_t*>(wt)},
-                   {{}, nullptr, dD, e ? static_cast<ElementOut*>(e->out) : nullptr, dD}};
-    EpilogueFusion<TileShape, ElementOut>::set(args.epilogue.thread, e);
+                   {{}, Epilogue::residual(e), dD, e ? static_cast<ElementOut*>(e->out) : nullptr, dD}};
+    Epilogue::set(args.epilogue.thread, e);
     return args;
   }
 

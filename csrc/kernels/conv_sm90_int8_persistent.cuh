@@ -111,16 +111,18 @@ struct PersistentConvKernel {
   // The persistent GEMM kernel waits for its producer grid (the activation
   // pass) itself: launched with programmatic dependent launch.
   static constexpr bool kProgrammaticLaunch = true;
-  using ElementOut = typename OutElement<OT>::type;
-  static constexpr int kAlignOut = 128 / cutlass::sizeof_bits<ElementOut>::value;
   using TileShape = cute::Shape<cute::Int<TM>, cute::Int<TN>, cute::Shape<cute::Int<TK>>>;
+  using Epilogue = EpilogueOf<OT, TileShape>;
+  using ElementOut = typename Epilogue::ElementOut;
+  using ElementC = typename Epilogue::ElementC;  // the residual (fused output types), or void
+  static constexpr int kAlignOut = Epilogue::kAlignOut;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
-  using Fusion = typename EpilogueFusion<TileShape, ElementOut>::type;
+  using Fusion = typename Epilogue::Fusion;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float, void,
-      cutlass::layout::RowMajor, kAlignOut, ElementOut, cutlass::layout::RowMajor, kAlignOut,
+      cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float, ElementC,
+      cutlass::layout::RowMajor, Epilogue::kAlignC, ElementOut, cutlass::layout::RowMajor, kAlignOut,
       cutlass::epilogue::TmaWarpSpecialized, Fusion>::CollectiveOp;
 
   // The pingpong kernel's own storage (pipelines, order barrier, scheduler)
@@ -159,9 +161,9 @@ struct PersistentConvKernel {
     args = Arguments{cutlass::gemm::GemmUniversalMode::kGemm,
                      CollectiveMainloop::problem_shape_mnkl(problem),
                      mainloop,
-                     {{}, nullptr, sd, e ? static_cast<ElementOut*>(e->out) : nullptr, sd},
+                     {{}, Epilogue::residual(e), sd, e ? static_cast<ElementOut*>(e->out) : nullptr, sd},
                      hw};
-    EpilogueFusion<TileShape, ElementOut>::set(args.epilogue.thread, e);
+    Epilogue::set(args.epilogue.thread, e);
     return true;
   }
 

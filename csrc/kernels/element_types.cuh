@@ -33,6 +33,14 @@ template <>
 struct OutTraits<OutType::kBFloat16> {
   using type = __nv_bfloat16;
 };
+template <>
+struct OutTraits<OutType::kFusedFloat16> {
+  using type = __half;
+};
+template <>
+struct OutTraits<OutType::kFusedCodes8> {
+  using type = int8_t;
+};
 
 template <InType T>
 struct InTraits;

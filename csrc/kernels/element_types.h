@@ -10,8 +10,19 @@
 
 namespace q4conv {
 
-// Output element of a convolution's epilogue.
-enum class OutType { kFloat32, kFloat16, kBFloat16 };
+// Output of a convolution's epilogue: its element and which epilogue makes it.
+//   kFloat32 / kFloat16 / kBFloat16: conv_packed's epilogue,
+//       act(alpha[k] * acc + bias[k]) (one fused multiply-add), in that type;
+//   kFusedFloat16 / kFusedCodes8: conv_fused's exact epilogue (conv_epilogue.cpp),
+//       v = fp32(alpha[k] * acc) + shift[k] (two roundings) [+ fp16 residual] [ReLU],
+//       out as fp16, or as the consumer's int8 activation codes
+//       clamp(rint((v + out_bias[k]) / max(out_scale, out_eps))).
+enum class OutType { kFloat32, kFloat16, kBFloat16, kFusedFloat16, kFusedCodes8 };
+
+// Whether an output type runs conv_fused's exact epilogue (with a residual).
+constexpr bool is_fused_out_type(OutType t) {
+  return t == OutType::kFusedFloat16 || t == OutType::kFusedCodes8;
+}
 // Element of a floating-point input tensor (activations, weights, gradients).
 enum class InType { kFloat32, kFloat16, kBFloat16 };
 
@@ -32,7 +43,8 @@ struct TypeList {
   }
 };
 
-using AllOutTypes = TypeList<OutType::kFloat32, OutType::kFloat16, OutType::kBFloat16>;
+using AllOutTypes = TypeList<OutType::kFloat32, OutType::kFloat16, OutType::kBFloat16,
+                             OutType::kFusedFloat16, OutType::kFusedCodes8>;
 using AllInTypes = TypeList<InType::kFloat32, InType::kFloat16, InType::kBFloat16>;
 
 namespace detail {

@@ -85,7 +85,7 @@ def _conv_packed_fake(x, bias_a, scale_a, qweight, scale_w, bias, stride, paddin
 
 @torch.library.register_fake("q4conv::conv_fused")
 def _conv_fused_fake(x, bias_a, scale_a, qweight, alpha, shift, stride, padding, dilation, eps, bits, residual, relu,
-                     out_bias_a, out_scale_a, out_eps, out_dtype):
+                     out_bias_a, out_scale_a, out_eps, out_dtype, backend="auto", kernel_weight=None):
     k, r, s, _ = qweight.shape
     out_h, out_w = _out_hw(x.shape[2], x.shape[3], r, s, stride, padding, dilation)
     sizes = (x.shape[0], k, out_h, out_w)

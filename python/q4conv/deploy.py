@@ -270,8 +270,8 @@ class FusedQ4Conv2d(_HostFloats, nn.Module):
             _reject_onnx_export()
         b = self._buffers
         eps = self._host_float("eps", tracing)
+        kernel_weight = None if tracing or not x.is_cuda else self._kernel_weight(x)
         if not self.codes_in and not self.codes_out and residual is None:
-            kernel_weight = None if tracing or not x.is_cuda else self._kernel_weight(x)
             return _ops.ops.conv_packed.default(
                 x.detach(), b["bias_a"], b["scale_a"], b["qweight"], b["scale_w"], b["shift"], self.stride,
                 self.padding, self.dilation, eps, self.a_bit, self.relu, self.backend, kernel_weight, b["alpha"])
@@ -286,7 +286,7 @@ class FusedQ4Conv2d(_HostFloats, nn.Module):
             self.dilation, eps, self.a_bit, residual.detach() if fused_residual and residual is not None else None,
             self.relu and fused_residual, b["out_bias_a"] if codes_out else None,
             b["out_scale_a"] if codes_out else None, out_eps,
-            float_dtype if self.codes_in and not codes_out else None)
+            float_dtype if self.codes_in and not codes_out else None, self._fused_backend(), kernel_weight)
         if fused_residual:
             return y
         # A residual the op does not take (broadcast, other dtype or device, not a
@@ -299,6 +299,12 @@ class FusedQ4Conv2d(_HostFloats, nn.Module):
         codes = _ops.ops.quantize_activation.default(y.detach(), b["out_bias_a"], b["out_scale_a"],
                                                      self._host_float("out_eps", tracing), self.a_bit)
         return codes.permute(0, 3, 1, 2)
+
+    def _fused_backend(self) -> str:
+        """conv_fused's backend: "fallback" where the layer forced it, else "auto" (a forced kernel
+        backend would make conv_fused raise for a call only its ATen arithmetic takes, e.g. a
+        bfloat16 residual, where the unfused layer ran)."""
+        return "fallback" if self.backend == "fallback" else "auto"
 
     def _residual_fits(self, x: torch.Tensor, residual: Any, float_dtype: torch.dtype) -> bool:
         """Whether conv_fused takes ``residual`` and gives the unfused add's result: a tensor of the

@@ -80,13 +80,16 @@ def test_convert_fake_quant_replaces_every_conv():
 def test_infer_models_run(monkeypatch, with_deploy):
     if with_deploy and not hasattr(q4conv, "deploy"):
         # Stand-in until q4conv.deploy lands: exercises the deployed model's path.
-        monkeypatch.setattr(q4conv, "deploy", lambda model: copy.deepcopy(model), raising=False)
+        monkeypatch.setattr(q4conv, "deploy", lambda model, **options: copy.deepcopy(model), raising=False)
     if not with_deploy and hasattr(q4conv, "deploy"):
         monkeypatch.delattr(q4conv, "deploy")
     models = bm.build_infer_models(bm.SMOKE, CPU)
-    assert set(models) == {"fp16", "q4", "deploy"}
+    assert set(models) == {"fp16", "q4", "deploy", "deploy_codes"}
     if not with_deploy:
-        assert models["deploy"][0] is None and "no q4conv.deploy" in models["deploy"][1]
+        for name in ("deploy", "deploy_codes"):
+            assert models[name][0] is None and "no q4conv.deploy" in models[name][1]
+    else:  # the codes variant writes int8 codes between layers
+        assert any(getattr(m, "codes_out", False) for m in models["deploy_codes"][0].modules())
     x = torch.randn(2, 3, 32, 32).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     for name, (model, note) in models.items():
         if model is None:
