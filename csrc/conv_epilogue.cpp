@@ -122,8 +122,8 @@ at::Tensor empty_codes(const at::Tensor& x, std::array<int64_t, 4> sizes) {
 // output are float16).
 std::optional<OutType> kernel_out_type(std::optional<at::ScalarType> float_out,
                                        const std::optional<at::Tensor>& residual) {
-  const bool residual_ok = !residual.has_value() || !residual->defined() ||
-                           residual->scalar_type() == at::kHalf;
+  const bool residual_ok =
+      !residual.has_value() || !residual->defined() || residual->scalar_type() == at::kHalf;
   if (!residual_ok) return std::nullopt;
   if (!float_out) return OutType::kFusedCodes8;
   if (*float_out == at::kHalf) return OutType::kFusedFloat16;

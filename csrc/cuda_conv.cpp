@@ -132,8 +132,7 @@ void run_plan(const ConvPlan& plan, const at::Tensor& input, const at::Tensor& b
   const ConvShape& shape = plan.shape;
   const int64_t workspace_size = workspace_bytes(plan.backend, shape, epilogue.out_type);
   at::Tensor workspace;
-  if (workspace_size > 0)
-    workspace = at::empty({workspace_size}, input.options().dtype(at::kByte));
+  if (workspace_size > 0) workspace = at::empty({workspace_size}, input.options().dtype(at::kByte));
   Q4CONV_HOST_SPAN("q4conv::conv_kernel_launch");
   check_status(run_kernel(plan.backend, shape, act.data_ptr(), wgt.data_ptr(), epilogue,
                           workspace.defined() ? workspace.data_ptr() : nullptr, stream),

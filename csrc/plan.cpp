@@ -109,8 +109,7 @@ std::shared_ptr<const ConvPlan> plan_conv(const at::Tensor& x, int64_t out_chann
                                           int64_t s, const ConvParams& params, Backend requested,
                                           std::optional<OutType> fused_out) {
   TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
-  if (!x.is_cuda())
-    return make_plan(x, out_channels, r, s, params, requested, Tuning{}, fused_out);
+  if (!x.is_cuda()) return make_plan(x, out_channels, r, s, params, requested, Tuning{}, fused_out);
   const Tuning tuning = current_tuning();
   const PlanKey key = plan_key(x, out_channels, r, s, params, requested, tuning.epoch, fused_out);
   static std::mutex mutex;

@@ -295,12 +295,13 @@ struct ExactEpilogueFusion {
   using Row =
       cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, BcastStride, 4>;
   using Scalar = cutlass::epilogue::fusion::Sm90ScalarBroadcast<float>;
-  using Product =
-      cutlass::epilogue::fusion::Sm90EVT<Compute<MulRn>, Row, cutlass::epilogue::fusion::Sm90AccFetch>;
+  using Product = cutlass::epilogue::fusion::Sm90EVT<Compute<MulRn>, Row,
+                                                     cutlass::epilogue::fusion::Sm90AccFetch>;
   using Shifted = cutlass::epilogue::fusion::Sm90EVT<Compute<cutlass::plus>, Product, Row>;
-  using WithResidual = cutlass::epilogue::fusion::Sm90EVT<
-      Compute<cutlass::homogeneous_multiply_add>, Scalar,
-      cutlass::epilogue::fusion::Sm90SrcFetch<ElementResidual>, Shifted>;
+  using WithResidual =
+      cutlass::epilogue::fusion::Sm90EVT<Compute<cutlass::homogeneous_multiply_add>, Scalar,
+                                         cutlass::epilogue::fusion::Sm90SrcFetch<ElementResidual>,
+                                         Shifted>;
   using type = cute::conditional_t<
       kCodes,
       cutlass::epilogue::fusion::Sm90EVT<Compute<ReluToCodes, int8_t>, WithResidual, Row, Scalar>,
@@ -340,7 +341,8 @@ struct EpilogueOf {
   static constexpr int kAlignOut = 128 / cutlass::sizeof_bits<ElementOut>::value;
   static constexpr int kAlignC = kFused ? 128 / 16 : kAlignOut;
   using Fusion =
-      cute::conditional_t<kFused, typename ExactEpilogueFusion<TileShape, ElementOut, ElementC>::type,
+      cute::conditional_t<kFused,
+                          typename ExactEpilogueFusion<TileShape, ElementOut, ElementC>::type,
                           typename EpilogueFusion<TileShape, ElementOut>::type>;
 
   template <class ThreadArgs>

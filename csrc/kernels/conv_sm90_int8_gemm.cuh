@@ -59,8 +59,8 @@ struct GemmKernel {
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float, ElementC,
-      cutlass::layout::RowMajor, Epilogue::kAlignC, ElementOut, cutlass::layout::RowMajor, kAlignOut,
-      EpiSchedule, Fusion>::CollectiveOp;
+      cutlass::layout::RowMajor, Epilogue::kAlignC, ElementOut, cutlass::layout::RowMajor,
+      kAlignOut, EpiSchedule, Fusion>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, int8_t, cutlass::layout::RowMajor, 16,
@@ -98,11 +98,12 @@ struct GemmKernel {
     StrideD sd{};
     cute::get<0>(sd) = static_cast<int64_t>(n);
     const cutlass::KernelHardwareInfo hw = current_hw_info();
-    Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
-                   {m, n, k, 1},
-                   {static_cast<const int8_t*>(act), sa, static_cast<const int8_t*>(wt), sb},
-                   {{}, Epilogue::residual(e), sd, e ? static_cast<ElementOut*>(e->out) : nullptr, sd},
-                   hw};
+    Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {m, n, k, 1},
+        {static_cast<const int8_t*>(act), sa, static_cast<const int8_t*>(wt), sb},
+        {{}, Epilogue::residual(e), sd, e ? static_cast<ElementOut*>(e->out) : nullptr, sd},
+        hw};
     Epilogue::set(args.epilogue.thread, e);
     return args;
   }

@@ -109,9 +109,10 @@ struct ImplicitConvKernel {
     cute::get<0, 0>(dD) = static_cast<int64_t>(s.k);
     cute::get<0, 1>(dD) = static_cast<int64_t>(s.q) * s.k;
     cute::get<0, 2>(dD) = static_cast<int64_t>(s.p) * s.q * s.k;
-    Arguments args{ps,
-                   {static_cast<const int8_t*>(act), static_cast<const int8_t*>(wt)},
-                   {{}, Epilogue::residual(e), dD, e ? static_cast<ElementOut*>(e->out) : nullptr, dD}};
+    Arguments args{
+        ps,
+        {static_cast<const int8_t*>(act), static_cast<const int8_t*>(wt)},
+        {{}, Epilogue::residual(e), dD, e ? static_cast<ElementOut*>(e->out) : nullptr, dD}};
     Epilogue::set(args.epilogue.thread, e);
     return args;
   }

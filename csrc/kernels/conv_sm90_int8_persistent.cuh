@@ -122,8 +122,8 @@ struct PersistentConvKernel {
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float, ElementC,
-      cutlass::layout::RowMajor, Epilogue::kAlignC, ElementOut, cutlass::layout::RowMajor, kAlignOut,
-      cutlass::epilogue::TmaWarpSpecialized, Fusion>::CollectiveOp;
+      cutlass::layout::RowMajor, Epilogue::kAlignC, ElementOut, cutlass::layout::RowMajor,
+      kAlignOut, cutlass::epilogue::TmaWarpSpecialized, Fusion>::CollectiveOp;
 
   // The pingpong kernel's own storage (pipelines, order barrier, scheduler)
   // besides the epilogue's, carved out before the stages are counted.
@@ -158,11 +158,12 @@ struct PersistentConvKernel {
     typename CollectiveMainloop::Arguments mainloop;
     mainloop.conv = {static_cast<const int8_t*>(act), static_cast<const int8_t*>(wt)};
     mainloop.problem = problem;
-    args = Arguments{cutlass::gemm::GemmUniversalMode::kGemm,
-                     CollectiveMainloop::problem_shape_mnkl(problem),
-                     mainloop,
-                     {{}, Epilogue::residual(e), sd, e ? static_cast<ElementOut*>(e->out) : nullptr, sd},
-                     hw};
+    args = Arguments{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        CollectiveMainloop::problem_shape_mnkl(problem),
+        mainloop,
+        {{}, Epilogue::residual(e), sd, e ? static_cast<ElementOut*>(e->out) : nullptr, sd},
+        hw};
     Epilogue::set(args.epilogue.thread, e);
     return true;
   }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from typing import List
 
@@ -101,3 +102,18 @@ def make_inputs(case: Case, device: str, dtype=torch.float32, channels_last=Fals
         x = x.contiguous(memory_format=torch.channels_last)
     move = lambda t: None if t is None else t.to(device)
     return move(x), move(bias_a), move(scale_a), move(weight), move(scale_w), move(out_bias)
+
+
+def spawn_with_deadline(fn, args: tuple, nprocs: int, timeout_s: float) -> None:
+    """torch.multiprocessing.spawn with an overall deadline: a hung worker fails the test
+    (its processes terminated) instead of blocking CI."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail(f"distributed workers did not finish within {timeout_s} s (hang)")

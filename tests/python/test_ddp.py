@@ -13,7 +13,6 @@ import datetime
 import math
 import os
 import tempfile
-import time
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import q4conv
+from conftest import spawn_with_deadline
 
 WORLD = 2
 STEPS = 3
@@ -112,15 +112,7 @@ def _optimizer(model: nn.Module) -> torch.optim.SGD:
 
 # ------------------------------------------------------------------------- spawning
 def _spawn(fn, *args) -> None:
-    """mp.spawn with an overall deadline, so a hang fails the test instead of blocking CI."""
-    ctx = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"distributed workers did not finish within {SPAWN_TIMEOUT_S} s (hang)")
+    spawn_with_deadline(fn, args, WORLD, SPAWN_TIMEOUT_S)
 
 
 def _init(rank: int, init_file: str) -> None:

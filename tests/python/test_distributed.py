@@ -9,9 +9,11 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from conftest import spawn_with_deadline
 
 WORLD = 2
+SPAWN_TIMEOUT_S = 120.0
 
 
 def _rank_input(rank: int) -> torch.Tensor:
@@ -34,9 +36,9 @@ def _worker(rank: int, init_file: str, results) -> None:
 
 def test_scale_a_is_averaged_over_ranks():
     with tempfile.TemporaryDirectory() as tmp:
-        manager = mp.Manager()
+        manager = torch.multiprocessing.Manager()
         results = manager.dict()
-        mp.spawn(_worker, args=(os.path.join(tmp, "store"), results), nprocs=WORLD, join=True)
+        spawn_with_deadline(_worker, (os.path.join(tmp, "store"), results), WORLD, SPAWN_TIMEOUT_S)
         scales = [results[r] for r in range(WORLD)]
     local = [2 * _rank_input(r).abs().mean().item() / math.sqrt(7) for r in range(WORLD)]
     assert abs(local[0] - local[1]) > 0.1  # a per-rank init would differ
