@@ -352,11 +352,16 @@ struct EpilogueOf {
     else
       EpilogueFusion<TileShape, ElementOut>::set(t, e);
   }
+  // Without a residual C is never loaded (beta 0), but its TMA descriptor is
+  // still encoded: it gets the output's address (valid and aligned) rather
+  // than a null one.
   static const ElementC* residual(const EpilogueArgs* e) {
-    if constexpr (kFused)
-      return e ? static_cast<const ElementC*>(e->residual) : nullptr;
-    else
+    if constexpr (kFused) {
+      if (!e) return nullptr;
+      return static_cast<const ElementC*>(e->residual ? e->residual : e->out);
+    } else {
       return nullptr;
+    }
   }
 };
 
