@@ -51,8 +51,9 @@ q4conv peak memory <= fp16 AMP's.
   fp16      the float model, fp16 weights and input, channels_last;
   q4 eval   the q4conv QAT model (convert + calibrate on one fp32 batch) in eval mode: packed
             weights, per-layer path, fp16 input (BatchNorm and fc in fp16, q4conv parameters fp32);
-  deployed  q4conv.deploy(q4 eval model) (BatchNorm / ReLU fused into the q4conv epilogues), fp16
-            input, where q4conv has deploy (else a row says it is absent);
+  deployed  q4conv.deploy(q4 eval model, codes=False, residual=False): BatchNorm / ReLU fused into
+            the q4conv epilogues, fp16 between layers (stage 1), fp16 input, where q4conv has
+            deploy (else a row says it is absent);
   deployed, codes  q4conv.deploy(q4, codes=True, residual=True): int8 codes between q4conv layers,
             residual adds in the epilogues (conv_fused);
 each eager (torch.inference_mode) and replayed from a CUDA graph (captured after warm-up; a failed
@@ -603,7 +604,8 @@ def build_infer_models(spec: ModelSpec, device: torch.device, which: Sequence[st
             q4, note = None, _error_text("convert / calibrate", exc)
             out.update({k: (None, note) for k in ("q4", "deploy", "deploy_codes") if k in which})
         if q4 is not None:
-            for name, options in (("deploy", {}), ("deploy_codes", {"codes": True, "residual": True})):
+            stage1 = {"codes": False, "residual": False}
+            for name, options in (("deploy", stage1), ("deploy_codes", {"codes": True, "residual": True})):
                 if name not in which:
                     continue
                 if not hasattr(q4conv, "deploy"):
