@@ -636,14 +636,11 @@ def _free_name(root: nn.Module, name: str) -> str:
 
 
 @torch.no_grad()
-def _fused_kernels_run_everywhere(model: nn.Module) -> bool:
-    """Whether conv_fused is at least as fast as the stage-1 path for every q4conv layer of
-    ``model`` where it is now: on the CPU (conv_fused's exact path is the only path) or on an
-    sm_90 GPU (its kernels read and write codes and take the residual)."""
-    devices = {t.device for m in model.modules() if isinstance(m, (Q4Conv2dCutlass, FusedQ4Conv2d))
-               for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
-    return all(d.type == "cpu" or (d.type == "cuda" and torch.cuda.get_device_capability(d)[0] == 9)
-               for d in devices)
+def _q4_layers_on_cpu(model: nn.Module) -> bool:
+    """Whether every q4conv layer's tensors are on the CPU (where conv_fused's
+    exact path is the only path anyway)."""
+    return all(t.device.type == "cpu" for m in model.modules() if isinstance(m, (Q4Conv2dCutlass, FusedQ4Conv2d))
+               for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
 
 
 def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
@@ -684,14 +681,14 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
     On an sm_90 GPU (H100 / H200), convolutions with codes or a residual run
     ``torch.ops.q4conv.conv_fused`` on the sm90 kernels (codes read without a
     quantization pass; residual, ReLU and the consumer's codes in the
-    epilogue) for float16 activations; float32 / bfloat16 activations take its
-    exact ATen arithmetic where a layer reads codes and writes float or adds a
-    residual (slower than the kernels: pass ``codes=False, residual=False``
-    there). Other GPUs run conv_fused's ATen arithmetic for every such layer.
-    So ``residual`` and ``codes`` default (``None``) to on for a model on the
-    CPU or an sm_90 GPU and off elsewhere (every fused layer then runs the
-    kernels: BatchNorm and ReLU folded, float between layers). Pass ``True``
-    to get the codes network anyway (exact, for checking).
+    epilogue; bit-identical to its exact arithmetic) for float16 activations;
+    float32 / bfloat16 activations, other GPUs and layers the kernels do not
+    take run its exact ATen arithmetic (slower). The kernels' int8 output
+    store still makes 1x1 layers slower than the stage-1 path, so ``residual``
+    and ``codes`` default (``None``) to on for a model on the CPU and off for
+    a model on a GPU (every fused layer then runs conv_packed's kernels:
+    BatchNorm and ReLU folded, float between layers). Pass ``True`` for the
+    codes network on a GPU.
 
     Raises ValueError when ``model`` is in training mode or a q4conv layer has
     no activation scale yet (calibrate first). The result runs under
@@ -705,9 +702,9 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
     for name, module in model.named_modules():
         if isinstance(module, Q4Conv2dCutlass) and not module.training:
             _check_calibrated(module, name)
-    fused_default = _fused_kernels_run_everywhere(model)
-    residual = fused_default if residual is None else residual
-    codes = fused_default if codes is None else codes
+    on_cpu = _q4_layers_on_cpu(model)
+    residual = on_cpu if residual is None else residual
+    codes = on_cpu if codes is None else codes
     model = copy.deepcopy(model)
     tracer = _DeployTracer(leaf_modules)
     try:
