@@ -157,8 +157,10 @@ at::Tensor conv_fused(const at::Tensor& x, const at::Tensor& bias_a, const at::T
   }
 
   Q4CONV_HOST_SPAN("q4conv::conv_fused");
+  // A forced kernel backend plans on every device (so a CPU input is an
+  // error naming it, as in conv_packed); "auto" plans on CUDA only.
   const Backend requested = parse_backend(backend);
-  if (x.is_cuda() && requested != Backend::kFallback) {
+  if (requested != Backend::kFallback && (x.is_cuda() || requested != Backend::kAuto)) {
     const std::optional<OutType> kernel_out = kernel_out_type(float_out, residual);
     TORCH_CHECK(kernel_out.has_value() || requested == Backend::kAuto, "backend '", backend,
                 "' runs conv_fused with a float16 output or codes out and a float16 residual "
