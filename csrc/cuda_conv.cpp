@@ -105,10 +105,6 @@ void run_fused(const ConvPlan& plan, const at::Tensor& x, const at::Tensor& bias
 #endif
 }
 
-}  // namespace
-
-namespace {
-
 // Launches the plan's kernel on `input` (x, or its stride grid) with the
 // epilogue `epilogue` (whose `out` the caller allocated): the activation codes
 // (pass, im2col rows or packed taps; none for codes in) or a fused 1x1 kernel,
