@@ -170,7 +170,7 @@ at::Tensor cuda_conv(const ConvPlan& plan, const at::Tensor& x, const at::Tensor
   epilogue.alpha = alpha.data_ptr<float>();
   epilogue.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   epilogue.relu = params.relu;
-  epilogue.out_type = out_type(x.scalar_type());
+  epilogue.out_type = plan.out_type;  // x's float type (planned by try_backend)
   epilogue.out = out.data_ptr();
   run_plan(plan, input, bias_a, scale_a, kernel_weight, params, epilogue);
   return layer_output(out, x, at::cuda::getCurrentCUDAStream());

@@ -236,15 +236,16 @@ class FusedQ4Conv2d(_HostFloats, nn.Module):
                    dilation=layer.dilation, a_bit=layer.a_bit, relu=relu, backend=layer.backend,
                    residual=residual, codes_in=codes_in, out_quantizer=out_quantizer)
 
-    def _kernel_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The kernel-layout weights for x's device and backend, made once per qweight."""
+    def _kernel_weight(self, x: torch.Tensor, backend: str) -> Optional[torch.Tensor]:
+        """The kernel-layout weights for x's device and the op's ``backend`` argument, made once per
+        qweight."""
         qweight = self._buffers["qweight"]
-        key = (x.device, _version_of(qweight), self.backend)
+        key = (x.device, _version_of(qweight), backend)
         cache = self._kernel_cache
         if cache is None or cache[0] is not qweight or cache[1] != key:
-            backend = _ops.ops.selected_backend(x, self.out_channels, list(self.kernel_size), self.stride,
-                                                self.padding, self.dilation, self.backend)
-            weight = None if backend == "fallback" else _ops.ops.kernel_weight(qweight, self.in_channels, backend)
+            selected = _ops.ops.selected_backend(x, self.out_channels, list(self.kernel_size), self.stride,
+                                                 self.padding, self.dilation, backend)
+            weight = None if selected == "fallback" else _ops.ops.kernel_weight(qweight, self.in_channels, selected)
             self._kernel_cache = (qweight, key, weight)
         return self._kernel_cache[2]
 
@@ -270,8 +271,11 @@ class FusedQ4Conv2d(_HostFloats, nn.Module):
             _reject_onnx_export()
         b = self._buffers
         eps = self._host_float("eps", tracing)
-        kernel_weight = None if tracing or not x.is_cuda else self._kernel_weight(x)
-        if not self.codes_in and not self.codes_out and residual is None:
+        packed = not self.codes_in and not self.codes_out and residual is None
+        # conv_packed takes the layer's backend; conv_fused "auto" unless forced to the fallback.
+        backend = self.backend if packed else self._fused_backend()
+        kernel_weight = None if tracing or not x.is_cuda else self._kernel_weight(x, backend)
+        if packed:
             return _ops.ops.conv_packed.default(
                 x.detach(), b["bias_a"], b["scale_a"], b["qweight"], b["scale_w"], b["shift"], self.stride,
                 self.padding, self.dilation, eps, self.a_bit, self.relu, self.backend, kernel_weight, b["alpha"])
@@ -286,7 +290,7 @@ class FusedQ4Conv2d(_HostFloats, nn.Module):
             self.dilation, eps, self.a_bit, residual.detach() if fused_residual and residual is not None else None,
             self.relu and fused_residual, b["out_bias_a"] if codes_out else None,
             b["out_scale_a"] if codes_out else None, out_eps,
-            float_dtype if self.codes_in and not codes_out else None, self._fused_backend(), kernel_weight)
+            float_dtype if self.codes_in and not codes_out else None, backend, kernel_weight)
         if fused_residual:
             return y
         # A residual the op does not take (broadcast, other dtype or device, not a

@@ -61,11 +61,12 @@ def op_inputs(case: Case, device: str, dtype=torch.float32, channels_last=False,
                 out_scale_a=move(out_scale_a))
 
 
-def run_op(t, case: Case, residual=None, relu=False, codes_out=False, out_dtype=None, eps=1e-5, out_eps=1e-5):
+def run_op(t, case: Case, residual=None, relu=False, codes_out=False, out_dtype=None, eps=1e-5, out_eps=1e-5,
+           backend="auto"):
     return ops.conv_fused(t["x"], t["bias_a"], t["scale_a"], t["qweight"], t["alpha"], t["shift"],
                           list(case.stride), list(case.padding), list(case.dilation), eps, 4, residual, relu,
                           t["out_bias_a"] if codes_out else None, t["out_scale_a"] if codes_out else None,
-                          out_eps, out_dtype)
+                          out_eps, out_dtype, backend)
 
 
 def run_oracle(t, case: Case, residual=None, relu=False, codes_out=False, out_dtype=None, eps=1e-5, out_eps=1e-5):
@@ -250,15 +251,8 @@ def test_op_errors_name_the_argument():
         assert not run_op(dict(t, x=t["x"].clone().requires_grad_(True)), case).requires_grad
 
 
-def run_op_backend(t, case: Case, backend: str, kernel_weight=None, codes_out=False, out_dtype=None):
-    return ops.conv_fused(t["x"], t["bias_a"], t["scale_a"], t["qweight"], t["alpha"], t["shift"],
-                          list(case.stride), list(case.padding), list(case.dilation), 1e-5, 4, None, True,
-                          t["out_bias_a"] if codes_out else None, t["out_scale_a"] if codes_out else None,
-                          1e-5, out_dtype, backend, kernel_weight)
-
-
 def test_op_backend_argument_on_cpu():
-    """backend / kernel_weight (trailing, defaulted): "auto" and "fallback" run the exact
+    """backend (trailing, defaulted): "auto" and "fallback" run the exact
     arithmetic on the CPU, a forced kernel backend is an error naming it (as conv_packed's), an
     unknown name too; int8 codes plan as conv_fused's codes input (the fallback on the CPU)."""
     case = FIXED_CASES[0]
@@ -267,13 +261,14 @@ def test_op_backend_argument_on_cpu():
     for inputs, out_dtype in ((t, None), (codes, torch.float32)):
         for codes_out in (False, True):
             dtype = None if codes_out else out_dtype
-            ref = run_op_backend(inputs, case, "auto", codes_out=codes_out, out_dtype=dtype)
-            assert torch.equal(run_op_backend(inputs, case, "fallback", codes_out=codes_out, out_dtype=dtype), ref)
+            ref = run_op(inputs, case, relu=True, codes_out=codes_out, out_dtype=dtype)
+            assert torch.equal(run_op(inputs, case, relu=True, codes_out=codes_out, out_dtype=dtype,
+                                      backend="fallback"), ref)
     for backend in ("sm90_int8", "sm80_int4"):
         with pytest.raises(RuntimeError, match=f"backend '{backend}' needs a CUDA input"):
-            run_op_backend(t, case, backend, codes_out=True)
+            run_op(t, case, codes_out=True, backend=backend)
     with pytest.raises(RuntimeError, match="backend must be one of 'auto', 'fallback'"):
-        run_op_backend(t, case, "cudnn")
+        run_op(t, case, backend="cudnn")
     assert ops.selected_backend(codes["x"], case.k, [case.r, case.s], list(case.stride), list(case.padding),
                                 list(case.dilation), "auto") == "fallback"
 
