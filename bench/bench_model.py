@@ -40,6 +40,10 @@ before the next, so peak memory is its own):
   / fp16 AMP the step time (peak memory) over the fp16_amp configuration's at the same batch
              and mode (eager / compile / graph);
   --profile  adds the top ops by self CPU time (ms per step) over the 3 profiled steps.
+--rounds N measures every configuration N times, round by round (configurations interleaved, so a
+drifting host moves all of them), and reports the median step and host times. The summary adds the
+GPU-time ratios (profiled kernel time per step, q4conv over fp16 AMP): the host-independent part of
+the step ratio, what it tends to where the host keeps ahead of the GPU.
 --compile adds each configuration under torch.compile (default mode); --cuda-graph adds each with
 the whole step (forward, backward, optimizer, scaler) captured in one CUDA graph (after warm-up on a
 side stream, as PyTorch's whole-network capture recipe; autocast with cache_enabled=False); a
@@ -522,6 +526,10 @@ def train_summary(rows: List[Dict[str, Any]]) -> List[str]:
         for q4 in ("q4_amp16", "q4_fp32", "q4_bf16"):
             items.append((f"{q4} peak memory / fp16_amp peak memory",
                           _ratio(get(q4, "peak_MB"), get(BASELINE, "peak_MB")), "<= 1"))
+        # GPU work alone (profiled kernel + copy time per step): what the step ratio tends to
+        # where the host keeps ahead of the GPU; independent of the host's speed.
+        for q4 in ("q4_amp16", "q4_fp32", "q4_bf16"):
+            items.append((f"{q4} GPU ms / fp16_amp GPU ms", _ratio(get(q4, "gpu_ms"), get(BASELINE, "gpu_ms")), ""))
         text = [f"{name} {bench.fmt(v, 3)}" + (f" (target {t})" if t else "") for name, v, t in items if v != ""]
         lines.append(f"- batch {batch}, {mode}: " + ("; ".join(text) if text else "n/a"))
     return lines
@@ -533,17 +541,19 @@ def run_train(args: argparse.Namespace, spec: ModelSpec, device: torch.device) -
     rows: List[Dict[str, Any]] = []
     for mode in modes:  # graph captures last: a failed capture cannot spoil an eager or compiled row
         for batch in args.batches:
-            for config in configs:
-                per_round = []
-                for r in range(args.rounds):
+            # Rounds interleave the configurations (each measured once per round): a host whose
+            # speed drifts during the run then moves every configuration, not only the last ones.
+            per_config: Dict[str, List[Dict[str, Any]]] = {c.key: [] for c in configs}
+            for r in range(args.rounds):
+                for config in configs:
                     t = time.perf_counter()
                     row = measure_train(config, spec, batch, device, mode, args, profile=(r == 0 and not args.no_busy))
-                    per_round.append(row)
+                    per_config[config.key].append(row)
                     print(f"  batch {batch:>4} {mode:<7} {config.key:<9} step {bench.fmt(row['step_ms'], 2)} ms "
                           f"host {bench.fmt(row['host_ms'], 2)} ms peak {bench.fmt(row['peak_MB'], 0)} MB "
                           f"busy {bench.fmt(row['busy_frac'], 2)} [{time.perf_counter() - t:.1f} s]"
                           + (f"  ERROR {row['error']}" if row["error"] else ""), flush=True)
-                rows.append(_merge_rounds(per_round))
+            rows.extend(_merge_rounds(per_config[c.key]) for c in configs)
     for row in rows:
         base = next((r for r in rows if r["batch"] == row["batch"] and r["mode"] == row["mode"]
                      and r["config"] == BASELINE and not r["error"]), None)

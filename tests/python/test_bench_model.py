@@ -124,3 +124,19 @@ def test_arguments():
         bm.parse_args(["--mode", "train", "--configs", "q4_fp64"])
     with pytest.raises(SystemExit):
         bm.parse_args(["--mode", "train", "--batches", "0"])
+
+
+def test_train_summary_ratios_from_rows():
+    """The summary's step, memory and GPU-time ratios are the rows' quotients (same batch, mode)."""
+    def row(config: str, step: float, peak: float, gpu: float) -> Dict[str, object]:
+        return {"batch": 64, "mode": "eager", "config": config, "error": "", "step_ms": step,
+                "peak_MB": peak, "gpu_ms": gpu}
+
+    rows = [row("q4_amp16", 30.0, 2900.0, 19.0), row("fp16_amp", 25.0, 3000.0, 15.2),
+            row("fq_amp16", 96.0, 12000.0, 60.0)]
+    text = "\n".join(bm.train_summary(rows))
+    assert "q4_amp16 step / fp16_amp step 1.200 (target <= 1.3)" in text
+    assert "fq_amp16 step / q4_amp16 step 3.200 (target >= 3)" in text
+    assert "q4_amp16 peak memory / fp16_amp peak memory 0.967 (target <= 1)" in text
+    assert "q4_amp16 GPU ms / fp16_amp GPU ms 1.250" in text
+    assert "q4_fp32" not in text  # no row, no ratio
