@@ -639,6 +639,15 @@ def _free_name(root: nn.Module, name: str) -> str:
         candidate = f"{name}_fused{i}"
 
 
+def _drop_string_annotations(graph: fx.Graph) -> None:
+    """Drops the type annotations fx kept as strings (a forward annotated under
+    ``from __future__ import annotations``): the generated code refers to them as global
+    objects, which pickling (``torch.save`` of the deployed module) cannot name."""
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+
+
 @torch.no_grad()
 def _q4_layers_on_cpu(model: nn.Module) -> bool:
     """Whether every q4conv layer's tensors are on the CPU (where conv_fused's
@@ -718,6 +727,7 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
                      "submodules it cannot trace (data-dependent control flow) whole with "
                      "q4conv.deploy(model, leaf_modules=[TheirType, ...])")
         raise
+    _drop_string_annotations(graph)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     modules = dict(gm.named_modules())
     calls: Dict[str, int] = {}

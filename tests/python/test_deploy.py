@@ -473,6 +473,20 @@ def test_inference_only_no_gradient():
     assert not deployed(x).requires_grad
 
 
+def test_torch_save_load_round_trip():
+    """A deployed model pickles (torch.save of the module, torch.load) and runs the same; the
+    model's forward is annotated under ``from __future__ import annotations`` (q4conv.models),
+    whose string annotations fx would otherwise put in the generated code as unpicklable globals."""
+    deployed = q4conv.deploy(q4_resnet(resnet18, seed=3).eval())
+    buffer = io.BytesIO()
+    torch.save(deployed, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), deployed(x))
+
+
 @requires_cuda
 def test_cuda_resnet_matches_unfused():
     model = q4_resnet(resnet18, seed=0).cuda()
