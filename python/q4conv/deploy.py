@@ -703,7 +703,8 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
     BatchNorm and ReLU folded, float between layers). Pass ``True`` for the
     codes network on a GPU.
 
-    Raises ValueError when ``model`` is in training mode or a q4conv layer has
+    A bare q4conv layer (or another leaf module) is deployed as a one-module
+    graph (nothing to fuse). Raises ValueError when ``model`` is in training mode or a q4conv layer has
     no activation scale yet (calibrate first). The result runs under
     ``torch.compile`` and ``torch.export``.
     """
@@ -720,6 +721,8 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
     codes = on_cpu if codes is None else codes
     model = copy.deepcopy(model)
     tracer = _DeployTracer(leaf_modules)
+    if tracer.is_leaf_module(model, ""):  # a bare layer: fx traces into its root, so give it one
+        model = nn.Sequential(model)
     try:
         graph = tracer.trace(model)
     except Exception as err:

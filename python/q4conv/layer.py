@@ -7,8 +7,10 @@ shift ``bias_a``, signed 4-bit codes. The arithmetic lives in C++
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
+import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -689,23 +691,39 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, reset_weight_scales: 
     ``reset_weight_scales=True`` ``scale_w`` is first re-initialised from the
     weights (``prepare_params``). The model's train/eval mode is unchanged.
     Returns ``model``.
+
+    Raises ValueError (changing nothing) when ``batches`` yields no batch; warns
+    (UserWarning) naming the q4conv layers that no batch reached (their
+    ``scale_a`` is unchanged).
     """
-    layers = [m for _, m in _q4_layers(model)]
-    for layer in layers:
+    named_layers = _q4_layers(model)
+    iterator = iter(batches)
+    first = next(iterator, _NO_BATCH)
+    if first is _NO_BATCH:
+        raise ValueError("batches yielded no batch: q4conv.calibrate needs at least one input batch")
+    for _, layer in named_layers:
         if reset_weight_scales and layer.weight is not None:
             layer.prepare_params()
         zero = torch.zeros((), dtype=torch.float64, device=layer.bias_a.device)
         layer._calibration = [zero, zero.clone()]
     try:
-        for batch in batches:
+        for batch in itertools.chain([first], iterator):
             if isinstance(batch, (tuple, list)):
                 model(*batch)
             else:
                 model(batch)
+        # One host sync per layer, once: which layers saw no activation at all.
+        unreached = [name for name, layer in named_layers if float(layer._calibration[1]) == 0]
     finally:
-        for layer in layers:
+        for _, layer in named_layers:
             layer._calibration = None
+    if unreached:
+        warnings.warn(f"q4conv.calibrate: no batch reached these q4conv layers (scale_a unchanged): {unreached}",
+                      stacklevel=2)
     return model
+
+
+_NO_BATCH = object()
 
 
 def load_float_state_dict(model: nn.Module, state_dict: Dict[str, Any], strict: bool = True) -> _IncompatibleKeys:

@@ -81,7 +81,16 @@ def explain(layer: torch.nn.Module, x: torch.Tensor) -> ConvPlan:
 
         >>> q4conv.explain(model.layer1[0].conv1, x)   # doctest: +SKIP
         ConvPlan(backend='sm90_int8', path='fused_mma', ...)
+
+    Raises TypeError when ``layer`` is not a q4conv layer or ``x`` not a tensor.
     """
+    from .layer import Q4Conv2dCutlass
+
+    if not isinstance(layer, Q4Conv2dCutlass):
+        raise TypeError(f"layer must be a q4conv layer (Q4Conv2dCutlass), got {type(layer).__name__}; "
+                        "the call is q4conv.explain(layer, x)")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     weight = layer.weight if layer.weight is not None else layer.scale_w
     return plan_convolution(x, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                             layer.dilation, layer.backend, weight.dtype)

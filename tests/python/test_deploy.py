@@ -473,6 +473,15 @@ def test_inference_only_no_gradient():
     assert not deployed(x).requires_grad
 
 
+def test_bare_layer_deploys():
+    """A q4conv layer deployed on its own (fx cannot trace a leaf as the root) computes as in eval."""
+    layer = make_block().conv.eval()
+    deployed = q4conv.deploy(layer)
+    x = torch.randn(2, 8, 10, 9, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(deployed(x), layer(x))
+
+
 def test_torch_save_load_round_trip():
     """A deployed model pickles (torch.save of the module, torch.load) and runs the same; the
     model's forward is annotated under ``from __future__ import annotations`` (q4conv.models),

@@ -232,6 +232,27 @@ def test_calibrate_layer_and_model():
     assert model[0].scale_a.item() == before
 
 
+def test_calibrate_rejects_no_batches_and_names_unreached_layers():
+    model = nn.Sequential(make_layer(), nn.ReLU(), make_layer(in_channels=5))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="no batch"):
+        q4conv.calibrate(model, iter([]), reset_weight_scales=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing changed
+
+    class Branch(nn.Module):  # the second layer runs only on wide inputs
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = make_layer(), make_layer()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(x) if x.shape[-1] > 8 else self.a(x)
+
+    branch = Branch()
+    with pytest.warns(UserWarning, match=r"no batch reached these q4conv layers .*\['b'\]"):
+        q4conv.calibrate(branch, [torch.randn(2, 6, 7, 7)])
+    assert bool(branch.a.scale_a_initialized) and not bool(branch.b.scale_a_initialized)
+
+
 def test_freeze_scales():
     layer = make_layer()
     assert layer.freeze_scales() is layer

@@ -102,3 +102,12 @@ def test_cuda_strided_pointwise_runs_on_the_stride_grid():
         pytest.skip("no CUDA backend runs here")
     assert plan.stride_grid and plan.backward_stride_grid and plan.out_hw == (7, 7)
     assert not q4conv.plan_convolution(x.contiguous(), 128, (1, 1), stride=(2, 2)).backward_stride_grid
+
+
+def test_explain_names_its_arguments():
+    layer = q4conv.Q4Conv2dCutlass(4, 8, 3)
+    x = torch.randn(1, 4, 6, 6)
+    with pytest.raises(TypeError, match=r"q4conv.explain\(layer, x\)"):
+        q4conv.explain(x, layer)
+    with pytest.raises(TypeError, match="x must be a tensor"):
+        q4conv.explain(layer, [x])
