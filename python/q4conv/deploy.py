@@ -606,9 +606,11 @@ def _mark_codes_edges(graph: fx.Graph, modules: Dict[str, nn.Module], matches: D
         for consumer in consumers:
             match = matches.setdefault(consumer, _Match(consumer, _q4conv_layer(consumer, modules)))
             match.codes_in, match.float_like = True, float_like
-        for pool in pools:  # max of the codes as floats (exact: -8..7), back to int8
+        # Max of the codes as float16 (exact for -8..7; the narrowest dtype CUDA's max_pool2d
+        # takes: half the bytes of float32 for the widest activation of ResNet), back to int8.
+        for pool in pools:
             with graph.inserting_before(pool):
-                as_float = graph.call_method("float", (node,))
+                as_float = graph.call_method("half", (node,))
             pool.replace_input_with(node, as_float)
             with graph.inserting_after(pool):
                 codes = graph.call_method("to", (pool, torch.int8))
