@@ -20,6 +20,19 @@ at::Tensor apply_epilogue(const at::Tensor& acc, const at::Tensor& alpha,
   return relu ? at::relu(y) : y;
 }
 
+// A dense copy of t (NCHW sizes) converted to dtype, channels_last, except
+// that a one-channel operand gets NCHW strides: ATen's CPU convolution
+// (oneDNN) gives wrong results for some geometries (e.g. a 1x2 kernel at
+// stride (1, 2) over 3 columns) when a one-channel operand carries
+// channels_last strides, whose stride 1 on the size-1 channel dimension makes
+// its layout ambiguous. A fresh tensor also settles the strides of every
+// other size-1 dimension.
+at::Tensor conv_operand(const at::Tensor& t, at::ScalarType dtype) {
+  const auto format =
+      t.size(1) == 1 ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+  return at::empty(t.sizes(), t.options().dtype(dtype).memory_format(format)).copy_(t);
+}
+
 }  // namespace
 
 at::Tensor fallback_conv(const at::Tensor& act_codes, const at::Tensor& w_codes,
@@ -28,8 +41,8 @@ at::Tensor fallback_conv(const at::Tensor& act_codes, const at::Tensor& w_codes,
   const int64_t taps = w_codes.size(1) * w_codes.size(2) * w_codes.size(3);
   const at::ScalarType compute = taps <= kMaxFp32Taps ? at::kFloat : at::kDouble;
   // NHWC / KRSC codes viewed as NCHW / KCRS tensors in channels_last memory.
-  const at::Tensor input = act_codes.permute({0, 3, 1, 2}).to(compute);
-  const at::Tensor filters = w_codes.permute({0, 3, 1, 2}).to(compute);
+  const at::Tensor input = conv_operand(act_codes.permute({0, 3, 1, 2}), compute);
+  const at::Tensor filters = conv_operand(w_codes.permute({0, 3, 1, 2}), compute);
   at::Tensor acc =
       at::convolution(input, filters, std::nullopt, {params.stride[0], params.stride[1]},
                       {params.padding[0], params.padding[1]},

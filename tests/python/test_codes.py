@@ -188,6 +188,22 @@ def test_nan_and_inf_into_codes(device):
     assert torch.equal(run_op(t, case, codes_out=True), run_op(clean, case, codes_out=True))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_one_channel_strided_geometry(device, channels_last):
+    """One input channel, a 1x2 kernel at stride (1, 2) over 3 columns: ATen's CPU convolution
+    (oneDNN) returned garbage in the second output row when the exact path handed it one-channel
+    operands with channels_last strides (found by test_op_property; the path now gives them
+    NCHW strides)."""
+    for k in (1, 4):
+        case = Case(2, 1, k, 2, 3, 1, 2, (1, 2))
+        t = op_inputs(case, device, torch.float32, channels_last, False, 0)
+        for codes_out in (False, True):
+            out = run_op(t, case, None, False, codes_out, None, out_eps=1e-3)
+            expected = run_oracle(t, case, None, False, codes_out, None, out_eps=1e-3)
+            check_against_oracle(out.cpu(), *expected, codes_out, torch.float32)
+
+
 @st.composite
 def geometry(draw):
     r, s = draw(st.integers(1, 4)), draw(st.integers(1, 3))
