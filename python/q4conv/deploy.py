@@ -706,9 +706,9 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
     codes network on a GPU.
 
     A bare q4conv layer (or another leaf module) is deployed as a one-module
-    graph (nothing to fuse). Raises ValueError when ``model`` is in training mode or a q4conv layer has
-    no activation scale yet (calibrate first). The result runs under
-    ``torch.compile`` and ``torch.export``.
+    graph (nothing to fuse). Raises ValueError when ``model`` is in training
+    mode or a q4conv layer has no activation scale yet (calibrate first). The
+    result runs under ``torch.compile`` and ``torch.export``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
