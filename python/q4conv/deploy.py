@@ -226,7 +226,7 @@ class FusedQ4Conv2d(_HostFloats, nn.Module):
             _check_calibrated(codes_for, "codes_for")
             out_quantizer = (codes_for.bias_a, codes_for.scale_a, float(codes_for.eps))
         eps = float(layer.eps)
-        qweight = layer.qweight
+        qweight = layer._current_qweight(tracing=False, store=False)
         if qweight is None:  # the packed weights as the layer would make them, without storing them
             qweight = _ops.ops.quantize_pack(layer.weight.detach(), layer.scale_w.detach(), eps, layer.w_bit)
         alpha = _ops.ops.output_alpha(layer.scale_a.detach(), layer.scale_w.detach(), layer.out_channels, eps)

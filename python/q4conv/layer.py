@@ -284,6 +284,8 @@ class Q4Conv2dCutlass(_HostFloats, nn.Module):
         self._calibration: Optional[List[Any]] = None
         # Eval-mode CUDA cache: (validity key, alpha, kernel-layout weights).
         self._inference_cache: Optional[Tuple[torch.Tensor, Any, torch.Tensor, Optional[torch.Tensor]]] = None
+        # What the stored qweight was packed from: (id(qweight), _weight_source()).
+        self._packed_from: Optional[Tuple[int, ...]] = None
         self._host_float("eps", tracing=False)
         self.prepare_params()
 
@@ -450,9 +452,37 @@ class Q4Conv2dCutlass(_HostFloats, nn.Module):
             if self.qweight is None:
                 raise RuntimeError("neither weight nor qweight is present")
             return
-        self.qweight = self._pack_weight(_is_tracing(self.weight))
+        tracing = _is_tracing(self.weight)
+        self.qweight = self._pack_weight(tracing)
+        if not tracing:
+            self._packed_from = (id(self.qweight),) + self._weight_source()
         if qweight_only:
             self.weight = None
+
+    def _weight_source(self) -> Tuple[int, ...]:
+        """What packed weights are made of: weight and scale_w (identity, storage, in-place version)."""
+        w, s = self._parameters["weight"], self._parameters["scale_w"]
+        return (id(w), w.data_ptr(), _version_of(w), id(s), s.data_ptr(), _version_of(s))
+
+    def _current_qweight(self, tracing: bool, store: bool = True) -> Optional[torch.Tensor]:
+        """The stored qweight, packed again where ``weight`` or ``scale_w`` changed since it was
+        packed (in place, by ``.data`` or by a new Parameter: an EMA copy in eval mode, pruning,
+        ``.half()``); None where there is none. A qweight packed elsewhere (loaded, assigned) is
+        taken as made from the weights the layer holds when it is first used. ``store=False``
+        returns a fresh pack without storing it; while tracing nothing is checked or stored."""
+        qweight = self._buffers["qweight"]
+        if qweight is None or tracing or self._parameters["weight"] is None:
+            return qweight
+        packed_from = self.__dict__.get("_packed_from")  # absent in modules pickled before it existed
+        source = (id(qweight),) + self._weight_source()
+        if packed_from is None or packed_from[0] != source[0]:
+            self._packed_from = source
+        elif packed_from != source:
+            if not store:
+                return self._pack_weight(tracing=False)
+            self.generate_quantized_weight()
+            qweight = self._buffers["qweight"]
+        return qweight
 
     def _pack_weight(self, tracing: bool) -> torch.Tensor:
         with torch.no_grad():
@@ -467,11 +497,14 @@ class Q4Conv2dCutlass(_HostFloats, nn.Module):
                 raise RuntimeError("this Q4Conv2dCutlass holds only qweight (qweight_only=True): "
                                    "it runs inference (eval mode) only")
             return self.weight
-        if self.qweight is None:
-            if self.weight is not None and _is_tracing(self.weight):
+        tracing = self.weight is not None and _is_tracing(self.weight)
+        qweight = self._current_qweight(tracing)
+        if qweight is None:
+            if tracing:
                 return self._pack_weight(tracing=True)
             self.generate_quantized_weight()
-        return self.qweight  # type: ignore[return-value]
+            qweight = self.qweight
+        return qweight  # type: ignore[return-value]
 
     def __dir__(self) -> List[str]:
         # torch.jit.trace calls hasattr() on every name dir() lists, which would
@@ -533,7 +566,7 @@ class Q4Conv2dCutlass(_HostFloats, nn.Module):
         if tracing or torch.is_grad_enabled():
             bias_a, scale_a, scale_w, bias = (None if p is None else p.detach()
                                               for p in (bias_a, scale_a, scale_w, bias))
-        qweight = self._buffers["qweight"]  # opt_weight's eval branch without its two attribute lookups
+        qweight = self._current_qweight(tracing)  # opt_weight's eval branch without its attribute lookups
         if qweight is None:
             qweight = self.opt_weight
         alpha = kernel_weight = None

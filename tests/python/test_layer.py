@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -126,6 +127,88 @@ def test_eval_after_training_uses_fresh_weights():
     y_after = layer.eval()(x)
     assert not torch.equal(y_before, y_after)
     assert torch.equal(y_after, layer.train()(x))
+
+
+def _negate_in_place(layer):
+    with torch.no_grad():
+        layer.weight.neg_()
+
+
+def _negate_by_data(layer):
+    layer.weight.data = -layer.weight.data
+
+
+def _negate_by_new_parameter(layer):
+    layer.weight = nn.Parameter(-layer.weight.detach())
+
+
+def _double_scale_w(layer):
+    with torch.no_grad():
+        layer.scale_w.mul_(2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("change", [_negate_in_place, _negate_by_data, _negate_by_new_parameter, _double_scale_w],
+                         ids=["in_place", "data", "new_parameter", "scale_w"])
+def test_eval_follows_weight_changes_made_in_eval_mode(device, change):
+    """An eval-mode layer whose weight or scale_w changes without a train() call (an EMA copy kept
+    in eval mode, pruning, a .data swap) packs its weights again: its output is the one a layer
+    holding the new weights from the start gives, never the stale packed weights'."""
+    layer = make_layer(device, bias=True).eval()
+    x = torch.randn(2, 20, 9, 9, device=device)
+    y_before = layer(x)
+    change(layer)
+    fresh = make_layer(device, bias=True)
+    fresh.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "qweight"})
+    y_after = layer(x)
+    assert torch.equal(y_after, fresh.eval()(x))
+    assert not torch.equal(y_after, y_before)
+    assert torch.equal(layer.qweight, fresh.qweight)
+
+
+def test_ema_copy_in_eval_mode_follows_its_updates():
+    """timm's ModelEma pattern: a deep copy kept in eval mode, its parameters updated in place."""
+    model = nn.Sequential(make_layer(bias=True), nn.ReLU(), make_layer(in_channels=24, bias=True))
+    x = torch.randn(2, 20, 9, 9)
+    model(x)  # initialises scale_a
+    ema = copy.deepcopy(model).eval()
+    ema(x)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.mul_(0.5).add_(p, alpha=0.5)
+    reference = copy.deepcopy(ema)
+    for layer in reference:
+        if isinstance(layer, q4conv.Q4Conv2dCutlass):
+            layer.qweight = None
+    assert torch.equal(ema(x), reference(x))
+
+
+def test_loaded_qweight_is_used_as_loaded():
+    """A qweight that comes with the checkpoint is not packed again on first use."""
+    layer = make_layer().eval()
+    x = torch.randn(1, 20, 7, 7)
+    y = layer(x)
+    fresh = make_layer()
+    fresh.load_state_dict(layer.state_dict())
+    loaded = fresh.qweight
+    fresh.eval()
+    assert torch.equal(fresh(x), y) and fresh.qweight is loaded
+
+
+def test_deploy_packs_changed_weights_without_storing_them():
+    layer = make_layer(bias=True).eval()
+    x = torch.randn(2, 20, 9, 9)
+    y_before = layer(x)
+    stored = layer.qweight
+    with torch.no_grad():
+        layer.weight.neg_()
+    fused = q4conv.FusedQ4Conv2d.from_q4conv(layer)
+    assert layer.qweight is stored
+    y_fused = fused(x)
+    assert not torch.equal(y_fused, y_before)
+    assert torch.equal(y_fused, layer(x))
 
 
 @pytest.mark.parametrize("device", DEVICES)
