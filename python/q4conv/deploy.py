@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
@@ -88,6 +89,13 @@ def fold_batch_norm(alpha: torch.Tensor, conv_bias: Optional[torch.Tensor],
     alpha_folded = (g * alpha.to(**f64)).float().contiguous()
     shift = (g * (bias - mean) + beta).float().contiguous()
     return alpha_folded, shift
+
+
+def _warn_no_gradient() -> None:
+    warnings.warn("a deployed q4conv layer (FusedQ4Conv2d) got an input that requires grad: it is inference "
+                  "only, so no gradient reaches that input through it (x.grad stays None); for input "
+                  "gradients run the q4conv model in eval mode (straight-through gradients) instead of "
+                  "the deployed one, or run the deployed model under torch.no_grad()", UserWarning, stacklevel=3)
 
 
 class FusedQ4Conv2d(_HostFloats, nn.Module):
@@ -269,6 +277,8 @@ class FusedQ4Conv2d(_HostFloats, nn.Module):
         tracing = _is_tracing(x)
         if tracing:
             _reject_onnx_export()
+        elif torch.is_grad_enabled() and (x.requires_grad or getattr(residual, "requires_grad", False)):
+            _warn_no_gradient()
         b = self._buffers
         eps = self._host_float("eps", tracing)
         packed = not self.codes_in and not self.codes_out and residual is None

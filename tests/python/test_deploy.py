@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 import os
 from typing import Optional
 
@@ -470,7 +471,25 @@ def test_qweight_only_model_deploys():
 def test_inference_only_no_gradient():
     deployed = q4conv.deploy(make_block())
     x = torch.randn(2, 8, 10, 9, requires_grad=True)
-    assert not deployed(x).requires_grad
+    with pytest.warns(UserWarning, match="inference only"):
+        assert not deployed(x).requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            deployed(x)
+        deployed(x.detach())
+
+
+def test_input_gradient_that_cannot_flow_is_named():
+    """A float head after the deployed layers makes the output require grad, so backward runs and
+    x.grad silently stays None: the deployed layer warns that no gradient reaches x."""
+    model = q4_resnet(resnet18, seed=0)
+    deployed = q4conv.deploy(model)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    with pytest.warns(UserWarning, match="no gradient reaches that input"):
+        y = deployed(x)
+    y.sum().backward()
+    assert y.requires_grad and x.grad is None
 
 
 def test_bare_layer_deploys():
