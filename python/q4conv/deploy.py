@@ -669,7 +669,7 @@ def _q4_layers_on_cpu(model: nn.Module) -> bool:
 
 
 def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
-           residual: Optional[bool] = None, codes: Optional[bool] = None) -> fx.GraphModule:
+           residual: Optional[bool] = None, codes: Optional[bool] = None) -> nn.Module:
     """An inference copy of ``model`` (eval mode) with BatchNorm, residual adds, ReLU and activation
     codes fused into its q4conv layers.
 
@@ -715,6 +715,13 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
     BatchNorm and ReLU folded, float between layers). Pass ``True`` for the
     codes network on a GPU.
 
+    A module fx cannot trace (data-dependent control flow) is not an error: it
+    keeps its own forward, each child holding q4conv layers is deployed in its
+    place the same way (fused where something fuses), bare q4conv children
+    keep the per-layer eval path, and a UserWarning names the module (put such
+    code in ``leaf_modules`` to fuse around it). So the result is an
+    ``fx.GraphModule``, or ``model``'s class where the root could not be traced.
+
     A bare q4conv layer (or another leaf module) is deployed as a one-module
     graph (nothing to fuse). Raises ValueError when ``model`` is in training
     mode or a q4conv layer has no activation scale yet (calibrate first). The
@@ -735,15 +742,43 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
     tracer = _DeployTracer(leaf_modules)
     if tracer.is_leaf_module(model, ""):  # a bare layer: fx traces into its root, so give it one
         model = nn.Sequential(model)
+    untraced: List[str] = []
+    deployed = _deploy_tree(model, tracer, residual, codes, "", untraced, is_root=True)
+    if untraced:
+        warnings.warn("q4conv.deploy: torch.fx could not trace " + "; ".join(untraced) + ". Each runs its own "
+                      "forward, with its submodules deployed one by one (no fusion across them); keep "
+                      "submodules fx cannot trace (data-dependent control flow) whole with "
+                      "q4conv.deploy(model, leaf_modules=[TheirType, ...]) to fuse around them",
+                      UserWarning, stacklevel=2)
+    return deployed
+
+
+def _deploy_tree(model: nn.Module, tracer: "_DeployTracer", residual: bool, codes: bool, path: str,
+                 untraced: List[str], is_root: bool = False) -> nn.Module:
+    """``model`` (a copy deploy owns) captured and fused, or, where fx cannot trace it, ``model``
+    itself running its own forward with each child that holds q4conv layers deployed in its place
+    (recursively; such a child is replaced only where something was fused); bare q4conv children
+    stay as they are (the per-layer eval path). Modules fx could not trace go to ``untraced``."""
     try:
         graph = tracer.trace(model)
-    except Exception as err:
-        err.add_note("q4conv.deploy captures the model with torch.fx symbolic tracing; keep "
-                     "submodules it cannot trace (data-dependent control flow) whole with "
-                     "q4conv.deploy(model, leaf_modules=[TheirType, ...])")
-        raise
+    except Exception as err:  # fx raises TraceError, TypeError, AttributeError... on what it cannot trace
+        untraced.append(f"{path or type(model).__name__} ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
+    else:
+        gm, fused_any = _deploy_graph(graph, tracer.root, type(model).__name__, residual, codes)
+        return gm if fused_any or is_root else model
+    for name, child in list(model.named_children()):
+        if tracer.is_leaf_module(child, name) or not any(isinstance(m, Q4Conv2dCutlass) for m in child.modules()):
+            continue
+        setattr(model, name, _deploy_tree(child, tracer, residual, codes, f"{path}.{name}" if path else name,
+                                          untraced))
+    return model
+
+
+def _deploy_graph(graph: fx.Graph, root: nn.Module, name: str, residual: bool,
+                  codes: bool) -> Tuple[fx.GraphModule, bool]:
+    """deploy's rewrite of one traced module: the GraphModule, and whether anything was fused."""
     _drop_string_annotations(graph)
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = fx.GraphModule(root, graph, name)
     modules = dict(gm.named_modules())
     calls: Dict[str, int] = {}
     for node in graph.nodes:
@@ -777,4 +812,4 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    return gm
+    return gm, bool(matches)
