@@ -716,7 +716,8 @@ def _q4_layers(model: nn.Module) -> List[Tuple[str, Q4Conv2dCutlass]]:
 def calibrate(model: nn.Module, batches: Iterable[Any], *, reset_weight_scales: bool = False) -> nn.Module:
     """(Re)initialise ``scale_a`` of every q4conv layer of ``model`` from data.
 
-    Runs ``model`` on each batch (a tensor, or a tuple/list of arguments) under
+    Runs ``model`` on each batch (a tensor, a tuple/list of positional arguments or a dict of
+    keyword arguments) under
     ``torch.no_grad()``; each layer's ``scale_a`` becomes the LSQ value of the
     mean |x + bias_a| over all batches it saw (summed over ranks under
     ``torch.distributed``), updated batch by batch so that later layers see
@@ -741,10 +742,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, reset_weight_scales: 
         layer._calibration = [zero, zero.clone()]
     try:
         for batch in itertools.chain([first], iterator):
-            if isinstance(batch, (tuple, list)):
-                model(*batch)
-            else:
-                model(batch)
+            _run_batch(model, batch)
         # One host sync per layer, once: which layers saw no activation at all.
         unreached = [name for name, layer in named_layers if float(layer._calibration[1]) == 0]
     finally:
@@ -757,6 +755,24 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, reset_weight_scales: 
 
 
 _NO_BATCH = object()
+
+
+def _run_batch(model: nn.Module, batch: Any) -> None:
+    """model(*batch) for a tuple / list, model(**batch) for a dict, else model(batch); a TypeError
+    from a tuple batch (a loader's (inputs, labels) pairs) gets a note saying how to pass inputs."""
+    try:
+        if isinstance(batch, (tuple, list)):
+            model(*batch)
+        elif isinstance(batch, dict):
+            model(**batch)
+        else:
+            model(batch)
+    except TypeError as err:
+        if isinstance(batch, (tuple, list)) and len(batch) > 1:
+            err.add_note(f"q4conv.calibrate passes a tuple / list batch as the model's {len(batch)} positional "
+                         "arguments; for a loader of (inputs, labels) pairs pass "
+                         "(inputs for inputs, _ in loader)")
+        raise
 
 
 def load_float_state_dict(model: nn.Module, state_dict: Dict[str, Any], strict: bool = True) -> _IncompatibleKeys:

@@ -253,6 +253,29 @@ def test_calibrate_rejects_no_batches_and_names_unreached_layers():
     assert bool(branch.a.scale_a_initialized) and not bool(branch.b.scale_a_initialized)
 
 
+def test_calibrate_batch_forms():
+    """A dict batch is keyword arguments; a loader's (inputs, labels) pairs fail in the model's
+    forward with a note saying how to pass the inputs alone."""
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = make_layer()
+
+        def forward(self, *, image: torch.Tensor) -> torch.Tensor:
+            return self.conv(image)
+
+    model = Keyword()
+    q4conv.calibrate(model, [{"image": torch.randn(2, 6, 7, 7)}])
+    assert bool(model.conv.scale_a_initialized)
+    plain = nn.Sequential(make_layer())
+    pairs = [(torch.randn(2, 6, 7, 7), torch.tensor([0, 1]))]
+    with pytest.raises(TypeError) as error:
+        q4conv.calibrate(plain, pairs)
+    assert "for inputs, _ in loader" in "".join(getattr(error.value, "__notes__", []))
+    q4conv.calibrate(plain, (inputs for inputs, _ in pairs))
+    assert bool(plain[0].scale_a_initialized)
+
+
 def test_freeze_scales():
     layer = make_layer()
     assert layer.freeze_scales() is layer
