@@ -52,5 +52,7 @@ void plan_cuda(ConvPlan&, const at::Tensor&, int64_t, int64_t, int64_t, const Co
   no_cuda("planning a CUDA convolution");
 }
 std::string describe_cuda_geometry(const ConvPlan&) { return ""; }
+void apply_kernel_tuning(const Tuning&) {}
+std::vector<std::string> sm90_config_names() { return {}; }
 
 }  // namespace q4conv

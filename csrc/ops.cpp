@@ -56,6 +56,7 @@ TORCH_LIBRARY(q4conv, m) {
       &kernel_weight_sizes);
   m.def("set_tuning(str name, int value) -> int", &set_tuning);
   m.def("tuning() -> str", &describe_tuning);
+  m.def("sm90_configs() -> str[]", &sm90_config_names);
 }
 
 // Ops whose body serves every device: the plan inside tells the paths apart.

@@ -247,4 +247,8 @@ std::string describe_cuda_geometry(const ConvPlan& plan) {
          std::to_string(g.dil_h) + "x" + std::to_string(g.dil_w);
 }
 
+void apply_kernel_tuning(const Tuning& tuning) { sm90_int8_force_config(tuning.sm90_config); }
+
+std::vector<std::string> sm90_config_names() { return sm90_int8_config_names(); }
+
 }  // namespace q4conv

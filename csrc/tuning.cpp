@@ -60,10 +60,20 @@ Tuning current_tuning() {
 }
 
 int64_t set_tuning(const std::string& name, int64_t value) {
-  TORCH_CHECK(value >= -1 && value <= 1, "set_tuning: value must be -1 (rule), 0 (never) or 1 ",
-              "(always), got ", value);
   std::lock_guard<std::mutex> lock(tuning_mutex());
   Tuning& t = tuning_record();
+  if (name == "sm90_config") {
+    const auto count = static_cast<int64_t>(sm90_config_names().size());
+    TORCH_CHECK(value >= -1 && value < count, "set_tuning: sm90_config must be -1 (the rule) or a ",
+                "configuration index below ", count, ", got ", value);
+    const int64_t previous = t.sm90_config;
+    t.sm90_config = static_cast<int>(value);
+    ++t.epoch;
+    apply_kernel_tuning(t);
+    return previous;
+  }
+  TORCH_CHECK(value >= -1 && value <= 1, "set_tuning: value must be -1 (rule), 0 (never) or 1 ",
+              "(always), got ", value);
   for (size_t i = 0; i < kSwitches.size(); ++i) {
     if (name != kSwitches[i].name) continue;
     const auto previous = static_cast<int64_t>(field(t, i));
@@ -71,8 +81,8 @@ int64_t set_tuning(const std::string& name, int64_t value) {
     ++t.epoch;
     return previous;
   }
-  TORCH_CHECK(false, "set_tuning: name must be 'packed_taps', 'fused_pointwise' or ",
-              "'wgmma_pointwise', got '", name, "'");
+  TORCH_CHECK(false, "set_tuning: name must be 'packed_taps', 'fused_pointwise', ",
+              "'wgmma_pointwise' or 'sm90_config', got '", name, "'");
 }
 
 std::string describe_tuning() {
@@ -82,7 +92,7 @@ std::string describe_tuning() {
     text += std::string(i ? "," : "") + kSwitches[i].name + "=" +
             std::to_string(static_cast<int>(field(t, i)));
   }
-  return text;
+  return text + ",sm90_config=" + std::to_string(t.sm90_config);
 }
 
 }  // namespace q4conv

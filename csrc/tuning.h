@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace q4conv {
 
@@ -20,6 +21,10 @@ struct Tuning {
   Switch fused_pointwise = Switch::kRule;
   // Q4CONV_WGMMA_POINTWISE: 1x1 layers through the fused wgmma kernel.
   Switch wgmma_pointwise = Switch::kRule;
+  // The sm90 tile configuration forced wherever it takes a shape (an index of
+  // sm90_int8_config_names(), set by name through q4conv.tuning(sm90_config=...)),
+  // -1 for the tile rule. For benchmarks and tests; no environment variable.
+  int sm90_config = -1;
   // Bumped on every change: plans made under other switches are not reused.
   uint64_t epoch = 0;
 };
@@ -27,9 +32,15 @@ struct Tuning {
 // The current switches (a copy: cheap, and consistent under concurrent sets).
 Tuning current_tuning();
 // Sets switch `name` ("packed_taps", "fused_pointwise", "wgmma_pointwise") to
-// -1 (rule), 0 (never) or 1 (always); returns its previous value.
+// -1 (rule), 0 (never) or 1 (always), or "sm90_config" to a configuration
+// index (-1: the rule); returns its previous value.
 int64_t set_tuning(const std::string& name, int64_t value);
-// "packed_taps=-1,fused_pointwise=-1,wgmma_pointwise=-1".
+// "packed_taps=-1,fused_pointwise=-1,wgmma_pointwise=-1,sm90_config=-1".
 std::string describe_tuning();
+// Hands the switches the kernels read themselves (sm90_config) to them:
+// plan_cuda.cpp, a no-op in CPU-only builds.
+void apply_kernel_tuning(const Tuning& tuning);
+// The sm90 configurations' names in index order (empty in CPU-only builds).
+std::vector<std::string> sm90_config_names();
 
 }  // namespace q4conv

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <cuda_runtime_api.h>
 
@@ -120,6 +121,12 @@ KernelStatus sm90_int8_conv(const ConvShape& shape, const void* act, const void*
 // type on the current device (e.g. "conv128x128x128/pp"), "" if none: what a
 // plan reports. Static storage; the choice is cached as sm90_int8_conv's.
 const char* sm90_int8_config_name(const ConvShape& shape, OutType out_type);
+// The compiled configurations' names, in table order (their indices).
+std::vector<std::string> sm90_int8_config_names();
+// Forces configuration `index` (of sm90_int8_config_names) wherever it takes
+// the shape and output type, the rule elsewhere; -1 restores the rule. For
+// benchmarks and tests (q4conv.tuning(sm90_config=...)); process-wide.
+void sm90_int8_force_config(int index);
 
 // ---- im2col of int8 codes (im2col_cuda.cu) ----------------------------------
 // For convolutions with few input channels (the RGB stem), which the sm90

@@ -27,6 +27,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "kernels/conv_sm90_int8.cuh"
 
@@ -85,7 +86,11 @@ const Entry& config(int i) { return *kTable[i]; }
 
 namespace {
 
-int pick_config_uncached(const ConvShape& shape, OutType out_type, int sm_count) {
+// The configuration a benchmark forces (sm90_int8_force_config), -1 for the rule.
+std::atomic<int> g_forced{-1};
+
+int pick_config_uncached(const ConvShape& shape, OutType out_type, int sm_count, int forced) {
+  if (forced >= 0 && forced < kNum && kTable[forced]->supports(shape, out_type)) return forced;
   const Entry* want = preferred(shape, sm_count);
   for (int i = 0; i < kNum; ++i)
     if (kTable[i] == want && want->supports(shape, out_type)) return i;
@@ -107,19 +112,20 @@ struct Choice {
 };
 
 Choice choose(const ConvShape& shape, OutType out_type) {
-  using Key = std::tuple<std::string, int, int>;
+  using Key = std::tuple<std::string, int, int, int>;
   static std::mutex mutex;
   static std::map<Key, Choice> chosen;
   const int sm_count = current_sm_count();
+  const int forced = g_forced.load(std::memory_order_relaxed);
   const Key key{std::string(reinterpret_cast<const char*>(&shape), sizeof shape),
-                static_cast<int>(out_type), sm_count};
+                static_cast<int>(out_type), sm_count, forced};
   {
     std::lock_guard<std::mutex> lock(mutex);
     const auto found = chosen.find(key);
     if (found != chosen.end()) return found->second;
   }
   Choice choice;
-  choice.config = pick_config_uncached(shape, out_type, sm_count);
+  choice.config = pick_config_uncached(shape, out_type, sm_count, forced);
   if (choice.config >= 0) choice.workspace = config(choice.config).workspace(shape, out_type);
   std::lock_guard<std::mutex> lock(mutex);
   if (chosen.size() > 4096) chosen.clear();  // bound memory for shape-varying workloads
@@ -156,6 +162,17 @@ bool sm90_int8_supports(const ConvShape& shape, OutType out_type) {
 
 size_t sm90_int8_workspace_bytes(const ConvShape& shape, OutType out_type) {
   return sm90::choose(shape, out_type).workspace;
+}
+
+std::vector<std::string> sm90_int8_config_names() {
+  std::vector<std::string> names;
+  for (int i = 0; i < sm90::num_configs(); ++i) names.emplace_back(sm90::config(i).name);
+  return names;
+}
+
+void sm90_int8_force_config(int index) {
+  sm90::g_forced.store(index >= 0 && index < sm90::num_configs() ? index : -1,
+                       std::memory_order_relaxed);
 }
 
 const char* sm90_int8_config_name(const ConvShape& shape, OutType out_type) {

@@ -110,15 +110,34 @@ def tuning(**switches: object) -> Iterator[None]:
     ``"rule"`` / ``None`` (the measured rule), ``"never"`` / ``False``, ``"always"`` / ``True``.
     The environment variables ``Q4CONV_PACKED_TAPS``, ``Q4CONV_FUSED_POINTWISE`` and
     ``Q4CONV_WGMMA_POINTWISE`` set their initial values (read once, at import).
+    ``sm90_config``: the name of an sm90 tile configuration (one of :func:`sm90_configs`) to run
+    wherever it takes a shape, ``"rule"`` / ``None`` for the tile rule (for benchmarks).
     """
     previous = {}
     try:
         for name, value in switches.items():
-            if value not in _SWITCH_VALUES:
-                raise ValueError(f"tuning switch {name} must be 'rule', 'never', 'always', None, "
-                                 f"False or True, got {value!r}")
-            previous[name] = ops.set_tuning(name, _SWITCH_VALUES[value])
+            previous[name] = ops.set_tuning(name, _switch_value(name, value))
         yield
     finally:
         for name, value in previous.items():
             ops.set_tuning(name, value)
+
+
+def sm90_configs() -> Tuple[str, ...]:
+    """Names of the compiled sm90 tile configurations (empty without the CUDA kernels)."""
+    return tuple(ops.sm90_configs())
+
+
+def _switch_value(name: str, value: object) -> int:
+    if name == "sm90_config":
+        if value is None or value == "rule":
+            return -1
+        names = sm90_configs()
+        if value not in names:
+            raise ValueError(f"tuning switch sm90_config must be 'rule', None or one of {list(names)} "
+                             f"(the compiled sm90 configurations), got {value!r}")
+        return names.index(value)
+    if value not in _SWITCH_VALUES:
+        raise ValueError(f"tuning switch {name} must be 'rule', 'never', 'always', None, "
+                         f"False or True, got {value!r}")
+    return _SWITCH_VALUES[value]

@@ -58,6 +58,48 @@ def test_tuning_switches_set_and_restore():
     assert ops.tuning() == before
 
 
+def test_sm90_config_switch_checks_its_value():
+    from q4conv.plan import sm90_configs
+
+    names = sm90_configs()
+    before = ops.tuning()
+    with q4conv.tuning(sm90_config=None):
+        assert "sm90_config=-1" in ops.tuning()
+    with pytest.raises(ValueError, match="sm90_config must be"):
+        with q4conv.tuning(sm90_config="no_such_tile"):
+            pass
+    with pytest.raises(RuntimeError, match="sm90_config must be"):
+        ops.set_tuning("sm90_config", len(names))
+    assert ops.tuning() == before
+
+
+def _sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (1, 1), (3, 2)])
+def test_forced_sm90_config_runs_where_it_fits_and_matches_the_rule(kernel, stride):
+    """Each compiled configuration, forced, runs where it takes the shape (the plan names it) and
+    gives the rule's output bit for bit (float out and codes out: exact int32 sums, one epilogue)."""
+    from q4conv.plan import sm90_configs
+
+    torch.manual_seed(0)
+    layer = q4conv.Q4Conv2dCutlass(64, 128, kernel, stride, kernel // 2, bias=True, device="cuda")
+    x = torch.randn(4, 64, 20, 20, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    layer.eval()(x)
+    reference = layer(x)
+    ran = set()
+    for name in sm90_configs():
+        # (the fused 1x1 paths off, so every shape takes the implicit-GEMM kernels of the table)
+        with q4conv.tuning(sm90_config=name, fused_pointwise="never", wgmma_pointwise="never"):
+            plan = q4conv.explain(layer, x)
+            assert torch.equal(layer(x), reference), name
+        if plan.config == name:
+            ran.add(name)
+    assert len(ran) >= 2, ran  # the switch reaches the kernels (several configurations take these shapes)
+
+
 @pytest.mark.parametrize("dilation", [2**62, 2**40])
 def test_huge_dilation_is_an_error_not_a_shape(dilation):
     """The output-size arithmetic is overflow-checked: a dilation near 2^63
