@@ -8,8 +8,10 @@ Per shape (bench.py's list; the batch-1/256 extras are reported, not in the geom
       scale_a from a random batch, random bias_a), an eval BatchNorm with random non-trivial
       statistics (`q4conv.models.randomize_batchnorm_`, some gammas negative) and ReLU folded into
       the epilogue; input: int8 (N, C, H, W) channels_last codes of the layer's own quantizer (made
-      once, before timing); output: int8 codes of a consumer layer's quantizer (calibrated on this
-      layer's float output). One call of `torch.ops.q4conv.conv_fused`.
+      once, before timing), except the RGB stem (C == 3), which reads the fp16 image as it does in
+      the deployed network (no layer before it writes codes); output: int8 codes of a consumer
+      layer's quantizer (calibrated on this layer's float output). One call of
+      `torch.ops.q4conv.conv_fused`.
   fp16: cuDNN fp16 channels_last F.conv2d alone (no BN, no ReLU, no quantization), as bench.py.
 Timing as bench.py: CUDA events, warm-up, median of --repeats, median over --rounds interleaved
 rounds, eager and in a CUDA graph (`time_ms` / `time_graph_ms`), rotating input buffers when an
@@ -53,15 +55,16 @@ import bench  # noqa: E402
 from bench import HBM_BYTES_PER_S, INT8_PEAK_OPS, Shape, fmt, geomean, make_shapes  # noqa: E402
 
 TARGET_GEOMEAN, TARGET_MIN = 3.0, 1.5
-# --smoke: two tiny shapes (a padded 3x3, a strided 1x1) at batch 2.
-SMOKE_SHAPES = [Shape(2, 8, 16, 10, 3, 1, 1, main=True), Shape(2, 16, 8, 8, 1, 2, 0, main=True)]
+# --smoke: three tiny shapes (a padded 3x3, a strided 1x1, an RGB stem reading the image) at batch 2.
+SMOKE_SHAPES = [Shape(2, 8, 16, 10, 3, 1, 1, main=True), Shape(2, 16, 8, 8, 1, 2, 0, main=True),
+                Shape(2, 3, 16, 12, 7, 2, 3, main=True)]
 
 
 def code_bytes(shape: Shape, code_bits: int) -> float:
-    """Bytes a codes-in / codes-out layer must move: input codes, int4 weights, output codes, 3 fp32
-    per output channel."""
+    """Bytes a codes-in / codes-out layer must move: input codes (the stem: the fp16 image), int4
+    weights, output codes, 3 fp32 per output channel."""
     read_h = shape.p if shape.r == 1 and shape.pad == 0 else shape.h
-    x = shape.n * shape.c * read_h * read_h * code_bits / 8
+    x = shape.n * shape.c * read_h * read_h * (16 if reads_image(shape) else code_bits) / 8
     w = (shape.k * shape.c * shape.r * shape.r + 1) // 2
     y = shape.n * shape.k * shape.p * shape.p * code_bits / 8
     return x + w + y + 3 * 4 * shape.k
@@ -91,13 +94,18 @@ def op_path(device: torch.device, fused: Optional[object] = None, codes: Optiona
 
 
 # ------------------------------------------------------------------- the layer
+def reads_image(shape: Shape) -> bool:
+    """The RGB stem (C == 3) reads the fp16 image in the deployed network: no codes come before it."""
+    return shape.c == 3
+
+
 @dataclass
 class Case:
     layer: object  # q4conv.Q4Conv2dCutlass, eval, float weights kept
     bn: nn.BatchNorm2d
     consumer: object  # the q4conv layer whose quantizer the output codes are in
     fused: object  # q4conv.FusedQ4Conv2d: codes in, BN + ReLU, codes out
-    codes: List[torch.Tensor]  # int8 (N, C, H, W) channels_last inputs (rotated over)
+    codes: List[torch.Tensor]  # int8 (N, C, H, W) channels_last inputs (rotated over); the stem's: fp16 images
     fn: Callable[[torch.Tensor], torch.Tensor]  # the timed op
 
 
@@ -124,11 +132,15 @@ def build_case(shape: Shape, device: torch.device, count: int = 1, seed: int = 0
     bn = randomize_batchnorm_(nn.BatchNorm2d(shape.k), gen).to(device).eval()
     y = torch.relu(bn(layer(sample).float()))  # the unfused float output, to calibrate the consumer
     consumer = quantizer(shape.k, shape.k, 1, 1, 0, y.to(dtype))
-    fused = q4conv.FusedQ4Conv2d.from_q4conv(layer, bn, relu=True, codes_in=True, codes_for=consumer)
+    image_in = reads_image(shape)
+    fused = q4conv.FusedQ4Conv2d.from_q4conv(layer, bn, relu=True, codes_in=not image_in, codes_for=consumer)
     codes = []
     for _ in range(count):
         x = torch.randn(shape.n, shape.c, shape.h, shape.h, device=device, dtype=dtype)
         x = x.contiguous(memory_format=torch.channels_last)
+        if image_in:
+            codes.append(x)
+            continue
         q = torch.ops.q4conv.quantize_activation(x, layer.bias_a, layer.scale_a, float(layer.eps), layer.a_bit)
         codes.append(q.permute(0, 3, 1, 2))  # (N, C, H, W) view of the NHWC codes: channels_last
         del x
@@ -198,7 +210,7 @@ def bench_shape(shape: Shape, args) -> Dict[str, object]:
             timings.append((label, f"{label}_ms", lambda: cpu_time_ms(fn, inputs, args.warmup, args.repeats)))
 
     def setup_q4() -> None:
-        nbuf = bench.n_buffers(x_elems) if cuda else 1  # int8 codes: 1 byte each
+        nbuf = bench.n_buffers(x_elems * (2 if reads_image(shape) else 1)) if cuda else 1  # int8 codes: 1 byte
         case = build_case(shape, device, nbuf, seed=hash(shape.name) % 2**31)
         y = case.fn(case.codes[0])
         assert y.dtype == torch.int8 and tuple(y.shape) == (shape.n, shape.k, shape.p, shape.p) and \

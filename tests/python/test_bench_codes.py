@@ -42,9 +42,10 @@ def test_smoke_run_writes_rows(tmp_path, capsys):
 def test_timed_op_matches_oracle(shape):
     case = bc.build_case(shape, CPU, count=2, seed=3)
     fused, layer = case.fused, case.layer
-    assert isinstance(fused, q4conv.FusedQ4Conv2d) and fused.codes_in and fused.codes_out and fused.relu
+    image_in = bc.reads_image(shape)  # the stem reads the float image, as in the deployed network
+    assert isinstance(fused, q4conv.FusedQ4Conv2d) and fused.codes_in != image_in and fused.codes_out and fused.relu
     x = case.codes[1]
-    assert x.dtype == torch.int8 and x.is_contiguous(memory_format=torch.channels_last)
+    assert x.dtype == (torch.float32 if image_in else torch.int8) and x.is_contiguous(memory_format=torch.channels_last)
     assert tuple(x.shape) == (shape.n, shape.c, shape.h, shape.h)
     y = case.fn(x)
     assert y.dtype == torch.int8 and tuple(y.shape) == (shape.n, shape.k, shape.p, shape.p)
