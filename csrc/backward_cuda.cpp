@@ -51,8 +51,10 @@ at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype) {
 
 // The codes both backward convolutions read, in x's dtype and memory format
 // (what cuDNN wants for both operands), from one launch: the activation codes
-// and the weight codes, times s_w[k] when s_w is per channel (a per-channel
-// s_w cannot be applied after the convolution over k). bias / scale:
+// and the weight codes in their code unit (quant.h's code_unit: the power of
+// two nearest the scale, so the convolutions' 16-bit outputs stay near the
+// true gradients' range), the weight codes times s_w[k] instead when s_w is
+// per channel (a per-channel s_w cannot be applied after the convolution over k). bias / scale:
 // activation_params(x, bias_a, scale_a); s_w: dense fp32.
 std::pair<at::Tensor, at::Tensor> backward_codes(const at::Tensor& x, const at::Tensor& bias,
                                                  const at::Tensor& scale, const at::Tensor& weight,
@@ -255,7 +257,8 @@ cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
 
   // The backward convolutions see q_a * s_a and q_w * s_w, as the forward
   // did: they run on the codes in x's dtype (fp16 / bf16 tensor cores for
-  // half inputs, like an fp16 Conv2d), the scales applied around them.
+  // half inputs, like an fp16 Conv2d), written in a power-of-two unit near
+  // each scale, the rest of the scales (s / unit, exact) applied around them.
   const at::ScalarType compute = x.scalar_type();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BackwardInput in = backward_input(x, plan, params, stream);

@@ -22,6 +22,23 @@ Q4_HD int qmax(int bits) { return (1 << (bits - 1)) - 1; }
 // s = max(scale, eps): a zero or negative learnt scale never divides by zero.
 Q4_HD float effective_scale(float scale, float eps) { return scale > eps ? scale : eps; }
 
+// The unit the training backward's codes are written in: the power of two
+// nearest s (an effective scale), within [2^-14, 2^12]. The backward
+// convolutions run on codes times this unit instead of the bare integer codes,
+// so their 16-bit outputs are the true gradients times s / unit (within a
+// factor sqrt(2)) instead of the true gradients / s, which overflow float16 at
+// loss scales the float model's gradients fit (s ~ 1e-3 makes them 1000x
+// larger). A power of two keeps everything exact: q * unit is a float16 normal
+// (|q| <= 8 makes at most 2^15), and the product with s / unit rounds as the
+// product with s did.
+Q4_HD float code_unit(float s) {
+  int exponent = 0;
+  const float mantissa = frexpf(s, &exponent);  // s = mantissa * 2^exponent, mantissa in [0.5, 1)
+  if (mantissa < 0.70710678f) --exponent;       // nearer 2^(exponent - 1)
+  exponent = exponent < -14 ? -14 : (exponent > 12 ? 12 : exponent);
+  return ldexpf(1.0f, exponent);
+}
+
 // q = clamp(rint(v / s), Qn, Qp) with an IEEE fp32 division and round half to
 // even. NaN maps to 0 and +-Inf to the range ends; fminf/fmaxf would turn NaN
 // into a range end, so it is tested explicitly.

@@ -111,13 +111,15 @@ __device__ __forceinline__ int64_t offset_of(const int64_t (&stride)[4], const I
 }
 
 // ---- LSQ straight-through terms (same operations as backward.cpp's ATen path) ----
+// unit: quant.h's code_unit(s), what the backward's codes are written in.
 struct LsqScale {
-  float s, inv, lo, hi;
+  float s, inv, lo, hi, unit;
 };
 
 __device__ __forceinline__ LsqScale lsq_scale(float raw_scale, float eps, int bits) {
   const float s = effective_scale(raw_scale, eps);
-  return {s, 1.0f / s, static_cast<float>(qmin(bits)), static_cast<float>(qmax(bits))};
+  return {s, 1.0f / s, static_cast<float>(qmin(bits)), static_cast<float>(qmax(bits)),
+          code_unit(s)};
 }
 
 // d value = g * inside and the d scale term g * residual of one element.
@@ -151,7 +153,8 @@ struct WeightCodesArgs {
 };
 
 // Flat (k, c, r, s) elements begin, begin + step, ... of the weight codes:
-// quantize_value(w, s_w[k]), times s_w[k] when scaled.
+// quantize_value(w, s_w[k]), times s_w[k] when scaled, else times
+// code_unit(s_w) (the backward's code unit, quant.h).
 template <typename TW, typename TO>
 __device__ __forceinline__ void weight_codes_range(const WeightCodesArgs& a, int64_t begin,
                                                    int64_t step) {
@@ -163,7 +166,7 @@ __device__ __forceinline__ void weight_codes_range(const WeightCodesArgs& a, int
     const float scale = effective_scale(a.scale[a.per_channel ? at.i[0] : 0], a.eps);
     const float code =
         static_cast<float>(quantize_value(to_float(w[offset_of(a.in_stride, at)]), scale, a.bits));
-    out[offset_of(a.out_stride, at)] = from_float<TO>(a.scaled ? code * scale : code);
+    out[offset_of(a.out_stride, at)] = from_float<TO>(code * (a.scaled ? scale : code_unit(scale)));
   }
 }
 
@@ -183,7 +186,10 @@ struct WeightBackwardArgs {
 };
 
 // Output channel k: dw[k] = g * inside and row_sums[k] = the fixed-order sum
-// of g * residual, with g = grad * max(*scale_a, eps). Every thread of the
+// of g * residual, with g = grad * s_a / code_unit(s_a), s_a = max(*scale_a,
+// eps): grad is the weight-gradient convolution of the activation codes in
+// their code unit (both factors exact powers of two apart, so g rounds as
+// grad * s_a of the bare codes did). Every thread of the
 // block calls it (it syncs); thread: linear index in a block of kThreads;
 // warp_sums: kThreads / kWarp floats of shared memory.
 template <int kThreads, typename TW, typename TG>
@@ -194,13 +200,14 @@ __device__ __forceinline__ void weight_backward_row(const WeightBackwardArgs& a,
   TW* dw = static_cast<TW*>(a.dw);
   const LsqScale s = lsq_scale(a.scale_w[a.per_channel ? k : 0], a.eps, a.bits);
   const float s_a = effective_scale(*a.scale_a, a.eps);
+  const float grad_factor = s_a / code_unit(s_a);
   const int64_t row_size[4] = {1, a.size[1], a.size[2], a.size[3]};
   const int64_t row = a.size[1] * a.size[2] * a.size[3];
   float residual = 0.0f;
   for (int64_t e = thread; e < row; e += kThreads) {
     Index4 at = unravel(e, row_size);
     at.i[0] = k;
-    const float g = to_float(grad[offset_of(a.grad_stride, at)]) * s_a;
+    const float g = to_float(grad[offset_of(a.grad_stride, at)]) * grad_factor;
     const Terms t = lsq_terms(to_float(w[offset_of(a.w_stride, at)]), 0.0f, g, s, a.bits);
     dw[offset_of(a.dw_stride, at)] = from_float<TW>(t.dvalue);
     residual += t.residual;

@@ -71,8 +71,10 @@ __device__ __forceinline__ ActScale act_scale(const float* scale, float eps, int
   return device::lsq_scale(*scale, eps, bits);
 }
 
+// The code of x in the backward's code unit (quant.h's code_unit), as every
+// codes kernel below writes it.
 __device__ __forceinline__ float code_of(float x, float bias, const ActScale& s, int bits) {
-  return static_cast<float>(quantize_value_fast(x + bias, s.s, s.inv, bits));
+  return static_cast<float>(quantize_value_fast(x + bias, s.s, s.inv, bits)) * s.unit;
 }
 
 struct Strides4 {
@@ -118,7 +120,8 @@ __device__ __forceinline__ bool weight_codes_rider(unsigned act_blocks,
   return true;
 }
 
-// V shifted values as codes of element type T (quant.h's fast path).
+// V shifted values as codes of element type T (quant.h's fast path), in the
+// code unit.
 template <typename T, int V>
 __device__ __forceinline__ Pack<T, V> code_pack(const float (&shifted)[V], const ActScale& s,
                                                 int bits) {
@@ -126,7 +129,7 @@ __device__ __forceinline__ Pack<T, V> code_pack(const float (&shifted)[V], const
   quantize_values_fast(shifted, s.s, s.inv, bits, q);
   Pack<T, V> codes;
 #pragma unroll
-  for (int j = 0; j < V; ++j) codes.e[j] = from_float<T>(static_cast<float>(q[j]));
+  for (int j = 0; j < V; ++j) codes.e[j] = from_float<T>(static_cast<float>(q[j]) * s.unit);
   return codes;
 }
 
@@ -232,8 +235,12 @@ struct PostParams {
   const float* grad_scale;  // raw per-tensor s_w (max with eps applied), or nullptr: 1
 };
 
+// What the activation gradient is multiplied by: s_w / code_unit(s_w), the
+// weight codes having been written in their code unit (quant.h), or 1.
 __device__ __forceinline__ float grad_multiplier(const PostParams& p) {
-  return p.grad_scale != nullptr ? effective_scale(*p.grad_scale, p.act.eps) : 1.0f;
+  if (p.grad_scale == nullptr) return 1.0f;
+  const float s_w = effective_scale(*p.grad_scale, p.act.eps);
+  return s_w / code_unit(s_w);
 }
 
 // pixels x channels matrix; a block covers rows [blockIdx.x * chunk, + chunk)

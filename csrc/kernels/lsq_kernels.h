@@ -31,8 +31,9 @@ struct WeightCodesJob {
 };
 
 // Activation codes for the backward convolutions:
-// out[n,c,h,w] = quantize_value(x + bias_a[c], max(*scale_a, eps), bits) as a
-// float of x's element type (codes are integers, exact in fp16 and bf16).
+// out[n,c,h,w] = quantize_value(x + bias_a[c], s_a, bits) * code_unit(s_a),
+// s_a = max(*scale_a, eps), as a float of x's element type (integers times a
+// power of two, quant.h's code_unit: exact in fp16 and bf16).
 // bias_a: fp32 [C] on the device; scale_a: ONE fp32 value on the device (read
 // by the kernel, so no host sync). Any strides; fast when x and out are both
 // dense NCHW, or both have adjacent channels (channels_last, pixels at any

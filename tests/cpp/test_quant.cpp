@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cfenv>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -448,4 +449,26 @@ TEST(QuantizeValuesFast, GroupMatchesExactDivision) {
     }
   }
   EXPECT_GT(fallbacks, 1000);  // the exact path ran for many groups
+}
+
+// The backward's code unit: a power of two within a factor sqrt(2) of s,
+// clamped to [2^-14, 2^12]; codes times it stay exact float16 normals, and
+// the product of a gradient with s / unit equals the product with s.
+TEST(CodeUnit, NearestPowerOfTwoWithinRange) {
+  EXPECT_EQ(q4conv::code_unit(1.0f), 1.0f);
+  EXPECT_EQ(q4conv::code_unit(0.7f), 0.5f);   // 0.7 / 0.5 = 1.4 < sqrt(2)
+  EXPECT_EQ(q4conv::code_unit(0.71f), 1.0f);  // 1 / 0.71 = 1.41 < sqrt(2)
+  EXPECT_EQ(q4conv::code_unit(3e-3f), std::ldexp(1.0f, -8));
+  EXPECT_EQ(q4conv::code_unit(1e-9f), std::ldexp(1.0f, -14));
+  EXPECT_EQ(q4conv::code_unit(1e9f), std::ldexp(1.0f, 12));
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> log2s(-13.5f, 11.5f);
+  for (int i = 0; i < 100000; ++i) {
+    const float s = std::exp2(log2s(rng));
+    const float unit = q4conv::code_unit(s);
+    int exponent = 0;
+    ASSERT_EQ(std::frexp(unit, &exponent), 0.5f) << "not a power of two: " << unit;
+    ASSERT_LE(std::max(s / unit, unit / s), 1.41422f) << "s=" << s;
+    ASSERT_EQ((s / unit) * unit, s) << "s / unit is not exact for s=" << s;
+  }
 }

@@ -249,3 +249,29 @@ def test_cuda_pixel_strided_x_matches_dense(case, dtype):
     for name, from_dense, from_view in zip(names, *grads):
         assert from_dense.abs().sum() > 0, f"{name}: zero gradient, test is void"
         assert torch.equal(from_dense, from_view), name
+
+
+@requires_cuda
+def test_cuda_fp16_backward_range_does_not_depend_on_the_scales():
+    """The backward convolutions run on codes in a power-of-two unit near each scale, so their
+    float16 outputs are near the true gradients: a loss-scaled gradient whose true dx fits float16
+    must not overflow because s_w is small. (With bare integer codes the dgrad output was dx / s_w:
+    here 7 * 144 * 2000 ~ 2e6, inf in float16, for a true dx of ~29.)"""
+    import q4conv
+
+    layer = q4conv.Q4Conv2dCutlass(16, 16, 3, padding=1, device="cuda")
+    x = torch.randn(8, 16, 12, 12, generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        layer.weight.fill_(1e-4)
+        layer.scale_w.fill_(1e-4 / 7)  # every weight code 7
+    layer(x)  # scale_a from x
+    grads = []
+    for dtype in (torch.float32, torch.float16):
+        xd = x.to(dtype).requires_grad_()
+        y = layer(xd)
+        y.backward(torch.full_like(y, 2000.0))
+        grads.append(xd.grad.float())
+    fp32, fp16 = grads
+    assert fp32.abs().max() > 10 and fp32.abs().max() < 1e3  # a true dx float16 holds
+    assert torch.isfinite(fp16).all()
+    torch.testing.assert_close(fp16, fp32, rtol=4e-3, atol=1e-2)
