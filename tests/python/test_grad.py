@@ -260,14 +260,14 @@ def test_cuda_fp16_backward_range_does_not_depend_on_the_scales():
     import q4conv
 
     layer = q4conv.Q4Conv2dCutlass(16, 16, 3, padding=1, device="cuda")
-    x = torch.randn(8, 16, 12, 12, generator=torch.Generator().manual_seed(0)).cuda()
+    x = torch.randn(8, 16, 12, 12, generator=torch.Generator().manual_seed(0)).cuda().half().float()
     with torch.no_grad():
         layer.weight.fill_(1e-4)
         layer.scale_w.fill_(1e-4 / 7)  # every weight code 7
     layer(x)  # scale_a from x
     grads = []
     for dtype in (torch.float32, torch.float16):
-        xd = x.to(dtype).requires_grad_()
+        xd = x.detach().to(dtype).requires_grad_()  # a leaf of each dtype (x itself never requires grad)
         y = layer(xd)
         y.backward(torch.full_like(y, 2000.0))
         grads.append(xd.grad.float())
