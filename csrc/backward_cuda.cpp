@@ -215,25 +215,34 @@ struct BackwardInput {
 };
 
 BackwardInput backward_input(const at::Tensor& x, const BackwardPlan& plan,
-                             const ConvParams& params, cudaStream_t stream) {
+                             const ConvParams& params) {
   BackwardInput in;
-  in.dx_full = empty_like_x(x);
   if (!plan.stride_grid) {
     in.x = x;
-    in.dx = in.dx_full;
     in.stride = {params.stride[0], params.stride[1]};
     in.padding = {params.padding[0], params.padding[1]};
     in.dilation = {params.dilation[0], params.dilation[1]};
     return in;
   }
   in.x = stride_grid_view(x, params.stride);
-  const at::Tensor& d = in.dx_full;  // dense: one memset clears it
-  C10_CUDA_CHECK(cudaMemsetAsync(d.data_ptr(), 0, d.numel() * d.element_size(), stream));
-  in.dx = stride_grid_view(d, params.stride);
   in.stride = {1, 1};
   in.padding = {0, 0};
   in.dilation = {1, 1};
   return in;
+}
+
+// dx_full (x's sizes and memory format) and where the kernels write it: all of
+// it, or its stride grid with the rest zero (one memset of the dense tensor).
+void allocate_dx(BackwardInput& in, const at::Tensor& x, const BackwardPlan& plan,
+                 const ConvParams& params, cudaStream_t stream) {
+  in.dx_full = empty_like_x(x);
+  if (!plan.stride_grid) {
+    in.dx = in.dx_full;
+    return;
+  }
+  const at::Tensor& d = in.dx_full;
+  C10_CUDA_CHECK(cudaMemsetAsync(d.data_ptr(), 0, d.numel() * d.element_size(), stream));
+  in.dx = stride_grid_view(d, params.stride);
 }
 
 }  // namespace
@@ -261,14 +270,19 @@ cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
   // each scale, the rest of the scales (s / unit, exact) applied around them.
   const at::ScalarType compute = x.scalar_type();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  BackwardInput in = backward_input(x, plan, params, stream);
-  const auto [act_codes, wgt_codes] = backward_codes(in.x, bias_f, s_a, weight, s_w, eps, bits);
+  BackwardInput in = backward_input(x, plan, params);
+  std::pair<at::Tensor, at::Tensor> codes =
+      backward_codes(in.x, bias_f, s_a, weight, s_w, eps, bits);
   std::optional<at::IntArrayRef> bias_sizes;
   const std::vector<int64_t> bias_shape{k_out};
   if (has_bias) bias_sizes = bias_shape;
   const auto [grad_act, grad_wgt, grad_bias] = at::convolution_backward(
-      as_type(grad_out, compute), act_codes, wgt_codes, bias_sizes, in.stride, in.padding,
+      as_type(grad_out, compute), codes.first, codes.second, bias_sizes, in.stride, in.padding,
       in.dilation, false, {0, 0}, 1, {true, true, has_bias});
+  // The codes go back to the allocator before dx is made: one x-sized buffer
+  // fewer alive at once (the first backward layers set the step's peak memory).
+  codes = {};
+  allocate_dx(in, x, plan, params, stream);
 
   // A per-tensor s_w multiplies grad_act inside the kernel; a per-channel
   // one is already in the weight codes.

@@ -50,7 +50,19 @@ long long wave_tiles(int sm_count) { return sm_count > 0 ? sm_count - 4 : 128; }
 // Preferred configuration for a shape (before checking it can run it) on a
 // device of sm_count SMs. Measured per shape on H100 SXM; the rules below
 // pick the best or within ~2% of it for every ResNet-50 layer.
-const Entry* preferred(const ConvShape& s, int sm_count) {
+// Codes out (conv_fused's int8 epilogue) on a pointwise GEMM with K > 64: the
+// 256x128 cooperative kernel beat the 128x128 pingpong one by 1.11-1.58x on
+// the ResNet-50 layers with C <= 512 or K <= 256 (bench/sweep_sm90_configs.py,
+// H200; docs/notes/sm90-implicit-gemm-tiles.md), except where its tiles cover
+// under half the SMs (C2048 K512 7x7: 1.48x slower); C1024 K512 stays pingpong
+// (6% faster there). The float outputs keep the rule below, measured on them.
+bool codes_out_prefers_coop(const ConvShape& s, int sm_count) {
+  const long long coop_tiles = (1LL * s.n * s.p * s.q + 255) / 256 * ((s.k + 127) / 128);
+  const long long half_sms = sm_count > 0 ? sm_count / 2 : 66;
+  return coop_tiles >= half_sms && (s.c <= 512 || s.k <= 256);
+}
+
+const Entry* preferred(const ConvShape& s, int sm_count, OutType out_type) {
   long long red = 1LL * s.c * s.r * s.s;
   bool small_c = s.c < 128;  // C == 64 (or 16, 32, 48, 80, ...): 64-deep tiles
   bool gemm = is_pointwise_gemm(s);
@@ -63,6 +75,8 @@ const Entry* preferred(const ConvShape& s, int sm_count) {
   if (s.k <= 64 && s.c <= 32 && !gemm) return &kCfg128x64x32_2cta_e64;
   if (s.k <= 64) return small_c ? &kCfg128x64x64_2cta_e64 : &kCfg128x64x128_2cta;
   if (gemm) {
+    if (out_type == OutType::kFusedCodes8 && codes_out_prefers_coop(s, sm_count))
+      return &kGemm256x128x128_coop;
     // output-bound (short reduction, wide output): 256x128 cooperative;
     // otherwise 128x128 pingpong
     if (s.c <= 128 && s.k >= 256) return &kGemm256x128x128_coop;
@@ -91,7 +105,7 @@ std::atomic<int> g_forced{-1};
 
 int pick_config_uncached(const ConvShape& shape, OutType out_type, int sm_count, int forced) {
   if (forced >= 0 && forced < kNum && kTable[forced]->supports(shape, out_type)) return forced;
-  const Entry* want = preferred(shape, sm_count);
+  const Entry* want = preferred(shape, sm_count, out_type);
   for (int i = 0; i < kNum; ++i)
     if (kTable[i] == want && want->supports(shape, out_type)) return i;
   // Fallback order: the table order (general configurations first).
