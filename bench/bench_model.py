@@ -29,7 +29,7 @@ before the next, so peak memory is its own):
              (synchronize first, none after): the host's issue time where the GPU keeps up (a
              host-bound step: host ms ~ step ms and a low busy fraction); an upper bound where the
              GPU falls behind (the launch queue fills) or the step synchronises (GradScaler's inf
-             check with the foreach SGD: see the syncs column; --optimizer fused removes it);
+             check: see the syncs column);
   busy       GPU busy fraction: the summed duration of the GPU kernels / copies of 3 steps under
              torch.profiler, per step, over the step time above (kernel times barely move under the
              profiler, the host's do);
@@ -303,6 +303,12 @@ def build_train(config: TrainConfig, spec: ModelSpec, batch: int, device: torch.
     params = list(model.parameters())  # unique: convert's shared bias_a / scale_a appear once
     opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, **kwargs)
     scaler = torch.amp.GradScaler(device.type) if config.scaler else None
+    if scaler is not None and optimizer == "fused":
+        # torch 2.11's fused SGD, handed GradScaler's inf check, still advances the momentum on
+        # the overflow steps the scaler skips (inf momentum, NaN weights a step later: every AMP
+        # configuration diverged on an H200, fp16 AMP included). GradScaler's own skip then: the
+        # fused kernel for the update, and the sync of the inf check as with foreach.
+        opt._step_supports_amp_scaling = False
     run_model = torch.compile(model) if mode == "compile" else model
 
     def body(zero_grad: bool = True) -> torch.Tensor:
@@ -865,7 +871,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "infer: interleaved timing rounds per batch (default 3); median over rounds")
     parser.add_argument("--host-steps", type=int, default=5, help="train: steps timed for host ms (default 5)")
     parser.add_argument("--optimizer", choices=["foreach", "fused"], default="foreach",
-                        help="train: SGD implementation (fused makes GradScaler's step sync-free)")
+                        help="train: SGD implementation (fused: the fused update kernel; under a GradScaler "
+                             "the scaler's own inf skip, since torch 2.11's fused SGD corrupts momentum on "
+                             "skipped steps)")
     parser.add_argument("--compile", action="store_true",
                         help="train: add torch.compile rows (default mode); infer: add torch.compile rows "
                              "(max-autotune for fp16, default for q4conv; slow: one compile per batch)")

@@ -18,6 +18,7 @@ import q4conv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import bench  # noqa: E402
+from conftest import DEVICES  # noqa: E402
 import bench_model as bm  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -50,6 +51,28 @@ def test_train_step_runs_and_updates(config):
     # The autocast configurations compute the float / fake-quant convolutions in bf16 on CPU.
     if config.model != "q4":
         assert setup.act_dtype == ("bfloat16" if config.amp else "float32")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_sgd_leaves_overflow_steps_to_the_scaler(device):
+    """An overflow step (inf gradients) under GradScaler with --optimizer fused must leave the
+    weights and the momentum untouched, as the scaler's skip does for the foreach SGD (torch 2.11's
+    CUDA fused SGD, handed the inf check, advances the momentum on that step)."""
+    setup = bm.build_train(bm.CONFIGS_BY_KEY["fp16_amp"], bm.SMOKE, 2, torch.device(device), optimizer="fused")
+    assert setup.optimizer.defaults.get("fused") and not setup.optimizer._step_supports_amp_scaling
+    setup.step()  # momentum buffers exist from here on
+    weights = snapshot(setup.model)
+    momentum = {id(p): setup.optimizer.state[p]["momentum_buffer"].clone() for p in setup.model.parameters()
+                if "momentum_buffer" in setup.optimizer.state[p]}
+    assert momentum
+    for p in setup.model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    setup.scaler.step(setup.optimizer)
+    setup.scaler.update()
+    assert all(torch.equal(w, p.detach()) for w, p in zip(weights.values(), setup.model.parameters()))
+    for p in setup.model.parameters():
+        if id(p) in momentum:
+            assert torch.equal(setup.optimizer.state[p]["momentum_buffer"], momentum[id(p)])
 
 
 def test_fake_quant_conv_matches_bench_formulation():
