@@ -355,7 +355,8 @@ class FusedQ4Conv2d(_HostFloats, nn.Module):
 def _check_calibrated(layer: Q4Conv2dCutlass, name: str) -> None:
     if not (bool(layer.scale_a_initialized) or float(layer.scale_a.detach().reshape(())) != 0):
         raise ValueError(f"q4conv layer {name!r} has no activation scale yet (scale_a uninitialised): "
-                         "run q4conv.calibrate(model, batches) or a forward on data before deploying")
+                         "run q4conv.calibrate(model, batches) or a forward on data before deploying (a layer "
+                         "whose inputs were all zero, e.g. behind a dead ReLU, gets no scale: set its scale_a)")
 
 
 def _foldable_batch_norm(bn: nn.Module, channels: int) -> bool:

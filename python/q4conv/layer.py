@@ -727,8 +727,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, reset_weight_scales: 
     Returns ``model``.
 
     Raises ValueError (changing nothing) when ``batches`` yields no batch; warns
-    (UserWarning) naming the q4conv layers that no batch reached (their
-    ``scale_a`` is unchanged).
+    (UserWarning) naming the q4conv layers that no batch reached, and those that
+    saw only zero or non-finite activations (their ``scale_a`` is unchanged).
     """
     named_layers = _q4_layers(model)
     iterator = iter(batches)
@@ -743,14 +743,25 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, reset_weight_scales: 
     try:
         for batch in itertools.chain([first], iterator):
             _run_batch(model, batch)
-        # One host sync per layer, once: which layers saw no activation at all.
-        unreached = [name for name, layer in named_layers if float(layer._calibration[1]) == 0]
+        # One host sync per layer, once: which layers saw no activation at all, and which saw only
+        # zeros (a dead ReLU before them) or non-finite values, leaving no scale to set.
+        unreached, no_statistic = [], []
+        for name, layer in named_layers:
+            total, count = torch.stack(layer._calibration).tolist()
+            if count == 0:
+                unreached.append(name)
+            elif not (math.isfinite(total) and total > 0):
+                no_statistic.append(name)
     finally:
         for _, layer in named_layers:
             layer._calibration = None
     if unreached:
         warnings.warn(f"q4conv.calibrate: no batch reached these q4conv layers (scale_a unchanged): {unreached}",
                       stacklevel=2)
+    if no_statistic:
+        warnings.warn("q4conv.calibrate: these q4conv layers saw only zero or non-finite activations (x + bias_a), "
+                      f"so no scale could be set (scale_a unchanged; 0 means uninitialised, which deploy rejects): "
+                      f"{no_statistic}", stacklevel=2)
     return model
 
 

@@ -253,6 +253,19 @@ def test_calibrate_rejects_no_batches_and_names_unreached_layers():
     assert bool(branch.a.scale_a_initialized) and not bool(branch.b.scale_a_initialized)
 
 
+def test_calibrate_names_layers_that_saw_only_zeros():
+    """A layer behind a dead ReLU sees only zeros: no scale can be set, and calibrate says so
+    (deploy would otherwise reject the model with scale_a uninitialised after a calibration)."""
+    dead = make_layer(in_channels=5, out_channels=6)
+    with torch.no_grad():
+        dead.weight.zero_()
+    model = nn.Sequential(make_layer(), nn.ReLU(), dead, nn.ReLU(), make_layer())
+    with pytest.warns(UserWarning, match=r"only zero or non-finite activations.*\['4'\]"):
+        q4conv.calibrate(model, [torch.randn(2, 6, 7, 7)])
+    assert bool(model[0].scale_a_initialized) and bool(model[2].scale_a_initialized)
+    assert not bool(model[4].scale_a_initialized) and float(model[4].scale_a.detach()) == 0
+
+
 def test_calibrate_batch_forms():
     """A dict batch is keyword arguments; a loader's (inputs, labels) pairs fail in the model's
     forward with a note saying how to pass the inputs alone."""
