@@ -415,8 +415,10 @@ def profile_steps(fn: Callable[[], Any], steps: int, top_ops: bool) -> Tuple[flo
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
+    # (GPU-side ranges of record_function annotations, e.g. Optimizer.step, overlap the kernels.)
     device_us = sum(e.time_range.elapsed_us() for e in prof.events()
-                    if e.device_type == torch.autograd.DeviceType.CUDA)
+                    if e.device_type == torch.autograd.DeviceType.CUDA
+                    and not getattr(e, "is_user_annotation", False))
     top = ""
     if top_ops:
         averages = [a for a in prof.key_averages() if a.self_cpu_time_total > 0]
