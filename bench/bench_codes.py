@@ -44,7 +44,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +153,25 @@ def build_case(shape: Shape, device: torch.device, count: int = 1, seed: int = 0
 
 
 # ---------------------------------------------------------------------- timing
+def fp16_reference(shape: Shape, device: torch.device) -> Tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                                List[torch.Tensor]]:
+    """The baseline of a shape: cuDNN fp16 channels_last ``F.conv2d`` alone (fp32 on the CPU, which
+    has no fast fp16 convolution) and its rotating inputs."""
+    cuda = device.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    nbuf = bench.n_buffers(shape.n * shape.c * shape.h * shape.h * 2) if cuda else 1
+    w = torch.randn(shape.k, shape.c, shape.r, shape.r, device=device, dtype=dtype) * 0.05
+    w = w.contiguous(memory_format=torch.channels_last)
+    xs = [torch.randn(shape.n, shape.c, shape.h, shape.h, device=device, dtype=dtype)
+          .contiguous(memory_format=torch.channels_last) for _ in range(nbuf)]
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return F.conv2d(x, w, None, shape.stride, shape.pad)
+
+    return fn, xs
+
+
 def cpu_time_ms(fn: Callable[[torch.Tensor], object], inputs: Sequence[torch.Tensor], warmup: int,
                 repeats: int) -> float:
     """Median wall time (perf_counter) of fn(input) on the CPU, rotating over ``inputs``."""
@@ -219,18 +238,7 @@ def bench_shape(shape: Shape, args) -> Dict[str, object]:
         register("q4_codes", case.fn, case.codes)
 
     def setup_fp16() -> None:
-        dtype = torch.float16 if cuda else torch.float32  # CPU: fp32 (no fast fp16 CPU convolution)
-        nbuf = bench.n_buffers(x_elems * 2) if cuda else 1
-        w = torch.randn(shape.k, shape.c, shape.r, shape.r, device=device, dtype=dtype) * 0.05
-        w = w.contiguous(memory_format=torch.channels_last)
-        xs = [torch.randn(shape.n, shape.c, shape.h, shape.h, device=device, dtype=dtype)
-              .contiguous(memory_format=torch.channels_last) for _ in range(nbuf)]
-
-        def fn(x):
-            with torch.inference_mode():
-                return F.conv2d(x, w, None, shape.stride, shape.pad)
-
-        register("fp16", fn, xs)
+        register("fp16", *fp16_reference(shape, device))
 
     attempt("q4 codes setup", setup_q4)
     attempt("fp16 setup", setup_fp16)

@@ -404,6 +404,12 @@ def count_syncs(fn: Callable[[], Any]) -> int:
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
+def is_gpu_work(event: Any) -> bool:
+    """A profiler event (or key average) that is GPU kernel or copy time: not a CPU op, and not the
+    GPU-side range of a record_function annotation (e.g. Optimizer.step), which overlaps kernels."""
+    return event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+
+
 def profile_steps(fn: Callable[[], Any], steps: int, top_ops: bool) -> Tuple[float, str]:
     """(GPU kernel + copy ms per step, top ops by self CPU time as text) over steps fn() calls
     under torch.profiler (CPU activity only with top_ops)."""
@@ -415,10 +421,7 @@ def profile_steps(fn: Callable[[], Any], steps: int, top_ops: bool) -> Tuple[flo
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    # (GPU-side ranges of record_function annotations, e.g. Optimizer.step, overlap the kernels.)
-    device_us = sum(e.time_range.elapsed_us() for e in prof.events()
-                    if e.device_type == torch.autograd.DeviceType.CUDA
-                    and not getattr(e, "is_user_annotation", False))
+    device_us = sum(e.time_range.elapsed_us() for e in prof.events() if is_gpu_work(e))
     top = ""
     if top_ops:
         averages = [a for a in prof.key_averages() if a.self_cpu_time_total > 0]

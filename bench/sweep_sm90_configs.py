@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 from bench import fmt, geomean, make_shapes  # noqa: E402
-from bench_codes import build_case  # noqa: E402
+from bench_codes import build_case, fp16_reference  # noqa: E402
 
 
 def graph_ms(fn, inputs, rounds: int, repeats: int) -> float:
@@ -56,15 +55,7 @@ def sweep_shape(shape, names: Sequence[str], rounds: int, repeats: int) -> Dict[
                 continue
             times[name] = graph_ms(case.fn, case.codes, rounds, repeats)
             row[name] = times[name]
-    w = torch.randn(shape.k, shape.c, shape.r, shape.r, device=device, dtype=torch.float16) * 0.05
-    w = w.contiguous(memory_format=torch.channels_last)
-    xs = [torch.randn(shape.n, shape.c, shape.h, shape.h, device=device, dtype=torch.float16)
-          .contiguous(memory_format=torch.channels_last) for _ in range(bench.n_buffers(shape.n * shape.c * shape.h ** 2 * 2))]
-
-    def fp16(x):
-        with torch.inference_mode():
-            return F.conv2d(x, w, None, shape.stride, shape.pad)
-
+    fp16, xs = fp16_reference(shape, device)
     row["fp16_ms"] = graph_ms(fp16, xs, rounds, repeats)
     best = min(times, key=times.get) if times else ""
     row["best"] = best

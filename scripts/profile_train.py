@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -48,9 +47,7 @@ def profile_config(key: str, device: torch.device, out: Path, optimizer: str = "
     if cuda:
         text += "\nby self CUDA time:\n" + averages.table(sort_by="self_device_time_total", row_limit=40,
                                                          max_name_column_width=80)
-        # Kernels and copies only: GPU-side ranges of annotations (Optimizer.step) overlap them.
-        gpu_ms = sum(a.self_device_time_total for a in averages
-                     if a.device_type == DeviceType.CUDA and not getattr(a, "is_user_annotation", False)) / STEPS / 1e3
+        gpu_ms = sum(a.self_device_time_total for a in averages if bm.is_gpu_work(a)) / STEPS / 1e3
     (out / f"profile_{key}.txt").write_text(text + "\n")
     launches = sum(a.count for a in averages if a.key in LAUNCH_CALLS) / STEPS
     self_cpu_ms = sum(a.self_cpu_time_total for a in averages) / STEPS / 1e3
