@@ -245,6 +245,53 @@ void allocate_dx(BackwardInput& in, const at::Tensor& x, const BackwardPlan& pla
   in.dx = stride_grid_view(d, params.stride);
 }
 
+// The convolutions' gradients: d loss / d (activation codes), d loss / d
+// (weight codes), d loss / d bias.
+struct ConvGrads {
+  at::Tensor act, wgt, bias;
+};
+
+// One x-sized buffer alive at a time where the plan allows: the weight
+// gradient first (activation codes alive, no activation gradient yet), the
+// activation codes freed, then the data gradient, over which the LSQ kernel
+// writes dx in place. That is what an fp16 Conv2d's backward holds (its
+// dgrad output); the first backward layers set the training step's peak
+// memory. One more cuDNN call on the host than the combined backward, which
+// the stride-grid path keeps (its dx is a zero-filled tensor around the grid,
+// not the gradient's shape).
+ConvGrads backward_convolutions(const at::Tensor& grad_out,
+                                std::pair<at::Tensor, at::Tensor>& codes, BackwardInput& in,
+                                const at::Tensor& x, bool has_bias, const BackwardPlan& plan,
+                                const ConvParams& params) {
+  std::optional<at::IntArrayRef> bias_sizes;
+  const std::vector<int64_t> bias_shape{codes.second.size(0)};  // K
+  if (has_bias) bias_sizes = bias_shape;
+  ConvGrads g;
+  if (plan.stride_grid) {
+    std::tie(g.act, g.wgt, g.bias) =
+        at::convolution_backward(grad_out, codes.first, codes.second, bias_sizes, in.stride,
+                                 in.padding, in.dilation, false, {0, 0}, 1, {true, true, has_bias});
+    codes = {};  // back to the allocator before dx is made
+    allocate_dx(in, x, plan, params, at::cuda::getCurrentCUDAStream());
+    return g;
+  }
+  std::tie(std::ignore, g.wgt, g.bias) =
+      at::convolution_backward(grad_out, codes.first, codes.second, bias_sizes, in.stride,
+                               in.padding, in.dilation, false, {0, 0}, 1, {false, true, has_bias});
+  codes.first = at::Tensor();
+  // The data gradient reads only the input's shape, layout and dtype: x's
+  // (the codes are x-shaped, in x's dtype and memory format).
+  g.act = std::get<0>(at::convolution_backward(grad_out, x, codes.second, std::nullopt, in.stride,
+                                               in.padding, in.dilation, false, {0, 0}, 1,
+                                               {true, false, false}));
+  codes.second = at::Tensor();
+  const bool in_place = g.act.sizes() == x.sizes() && g.act.scalar_type() == x.scalar_type() &&
+                        g.act.is_contiguous(x.suggest_memory_format());
+  in.dx_full = in_place ? g.act : empty_like_x(x);
+  in.dx = in.dx_full;
+  return g;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -269,20 +316,11 @@ cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
   // half inputs, like an fp16 Conv2d), written in a power-of-two unit near
   // each scale, the rest of the scales (s / unit, exact) applied around them.
   const at::ScalarType compute = x.scalar_type();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BackwardInput in = backward_input(x, plan, params);
   std::pair<at::Tensor, at::Tensor> codes =
       backward_codes(in.x, bias_f, s_a, weight, s_w, eps, bits);
-  std::optional<at::IntArrayRef> bias_sizes;
-  const std::vector<int64_t> bias_shape{k_out};
-  if (has_bias) bias_sizes = bias_shape;
-  const auto [grad_act, grad_wgt, grad_bias] = at::convolution_backward(
-      as_type(grad_out, compute), codes.first, codes.second, bias_sizes, in.stride, in.padding,
-      in.dilation, false, {0, 0}, 1, {true, true, has_bias});
-  // The codes go back to the allocator before dx is made: one x-sized buffer
-  // fewer alive at once (the first backward layers set the step's peak memory).
-  codes = {};
-  allocate_dx(in, x, plan, params, stream);
+  const ConvGrads conv =
+      backward_convolutions(as_type(grad_out, compute), codes, in, x, has_bias, plan, params);
 
   // A per-tensor s_w multiplies grad_act inside the kernel; a per-channel
   // one is already in the weight codes.
@@ -291,7 +329,7 @@ cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
   LsqBackward act;
   {
     Q4CONV_HOST_SPAN("q4conv::backward_lsq");
-    act = cuda_lsq_backward(grad_act, in.x, in.dx, bias_f, s_a, grad_scale, grad_wgt, weight, s_w,
+    act = cuda_lsq_backward(conv.act, in.x, in.dx, bias_f, s_a, grad_scale, conv.wgt, weight, s_w,
                             eps, bits);
   }
 
@@ -303,7 +341,7 @@ cuda_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
       as_type(scales.dbias_a, bias_a.scalar_type()),
       as_type(scales.dscale_a, scale_a.scalar_type()),
       as_type(scales.dscale_w, scale_w.scalar_type()),
-      has_bias ? as_type(grad_bias, at::kFloat) : at::empty({0}, x.options().dtype(at::kFloat))};
+      has_bias ? as_type(conv.bias, at::kFloat) : at::empty({0}, x.options().dtype(at::kFloat))};
 }
 
 }  // namespace q4conv

@@ -254,15 +254,17 @@ struct ClGeometry {
   PixelStrides x, grad, dx;
 };
 
+// dx may be grad itself (the backward writes the activation gradient over the
+// convolution's, one buffer fewer): every element is read and then written by
+// the same thread at the same offset, so grad and dx carry no __restrict__.
 // Blocks with blockIdx.x >= act_blocks_x run the fp32 weights' backward
 // (`weights`, riding on this launch): output channel
 // (blockIdx.x - act_blocks_x) * gridDim.y + blockIdx.y each.
 template <typename T, int V, bool kPixelStrided>
 __global__ void __launch_bounds__(kThreads)
-    backward_cl_kernel(const T* __restrict__ x, const T* __restrict__ grad, T* __restrict__ dx,
-                       ClGeometry geo, PostParams p, float* __restrict__ bias_partials,
-                       float* __restrict__ residual_partials, unsigned act_blocks_x,
-                       device::WeightBackwardArgs weights) {
+    backward_cl_kernel(const T* __restrict__ x, const T* grad, T* dx, ClGeometry geo, PostParams p,
+                       float* __restrict__ bias_partials, float* __restrict__ residual_partials,
+                       unsigned act_blocks_x, device::WeightBackwardArgs weights) {
   __shared__ float column[kThreads * V];  // [blockDim.y][blockDim.x * V]
   __shared__ float warp_sums[kWarps];
   if (blockIdx.x >= act_blocks_x) {
@@ -338,8 +340,8 @@ struct PlaneGeometry {
 
 template <typename T, int V, bool kStrided>
 __global__ void __launch_bounds__(kThreads)
-    backward_plane_kernel(const T* __restrict__ x, const T* __restrict__ grad, T* __restrict__ dx,
-                          PlaneGeometry g, PostParams p, float* __restrict__ bias_partials,
+    backward_plane_kernel(const T* __restrict__ x, const T* grad, T* dx, PlaneGeometry g,
+                          PostParams p, float* __restrict__ bias_partials,
                           float* __restrict__ residual_partials) {
   const int64_t item = int64_t(blockIdx.x) * kWarps + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
@@ -713,6 +715,13 @@ KernelStatus check_backward(const char* fn, const LsqActBackward& a) {
   if (numel(a.x) == 0) return KernelStatus::success();
   if (a.grad.data == nullptr) return invalid(fn, "grad", "null data pointer");
   if (a.dx.data == nullptr) return invalid(fn, "dx", "null data pointer");
+  // In place only element for element: a dx over grad at other strides would
+  // overwrite elements not yet read.
+  if (a.dx.data == a.grad.data)
+    for (int d = 0; d < 4; ++d)
+      if (a.dx.stride[d] != a.grad.stride[d])
+        return invalid(fn, "dx",
+                       "is grad's memory at other strides (in place needs grad's strides)");
   return KernelStatus::success();
 }
 

@@ -53,7 +53,8 @@ KernelStatus lsq_activation_codes(const Tensor4dView& x, const float* bias_a, co
 struct LsqActBackward {
   Tensor4dView x;                     // activation (N, C, H, W)
   Tensor4dView grad;                  // d loss / d x_q, x's sizes and element type
-  Tensor4dOut dx;                     // output, x's sizes and element type
+  Tensor4dOut dx;                     // output, x's sizes and element type; may be grad
+                                      // itself (same data and strides: in place)
   const float* bias_a = nullptr;      // device, fp32 [C]
   const float* scale_a = nullptr;     // device, ONE fp32 value
   const float* grad_scale = nullptr;  // device, ONE fp32 value (raw s_w), or nullptr for 1

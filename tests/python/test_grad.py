@@ -275,3 +275,38 @@ def test_cuda_fp16_backward_range_does_not_depend_on_the_scales():
     assert fp32.abs().max() > 10 and fp32.abs().max() < 1e3  # a true dx float16 holds
     assert torch.isfinite(fp16).all()
     torch.testing.assert_close(fp16, fp32, rtol=4e-3, atol=1e-2)
+
+
+def backward_peak_bytes(output: torch.Tensor, grad: torch.Tensor) -> int:
+    """Bytes allocated at the peak of output.backward(grad) beyond those allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    output.backward(grad)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_cuda_backward_holds_one_activation_sized_buffer(layout):
+    """The backward runs the weight gradient on the activation codes first, frees them, then the
+    data gradient, over which the LSQ kernel writes dx in place: one x-sized buffer at a time
+    besides the returned dx's, as an fp16 Conv2d's backward (its data gradient). Holding two (the
+    codes and the data gradient, or the data gradient and a separate dx) adds x's bytes to the
+    peak, which is what sets a training step's peak memory at the first backward layers."""
+    case = Case(8, 64, 64, 56, 56, 3, 3, (1, 1), (1, 1))
+    inputs = make_inputs(case, "cuda", torch.float16, per_channel=True, seed=1)
+    x = with_layout(inputs[0], layout)
+    leaves = [x.detach().requires_grad_(True)] + [t.detach().clone().requires_grad_(True) for t in inputs[1:]]
+    y = ops.conv_train(*leaves, list(case.stride), list(case.padding), list(case.dilation), EPS, 4, "auto")
+    q4_peak = backward_peak_bytes(y, torch.randn_like(y))
+    assert leaves[0].grad is not None and leaves[0].grad.stride() == x.stride()
+
+    xf = x.detach().requires_grad_(True)
+    wf = inputs[3].detach().half().requires_grad_(True)
+    yf = F.conv2d(xf, wf, padding=case.padding)
+    fp16_peak = backward_peak_bytes(yf, torch.randn_like(yf))
+    # Slack for the weight-sized buffers (codes, fp32 gradients) and the partial sums: far less
+    # than the 6.4 MB of one more x-sized buffer.
+    assert q4_peak <= fp16_peak + x.numel() * x.element_size() // 4, (q4_peak, fp16_peak)
