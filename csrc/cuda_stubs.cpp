@@ -47,6 +47,10 @@ cuda_conv_train_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&
                          const BackwardPlan&) {
   no_cuda("conv_train_backward");
 }
+at::Tensor cuda_max_pool_codes(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                               at::IntArrayRef, bool) {
+  no_cuda("max_pool_codes");
+}
 void plan_cuda(ConvPlan&, const at::Tensor&, int64_t, int64_t, int64_t, const ConvParams&, Backend,
                const Tuning&, std::optional<OutType>) {
   no_cuda("planning a CUDA convolution");

@@ -32,6 +32,11 @@ TORCH_LIBRARY(q4conv, m) {
       "Tensor? shift, int[2] stride, int[2] padding, int[2] dilation, float eps, int bits, "
       "Tensor? residual, bool relu, Tensor? out_bias_a, Tensor? out_scale_a, float out_eps, "
       "ScalarType? out_dtype, str backend=\"auto\", Tensor? kernel_weight=None) -> Tensor");
+  // deploy: a max-pool between a layer writing codes and its readers, on the codes
+  // (torch.nn.functional.max_pool2d's arguments and semantics; int8 in and out).
+  m.def(
+      "max_pool_codes(Tensor codes, int[2] kernel_size, int[2] stride=[], int[2] padding=0, "
+      "int[2] dilation=1, bool ceil_mode=False) -> Tensor");
   m.def("kernel_weight(Tensor qweight, int in_channels, str backend) -> Tensor");
   m.def("output_alpha(Tensor scale_a, Tensor scale_w, int out_channels, float eps) -> Tensor");
   m.def(
@@ -75,6 +80,7 @@ TORCH_LIBRARY_IMPL(q4conv, CPU, m) {
   m.impl("quantize_activation", &cpu_quantize_activation);
   m.impl("output_alpha", &cpu_output_alpha);
   m.impl("kernel_weight", &kernel_weight_cpu);
+  m.impl("max_pool_codes", &cpu_max_pool_codes);
 }
 
 void register_device_generic_ops(torch::Library& m) { Q4CONV_REGISTER_DEVICE_GENERIC(m) }

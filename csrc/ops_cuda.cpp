@@ -23,6 +23,7 @@ TORCH_LIBRARY_IMPL(q4conv, CUDA, m) {
   m.impl("quantize_activation", &cuda_quantize_activation);
   m.impl("output_alpha", &cuda_output_alpha);
   m.impl("kernel_weight", &kernel_weight_cuda);
+  m.impl("max_pool_codes", &cuda_max_pool_codes);
 }
 
 }  // namespace q4conv

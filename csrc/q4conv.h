@@ -158,6 +158,34 @@ at::Tensor fallback_conv(const at::Tensor& act_codes, const at::Tensor& w_codes,
                          const at::Tensor& alpha, const std::optional<at::Tensor>& bias,
                          const ConvParams& params, at::ScalarType out_dtype);
 
+// ---- max_pool_codes (pool_codes.cpp; CUDA: cuda_pool_codes.cpp) ------------
+// The op: a 2-D max-pool of int8 activation codes (N, C, H, W) with exactly
+// torch.nn.functional.max_pool2d's semantics on int8 (output size, ceil_mode,
+// padding that never wins; stride empty = kernel_size; one value = both
+// axes; a window with no input position gives -128). The result is int8 in
+// codes' suggested memory format (channels_last for deploy's codes).
+// max_pool_codes' arguments, checked, as (height, width) pairs, and its
+// output size (check_max_pool_codes).
+struct MaxPoolParams {
+  int64_t kernel[2], stride[2], padding[2], dilation[2];
+  bool ceil_mode = false;
+  int64_t out_h = 0, out_w = 0;
+};
+// TORCH_CHECKs codes (int8, 4-D, C, H, W > 0) and the pool arguments as
+// max_pool2d does, naming the argument; the output size by its formula.
+MaxPoolParams check_max_pool_codes(const at::Tensor& codes, at::IntArrayRef kernel_size,
+                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, bool ceil_mode);
+// The max-pool's output, int8 (N, C, out_h, out_w) on codes' device, in codes'
+// suggested memory format (as max_pool2d allocates its output).
+at::Tensor max_pool_codes_output(const at::Tensor& codes, const MaxPoolParams& params);
+// The dense NHWC tensor the pool kernels write for `out`: out itself where it
+// is channels_last-contiguous (deploy's codes), else a buffer to copy into it.
+at::Tensor nhwc_buffer(const at::Tensor& out);
+at::Tensor cpu_max_pool_codes(const at::Tensor& codes, at::IntArrayRef kernel_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, bool ceil_mode);
+
 // ---- CUDA glue (cuda_*.cpp; cuda_stubs.cpp raises in CPU-only builds) ------
 at::Tensor cuda_quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
                                     const at::Tensor& scale_a, double eps, int64_t bits);
@@ -206,6 +234,11 @@ at::Tensor cuda_conv_fused(const ConvPlan& plan, const at::Tensor& x, const at::
                            const at::Tensor& scale_a, const at::Tensor& kernel_weight,
                            const at::Tensor& alpha, const std::optional<at::Tensor>& shift,
                            const ConvParams& params, const FusedEpilogue& fused);
+// max_pool_codes on the GPU (cuda_pool_codes.cpp): one launch of the NHWC
+// kernel (pool_codes_cuda.cu) on codes made channels_last.
+at::Tensor cuda_max_pool_codes(const at::Tensor& codes, at::IntArrayRef kernel_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, bool ceil_mode);
 // The whole training backward on a GPU (backward_cuda.cpp) for float32 /
 // float16 / bfloat16 x and weight: about six launches besides cuDNN's
 // convolution_backward. Same results as aten_conv_train_backward.

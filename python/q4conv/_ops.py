@@ -97,6 +97,42 @@ def _conv_fused_fake(x, bias_a, scale_a, qweight, alpha, shift, stride, padding,
     return x.new_empty(sizes, dtype=dtype).contiguous(memory_format=suggest_memory_format(x))
 
 
+def _pool_pair(values, name: str):
+    """A max_pool2d size argument (one int for both axes, or two) as (height, width)."""
+    values = [values] if isinstance(values, int) else list(values)
+    torch._check(len(values) in (1, 2), lambda: f"{name} must be one int or two ints, got {values}")
+    return values[0], values[-1]
+
+
+def _pooled_size(size, kernel: int, pad: int, stride: int, dilation: int, ceil_mode: bool):
+    """max_pool2d's output size along one axis (csrc/pool_codes.cpp's pooled_size; size may be
+    symbolic): with ceil_mode the last window must start inside the input or the left padding."""
+    out = (size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out = out - 1
+    return out
+
+
+@torch.library.register_fake("q4conv::max_pool_codes")
+def _max_pool_codes_fake(codes, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+    torch._check(codes.dtype == torch.int8, lambda: f"codes must be int8 (activation codes), got {codes.dtype}")
+    torch._check(codes.dim() == 4, lambda: f"codes must be 4-D (N, C, H, W), got {codes.dim()}-D")
+    n, c, h, w = codes.shape
+    torch._check(c > 0 and h > 0 and w > 0, lambda: f"codes must have C, H and W > 0, got {tuple(codes.shape)}")
+    kernel = _pool_pair(kernel_size, "kernel_size")
+    step = kernel if len(stride) == 0 else _pool_pair(stride, "stride")
+    pad, dil = _pool_pair(padding, "padding"), _pool_pair(dilation, "dilation")
+    torch._check(all(k >= 1 and s >= 1 and d >= 1 and 0 <= p <= k // 2
+                     for k, s, p, d in zip(kernel, step, pad, dil)),
+                 lambda: f"invalid max-pool arguments kernel_size {kernel}, stride {step}, padding {pad}, "
+                         f"dilation {dil} (padding at most kernel_size // 2)")
+    out_h, out_w = (_pooled_size(size, *args, ceil_mode) for size, args in zip((h, w), zip(kernel, pad, step, dil)))
+    torch._check(out_h >= 1 and out_w >= 1, lambda: "the max-pool's output would be empty")
+    # As csrc/pool_codes.cpp (and max_pool2d): allocated in codes' suggested memory format.
+    return torch.empty((n, c, out_h, out_w), dtype=torch.int8, device=codes.device,
+                       memory_format=suggest_memory_format(codes))
+
+
 def kernel_weight_sizes(k: int, c: int, r: int, s: int, backend: str):
     """The layout rule of csrc/plan.cpp's kernel_weight_layout, mirrored for the
     fake kernel (tests/python/test_plan.py checks that both agree)."""

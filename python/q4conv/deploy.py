@@ -554,8 +554,9 @@ def _fuse_epilogues(graph: fx.Graph, modules: Dict[str, nn.Module], residual: bo
 
 
 def _max_pool_of(node: fx.Node, source: fx.Node, modules: Dict[str, nn.Module]) -> bool:
-    """Whether ``node`` is a 2-D max-pool of ``source`` (its first argument, read once), values only."""
-    if not node.args or node.args[0] is not source or _reads(node).count(source) != 1:
+    """Whether ``node`` is a 2-D max-pool of ``source`` (its first argument, read once), values only,
+    with constant pool arguments (``_max_pool_arguments`` reads them)."""
+    if not node.args or node.args[0] is not source or _reads(node) != [source]:
         return False
     if node.op == "call_module":
         pool = modules.get(str(node.target))
@@ -564,6 +565,37 @@ def _max_pool_of(node: fx.Node, source: fx.Node, modules: Dict[str, nn.Module]) 
         # F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
         return node.kwargs.get("return_indices", False) is False and (len(node.args) < 7 or node.args[6] is False)
     return False
+
+
+# The pool arguments of F.max_pool2d / torch.max_pool2d after the input, in order, with their defaults
+# (a stride of None or [] is the kernel size).
+_MAX_POOL_PARAMETERS = (("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1),
+                        ("ceil_mode", False))
+
+
+def _pool_pair(value: Any) -> Any:
+    """A max_pool2d size argument as the op's ``int[2]`` (one int or a 1-sequence: both axes);
+    anything else as given, for the op to reject as max_pool2d would."""
+    if isinstance(value, int):
+        return [value, value]
+    if isinstance(value, (tuple, list)) and len(value) in (1, 2):
+        return [value[0], value[-1]]
+    return value
+
+
+def _max_pool_arguments(pool: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[Any, ...]:
+    """``torch.ops.q4conv.max_pool_codes``' arguments after the codes for a node ``_max_pool_of``
+    accepted: (kernel_size, stride, padding, dilation, ceil_mode), the sizes as ``[h, w]`` lists."""
+    if pool.op == "call_module":
+        module = modules[str(pool.target)]
+        values = [module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode]
+    else:
+        values = [pool.args[i + 1] if i + 1 < len(pool.args) else pool.kwargs.get(name, default)
+                  for i, (name, default) in enumerate(_MAX_POOL_PARAMETERS)]
+    kernel, stride, padding, dilation, ceil_mode = values
+    if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0):
+        stride = kernel
+    return (_pool_pair(kernel), _pool_pair(stride), _pool_pair(padding), _pool_pair(dilation), bool(ceil_mode))
 
 
 def _same_quantizer(a: Q4Conv2dCutlass, b: Q4Conv2dCutlass) -> bool:
@@ -617,15 +649,14 @@ def _mark_codes_edges(graph: fx.Graph, modules: Dict[str, nn.Module], matches: D
         for consumer in consumers:
             match = matches.setdefault(consumer, _Match(consumer, _q4conv_layer(consumer, modules)))
             match.codes_in, match.float_like = True, float_like
-        # Max of the codes as float16 (exact for -8..7; the narrowest dtype CUDA's max_pool2d
-        # takes: half the bytes of float32 for the widest activation of ResNet), back to int8.
+        # The max-pool on the int8 codes themselves (one op, csrc/pool_codes.cpp: a native kernel on
+        # CUDA), with the pool's arguments.
         for pool in pools:
             with graph.inserting_before(pool):
-                as_float = graph.call_method("half", (node,))
-            pool.replace_input_with(node, as_float)
-            with graph.inserting_after(pool):
-                codes = graph.call_method("to", (pool, torch.int8))
-            pool.replace_all_uses_with(codes, delete_user_cb=lambda user: user is not codes)
+                codes = graph.call_function(_ops.ops.max_pool_codes.default,
+                                            (node, *_max_pool_arguments(pool, modules)))
+            pool.replace_all_uses_with(codes)
+            graph.erase_node(pool)
 
 
 class _DeployTracer(fx.Tracer):
@@ -699,10 +730,14 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
     codes from the float32 value, the unfused model from values rounded to
     the activations' dtype. In float32 the codes are bit-identical to those
     the consumers compute from the stage-1 deployed model's float outputs
-    (``codes=False, residual=False``). Max-pooling codes equals quantizing the
+    (``codes=False, residual=False``). Max-pooling codes
+    (``torch.ops.q4conv.max_pool_codes``, one int8 op) equals quantizing the
     max-pooled float value except where that value is NaN (it quantizes to
     0; the codes' max-pool gives the largest code of the rest), which a
-    q4conv epilogue with finite parameters never produces.
+    q4conv epilogue with finite parameters never produces, and in a window
+    holding no input position (``ceil_mode`` with a dilation wider than the
+    input: the float pool's -inf quantizes to the lowest code, the codes'
+    max-pool gives -128, as ``max_pool2d`` on int8 does).
 
     On an sm_90 GPU (H100 / H200), convolutions with codes or a residual run
     ``torch.ops.q4conv.conv_fused`` on the sm90 kernels (codes read without a

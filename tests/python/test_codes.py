@@ -405,14 +405,17 @@ def test_codes_through_max_pool(pool, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     deployed = assert_equal_stage1_and_close_unfused(model, x)
     assert codes_edges(deployed) == (["conv"], ["conv_a", "conv_b"])
+    pools = [n for n in deployed.graph.nodes if n.target is ops.max_pool_codes.default]
+    assert len(pools) == (pool is not None)  # the pool runs on the codes (test_pool_codes.py)
     fused = fused_layers(deployed)
     assert fused["conv_a"].residual != fused["conv_b"].residual  # one of them takes the add
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.ReLU)) for m in deployed.modules())
 
 
 def test_max_pool_of_codes_equals_codes_of_max_pool():
-    """Rounding is monotonic: the deploy graph's max-pool of codes (as floats, padded with -inf) is the
-    codes of the max-pooled floats, for every padding / dilation / ceil_mode, at the range ends too."""
+    """Rounding is monotonic: the deploy graph's max-pool of codes (max_pool_codes; padding never
+    wins) is the codes of the max-pooled floats, for every padding / dilation / ceil_mode, at the
+    range ends too."""
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(3, 5, 13, 11, generator=gen) * 4
     v[0, 0, :3] = float("inf")
@@ -420,7 +423,7 @@ def test_max_pool_of_codes_equals_codes_of_max_pool():
     bias, scale = torch.randn(5, generator=gen) * 0.2, torch.tensor(0.4)
     codes = lambda t: ops.quantize_activation(t, bias, scale, 1e-5, 4).permute(0, 3, 1, 2)  # noqa: E731
     for args in ((3, 2, 1), (2, 2, 1, 2, True), (3, 1, 0), ((3, 2), (2, 3), (1, 1), (1, 2), True)):
-        pooled_codes = F.max_pool2d(codes(v).float(), *args).to(torch.int8)
+        pooled_codes = ops.max_pool_codes(codes(v), *args)
         assert torch.equal(pooled_codes, codes(F.max_pool2d(v, *args))), args
 
 
@@ -571,6 +574,9 @@ def test_resnet_codes_agreement(builder):
     print(f"\n{builder.__name__}: {len(producers)} layers write codes, {len(consumers)} read them, "
           f"{sum(m.residual for m in fused_layers(deployed).values())} take the residual add")
     assert (len(producers), len(consumers)) == RESNET_CODES[builder.__name__]
+    # ResNet-50's stem max-pool runs on codes (ResNet-18's output also feeds the identity: float).
+    pools = [n for n in deployed.graph.nodes if n.target is ops.max_pool_codes.default]
+    assert len(pools) == (builder is resnet50)
     convs = [m for m in model.modules() if isinstance(m, q4conv.Q4Conv2dCutlass)]
     assert len(fused_layers(deployed)) == len(convs)
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.ReLU, q4conv.Q4Conv2dCutlass)) for m in deployed.modules())
