@@ -336,7 +336,20 @@ struct ExactEpilogueFusion {
 template <OutType OT, class TileShape>
 struct EpilogueOf {
   static constexpr bool kFused = is_fused_out_type(OT);
+  static constexpr bool kCodes = OT == OutType::kFusedCodes8;
   using ElementOut = typename OutElement<OT>::type;
+  // The epilogue subtile of the non-cooperative (pingpong / warp-specialized)
+  // schedules. CUTLASS's automatic choice gives an 8-bit output 64 x 64 (32
+  // values per thread), at which the codes epilogue (three broadcasts and the
+  // quantization) spills: ncu on an H100, 1x1 C64 K256 56x56 on the 128x128
+  // pingpong GEMM, 240k local-memory requests and 5 mainloop stages against
+  // fp16 out's none and 6. 64 x 32 (16 values) spills nothing at one CTA per
+  // SM (168 registers), 64 x 16 at two (128 registers), per ptxas. The
+  // cooperative schedule's automatic 128 x 32 is 16 values already.
+  template <int kMinBlocks, class Otherwise = cutlass::epilogue::collective::EpilogueTileAuto>
+  using WarpSpecializedTile =
+      cute::conditional_t<kCodes, cute::Shape<cute::_64, cute::Int<(kMinBlocks > 1 ? 16 : 32)>>,
+                          Otherwise>;
   using ElementC = cute::conditional_t<kFused, cutlass::half_t, void>;
   static constexpr int kAlignOut = 128 / cutlass::sizeof_bits<ElementOut>::value;
   static constexpr int kAlignC = kFused ? 128 / 16 : kAlignOut;

@@ -55,12 +55,14 @@ struct GemmKernel {
       cute::conditional_t<kCooperative, cutlass::epilogue::TmaWarpSpecializedCooperative,
                           cutlass::epilogue::TmaWarpSpecialized>;
   using Fusion = typename Epilogue::Fusion;
+  using EpiTile =
+      cute::conditional_t<kCooperative, cutlass::epilogue::collective::EpilogueTileAuto,
+                          typename Epilogue::template WarpSpecializedTile<Config::kMinBlocks>>;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float, ElementC,
-      cutlass::layout::RowMajor, Epilogue::kAlignC, ElementOut, cutlass::layout::RowMajor,
-      kAlignOut, EpiSchedule, Fusion>::CollectiveOp;
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape, EpiTile,
+      int32_t, float, ElementC, cutlass::layout::RowMajor, Epilogue::kAlignC, ElementOut,
+      cutlass::layout::RowMajor, kAlignOut, EpiSchedule, Fusion>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, int8_t, cutlass::layout::RowMajor, 16,

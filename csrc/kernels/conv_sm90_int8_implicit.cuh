@@ -61,9 +61,10 @@ struct ImplicitConvKernel {
   using ElementC = typename Epilogue::ElementC;  // the residual (fused output types), or void
   static constexpr int kAlignOut = Epilogue::kAlignOut;
   using ClusterShape = cute::Shape<cute::Int<CM>, cute::_1, cute::_1>;
-  using EpiTile = cute::conditional_t<
-      EpiN == 0, cutlass::epilogue::collective::EpilogueTileAuto,
-      cute::Shape<cute::Int<(TM < 64 ? TM : 64)>, cute::Int<(EpiN > 0 ? EpiN : 32)>>>;
+  using EpiTile = typename Epilogue::template WarpSpecializedTile<
+      MinBlocks, cute::conditional_t<EpiN == 0, cutlass::epilogue::collective::EpilogueTileAuto,
+                                     cute::Shape<cute::Int<(TM < 64 ? TM : 64)>,
+                                                 cute::Int<(EpiN > 0 ? EpiN : 32)>>>>;
   using Fusion = typename Epilogue::Fusion;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<

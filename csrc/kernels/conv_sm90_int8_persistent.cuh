@@ -121,7 +121,7 @@ struct PersistentConvKernel {
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float, ElementC,
+      typename Epilogue::template WarpSpecializedTile<1>, int32_t, float, ElementC,
       cutlass::layout::RowMajor, Epilogue::kAlignC, ElementOut, cutlass::layout::RowMajor,
       kAlignOut, cutlass::epilogue::TmaWarpSpecialized, Fusion>::CollectiveOp;
 
