@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import types
 from pathlib import Path
 from typing import Dict
 
@@ -60,7 +61,12 @@ def test_fused_sgd_leaves_overflow_steps_to_the_scaler(device):
     CUDA fused SGD, handed the inf check, advances the momentum on that step)."""
     setup = bm.build_train(bm.CONFIGS_BY_KEY["fp16_amp"], bm.SMOKE, 2, torch.device(device), optimizer="fused")
     assert setup.optimizer.defaults.get("fused") and not setup.optimizer._step_supports_amp_scaling
-    setup.step()  # momentum buffers exist from here on
+    # Momentum buffers exist from the first step the scaler does not skip (on CUDA the first
+    # steps overflow at GradScaler's initial scale and are skipped).
+    for _ in range(40):
+        setup.step()
+        if any("momentum_buffer" in state for state in setup.optimizer.state.values()):
+            break
     weights = snapshot(setup.model)
     momentum = {id(p): setup.optimizer.state[p]["momentum_buffer"].clone() for p in setup.model.parameters()
                 if "momentum_buffer" in setup.optimizer.state[p]}
@@ -163,3 +169,27 @@ def test_train_summary_ratios_from_rows():
     assert "q4_amp16 peak memory / fp16_amp peak memory 0.967 (target <= 1)" in text
     assert "q4_amp16 GPU ms / fp16_amp GPU ms 1.250" in text
     assert "q4_fp32" not in text  # no row, no ratio
+
+
+def test_warm_up_runs_until_the_optimizer_has_stepped():
+    """Under a GradScaler the warm-up goes on past --warmup until a step was not skipped (the
+    skipped ones would be timed as cheaper steps); without one it runs exactly --warmup steps."""
+    class Setup:
+        def __init__(self, scaler, skipped):
+            self.scaler, self.skipped, self.calls = scaler, skipped, 0
+            self.optimizer = types.SimpleNamespace(state={})
+
+        def step(self):
+            self.calls += 1
+            if self.calls > self.skipped:
+                self.optimizer.state["w"] = {"momentum_buffer": 0}
+
+    scaled = Setup(scaler=object(), skipped=7)
+    bm.warm_up(scaled, 5)
+    assert scaled.calls == 8
+    unscaled = Setup(scaler=None, skipped=7)
+    bm.warm_up(unscaled, 5)
+    assert unscaled.calls == 5
+    never = Setup(scaler=object(), skipped=10**6)
+    bm.warm_up(never, 2, max_skipped=4)
+    assert never.calls == 6
