@@ -307,6 +307,7 @@ def test_cuda_backward_holds_one_activation_sized_buffer(layout):
     wf = inputs[3].detach().half().requires_grad_(True)
     yf = F.conv2d(xf, wf, padding=case.padding)
     fp16_peak = backward_peak_bytes(yf, torch.randn_like(yf))
-    # Slack for the weight-sized buffers (codes, fp32 gradients) and the partial sums: far less
-    # than the 6.4 MB of one more x-sized buffer.
-    assert q4_peak <= fp16_peak + x.numel() * x.element_size() // 4, (q4_peak, fp16_peak)
+    # Slack for the weight-sized buffers (codes, fp32 gradients), the partial sums and cuDNN's
+    # workspaces (measured on an H100: 1.3 MB over F.conv2d's 5.0 MB channels_last, 0.1 over 11.2
+    # NCHW): half of the one more x-sized buffer (3.1 MB) that holding two would add.
+    assert q4_peak <= fp16_peak + x.numel() * x.element_size() // 2, (q4_peak, fp16_peak)
