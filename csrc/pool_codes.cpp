@@ -5,6 +5,7 @@
 // checks and output size both devices share, and the CPU kernel; the CUDA
 // kernel is kernels/pool_codes_cuda.cu (glue: cuda_pool_codes.cpp).
 #include <ATen/Parallel.h>
+#include <ATen/native/Pool.h>
 
 #include <algorithm>
 #include <array>
@@ -34,19 +35,6 @@ void check_range(const Pair& value, int64_t lowest, const char* name) {
     TORCH_CHECK(v <= INT_MAX, name, " must be at most ", INT_MAX, ", got (", value[0], ", ",
                 value[1], ")");
   }
-}
-
-int64_t floor_div(int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0))); }
-
-// max_pool2d's output size along one axis (ATen's pooling_output_shape):
-// with ceil_mode the last window must start inside the input or the left
-// padding.
-int64_t pooled_size(int64_t size, int64_t kernel, int64_t pad, int64_t stride, int64_t dilation,
-                    bool ceil_mode) {
-  const int64_t span = size + 2 * pad - dilation * (kernel - 1) - 1 + (ceil_mode ? stride - 1 : 0);
-  int64_t out = floor_div(span, stride) + 1;
-  if (ceil_mode && (out - 1) * stride >= size + pad) --out;
-  return out;
 }
 
 void check_codes(const at::Tensor& codes) {
@@ -117,8 +105,12 @@ MaxPoolParams check_max_pool_codes(const at::Tensor& codes, at::IntArrayRef kern
   }
   params.ceil_mode = ceil_mode;
   const int64_t h = codes.size(2), w = codes.size(3);
-  params.out_h = pooled_size(h, kernel[0], pad[0], step[0], dil[0], ceil_mode);
-  params.out_w = pooled_size(w, kernel[1], pad[1], step[1], dil[1], ceil_mode);
+  // max_pool2d's own output size (with ceil_mode the last window starts inside
+  // the input or the left padding).
+  params.out_h = at::native::pooling_output_shape_pad_lr<int64_t>(h, kernel[0], pad[0], pad[0],
+                                                                  step[0], dil[0], ceil_mode);
+  params.out_w = at::native::pooling_output_shape_pad_lr<int64_t>(w, kernel[1], pad[1], pad[1],
+                                                                  step[1], dil[1], ceil_mode);
   TORCH_CHECK(params.out_h >= 1 && params.out_w >= 1, "codes of (H, W) = (", h, ", ", w,
               ") give an empty output (", params.out_h, ", ", params.out_w, "): the kernel_size (",
               kernel[0], ", ", kernel[1], ") after dilation (", dil[0], ", ", dil[1],

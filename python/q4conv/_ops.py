@@ -105,8 +105,9 @@ def _pool_pair(values, name: str):
 
 
 def _pooled_size(size, kernel: int, pad: int, stride: int, dilation: int, ceil_mode: bool):
-    """max_pool2d's output size along one axis (csrc/pool_codes.cpp's pooled_size; size may be
-    symbolic): with ceil_mode the last window must start inside the input or the left padding."""
+    """max_pool2d's output size along one axis (ATen's pooling_output_shape_pad_lr, which
+    csrc/pool_codes.cpp calls; size may be symbolic): with ceil_mode the last window must start
+    inside the input or the left padding."""
     out = (size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)) // stride + 1
     if ceil_mode and (out - 1) * stride >= size + pad:
         out = out - 1
