@@ -2,7 +2,8 @@
 # Build q4conv on the GPU machine and run the CUDA tests, the sanitizer and
 # (optionally) the benchmark; logs go to $OUT. `tests` runs the Python suite
 # and the CUDA harnesses of tests/cuda. Expects the nvidia-cutlass wheel
-# in .whl/ (no network there). Usage: scripts/gpu_check.sh [tests|sanitize|bench|codes|model_train|model_infer|ddp|demo]...
+# in .whl/ (no network there). Usage: scripts/gpu_check.sh [tests|fused|sanitize|bench|codes|epilogue|sweep|model_train|
+# model_targets|model_infer|ddp|demo]...
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -34,6 +35,9 @@ for step in "$@"; do
     tests)
       python3 -m pytest -q -p no:cacheprovider tests/python -x 2>&1 | tee "$OUT/pytest.log" | tail -5
       run_harnesses ;;
+    fused)  # the sm90 fused-epilogue kernels against conv_fused's exact arithmetic, bit for bit
+      python3 -m pytest -q -p no:cacheprovider tests/python/test_fused_kernels.py tests/python/test_pool_codes.py \
+        2>&1 | tee "$OUT/pytest_fused.log" | tail -4 ;;
     sanitize)
       compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q -p no:cacheprovider \
         tests/python/test_forward.py tests/python/test_grad.py -k "cuda and not bfloat16" 2>&1 \
@@ -42,6 +46,11 @@ for step in "$@"; do
         tests/python/test_forward.py -k "cuda and float16 and nhwc" 2>&1 | tee "$OUT/racecheck.log" | tail -4 ;;
     bench) python3 bench/bench.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
     codes) python3 bench/bench_codes.py --out "$OUT" 2>&1 | tee "$OUT/bench_codes.log" | tail -40 ;;
+    epilogue) python3 bench/bench_fused_epilogue.py 2>&1 | tee "$OUT/bench_fused_epilogue.log" | tail -30 ;;
+    sweep) python3 bench/sweep_sm90_configs.py --out "$OUT" 2>&1 | tee "$OUT/sweep_sm90_configs.log" | tail -30 ;;
+    model_targets)  # issue 19's three targets in one run: q4conv AMP vs fp16 AMP vs fake-quant AMP
+      python3 bench/bench_model.py --mode train --configs q4_amp16,fp16_amp,fq_amp16 --out "$OUT" 2>&1 \
+        | tee "$OUT/bench_model_targets.log" | tail -20 ;;
     model_train) python3 bench/bench_model.py --mode train --out "$OUT" 2>&1 | tee "$OUT/bench_model_train.log" | tail -40 ;;
     model_infer) python3 bench/bench_model.py --mode infer --out "$OUT" 2>&1 | tee "$OUT/bench_model_infer.log" | tail -40 ;;
     ddp) python3 bench/bench_ddp.py --out "$OUT/ddp" 2>&1 | tee "$OUT/bench_ddp.log" | tail -45 ;;
