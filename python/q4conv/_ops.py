@@ -104,16 +104,6 @@ def _pool_pair(values, name: str):
     return values[0], values[-1]
 
 
-def _pooled_size(size, kernel: int, pad: int, stride: int, dilation: int, ceil_mode: bool):
-    """max_pool2d's output size along one axis (ATen's pooling_output_shape_pad_lr, which
-    csrc/pool_codes.cpp calls; size may be symbolic): with ceil_mode the last window must start
-    inside the input or the left padding."""
-    out = (size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)) // stride + 1
-    if ceil_mode and (out - 1) * stride >= size + pad:
-        out = out - 1
-    return out
-
-
 @torch.library.register_fake("q4conv::max_pool_codes")
 def _max_pool_codes_fake(codes, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
     torch._check(codes.dtype == torch.int8, lambda: f"codes must be int8 (activation codes), got {codes.dtype}")
@@ -127,7 +117,11 @@ def _max_pool_codes_fake(codes, kernel_size, stride=(), padding=0, dilation=1, c
                      for k, s, p, d in zip(kernel, step, pad, dil)),
                  lambda: f"invalid max-pool arguments kernel_size {kernel}, stride {step}, padding {pad}, "
                          f"dilation {dil} (padding at most kernel_size // 2)")
-    out_h, out_w = (_pooled_size(size, *args, ceil_mode) for size, args in zip((h, w), zip(kernel, pad, step, dil)))
+    # The output size from max_pool2d's own shape function (its meta kernel,
+    # symbolic sizes included), as csrc/pool_codes.cpp calls ATen's.
+    pooled = torch.ops.aten.max_pool2d.default(codes.new_empty((n, c, h, w), dtype=torch.float32),
+                                               list(kernel), list(step), list(pad), list(dil), ceil_mode)
+    out_h, out_w = pooled.shape[2], pooled.shape[3]
     torch._check(out_h >= 1 and out_w >= 1, lambda: "the max-pool's output would be empty")
     # As csrc/pool_codes.cpp (and max_pool2d): allocated in codes' suggested memory format.
     return torch.empty((n, c, out_h, out_w), dtype=torch.int8, device=codes.device,

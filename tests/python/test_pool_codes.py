@@ -186,6 +186,31 @@ def test_opcheck(device, channels_last, args):
         torch.library.opcheck(ops.max_pool_codes, (codes, *args))
 
 
+def test_fake_kernel_matches_the_op_over_the_grid():
+    """The fake kernel (max_pool2d's shape function on a float stand-in) gives the op's shape and
+    strides for every grid argument set, and rejects exactly the sets the op rejects."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for shape, channels_last in itertools.product(((2, 5, 9, 7), (1, 3, 4, 5), (2, 1, 3, 2)), (False, True)):
+        codes = random_codes(shape, RANGES["codes4"], channels_last=channels_last)
+        for args in POOL_ARGS:
+            try:
+                real = ops.max_pool_codes(codes, *args)
+            except RuntimeError:
+                real = None
+            with FakeTensorMode() as mode:
+                fake_codes = mode.from_tensor(codes)
+                try:
+                    fake = ops.max_pool_codes(fake_codes, *args)
+                except RuntimeError:
+                    fake = None
+            context = f"args={args} shape={shape} channels_last={channels_last}"
+            assert (real is None) == (fake is None), context
+            if real is not None:
+                assert fake.shape == real.shape and fake.dtype == real.dtype, context
+                assert fake.stride() == real.stride(), context
+
+
 # ------------------------------------------------------------------ CUDA at the stem's size
 @requires_cuda
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
