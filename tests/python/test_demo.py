@@ -21,7 +21,7 @@ def test_demo_quick(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "predictions on" in output and "are IDENTICAL" in output, output
     agreement = re.search(r"top-1 agreement with the packed model ([0-9.]+)%", output)
-    assert agreement is not None and float(agreement.group(1)) >= 99.0, output
+    assert agreement is not None and float(agreement.group(1)) >= 99.9, output  # SPEC 8
     assert "NOT IDENTICAL" not in output
     # The final table is printed last.
     last = [line for line in proc.stdout.strip().splitlines() if line.strip()][-1]
