@@ -66,7 +66,9 @@ def convert(
     depthwise; ``padding_mode`` other than ``'zeros'``; ``padding='same'``
     needing asymmetric padding; subclasses with their own ``forward``) stay
     float and are named in one warning. Hooks registered on a replaced
-    convolution are not carried over.
+    convolution are not carried over (a warning names those convolutions), and
+    float64 convolutions are converted with a warning (q4conv layers take
+    float32 / float16 / bfloat16 activations).
 
     Returns:
         The converted model (``model`` itself when ``inplace=True``).
@@ -79,22 +81,43 @@ def convert(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     should_skip = _skip_predicate(model, skip)
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except RuntimeError as err:  # e.g. a non-leaf tensor attribute (torch.nn.utils.prune / weight_norm)
+            raise RuntimeError(f"q4conv.convert copies the model first and copy.deepcopy failed ({err}); remove "
+                               "what makes it fail (prune.remove, remove_weight_norm) or convert in place "
+                               "with inplace=True") from err
 
     replacements: Dict[int, Q4Conv2dCutlass] = {}
     left_float: List[str] = []
+    hooked: List[str] = []
+    float64: List[str] = []
     for names, conv in _convolutions(model):
-        name = names[0]
+        name = names[0] or "<model>"
         if any(should_skip(alias, conv) for alias in names):
             continue
         reason = _ineligible_reason(conv)
         if reason is not None:
-            left_float.append(f"{name or '<model>'} ({reason})")
+            left_float.append(f"{name} ({reason})")
             continue
+        if conv._forward_hooks or conv._forward_pre_hooks:
+            hooked.append(name)
+        if conv.weight.dtype == torch.float64:
+            float64.append(name)
         replacements[id(conv)] = _convert_one(conv, factory)
     if left_float:
         warnings.warn("q4conv.convert: these convolutions stay float nn.Conv2d (q4conv runs "
                       f"groups=1, padding_mode='zeros' only): {', '.join(left_float)}", stacklevel=2)
+    if hooked:
+        warnings.warn("q4conv.convert: the forward hooks of these convolutions are not carried over to their "
+                      "q4conv layers (a torch.nn.utils.prune mask among them is no longer applied; the layer "
+                      f"starts from the masked weights): {', '.join(hooked)}; remove them first "
+                      "(prune.remove) or register them on the converted layers", stacklevel=2)
+    if float64:
+        warnings.warn("q4conv.convert: these convolutions have float64 weights; their q4conv layers keep "
+                      "float64 parameters but take float32, float16 or bfloat16 activations only, so a "
+                      f"float64 model cannot run them: {', '.join(float64)}; convert model.float() "
+                      "(or .half() / .bfloat16()) instead", stacklevel=2)
 
     # Groups come from the model before replacement: the tracer keeps nn.Conv2d as leaves.
     groups = _groups_reading_same_tensor(model, replacements) if share_quantizers and replacements else []

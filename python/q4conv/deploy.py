@@ -765,9 +765,22 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    leaf_modules = _leaf_module_types(leaf_modules)
+    for name, flag in (("residual", residual), ("codes", codes)):
+        if flag is not None and not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True, False or None (the device's default), got {flag!r}")
     if model.training:
         raise ValueError("q4conv.deploy needs the model in eval mode (BatchNorm folds its running "
                          "statistics): call model.eval() first")
+    # Modules whose computation depends on the mode (containers' and deployed modules' flags do not).
+    training = [name for name, m in model.named_modules()
+                if m.training and isinstance(m, (Q4Conv2dCutlass, nn.modules.batchnorm._BatchNorm,
+                                                 nn.modules.dropout._DropoutNd))]
+    if training:
+        warnings.warn("q4conv.deploy: these submodules are in training mode and stay as they are (not fused; "
+                      f"a BatchNorm among them updates its running statistics on every call): {training}; "
+                      "call model.eval() to deploy all of them", UserWarning, stacklevel=2)
+    hooked = _hooked_modules(model)
     for name, module in model.named_modules():
         if isinstance(module, Q4Conv2dCutlass) and not module.training:
             _check_calibrated(module, name)
@@ -776,7 +789,8 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
     codes = on_cpu if codes is None else codes
     model = copy.deepcopy(model)
     tracer = _DeployTracer(leaf_modules)
-    if tracer.is_leaf_module(model, ""):  # a bare layer: fx traces into its root, so give it one
+    wrapped = tracer.is_leaf_module(model, "")
+    if wrapped:  # a bare layer: fx traces into its root, so give it one
         model = nn.Sequential(model)
     untraced: List[str] = []
     deployed = _deploy_tree(model, tracer, residual, codes, "", untraced, is_root=True)
@@ -786,7 +800,40 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
                       "submodules fx cannot trace (data-dependent control flow) whole with "
                       "q4conv.deploy(model, leaf_modules=[TheirType, ...]) to fuse around them",
                       UserWarning, stacklevel=2)
+    kept = _hooked_modules(deployed)
+    if wrapped:  # the layer is child "0" of the root deploy gave it
+        kept = [name[2:] if name.startswith("0.") else "<model>" if name == "0" else name for name in kept]
+    dropped = [name for name in hooked if name not in set(kept)]
+    if dropped:
+        warnings.warn("q4conv.deploy: the forward hooks of these modules do not run in the deployed model "
+                      f"(torch.fx traced through them, or they were fused into other modules): {dropped}; "
+                      "register hooks on the deployed model's modules, or keep such a module whole with "
+                      "leaf_modules=[ItsType]", UserWarning, stacklevel=2)
     return deployed
+
+
+def _leaf_module_types(leaf_modules: Any) -> Tuple[Type[nn.Module], ...]:
+    """deploy's ``leaf_modules`` as a tuple of nn.Module subclasses, or TypeError naming it."""
+    if isinstance(leaf_modules, type) or isinstance(leaf_modules, nn.Module) or isinstance(leaf_modules, str):
+        items = None
+    else:
+        try:
+            items = tuple(leaf_modules)
+        except TypeError:
+            items = None
+    if items is None or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in items):
+        got = (f"{leaf_modules.__name__} itself (pass [{leaf_modules.__name__}])" if isinstance(leaf_modules, type)
+               else f"a {type(leaf_modules).__name__}" if items is None else
+               "[" + ", ".join(t.__name__ if isinstance(t, type) else f"a {type(t).__name__} instance"
+                               for t in items) + "]")
+        raise TypeError(f"leaf_modules must be a sequence of nn.Module subclasses (types, e.g. [MyBlock]), got {got}")
+    return items
+
+
+def _hooked_modules(model: nn.Module) -> List[str]:
+    """Qualified names of the modules of ``model`` with forward or forward-pre hooks."""
+    return [name or "<model>" for name, m in model.named_modules()
+            if m._forward_hooks or m._forward_pre_hooks]
 
 
 def _deploy_tree(model: nn.Module, tracer: "_DeployTracer", residual: bool, codes: bool, path: str,

@@ -11,6 +11,7 @@ import itertools
 import math
 import operator
 import warnings
+import weakref
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -286,7 +287,8 @@ class Q4Conv2dCutlass(_HostFloats, nn.Module):
         self._inference_cache: Optional[Tuple[torch.Tensor, Any, torch.Tensor, Optional[torch.Tensor]]] = None
         # What the stored qweight was packed from: (id(qweight), _weight_source()).
         self._packed_from: Optional[Tuple[int, ...]] = None
-        self._host_float("eps", tracing=False)
+        if self.eps.device.type != "meta":  # meta tensors hold no value (read on first use instead)
+            self._host_float("eps", tracing=False)
         self.prepare_params()
 
     # ------------------------------------------------------------------ scales
@@ -644,17 +646,41 @@ class Q4Conv2dCutlass(_HostFloats, nn.Module):
             # A checkpoint from before the flag: a non-zero scale_a is initialised.
             state_dict[flag_key] = torch.as_tensor(state_dict[scale_a_key] != 0).reshape(())
         errors_before = len(error_msgs)
+        quantizer_before = self._parameters["scale_a"]
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         if len(error_msgs) != errors_before:
             return
+        if local_metadata.get("assign_to_params_buffers", False):
+            self._keep_quantizer_shared(quantizer_before)
         if flag_key in state_dict:
             self._scale_a_ready = bool(self.scale_a_initialized)
         if has_weight and prefix + "scale_w" not in state_dict:
             # Float weights alone (e.g. from an nn.Conv2d, strict=False): scale_w
             # would be stale, so it is re-initialised from them.
             self.prepare_params()
+
+    def _keep_quantizer_shared(self, quantizer_before: nn.Parameter) -> None:
+        """After ``load_state_dict(..., assign=True)``: PyTorch gives every layer new Parameter
+        objects, so layers that shared one activation quantizer (``q4conv.convert``) would each
+        train their own copy. The first layer of a group to load records its new objects under
+        the group's old ``scale_a``; a later layer of that group whose loaded tensors are the
+        same storage (one tensor when the state dict was saved) takes them instead of its own."""
+        for key in [key for key, (old, _) in _ASSIGNED_QUANTIZERS.items() if old() is None]:
+            del _ASSIGNED_QUANTIZERS[key]
+        entry = _ASSIGNED_QUANTIZERS.get(id(quantizer_before))
+        first = entry[1]() if entry is not None and entry[0]() is quantizer_before else None
+        if first is None or first is self:
+            _ASSIGNED_QUANTIZERS[id(quantizer_before)] = (weakref.ref(quantizer_before), weakref.ref(self))
+            return
+        same_storage = all(getattr(self, name).data_ptr() == getattr(first, name).data_ptr()
+                           for name in ("bias_a", "scale_a"))
+        if same_storage:
+            self.bias_a = first.bias_a
+            self.scale_a = first.scale_a
+            self.scale_a_initialized = first.scale_a_initialized
+            self._scale_a_flag = first._scale_a_flag
 
     def extra_repr(self) -> str:
         text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -666,6 +692,11 @@ class Q4Conv2dCutlass(_HostFloats, nn.Module):
 
 
 Q4Conv2d = Q4Conv2dCutlass
+
+# load_state_dict(assign=True) of layers sharing an activation quantizer: the
+# group's old scale_a (by id, checked through the weak reference) -> the first
+# loaded layer of the group (Q4Conv2dCutlass._keep_quantizer_shared).
+_ASSIGNED_QUANTIZERS: Dict[int, Tuple["weakref.ref[nn.Parameter]", "weakref.ref[Q4Conv2dCutlass]"]] = {}
 
 
 def _version_of(t: torch.Tensor) -> int:
@@ -723,8 +754,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, reset_weight_scales: 
     ``torch.distributed``), updated batch by batch so that later layers see
     activations quantized with calibrated scales. With
     ``reset_weight_scales=True`` ``scale_w`` is first re-initialised from the
-    weights (``prepare_params``). The model's train/eval mode is unchanged.
-    Returns ``model``.
+    weights (``prepare_params``). The model's train/eval mode is unchanged,
+    and the batches run in it: in training mode BatchNorm layers normalise with
+    batch statistics and update their running statistics, as in any forward
+    (calibrate in eval mode to leave them as they are). Returns ``model``.
 
     Raises ValueError (changing nothing) when ``batches`` yields no batch; warns
     (UserWarning) naming the q4conv layers that no batch reached, and those that

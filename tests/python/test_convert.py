@@ -124,10 +124,30 @@ def test_bias_dtype_mode_string_padding_and_frozen_weights_carried():
     )
     convs[2].weight.requires_grad_(False)
     convs[1].eval()
-    converted = convert_quietly(convs)
+    # float64 parameters are carried (the layer runs them on float32 / 16-bit x), with a warning
+    # that a float64 model cannot feed them.
+    with pytest.warns(UserWarning, match=r"float64 weights.*take float32, float16 or bfloat16 activations.*: 1;"):
+        converted = q4conv.convert(convs)
     for layer, conv in zip(converted, convs):
         check_carried(layer, conv)
     assert converted[1].weight.dtype == torch.float64 and converted[1].padding == (2, 2)
+    assert converted[1](torch.randn(1, 6, 5, 5)).dtype == torch.float32
+
+
+def test_hooks_not_carried_over_are_named_in_a_warning():
+    import torch.nn.utils.prune as prune
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    zero_before = (model[0].weight == 0).float().mean().item()
+    with pytest.raises(RuntimeError, match=r"copy.deepcopy failed.*inplace=True"):
+        q4conv.convert(model)  # PyTorch cannot deepcopy a pruned module
+    with pytest.warns(UserWarning, match=r"forward hooks of these convolutions are not carried over.*: 0; "):
+        converted = q4conv.convert(model, inplace=True)
+    layer = converted[0]
+    assert isinstance(layer, q4conv.Q4Conv2dCutlass) and not layer._forward_pre_hooks
+    assert zero_before >= 0.5 and torch.equal(layer.weight == 0, model[0].weight == 0)  # the masked weights
+    convert_quietly(nn.Sequential(nn.Conv2d(3, 8, 3)))  # no hook, no warning
 
 
 # ------------------------------------------------------------------ skip
@@ -391,6 +411,38 @@ def test_state_dict_round_trip_keeps_predictions_and_sharing():
     for first, second in q4conv.shared_quantizers(fresh):
         a, b = fresh.get_submodule(first), fresh.get_submodule(second)
         assert a.scale_a is b.scale_a and a.bias_a is b.bias_a and a._scale_a_ready and b._scale_a_ready
+
+
+def test_sharing_survives_load_state_dict_with_assign():
+    """load_state_dict(assign=True) gives every layer new Parameter objects; a group that shared
+    one quantizer in the checkpoint (one tensor) shares one again, and trains it as one."""
+    import io
+
+    model = trained("resnet18")
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = convert_quietly(float_model("resnet18", seed=7))
+    fresh.load_state_dict(torch.load(buffer), assign=True)
+    groups = q4conv.shared_quantizers(fresh)
+    assert groups == q4conv.shared_quantizers(model) == expected_groups(model)
+    assert len(list(fresh.parameters())) == len(list(model.parameters()))
+    for first, second in groups:
+        a, b = fresh.get_submodule(first), fresh.get_submodule(second)
+        assert a.scale_a is b.scale_a and a.bias_a is b.bias_a
+        assert a.scale_a_initialized is b.scale_a_initialized and a._scale_a_flag is b._scale_a_flag
+    x = batch(5)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model(x))
+    # Sharing follows the target model: one converted without it stays without it ...
+    separate = convert_quietly(float_model("resnet18"), share_quantizers=False)
+    separate.load_state_dict(model.state_dict(), assign=True)
+    assert q4conv.shared_quantizers(separate) == []
+    # ... and a checkpoint holding separate tensors (assign takes its tensors) gives separate ones.
+    unshared = {k: v.clone() for k, v in model.state_dict().items()}
+    again = convert_quietly(float_model("resnet18", seed=3))
+    again.load_state_dict(unshared, assign=True)
+    assert q4conv.shared_quantizers(again) == []
 
 
 def test_sharing_survives_deepcopy_and_to():

@@ -408,6 +408,48 @@ def test_misuse_raises():
         deployed(torch.randn(2, 5, 8, 8))
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(codes="no"), r"codes must be True, False or None.*'no'"),
+    (dict(residual=1), r"residual must be True, False or None.*1"),
+    (dict(leaf_modules=nn.BatchNorm2d), r"leaf_modules must be a sequence.*BatchNorm2d itself \(pass \[BatchNorm2d\]\)"),
+    (dict(leaf_modules=[nn.ReLU()]), r"leaf_modules must be a sequence.*\[a ReLU instance\]"),
+    (dict(leaf_modules="Block"), r"leaf_modules must be a sequence.*a str"),
+])
+def test_argument_types_are_checked(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        q4conv.deploy(make_block(), **kwargs)
+
+
+def test_submodules_in_training_mode_are_named_in_a_warning():
+    model = nn.Sequential(make_block(), make_block(seed=1)).eval()
+    model[1].train()
+    with pytest.warns(UserWarning, match=r"in training mode and stay as they are.*\['1.conv', '1.bn'\]; call model.eval\(\)"):
+        deployed = q4conv.deploy(model)
+    assert len(fused_layers(deployed)) == 1  # the eval block fused, the training one kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q4conv.deploy(model.eval())
+
+
+def test_hooks_that_would_not_run_are_named_in_a_warning():
+    model = q4_resnet(resnet18, seed=0)
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    model.conv1.register_forward_pre_hook(lambda module, args: calls.append("conv1"))  # fused away
+    model.layer4.register_forward_hook(lambda *args: calls.append("layer4"))  # traced through
+    model.fc.register_forward_hook(lambda *args: calls.append("fc"))  # a leaf call: kept
+    with pytest.warns(UserWarning, match=r"forward hooks of these modules do not run.*\['conv1', 'layer4'\];"):
+        deployed = q4conv.deploy(model)
+    calls.clear()  # fx ran layer4's hook once while tracing
+    with torch.no_grad():
+        deployed(x)
+    assert calls == ["fc"]
+    layer = copy.deepcopy(model.fc)  # a bare module keeps its hook: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q4conv.deploy(layer)
+
+
 def test_leaf_modules_keep_untraceable_code():
     class Dynamic(nn.Module):
         def forward(self, x):

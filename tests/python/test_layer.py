@@ -376,3 +376,22 @@ def test_first_eval_call_inside_inference_mode(device):
     with torch.no_grad():
         assert torch.equal(layer(x), y_inference)
     assert torch.equal(y_inference, y_train)
+
+
+def test_meta_device_construction_then_materialise():
+    """Built on the meta device (as nn.Conv2d can be: no values, no host reads), materialised
+    with to_empty and loaded, the layer gives the eagerly built layer's output; convert works
+    on a model built under torch.device("meta") too."""
+    ref = q4conv.Q4Conv2d(6, 8, 3, padding=1, bias=True).eval()
+    x = torch.randn(2, 6, 7, 5)
+    expected = ref(x)
+    for assign in (False, True):
+        layer = q4conv.Q4Conv2d(6, 8, 3, padding=1, bias=True, device="meta")
+        assert layer.weight.is_meta and layer.eps.is_meta
+        layer = layer.to_empty(device="cpu")
+        layer.load_state_dict(ref.state_dict(), assign=assign)
+        assert torch.equal(layer.eval()(x), expected)
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Conv2d(6, 8, 3), torch.nn.ReLU())
+    converted = q4conv.convert(model)
+    assert isinstance(converted[0], q4conv.Q4Conv2dCutlass) and converted[0].weight.is_meta
