@@ -760,7 +760,7 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
 
     A bare q4conv layer (or another leaf module) is deployed as a one-module
     graph (nothing to fuse). Raises ValueError when ``model`` is in training
-    mode or a q4conv layer has no activation scale yet (calibrate first). The
+    mode or a q4conv layer it calls has no activation scale yet (calibrate first). The
     result runs under ``torch.compile`` and ``torch.export``.
     """
     if not isinstance(model, nn.Module):
@@ -781,9 +781,6 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
                       f"a BatchNorm among them updates its running statistics on every call): {training}; "
                       "call model.eval() to deploy all of them", UserWarning, stacklevel=2)
     hooked = _hooked_modules(model)
-    for name, module in model.named_modules():
-        if isinstance(module, Q4Conv2dCutlass) and not module.training:
-            _check_calibrated(module, name)
     on_cpu = _q4_layers_on_cpu(model)
     residual = on_cpu if residual is None else residual
     codes = on_cpu if codes is None else codes
@@ -847,9 +844,18 @@ def _deploy_tree(model: nn.Module, tracer: "_DeployTracer", residual: bool, code
     except Exception as err:  # fx raises TraceError, TypeError, AttributeError... on what it cannot trace
         untraced.append(f"{path or type(model).__name__} ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
     else:
+        # The eval q4conv layers the graph calls must be calibrated; one it never calls (an
+        # auxiliary head used in training only) need not be.
+        for node in graph.nodes:
+            if node.op == "call_module":
+                module = tracer.root.get_submodule(str(node.target))
+                if isinstance(module, Q4Conv2dCutlass) and not module.training:
+                    _check_calibrated(module, f"{path}.{node.target}" if path else str(node.target))
         gm, fused_any = _deploy_graph(graph, tracer.root, type(model).__name__, residual, codes)
         return gm if fused_any or is_root else model
     for name, child in list(model.named_children()):
+        if isinstance(child, Q4Conv2dCutlass) and not child.training:  # runs its own eval path
+            _check_calibrated(child, f"{path}.{name}" if path else name)
         if tracer.is_leaf_module(child, name) or not any(isinstance(m, Q4Conv2dCutlass) for m in child.modules()):
             continue
         setattr(model, name, _deploy_tree(child, tracer, residual, codes, f"{path}.{name}" if path else name,

@@ -431,6 +431,29 @@ def test_submodules_in_training_mode_are_named_in_a_warning():
         q4conv.deploy(model.eval())
 
 
+def test_a_layer_the_model_never_calls_need_not_be_calibrated():
+    class WithAuxHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = make_block()
+            self.aux = q4conv.Q4Conv2d(12, 4, 1)  # used in training only: never calibrated
+
+        def forward(self, x):
+            return self.block(x)
+
+    model = WithAuxHead().eval()
+    x = torch.randn(2, 8, 10, 9)
+    with torch.no_grad():
+        assert torch.equal(q4conv.deploy(model)(x), q4conv.deploy(model.block)(x))
+
+    class CallingAux(WithAuxHead):
+        def forward(self, x):
+            return self.aux(self.block(x))
+
+    with pytest.raises(ValueError, match=r"q4conv layer 'aux' has no activation scale yet"):
+        q4conv.deploy(CallingAux().eval())  # a called layer: the error names it
+
+
 def test_hooks_that_would_not_run_are_named_in_a_warning():
     model = q4_resnet(resnet18, seed=0)
     x = torch.randn(2, 3, 32, 32)
