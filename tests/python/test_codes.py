@@ -473,7 +473,8 @@ def test_codes_only_where_every_user_is_a_q4conv_layer():
     torch.manual_seed(0)
     model = calibrated(randomize_batchnorm_(Mixed()), (2, 3, 8, 8))
     model.train_mode.train()
-    deployed = q4conv.deploy(model)
+    with pytest.warns(UserWarning, match=r"training mode.*\['train_mode'\]"):
+        deployed = q4conv.deploy(model)
     assert codes_edges(deployed) == (["a", "plain", "reader"], ["c", "plain", "reader"])
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():

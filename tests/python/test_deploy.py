@@ -375,7 +375,8 @@ def test_unsupported_patterns_stay_unfused_and_equal(flags, expected):
     model.bn_batch = nn.BatchNorm2d(6, track_running_stats=False)
     calibrated(model, (2, 6, 8, 8))
     model.bn_train.train()
-    deployed = q4conv.deploy(model, **flags)
+    with pytest.warns(UserWarning, match=r"training mode.*\['bn_train'\]"):
+        deployed = q4conv.deploy(model, **flags)
     fused = fused_layers(deployed)
     kept = {n for n, m in deployed.named_modules() if isinstance(m, q4conv.Q4Conv2dCutlass)}
     assert kept == {"twice", "train_bn", "batch_stats", "leaky", "alone"}
