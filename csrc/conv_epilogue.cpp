@@ -82,7 +82,7 @@ std::optional<at::ScalarType> check_fused_inputs(
                 out_scale_a->scalar_type(), " with ", out_scale_a->numel(), " values");
     check_on_device("out_bias_a", *out_bias_a, x);
     check_on_device("out_scale_a", *out_scale_a, x);
-    TORCH_CHECK(out_eps > 0, "out_eps must be > 0 with codes out, got ", out_eps);
+    check_eps(out_eps, "out_eps");
     TORCH_CHECK(!out_dtype.has_value() || *out_dtype == at::kChar,
                 "out_dtype must be None or torch.int8 with codes out (out_scale_a given), got ",
                 *out_dtype);

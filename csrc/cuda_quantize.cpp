@@ -27,7 +27,7 @@ void quantize_activation_into(const at::Tensor& x, const at::Tensor& bias, const
 
 at::Tensor cuda_quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
                                     const at::Tensor& scale_a, double eps, int64_t bits) {
-  check_activation_args(x, bias_a, scale_a, bits);
+  check_activation_args(x, bias_a, scale_a, eps, bits);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor codes =
       at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, x.options().dtype(at::kChar));
@@ -38,7 +38,7 @@ at::Tensor cuda_quantize_activation(const at::Tensor& x, const at::Tensor& bias_
 
 at::Tensor cuda_quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
                               int64_t bits) {
-  check_weight_args(weight, scale_w, bits);
+  check_weight_args(weight, scale_w, eps, bits);
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor source = weight.scalar_type() == at::kDouble ? weight.to(at::kFloat) : weight;
   const at::Tensor scale = fp32_dense(scale_w);

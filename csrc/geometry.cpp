@@ -1,5 +1,7 @@
 #include "geometry.h"
 
+#include <cmath>
+
 namespace q4conv {
 namespace {
 
@@ -12,6 +14,10 @@ int64_t checked_mul_add(int64_t a, int64_t b, int64_t c, const char* what) {
 }
 
 }  // namespace
+
+void check_eps(double eps, const char* name) {
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, name, " must be finite and > 0, got ", eps);
+}
 
 ConvParams make_params(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                        double eps, int64_t bits, bool relu) {
@@ -27,7 +33,7 @@ ConvParams make_params(at::IntArrayRef stride, at::IntArrayRef padding, at::IntA
     params.padding[i] = padding[i];
     params.dilation[i] = dilation[i];
   }
-  TORCH_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  check_eps(eps);
   params.eps = eps;
   params.bits = bits;
   params.relu = relu;

@@ -23,6 +23,10 @@ inline int64_t round_up(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
 }
 
+// eps (the smallest scale: s = max(scale, eps)) must be finite and > 0;
+// name is the argument's.
+void check_eps(double eps, const char* name = "eps");
+
 ConvParams make_params(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                        double eps, int64_t bits, bool relu);
 

@@ -134,9 +134,10 @@ at::Tensor cpu_quantize_activation(const at::Tensor& x, const at::Tensor& bias_a
                                    const at::Tensor& scale_a, double eps, int64_t bits);
 at::Tensor cpu_output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w,
                             int64_t out_channels, double eps);
-void check_weight_args(const at::Tensor& weight, const at::Tensor& scale_w, int64_t bits);
+void check_weight_args(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
+                       int64_t bits);
 void check_activation_args(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
-                           int64_t bits);
+                           double eps, int64_t bits);
 void check_alpha_args(const at::Tensor& scale_a, const at::Tensor& scale_w, int64_t out_channels,
                       double eps);
 // The training backward through ATen ops (CPU, and what the CUDA kernels do

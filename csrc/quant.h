@@ -20,7 +20,11 @@ Q4_HD int qmin(int bits) { return -(1 << (bits - 1)); }
 Q4_HD int qmax(int bits) { return (1 << (bits - 1)) - 1; }
 
 // s = max(scale, eps): a zero or negative learnt scale never divides by zero.
-Q4_HD float effective_scale(float scale, float eps) { return scale > eps ? scale : eps; }
+// As SPEC 3 and torch.clamp_min define it, a NaN scale stays NaN (so every
+// code is NaN's code, 0) rather than becoming eps.
+Q4_HD float effective_scale(float scale, float eps) {
+  return (scale > eps || scale != scale) ? scale : eps;
+}
 
 // The unit the training backward's codes are written in: the power of two
 // nearest s (an effective scale), within [2^-14, 2^12]. The backward

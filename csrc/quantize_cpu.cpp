@@ -33,7 +33,7 @@ void check_weight_scale(const at::Tensor& weight, const at::Tensor& scale_w) {
 
 at::Tensor cpu_quantize_pack(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
                              int64_t bits) {
-  check_weight_args(weight, scale_w, bits);
+  check_weight_args(weight, scale_w, eps, bits);
   const int64_t k_out = weight.size(0), channels = weight.size(1);
   const int64_t taps = weight.size(2) * weight.size(3);
   const int64_t packed_c = (channels + 1) / 2;
@@ -66,9 +66,11 @@ void check_bits(int64_t bits) {
               "bits (a_bit / w_bit) must be 4: every q4conv backend packs 4-bit codes, got ", bits);
 }
 
-void check_weight_args(const at::Tensor& weight, const at::Tensor& scale_w, int64_t bits) {
+void check_weight_args(const at::Tensor& weight, const at::Tensor& scale_w, double eps,
+                       int64_t bits) {
   check_defined({{"weight", &weight}, {"scale_w", &scale_w}});
   check_bits(bits);
+  check_eps(eps);
   TORCH_CHECK(weight.dim() == 4, "weight must be 4-D (K, C, R, S), got ", weight.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(weight.scalar_type()), "weight must be floating point, got ",
               weight.scalar_type());
@@ -97,9 +99,10 @@ at::Tensor unpack(const at::Tensor& qweight, int64_t in_channels) {
 }
 
 void check_activation_args(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,
-                           int64_t bits) {
+                           double eps, int64_t bits) {
   check_defined({{"x", &x}, {"bias_a", &bias_a}, {"scale_a", &scale_a}});
   check_bits(bits);
+  check_eps(eps);
   check_x_rank(x);
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ",
               x.scalar_type());
@@ -112,7 +115,7 @@ void check_activation_args(const at::Tensor& x, const at::Tensor& bias_a, const 
 
 at::Tensor cpu_quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
                                    const at::Tensor& scale_a, double eps, int64_t bits) {
-  check_activation_args(x, bias_a, scale_a, bits);
+  check_activation_args(x, bias_a, scale_a, eps, bits);
   const int64_t channels = x.size(1);
   // fp32(x) is exact for fp16/bf16 inputs; NHWC so each row is one pixel.
   const at::Tensor nhwc = x.detach().to(at::kFloat).permute({0, 2, 3, 1}).contiguous();
@@ -137,7 +140,7 @@ void check_alpha_args(const at::Tensor& scale_a, const at::Tensor& scale_w, int6
                       double eps) {
   check_defined({{"scale_a", &scale_a}, {"scale_w", &scale_w}});
   TORCH_CHECK(out_channels >= 1, "out_channels must be >= 1, got ", out_channels);
-  TORCH_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  check_eps(eps);
   TORCH_CHECK(scale_a.numel() == 1, "scale_a must hold one value, got ", scale_a.numel());
   TORCH_CHECK(scale_w.numel() == 1 || scale_w.numel() == out_channels,
               "scale_w must hold 1 value or one per output channel (", out_channels, "), got ",

@@ -24,6 +24,7 @@ using q4conv::qmax;
 using q4conv::qmin;
 using q4conv::quantize_activation;
 using q4conv::quantize_value;
+using q4conv::quantize_value_fast;
 using q4conv::unpack_int4;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -200,6 +201,13 @@ TEST(EffectiveScale, ClampsBelowEps) {
   EXPECT_EQ(effective_scale(-2.0f, 1e-3f), 1e-3f);
   EXPECT_EQ(effective_scale(1e-3f, 1e-3f), 1e-3f);
   EXPECT_EQ(effective_scale(std::nextafter(1e-3f, 1.0f), 1e-3f), std::nextafter(1e-3f, 1.0f));
+  // A NaN scale stays NaN (torch.clamp_min, SPEC 3), and every code is then NaN's, 0.
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_TRUE(std::isnan(effective_scale(nan, 1e-3f)));
+  EXPECT_EQ(quantize_value(5.0f, effective_scale(nan, 1e-3f), 4), 0);
+  EXPECT_EQ(
+      quantize_value_fast(5.0f, effective_scale(nan, 1e-3f), 1.0f / effective_scale(nan, 1e-3f), 4),
+      0);
   // Used as the divisor: a zero learnt scale divides by eps, not by zero.
   EXPECT_EQ(quantize_value(1.0f, effective_scale(0.0f, 0.5f), 4), 2);
   EXPECT_EQ(quantize_value(-3.0f, effective_scale(-1.0f, 0.5f), 4), -6);
@@ -432,9 +440,14 @@ TEST(QuantizeValuesFast, GroupMatchesExactDivision) {
             odd_one = std::nextafter(odd_one, step > 0 ? INFINITY : -INFINITY);
           break;
         }
-        case 1: odd_one = specials[slot(rng) % 7]; break;
-        case 2: odd_one = specials[5 + slot(rng) % 2] * scale; break;  // product >= 2^22
-        default: break;  // all random: the fast group
+        case 1:
+          odd_one = specials[slot(rng) % 7];
+          break;
+        case 2:
+          odd_one = specials[5 + slot(rng) % 2] * scale;
+          break;  // product >= 2^22
+        default:
+          break;  // all random: the fast group
       }
       int8_t codes[8];
       q4conv::quantize_values_fast(values, scale, inv, bits, codes);

@@ -253,7 +253,7 @@ def test_op_errors_name_the_argument():
         run_op(t, case, codes_out=True, out_dtype=torch.float32)
     with pytest.raises(RuntimeError, match="out_dtype must be float32, float16 or bfloat16"):
         run_op(t, case, out_dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="out_eps must be > 0"):
+    with pytest.raises(RuntimeError, match="out_eps must be finite and > 0"):
         run_op(t, case, codes_out=True, out_eps=0.0)
     with pytest.raises(RuntimeError, match=r"alpha must be a contiguous float32 tensor \[5\]"):
         run_op(dict(t, alpha=t["alpha"].double()), case)

@@ -184,3 +184,56 @@ def test_misuse_raises_clearly_or_matches_oracle(device, data):
         assert x.grad is not None and (x.dtype != torch.float32 or torch.isfinite(x.grad).all())
         if x.shape[0] == 0:
             assert layer.scale_a.grad.item() == 0
+
+
+# ------------------------------------------------------------------ NaN scales, eps
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_scale_quantizes_everything_to_zero_as_the_oracle(device):
+    """SPEC 3's s = max(scale, eps) keeps a NaN scale NaN (torch.clamp_min), so every code is
+    NaN's code 0: activations, weights, and conv_fused's codes out (kernels and ATen alike)."""
+    ops = torch.ops.q4conv
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 16, 6, 5, generator=gen) * 3).to(device).contiguous(memory_format=torch.channels_last)
+    bias_a = torch.randn(16, generator=gen).to(device)
+    weight = torch.randn(8, 16, 3, 3, generator=gen).to(device)
+    nan = torch.tensor(float("nan"), device=device)
+    codes = ops.quantize_activation(x, bias_a, nan, 1e-5, 4)
+    assert torch.equal(codes.permute(0, 3, 1, 2).cpu().float(), oracle.activation_codes(x.cpu(), bias_a.cpu(), nan.cpu()))
+    assert not codes.any()
+    assert not ops.quantize_pack(weight, nan, 1e-5, 4).any()
+    scale_w = torch.tensor(0.05, device=device)
+    qweight = ops.quantize_pack(weight, scale_w, 1e-5, 4)
+    alpha = ops.output_alpha(torch.tensor(0.3, device=device), scale_w, 8, 1e-5)
+    conv = oracle.Conv(padding=(1, 1))
+    for dtype in (torch.float32, torch.float16):
+        out = ops.conv_fused(x.to(dtype), bias_a, torch.tensor(0.3, device=device), qweight, alpha, None,
+                             [1, 1], [1, 1], [1, 1], 1e-5, 4, None, True, torch.zeros(8, device=device), nan,
+                             1e-5, None)
+        expected, *_ = oracle.fused_forward(x.to(dtype), bias_a, torch.tensor(0.3), weight, scale_w, alpha, None,
+                                            conv, relu=True, out_bias_a=torch.zeros(8), out_scale_a=nan.cpu())
+        assert out.dtype == torch.int8 and torch.equal(out.cpu(), expected) and not expected.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan"), float("inf")], ids=str)
+def test_eps_must_be_finite_and_positive_in_every_op(device, eps):
+    ops = torch.ops.q4conv
+    x = torch.randn(1, 4, 5, 5, device=device)
+    bias_a, scale = torch.zeros(4, device=device), torch.tensor(0.3, device=device)
+    weight = torch.randn(2, 4, 3, 3, device=device)
+    qweight = ops.quantize_pack(weight, scale, 1e-5, 4)
+    alpha = ops.output_alpha(scale, scale, 2, 1e-5)
+    geometry = ([1, 1], [0, 0], [1, 1])
+    calls = {
+        "quantize_activation": lambda: ops.quantize_activation(x, bias_a, scale, eps, 4),
+        "quantize_pack": lambda: ops.quantize_pack(weight, scale, eps, 4),
+        "output_alpha": lambda: ops.output_alpha(scale, scale, 2, eps),
+        "conv_packed": lambda: ops.conv_packed(x, bias_a, scale, qweight, scale, None, *geometry, eps, 4, False,
+                                               "auto"),
+        "conv_fused out_eps": lambda: ops.conv_fused(x, bias_a, scale, qweight, alpha, None, *geometry, 1e-5, 4,
+                                                     None, False, torch.zeros(2, device=device), scale, eps, None),
+    }
+    for name, call in calls.items():
+        argument = "out_eps" if "out_eps" in name else "eps"
+        with pytest.raises(RuntimeError, match=rf"{argument} must be finite and > 0"):
+            call()
