@@ -318,6 +318,14 @@ class Q4Conv2dCutlass(_HostFloats, nn.Module):
     def _scale_a_ready(self, ready: bool) -> None:
         self._scale_a_flag[0] = ready
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # A copy or pickle made while q4conv.calibrate runs is a plain layer:
+        # the running statistic belongs to that calibration, which resets only
+        # the original's (a copy keeping it would recalibrate on every forward).
+        state = self.__dict__.copy()
+        state["_calibration"] = None
+        return state
+
     def __setstate__(self, state: Dict[str, Any]) -> None:
         # Modules pickled before the flag was shared kept a plain bool ...
         ready = state.pop("_scale_a_ready", False)

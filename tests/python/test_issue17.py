@@ -266,6 +266,35 @@ def test_calibrate_names_layers_that_saw_only_zeros():
     assert not bool(model[4].scale_a_initialized) and float(model[4].scale_a.detach()) == 0
 
 
+def test_a_copy_made_during_calibrate_is_a_plain_layer():
+    """A deepcopy or pickle of a layer taken while q4conv.calibrate runs (a checkpoint between
+    batches) does not carry the calibration's running statistic: its later forwards keep scale_a."""
+    import copy
+
+    layer = make_layer()
+    x = torch.randn(2, 6, 7, 7)
+    copies = {}
+
+    def batches():
+        yield x
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        copies["pickled"] = torch.load(buffer, weights_only=False)
+        copies["deepcopy"] = copy.deepcopy(layer)
+        yield x * 2
+
+    q4conv.calibrate(layer, batches())
+    for name, twin in copies.items():
+        assert twin._calibration is None, name
+        scale = float(twin.scale_a.detach())
+        assert scale > 0, name
+        with torch.no_grad():
+            twin.eval()(x * 10)  # a forward of other data changes nothing
+            twin.train()(x * 10)
+        assert float(twin.scale_a.detach()) == scale, name
+
+
 def test_calibrate_batch_forms():
     """A dict batch is keyword arguments; a loader's (inputs, labels) pairs fail in the model's
     forward with a note saying how to pass the inputs alone."""
