@@ -14,8 +14,21 @@ void check_x_rank(const at::Tensor& x) {
               x.sizes());
 }
 
+namespace {
+// A convolution's x has C >= 1 channels (zero channels would reach ATen's
+// convolution, whose empty output the epilogue cannot view).
+void check_x_channels(const at::Tensor& x) {
+  TORCH_CHECK(x.size(1) >= 1, "x must have at least one channel (N, C >= 1, H, W), got shape ",
+              x.sizes());
+}
+}  // namespace
+
 void check_activation_quantizer(const at::Tensor& x, const at::Tensor& bias_a,
                                 const at::Tensor& scale_a) {
+  check_x_channels(x);
+  TORCH_CHECK(at::isFloatingType(bias_a.scalar_type()) && at::isFloatingType(scale_a.scalar_type()),
+              "bias_a and scale_a must be floating point, got ", bias_a.scalar_type(), " and ",
+              scale_a.scalar_type());
   TORCH_CHECK(bias_a.dim() == 1 && bias_a.size(0) == x.size(1), "bias_a must have shape [",
               x.size(1), "] (x's channels), got ", bias_a.sizes());
   TORCH_CHECK(scale_a.numel() == 1, "scale_a must hold one value, got ", scale_a.numel());
@@ -38,6 +51,8 @@ void check_conv_inputs(const at::Tensor& x, const at::Tensor& bias_a, const at::
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_channels, "bias must have shape [",
                 out_channels, "] (out_channels), got ", bias->sizes());
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "bias must be floating point, got ",
+                bias->scalar_type());
     check_on_device("bias", *bias, x);
   }
 }
@@ -90,6 +105,7 @@ at::Tensor in_x_format(const at::Tensor& y, const at::Tensor& x) {
 
 void check_qweight(const at::Tensor& qweight, const at::Tensor& x) {
   check_x_rank(x);
+  check_x_channels(x);
   check_qweight_layout(qweight, x.size(1));
   check_on_device("qweight", qweight, x);
 }
@@ -194,6 +210,14 @@ std::vector<int64_t> kernel_weight_sizes(int64_t out_channels, int64_t in_channe
   TORCH_CHECK(kernel_size.size() == 2, "kernel_size must have 2 values, got ", kernel_size.size());
   TORCH_CHECK(out_channels >= 1 && in_channels >= 1, "out_channels and in_channels must be >= 1, ",
               "got ", out_channels, " and ", in_channels);
+  TORCH_CHECK(kernel_size[0] >= 1 && kernel_size[1] >= 1, "kernel_size must be >= 1, got ",
+              kernel_size);
+  int64_t taps = 0, elements = 0;  // the layouts' sizes multiply these
+  TORCH_CHECK(!__builtin_mul_overflow(kernel_size[0], kernel_size[1], &taps) &&
+                  !__builtin_mul_overflow(taps, in_channels, &elements) &&
+                  !__builtin_mul_overflow(elements, out_channels, &elements),
+              "out_channels * in_channels * kernel_size overflows int64 (", out_channels, ", ",
+              in_channels, ", ", kernel_size, ")");
   const auto layout = kernel_weight_layout(parse_backend(backend), out_channels, in_channels,
                                            kernel_size[0], kernel_size[1]);
   return {layout.sizes.begin(), layout.sizes.end()};

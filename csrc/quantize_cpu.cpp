@@ -25,6 +25,8 @@ void check_weight_scale(const at::Tensor& weight, const at::Tensor& scale_w) {
   TORCH_CHECK(scale_w.numel() == 1 || scale_w.numel() == weight.size(0),
               "scale_w must hold 1 value or one per output channel (", weight.size(0), "), got ",
               scale_w.numel());
+  TORCH_CHECK(at::isFloatingType(scale_w.scalar_type()), "scale_w must be floating point, got ",
+              scale_w.scalar_type());
   TORCH_CHECK(scale_w.device() == weight.device(), "scale_w must be on the weight's device (",
               weight.device(), "), got ", scale_w.device());
 }
@@ -78,6 +80,7 @@ void check_weight_args(const at::Tensor& weight, const at::Tensor& scale_w, doub
 }
 
 void check_qweight_layout(const at::Tensor& qweight, int64_t in_channels) {
+  TORCH_CHECK(in_channels >= 1, "in_channels must be >= 1, got ", in_channels);
   TORCH_CHECK(qweight.dim() == 4 && qweight.scalar_type() == at::kByte,
               "qweight must be a 4-D uint8 tensor (K, R, S, ceil(C/2)), got ", qweight.dim(), "-D ",
               qweight.scalar_type());
@@ -109,6 +112,9 @@ void check_activation_args(const at::Tensor& x, const at::Tensor& bias_a, const 
   TORCH_CHECK(bias_a.dim() == 1 && bias_a.size(0) == x.size(1), "bias_a must have shape [",
               x.size(1), "] (in_channels), got ", bias_a.sizes());
   TORCH_CHECK(scale_a.numel() == 1, "scale_a must hold one value, got ", scale_a.numel());
+  TORCH_CHECK(at::isFloatingType(bias_a.scalar_type()) && at::isFloatingType(scale_a.scalar_type()),
+              "bias_a and scale_a must be floating point, got ", bias_a.scalar_type(), " and ",
+              scale_a.scalar_type());
   TORCH_CHECK(bias_a.device() == x.device() && scale_a.device() == x.device(),
               "bias_a and scale_a must be on x's device (", x.device(), ")");
 }

@@ -16,11 +16,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from .layer import SUPPORTED_BITS, Q4Conv2dCutlass, _int_arg, _padding_arg, keep_eps_out_of_ddp_broadcast
+from .layer import BACKENDS, SUPPORTED_BITS, Q4Conv2dCutlass, _int_arg, _padding_arg, keep_eps_out_of_ddp_broadcast
 
 SkipPredicate = Callable[[str, nn.Module], bool]
 Skip = Union[None, str, Iterable[str], SkipPredicate]
-BACKENDS = ("auto", "fallback", "sm80_int4", "sm90_int8")
 
 
 def convert(

@@ -23,6 +23,8 @@ from . import _ops
 
 IntOrPair = Union[int, Tuple[int, int]]
 SUPPORTED_BITS = (4,)
+# The backend argument's values (csrc/plan.h's Backend, as parse_backend reads them).
+BACKENDS = ("auto", "fallback", "sm80_int4", "sm90_int8")
 _INT64_MAX = 2**63 - 1
 # Keys a q4conv layer has beyond nn.Conv2d's weight and bias.
 _Q4_ONLY_KEYS = ("qweight", "bias_a", "scale_a", "scale_w", "eps", "scale_a_initialized")
@@ -234,6 +236,8 @@ class Q4Conv2dCutlass(_HostFloats, nn.Module):
         for name, bits in (("a_bit", a_bit), ("w_bit", w_bit)):
             if bits not in SUPPORTED_BITS:
                 raise ValueError(f"{name} must be 4 (the width every q4conv backend supports), got {bits}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
         if dtype is None:
             dtype = torch.get_default_dtype()
         if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):

@@ -32,7 +32,7 @@ BAD_ARGUMENTS = [
     ("padding", -1), ("padding", "full"), ("padding", 0.5),
     ("dilation", 0), ("dilation", False), ("dilation", 2**62),
     ("in_channels", 3.5), ("in_channels", 0), ("out_channels", None), ("out_channels", -2),
-    ("a_bit", 8), ("w_bit", 2.0), ("groups", 2), ("padding_mode", "circular"),
+    ("a_bit", 8), ("w_bit", 2.0), ("groups", 2), ("padding_mode", "circular"), ("backend", "bogus"),
 ]
 
 
@@ -236,4 +236,35 @@ def test_eps_must_be_finite_and_positive_in_every_op(device, eps):
     for name, call in calls.items():
         argument = "out_eps" if "out_eps" in name else "eps"
         with pytest.raises(RuntimeError, match=rf"{argument} must be finite and > 0"):
+            call()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_arguments_of_the_wrong_kind_name_themselves(device):
+    """Zero channels, integer / complex quantizer parameters, empty or overflowing kernel sizes and
+    a negative channel count: errors naming the argument (not an ATen view or narrow error)."""
+    ops = torch.ops.q4conv
+    x = torch.randn(1, 4, 5, 5, device=device)
+    scale = torch.tensor(0.3, device=device)
+    qweight = ops.quantize_pack(torch.randn(2, 4, 3, 3, device=device), scale, 1e-5, 4)
+    geometry = ([1, 1], [0, 0], [1, 1], 1e-5, 4)
+    cases = [
+        (lambda: ops.conv_packed(torch.randn(1, 0, 5, 5, device=device), torch.zeros(0, device=device), scale,
+                                 qweight[..., :0], scale, None, *geometry, False, "auto"), r"at least one channel"),
+        (lambda: ops.conv_packed(x, torch.zeros(4, dtype=torch.int32, device=device), scale, qweight, scale,
+                                 None, *geometry, False, "auto"), r"bias_a and scale_a must be floating point"),
+        (lambda: ops.conv_packed(x, torch.zeros(4, device=device), scale, qweight, scale,
+                                 torch.zeros(2, dtype=torch.complex64, device=device), *geometry, False, "auto"),
+         r"bias must be floating point"),
+        (lambda: ops.quantize_activation(x, torch.zeros(4, dtype=torch.bool, device=device), scale, 1e-5, 4),
+         r"bias_a and scale_a must be floating point"),
+        (lambda: ops.quantize_pack(torch.randn(2, 4, 3, 3, device=device), torch.tensor(1, device=device), 1e-5, 4),
+         r"scale_w must be floating point"),
+        (lambda: ops.kernel_weight_sizes(4, 3, [-3, 3], "sm90_int8"), r"kernel_size must be >= 1"),
+        (lambda: ops.kernel_weight_sizes(4, 3, [0, 3], "sm80_int4"), r"kernel_size must be >= 1"),
+        (lambda: ops.kernel_weight_sizes(4, 3, [2**62, 4], "sm90_int8"), r"overflows int64"),
+        (lambda: ops.unpack(qweight, -1), r"in_channels must be >= 1"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
             call()
