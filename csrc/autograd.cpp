@@ -258,12 +258,34 @@ at::Tensor conv_fused_autograd(const at::Tensor& x, const at::Tensor& bias_a,
                  kernel_weight);
 }
 
+// output_alpha = max(scale_a, eps) * max(scale_w, eps) per output channel.
+// The layers call it on detached scales; where a scale requires grad, the
+// same product from differentiable ATen ops (one IEEE product of the clamped
+// fp32 scales, the kernels' value) gives autograd a graph instead of a
+// missing gradient.
+at::Tensor output_alpha_autograd(const at::Tensor& scale_a, const at::Tensor& scale_w,
+                                 int64_t out_channels, double eps) {
+  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, double)>(
+      "q4conv::output_alpha");
+  at::Tensor alpha;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    alpha = op.call(scale_a, scale_w, out_channels, eps);  // checks the arguments too
+  }
+  if (!at::GradMode::is_enabled() || !(scale_a.requires_grad() || scale_w.requires_grad()))
+    return alpha;
+  const at::Tensor s_a = at::clamp_min(scale_a.to(at::kFloat).reshape({1}), eps);
+  const at::Tensor s_w = at::clamp_min(scale_w.to(at::kFloat).reshape({-1}), eps);
+  return (s_a * s_w).expand({out_channels}).contiguous();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(q4conv, Autograd, m) {
   m.impl("conv_train", &conv_train_autograd);
   m.impl("conv_packed", &conv_packed_autograd);
   m.impl("conv_fused", &conv_fused_autograd);
+  m.impl("output_alpha", &output_alpha_autograd);
 }
 
 }  // namespace q4conv

@@ -148,9 +148,6 @@ aten_conv_train_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
                          const at::Tensor& scale_w, bool has_bias, const ConvParams& params);
 // qweight is uint8 (K, R, S, ceil(in_channels / 2)).
 void check_qweight_layout(const at::Tensor& qweight, int64_t in_channels);
-// alpha[k] = max(scale_a, eps) * max(scale_w[k], eps), fp32 [K] on x's device.
-at::Tensor output_alpha(const at::Tensor& scale_a, const at::Tensor& scale_w, int64_t out_channels,
-                        double eps);
 // Exact integer convolution through ATen float convolution. act_codes: int8
 // NHWC (N, H, W, C'), w_codes: int8 (K, R, S, C') (C' may include zero
 // padding); returns y = act(alpha * acc + bias) of dtype `out_dtype`, shaped

@@ -42,3 +42,27 @@ def test_opcheck_all_ops(device, case, channels_last):
     grad_out = ops.conv_train(x, bias_a, scale_a, weight, scale_w, bias, *conv, "auto")
     torch.library.opcheck(ops.conv_train_backward,
                           (torch.randn_like(grad_out), x, bias_a, scale_a, weight, scale_w, True, *conv))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_output_alpha_is_differentiable_where_a_scale_requires_grad(device, per_channel):
+    """Scales that require grad (a user's own call; the layers pass detached ones) get
+    max(scale_a, eps) * max(scale_w, eps)'s gradient, not a missing one, and the same values."""
+    scale_a = torch.tensor(0.3, device=device, requires_grad=True)
+    scale_w = (torch.tensor([0.2, 1e-7, -0.5], device=device) if per_channel
+               else torch.tensor(0.2, device=device)).requires_grad_(True)
+    alpha = ops.output_alpha(scale_a, scale_w, 3, 1e-5)
+    assert alpha.requires_grad and torch.equal(alpha.detach(),
+                                               ops.output_alpha(scale_a.detach(), scale_w.detach(), 3, 1e-5))
+    weights = torch.tensor([1.0, 2.0, 3.0], device=device)
+    (alpha * weights).sum().backward()
+    a_ref, w_ref = scale_a.detach().clone().requires_grad_(True), scale_w.detach().clone().requires_grad_(True)
+    expected = (torch.clamp_min(a_ref, 1e-5) * torch.clamp_min(w_ref, 1e-5).reshape(-1)).expand(3)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(scale_a.grad, a_ref.grad)
+    torch.testing.assert_close(scale_w.grad, w_ref.grad)
+    assert scale_a.grad.item() != 0
+    with torch.no_grad():
+        assert not ops.output_alpha(scale_a, scale_w, 3, 1e-5).requires_grad
+    torch.library.opcheck(ops.output_alpha, (scale_a, scale_w, 3, 1e-5))
