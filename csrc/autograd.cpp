@@ -57,6 +57,22 @@ class ConvTrainBackwardFunction : public torch::autograd::Function<ConvTrainBack
   }
 };
 
+// A first-order gradient computed below autograd (the eval layer's dx) made
+// part of a create_graph=True backward's graph: its value, and a backward
+// through it raises kNoDoubleBackward instead of PyTorch's "element 0 of
+// tensors does not require grad".
+class FirstOrderOnly : public torch::autograd::Function<FirstOrderOnly> {
+ public:
+  static at::Tensor forward(AutogradContext* /*ctx*/, const at::Tensor& grad_out,
+                            const at::Tensor& gradient) {
+    return gradient.clone();
+  }
+
+  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grad_outputs*/) {
+    TORCH_CHECK(false, kNoDoubleBackward);
+  }
+};
+
 // LSQ / LSQ+ training convolution: gradients for x, bias_a, scale_a,
 // weight, scale_w and bias from conv_train_backward. Only the inputs are
 // saved (references): backward recomputes the codes, so a layer keeps no
@@ -197,6 +213,9 @@ class ConvPackedFunction : public torch::autograd::Function<ConvPackedFunction> 
       dx = (grad_act * inside).to(x.scalar_type()).contiguous(x.suggest_memory_format());
     }
     // One entry per forward argument: only x gets a gradient.
+    // With create_graph=True (grad mode on here) dx joins the new graph.
+    if (at::GradMode::is_enabled() && grad_outputs[0].requires_grad())
+      dx = FirstOrderOnly::apply(grad_outputs[0], dx);
     variable_list grads(15);
     grads[0] = dx;
     return grads;

@@ -433,10 +433,15 @@ def test_wrong_scale_shape_in_state_dict(name, value):
         make_layer().load_state_dict(state)
 
 
-def test_double_backward_raises_clearly():
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_double_backward_raises_clearly(mode):
     layer = make_layer()
+    layer(torch.randn(2, 6, 7, 7))  # initialises scale_a
+    layer.train(mode == "train")
     x = torch.randn(2, 6, 7, 7, requires_grad=True)
     (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    (gx_first,) = torch.autograd.grad(layer(x).square().sum(), x)
+    assert torch.equal(gx.detach(), gx_first)  # the first-order value is unchanged
     with pytest.raises(RuntimeError, match="q4conv does not support double backward"):
         gx.sum().backward()
 
