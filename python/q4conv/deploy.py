@@ -811,7 +811,7 @@ def deploy(model: nn.Module, *, leaf_modules: Sequence[Type[nn.Module]] = (),
 
 def _leaf_module_types(leaf_modules: Any) -> Tuple[Type[nn.Module], ...]:
     """deploy's ``leaf_modules`` as a tuple of nn.Module subclasses, or TypeError naming it."""
-    if isinstance(leaf_modules, type) or isinstance(leaf_modules, nn.Module) or isinstance(leaf_modules, str):
+    if isinstance(leaf_modules, (type, nn.Module, str)):  # iterable or not, never a sequence of types
         items = None
     else:
         try:
