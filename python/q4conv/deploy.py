@@ -844,13 +844,14 @@ def _deploy_tree(model: nn.Module, tracer: "_DeployTracer", residual: bool, code
     except Exception as err:  # fx raises TraceError, TypeError, AttributeError... on what it cannot trace
         untraced.append(f"{path or type(model).__name__} ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
     else:
-        # The eval q4conv layers the graph calls must be calibrated; one it never calls (an
-        # auxiliary head used in training only) need not be.
+        # The eval q4conv layers the graph calls (or a leaf module it calls holds) must be
+        # calibrated; one it never calls (an auxiliary head used in training only) need not be.
         for node in graph.nodes:
             if node.op == "call_module":
-                module = tracer.root.get_submodule(str(node.target))
-                if isinstance(module, Q4Conv2dCutlass) and not module.training:
-                    _check_calibrated(module, f"{path}.{node.target}" if path else str(node.target))
+                called = f"{path}.{node.target}" if path else str(node.target)
+                for name, module in tracer.root.get_submodule(str(node.target)).named_modules(prefix=called):
+                    if isinstance(module, Q4Conv2dCutlass) and not module.training:
+                        _check_calibrated(module, name)
         gm, fused_any = _deploy_graph(graph, tracer.root, type(model).__name__, residual, codes)
         return gm if fused_any or is_root else model
     for name, child in list(model.named_children()):

@@ -454,6 +454,25 @@ def test_a_layer_the_model_never_calls_need_not_be_calibrated():
     with pytest.raises(ValueError, match=r"q4conv layer 'aux' has no activation scale yet"):
         q4conv.deploy(CallingAux().eval())  # a called layer: the error names it
 
+    class Holder(nn.Module):  # a leaf module (not traced into) whose layer runs when it is called
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = q4conv.Q4Conv2d(12, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    class CallingHolder(WithAuxHead):
+        def __init__(self) -> None:
+            super().__init__()
+            self.holder = Holder()
+
+        def forward(self, x):
+            return self.holder(self.block(x))
+
+    with pytest.raises(ValueError, match=r"q4conv layer 'holder.conv' has no activation scale yet"):
+        q4conv.deploy(CallingHolder().eval(), leaf_modules=[Holder])
+
 
 def test_hooks_that_would_not_run_are_named_in_a_warning():
     model = q4_resnet(resnet18, seed=0)
