@@ -63,7 +63,8 @@ class ConvTrainBackwardFunction : public torch::autograd::Function<ConvTrainBack
 // tensors does not require grad".
 class FirstOrderOnly : public torch::autograd::Function<FirstOrderOnly> {
  public:
-  static at::Tensor forward(AutogradContext* /*ctx*/, const at::Tensor& grad_out,
+  // grad_out is an input only so that the result joins the graph (it requires grad).
+  static at::Tensor forward(AutogradContext* /*ctx*/, const at::Tensor& /*grad_out*/,
                             const at::Tensor& gradient) {
     return gradient.clone();
   }
