@@ -25,7 +25,6 @@ void check_x_channels(const at::Tensor& x) {
 
 void check_activation_quantizer(const at::Tensor& x, const at::Tensor& bias_a,
                                 const at::Tensor& scale_a) {
-  check_x_channels(x);
   TORCH_CHECK(at::isFloatingType(bias_a.scalar_type()) && at::isFloatingType(scale_a.scalar_type()),
               "bias_a and scale_a must be floating point, got ", bias_a.scalar_type(), " and ",
               scale_a.scalar_type());
@@ -41,6 +40,7 @@ void check_conv_inputs(const at::Tensor& x, const at::Tensor& bias_a, const at::
                        int64_t out_channels, int64_t bits) {
   check_bits(bits);
   check_x_rank(x);
+  check_x_channels(x);
   const auto dtype = x.scalar_type();
   TORCH_CHECK(is_float_activation(dtype), "x must be float32, float16 or bfloat16, got ", dtype);
   check_activation_quantizer(x, bias_a, scale_a);

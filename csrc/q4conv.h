@@ -115,7 +115,7 @@ inline void check_on_device(const char* name, const at::Tensor& t, const at::Ten
 }
 
 // Shared argument checks of the conv ops (SPEC section 5).
-// x's activation quantizer: bias_a [C] and one scale_a, on x's device.
+// x's activation quantizer: floating-point bias_a [C] and one scale_a, on x's device.
 void check_activation_quantizer(const at::Tensor& x, const at::Tensor& bias_a,
                                 const at::Tensor& scale_a);
 void check_conv_inputs(const at::Tensor& x, const at::Tensor& bias_a, const at::Tensor& scale_a,

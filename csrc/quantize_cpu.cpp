@@ -109,14 +109,7 @@ void check_activation_args(const at::Tensor& x, const at::Tensor& bias_a, const 
   check_x_rank(x);
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ",
               x.scalar_type());
-  TORCH_CHECK(bias_a.dim() == 1 && bias_a.size(0) == x.size(1), "bias_a must have shape [",
-              x.size(1), "] (in_channels), got ", bias_a.sizes());
-  TORCH_CHECK(scale_a.numel() == 1, "scale_a must hold one value, got ", scale_a.numel());
-  TORCH_CHECK(at::isFloatingType(bias_a.scalar_type()) && at::isFloatingType(scale_a.scalar_type()),
-              "bias_a and scale_a must be floating point, got ", bias_a.scalar_type(), " and ",
-              scale_a.scalar_type());
-  TORCH_CHECK(bias_a.device() == x.device() && scale_a.device() == x.device(),
-              "bias_a and scale_a must be on x's device (", x.device(), ")");
+  check_activation_quantizer(x, bias_a, scale_a);
 }
 
 at::Tensor cpu_quantize_activation(const at::Tensor& x, const at::Tensor& bias_a,
