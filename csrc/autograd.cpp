@@ -290,7 +290,9 @@ at::Tensor output_alpha_autograd(const at::Tensor& scale_a, const at::Tensor& sc
   at::Tensor alpha;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    alpha = op.call(scale_a, scale_w, out_channels, eps);  // checks the arguments too
+    // Checks the arguments too, through the op so that traced (fake, symbolic)
+    // scales reach its fake kernel rather than checks that read sizes.
+    alpha = op.call(scale_a, scale_w, out_channels, eps);
   }
   if (!at::GradMode::is_enabled() || !(scale_a.requires_grad() || scale_w.requires_grad()))
     return alpha;
